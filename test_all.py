@@ -1,0 +1,317 @@
+"""
+diffdpo's proof: every network, tokenizer, sampler and loss against its reference (diffusers / transformers / the
+papers' formulas) on the same inputs, plus small end-to-end runs. CPU only, offline, a few minutes on 2 cores:
+
+    pytest test_all.py
+
+The tests build their own "hub": random-weight models written by diffusers/transformers `save_pretrained` in the
+exact Hub layout, at small configs that exercise every code path, loaded through the same `load_sd` users call.
+"""
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import unet as U
+
+warnings.filterwarnings("ignore")
+torch.set_num_threads(min(4, os.cpu_count() or 1))
+ROOT = Path(__file__).resolve().parent
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b|: one number per comparison, scale-free."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The test hub
+
+
+def clip_vocab_source():
+    """The real CLIP BPE merges ship in the open-clip-torch wheel (installed --no-deps by .ci/run, never imported)."""
+    import importlib.util
+    spec = importlib.util.find_spec("open_clip")
+    assert spec is not None, "open-clip-torch must be installed (pip install --no-deps open-clip-torch==3.3.0)"
+    return Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def write_clip_tokenizer_folder(folder, pad_token="<|endoftext|>"):
+    """vocab.json + merges.txt built from OpenAI's BPE file exactly as Hugging Face built theirs, and the
+    special-tokens files of the SD1.5 (pad <|endoftext|>) / SDXL tokenizer_2 (pad !) folders."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    merges = gzip.open(clip_vocab_source()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    byte_chars = list(U.bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": pad_token}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**special, "model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}))
+    return folder
+
+
+SD15_TEST = dict(
+    unet=dict(block_out_channels=[32, 64, 64], layers_per_block=2, attention_head_dim=4, cross_attention_dim=32,
+              norm_num_groups=8, sample_size=8,
+              down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+              up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
+    vae=dict(block_out_channels=[16, 32, 32], layers_per_block=1, norm_num_groups=8, latent_channels=4,
+             down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+             scaling_factor=0.18215, sample_size=32),
+    text=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32, eos_token_id=2))
+
+SDXL_TEST = dict(
+    unet=dict(block_out_channels=[32, 64, 96], layers_per_block=2, attention_head_dim=[2, 4, 6],
+              transformer_layers_per_block=[1, 2, 3], use_linear_projection=True, cross_attention_dim=64,
+              norm_num_groups=8, sample_size=8, addition_embed_type="text_time", addition_time_embed_dim=8,
+              projection_class_embeddings_input_dim=32 + 6 * 8,
+              down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+              up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
+    vae=dict(SD15_TEST["vae"], scaling_factor=0.13025),
+    text=SD15_TEST["text"],
+    text2=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=77, hidden_act="gelu", projection_dim=32, eos_token_id=49407))
+
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 steps_offset=1, set_alpha_to_one=False, clip_sample=False, timestep_spacing="leading")
+
+
+def make_hub(folder, kind="sd15", variant=None, seed=0):
+    """A random-weight SD1.5-like or SDXL-like pipeline saved by diffusers in the Hub's diffusers layout."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    folder = Path(folder)
+    cfg = SD15_TEST if kind == "sd15" else SDXL_TEST
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**cfg["unet"])
+    vae = AutoencoderKL(**cfg["vae"])
+    text = CLIPTextModel(CLIPTextConfig(**cfg["text"]))
+    for m in (unet, vae, text):  # random non-trivial norms and biases, so every parameter matters
+        for n, p in m.named_parameters():
+            if p.ndim == 1:
+                p.data.normal_(1.0 if n.endswith("norm.weight") or "norm" in n and n.endswith("weight") else 0.0,
+                               0.1)
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer_folder(folder.parent / f"_tok_{folder.name}"))
+    if kind == "sd15":
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                       scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    else:
+        text2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text2"]))
+        tok2 = CLIPTokenizer.from_pretrained(
+            write_clip_tokenizer_folder(folder.parent / f"_tok2_{folder.name}", pad_token="!"))
+        sched = EulerDiscreteScheduler(**{k: v for k, v in SCHEDULER.items() if k not in ("set_alpha_to_one",
+                                                                                              "clip_sample")})
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=tok,
+                                         tokenizer_2=tok2, unet=unet, scheduler=sched)
+    if variant == "fp16":
+        pipe.to(torch.float16)
+    pipe.save_pretrained(folder, variant=variant, safe_serialization=True)
+    # The Hub's tokenizer folders hold vocab.json + merges.txt + the special-token files (no tokenizer.json)
+    for name, pad in [("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")]:
+        if (folder / name).is_dir():
+            shutil.rmtree(folder / name)
+            write_clip_tokenizer_folder(folder / name, pad_token=pad)
+    # The Hub's text encoders were saved by transformers 4 with a `text_model.` prefix that transformers 5 drops
+    # for CLIPTextModel: write the Hub's real key names (transformers 5 still reads them).
+    from safetensors.torch import load_file, save_file
+    f = folder / "text_encoder" / (f"model.{variant}.safetensors" if variant else "model.safetensors")
+    save_file({k if k.startswith("text_model.") else "text_model." + k: v for k, v in load_file(f).items()}, f,
+              metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory):
+    """{"sd15": folder, "sdxl": folder} built once per test session."""
+    root = tmp_path_factory.mktemp("hub")
+    return {k: make_hub(root / k, k) for k in ("sd15", "sdxl")}
+
+
+def reference_pipe(folder, kind):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    cls = StableDiffusionPipeline if kind == "sd15" else StableDiffusionXLPipeline
+    return cls.from_pretrained(folder, safety_checker=None) if kind == "sd15" else cls.from_pretrained(folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# unet.py: networks against diffusers / transformers
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_networks_match_reference(hub, kind):
+    sd = U.load_sd(str(hub[kind]))
+    ref = reference_pipe(hub[kind], kind)
+    assert sd.kind == kind and len(sd.tokenizers) == len(sd.text_encoders) == (2 if kind == "sdxl" else 1)
+    g = torch.Generator().manual_seed(0)
+    prompts = ["a photo of a cat", "A RED cube left of a blue sphere, 4k!! it's", ""]
+    with torch.no_grad():
+        # text conditioning, built as the pipelines build it
+        ctx, pooled = sd.encode_prompt(prompts)
+        if kind == "sd15":
+            rctx, _ = ref.encode_prompt(prompts, "cpu", 1, False)
+            assert pooled is None
+        else:
+            rctx, _, rpooled, _ = ref.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+            assert rel_err(pooled, rpooled) < 1e-4
+        assert ctx.shape == rctx.shape and rel_err(ctx, rctx) < 1e-4
+        # UNet, at an even and at an odd latent size (the upsamplers then follow the skips' sizes)
+        for hw in [(8, 8), (9, 7)]:
+            x = torch.randn(3, 4, *hw, generator=g)
+            t = torch.tensor([0, 500, 999])
+            extra, rextra = {}, {}
+            if kind == "sdxl":
+                tid = sd.time_ids(3, 64, 56, crop=(3, 5), original=(80, 72))
+                extra = dict(text_embeds=pooled, time_ids=tid)
+                rextra = dict(added_cond_kwargs=dict(text_embeds=pooled, time_ids=tid))
+            ours = sd.unet(x, t, ctx, **extra)
+            theirs = ref.unet(x, t, encoder_hidden_states=ctx, **rextra).sample
+            assert ours.shape == theirs.shape and rel_err(ours, theirs) < 1e-4, (hw, rel_err(ours, theirs))
+        # VAE: encode returns the posterior mean; decode the image
+        img = torch.rand(2, 3, 32, 24, generator=g) * 2 - 1
+        assert rel_err(sd.vae.encode(img), ref.vae.encode(img).latent_dist.mean) < 1e-4
+        z = torch.randn(2, 4, 4, 5, generator=g)
+        assert rel_err(sd.vae.decode(z), ref.vae.decode(z).sample) < 1e-4
+        assert sd.vae.scaling_factor == ref.vae.config.scaling_factor
+        # the loaded scheduler config is the pipeline's
+        assert sd.scheduler_config["beta_schedule"] == "scaled_linear"
+
+
+def test_unet_gradients_match_reference(hub):
+    """Training differentiates the UNet: the gradients must match too (with gradient checkpointing on)."""
+    from diffusers import UNet2DConditionModel
+    sd = U.load_sd(str(hub["sd15"]))
+    ref = UNet2DConditionModel.from_pretrained(hub["sd15"], subfolder="unet")
+    sd.unet.set_grad_checkpointing(True)
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([10, 900])
+    sd.unet(x, t, ctx).square().mean().backward()
+    ref(x, t, encoder_hidden_states=ctx).sample.square().mean().backward()
+    ours = dict(sd.unet.named_parameters())
+    worst = max(rel_err(ours[k].grad, p.grad) for k, p in ref.named_parameters())
+    assert worst < 1e-4, worst
+
+
+def test_fp16_variant_and_sharded_weights(tmp_path, hub):
+    """A folder with only *.fp16.safetensors loads (cast to the asked dtype); sharded weights load via their index."""
+    from diffusers import UNet2DConditionModel
+    folder = make_hub(tmp_path / "fp16", "sd15", variant="fp16", seed=3)
+    sd = U.load_sd(str(folder))
+    ref = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", variant="fp16", torch_dtype=torch.float32)
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        assert rel_err(sd.unet(x, 7, ctx), ref(x, 7, encoder_hidden_states=ctx).sample) < 1e-6
+    sharded = tmp_path / "sharded"
+    UNet2DConditionModel.from_pretrained(hub["sd15"], subfolder="unet").save_pretrained(sharded, max_shard_size="200KB")
+    assert (sharded / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    unet = U.load_component(sharded, "unet")
+    base = U.load_sd(str(hub["sd15"])).unet
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), base.state_dict().values()))
+
+
+def test_hub_cache_offline(tmp_path, hub):
+    """A Hub repo id resolves through huggingface_hub's cache with HF_HUB_OFFLINE=1, as for a user who downloaded
+    once (the same code path as an online download, minus the network)."""
+    cache = tmp_path / "hf" / "hub"
+    repo = cache / "models--test-org--tiny-sd"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(hub["sd15"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    code = ("import unet, torch; sd = unet.load_sd('test-org/tiny-sd'); "
+            "print(sd.kind, sum(p.numel() for p in sd.unet.parameters()))")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "hf"))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    n = sum(p.numel() for p in U.load_sd(str(hub["sd15"])).unet.parameters())
+    assert out.stdout.split() == ["sd15", str(n)]
+    # a repo that is not cached, offline: a one-line error that says so
+    out = subprocess.run([sys.executable, "-c", "import unet; unet.load_sd('test-org/missing')"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "not in the local HF cache" in out.stderr
+
+
+def test_load_errors_name_the_problem(tmp_path, hub):
+    with pytest.raises(ValueError, match="not an alias"):
+        U.load_sd("no such model")
+    with pytest.raises(ValueError, match="model_index.json"):
+        U.load_sd(str(tmp_path))
+    with pytest.raises(ValueError, match="reserved"):
+        U.load_sd("tiny")
+    bad = tmp_path / "bad"
+    shutil.copytree(hub["sd15"], bad)
+    (bad / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="vae/diffusion_pytorch_model.safetensors: not a readable safetensors"):
+        U.load_sd(str(bad))
+    # a tensor of the wrong shape is named
+    from safetensors.torch import load_file, save_file
+    f = hub["sd15"] / "unet" / "diffusion_pytorch_model.safetensors"
+    w = load_file(f)
+    w["conv_in.weight"] = w["conv_in.weight"][:, :3].contiguous()
+    save_file(w, tmp_path / "w.safetensors")
+    with torch.device("meta"):
+        model = U.UNet(U.UNetConfig.from_dict(json.loads((f.parent / "config.json").read_text())))
+    with pytest.raises(ValueError, match=r"conv_in.weight has shape \(32, 3, 3, 3\), expected \(32, 4, 3, 3\)"):
+        U.load_weights(model, load_file(tmp_path / "w.safetensors"))
+    del w["conv_out.bias"]
+    with pytest.raises(ValueError, match="1 missing keys.*conv_out.bias"):
+        U.load_weights(model, w)
+
+
+def test_presets_build_at_real_sizes():
+    """The named presets are the real architectures: parameter and tensor counts of SD1.5's and SDXL's UNets
+    (FACTS.md) and of the text encoders, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        sd15, sdxl = U.UNet(U.UNetConfig.sd15()), U.UNet(U.UNetConfig.sdxl())
+        clip_l, big_g = U.CLIPText(U.CLIPTextConfig.sd15()), U.CLIPText(U.CLIPTextConfig.sdxl())
+        vae = U.VAE(U.VAEConfig.sd15())
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert (count(sd15), len(sd15.state_dict())) == (859_520_964, 686)
+    assert (count(sdxl), len(sdxl.state_dict())) == (2_567_463_684, 1680)
+    assert count(clip_l) == 123_060_480 and count(big_g) == 694_659_840 and count(vae) == 83_653_863
+
+
+def test_real_sd15_architecture(tmp_path):
+    """The real SD1.5 UNet (860M parameters, random weights stored as the fp16 variant, as on the Hub) loads and
+    matches diffusers; the load is timed and its peak memory measured in a fresh process."""
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    ref = UNet2DConditionModel(**{k: v for k, v in U.SD15_UNET.items() if k != "_class_name"})
+    ref.half().save_pretrained(tmp_path / "unet", variant="fp16")
+    ref.float()
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 768, generator=g)
+    torch.save((x, ctx), tmp_path / "inputs.pt")
+    with torch.no_grad():
+        expected = ref(x, 321, encoder_hidden_states=ctx).sample
+    del ref
+    code = f"""
+import resource, time, torch, unet
+t0 = time.time(); m = unet.load_component({str(tmp_path / 'unet')!r}, 'unet'); dt = time.time() - t0
+x, ctx = torch.load({str(tmp_path / 'inputs.pt')!r})
+with torch.no_grad(): torch.save(m(x, 321, ctx), {str(tmp_path / 'out.pt')!r})
+print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    load_s, rss_gb = map(float, out.stdout.split())
+    print(f"real SD1.5 UNet: load {load_s:.1f} s, peak RSS {rss_gb:.2f} GiB")
+    # fp32 weights (3.2 GiB) + the memory-mapped fp16 file (1.6 GiB) + torch; two fp32 copies would be > 6.4 GiB
+    assert rss_gb < 5.6, "loading must not hold two copies of the fp32 weights"
+    assert rel_err(torch.load(tmp_path / "out.pt"), expected) < 1e-5

@@ -1,0 +1,1021 @@
+"""
+The networks of Stable Diffusion 1.5 / 2.x / SDXL, written by hand in plain PyTorch, and the loader that
+reads their Hugging Face Hub checkpoints (safetensors) with no diffusers/transformers.
+
+    UNet          epsilon-prediction UNet        (diffusers UNet2DConditionModel)
+    VAE           latent autoencoder             (diffusers AutoencoderKL)
+    CLIPText      CLIP / OpenCLIP text encoder   (transformers CLIPTextModel[WithProjection])
+    CLIPTokenizer byte-level BPE                 (transformers CLIPTokenizer)
+    load_sd       alias | Hub repo id | local diffusers folder | single-file .safetensors  ->  SD
+
+Every module is named after the state-dict keys of the reference libraries, so a checkpoint loads with a plain
+strict `load_state_dict` and no remap table. Shapes are tagged in comments: B batch, C channels, H/W spatial,
+L tokens, D width. Read top to bottom: configs, building blocks, UNet, VAE, text encoder, tokenizer, loader.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs: one dataclass per network, built from the checkpoint's config.json, with named presets.
+
+
+def _from_dict(cls, d):
+    """Build a config dataclass from a diffusers/transformers config dict, keeping the dict itself as `raw`
+    (so a saved model carries exactly the config it was loaded with). Unknown fields are ignored."""
+    names = {f.name for f in fields(cls)}
+    cfg = cls(**{k: v for k, v in d.items() if k in names and k != "raw"})
+    cfg.raw = dict(d)
+    return cfg
+
+
+def _per_block(v, n):
+    """diffusers allows an int (same for every block) or a per-block list for several UNet fields."""
+    return list(v) if isinstance(v, (list, tuple)) else [v] * n
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    sample_size: int = 64
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    layers_per_block: object = 2                # int or per block
+    attention_head_dim: object = 8              # int or per block; a NUMBER OF HEADS (historic misnomer)
+    num_attention_heads: object = None          # if set, overrides attention_head_dim
+    transformer_layers_per_block: object = 1    # int or per block
+    reverse_transformer_layers_per_block: object = None
+    cross_attention_dim: object = 768
+    use_linear_projection: bool = False
+    only_cross_attention: object = False
+    upcast_attention: bool = False              # SD2.1: the reference SDPA path ignores it too
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    center_input_sample: bool = False
+    act_fn: str = "silu"
+    resnet_time_scale_shift: str = "default"
+    time_embedding_type: str = "positional"
+    class_embed_type: object = None
+    num_class_embeds: object = None
+    encoder_hid_dim: object = None
+    addition_embed_type: object = None          # "text_time" for SDXL
+    addition_time_embed_dim: object = None      # 256 for SDXL
+    projection_class_embeddings_input_dim: object = None  # 2816 = 1280 pooled + 6 * 256 for SDXL
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    time_cond_proj_dim: object = None
+    timestep_post_act: object = None
+    dual_cross_attention: bool = False
+    raw: dict = field(default_factory=dict, repr=False)
+
+    def check(self):
+        """Refuse config fields this implementation does not cover, instead of silently computing something else."""
+        unsupported = dict(center_input_sample=False, act_fn="silu", resnet_time_scale_shift="default",
+                           time_embedding_type="positional", class_embed_type=None, num_class_embeds=None,
+                           encoder_hid_dim=None, conv_in_kernel=3, conv_out_kernel=3, time_cond_proj_dim=None,
+                           timestep_post_act=None, dual_cross_attention=False, mid_block_type="UNetMidBlock2DCrossAttn")
+        for k, ok in unsupported.items():
+            if getattr(self, k) != ok:
+                raise ValueError(f"unet config: {k}={getattr(self, k)!r} is not supported (expected {ok!r})")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"unet config: addition_embed_type={self.addition_embed_type!r} is not supported")
+        if any(_per_block(self.only_cross_attention, len(self.block_out_channels))):
+            raise ValueError("unet config: only_cross_attention=True is not supported")
+        for t in self.down_block_types:
+            if t not in ("CrossAttnDownBlock2D", "DownBlock2D"):
+                raise ValueError(f"unet config: down block type {t!r} is not supported")
+        for t in self.up_block_types:
+            if t not in ("CrossAttnUpBlock2D", "UpBlock2D"):
+                raise ValueError(f"unet config: up block type {t!r} is not supported")
+        return self
+
+    @classmethod
+    def from_dict(cls, d):
+        return _from_dict(cls, d).check()
+
+    @classmethod
+    def sd15(cls):
+        return cls.from_dict(dict(SD15_UNET))
+
+    @classmethod
+    def sdxl(cls):
+        return cls.from_dict(dict(SDXL_UNET))
+
+    @classmethod
+    def tiny(cls):
+        return cls.from_dict(dict(TINY_UNET))
+
+
+# The real configs, as in the Hub repos' unet/config.json (the fields that differ from the defaults above).
+SD15_UNET = dict(_class_name="UNet2DConditionModel", sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+SDXL_UNET = dict(_class_name="UNet2DConditionModel", sample_size=128, block_out_channels=[320, 640, 1280],
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                 attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048,
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
+TINY_UNET = dict(_class_name="UNet2DConditionModel", sample_size=16, block_out_channels=[32, 64, 64],
+                 down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+                 layers_per_block=1, attention_head_dim=4, cross_attention_dim=64, norm_num_groups=16)
+
+
+@dataclass
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple = (128, 256, 512, 512)
+    down_block_types: tuple = ("DownEncoderBlock2D",) * 4
+    up_block_types: tuple = ("UpDecoderBlock2D",) * 4
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    act_fn: str = "silu"
+    sample_size: int = 512
+    scaling_factor: float = 0.18215             # 0.13025 for SDXL
+    shift_factor: object = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, d):
+        cfg = _from_dict(cls, d)
+        if cfg.shift_factor not in (None, 0, 0.0) or cfg.act_fn != "silu":
+            raise ValueError("vae config: shift_factor / act_fn other than silu are not supported")
+        return cfg
+
+    @classmethod
+    def sd15(cls):
+        return cls.from_dict(dict(_class_name="AutoencoderKL"))
+
+    @classmethod
+    def sdxl(cls):
+        return cls.from_dict(dict(_class_name="AutoencoderKL", scaling_factor=0.13025, sample_size=1024))
+
+    @classmethod
+    def tiny(cls):
+        return cls.from_dict(dict(_class_name="AutoencoderKL", block_out_channels=[32, 64], norm_num_groups=16,
+                                  layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * 2,
+                                  up_block_types=["UpDecoderBlock2D"] * 2, sample_size=64))
+
+
+@dataclass
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"              # OpenCLIP bigG / ViT-H: "gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 768
+    eos_token_id: int = 2                       # 2 in old configs means: the EOS is the argmax id (see pool)
+    with_projection: bool = False               # CLIPTextModelWithProjection (SDXL's second encoder)
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, d):
+        cfg = _from_dict(cls, d)
+        cfg.with_projection = "CLIPTextModelWithProjection" in d.get("architectures", [])
+        if cfg.hidden_act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"text encoder config: hidden_act={cfg.hidden_act!r} is not supported")
+        return cfg
+
+    @classmethod
+    def sd15(cls):  # CLIP ViT-L/14 text tower
+        return cls.from_dict(dict(architectures=["CLIPTextModel"]))
+
+    @classmethod
+    def sdxl(cls):  # OpenCLIP ViT-bigG/14 text tower, SDXL's text_encoder_2 (its first is sd15())
+        return cls.from_dict(dict(architectures=["CLIPTextModelWithProjection"], hidden_size=1280,
+                                  intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                                  hidden_act="gelu", projection_dim=1280, eos_token_id=49407))
+
+    @classmethod
+    def tiny(cls):
+        return cls.from_dict(dict(architectures=["CLIPTextModel"], hidden_size=64, intermediate_size=256,
+                                  num_hidden_layers=2, num_attention_heads=4, projection_dim=64))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks shared by the UNet and the VAE
+
+
+def timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=0, max_period=10000):
+    """Sinusoidal embedding of (possibly fractional) timesteps, as diffusers' get_timestep_embedding:
+    freqs_k = exp(-ln(max_period) * k / (dim/2 - freq_shift)), emb = [sin(t freqs), cos(t freqs)] (or cos first)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+                      / (half - freq_shift))
+    args = t.float()[:, None] * freqs[None]                                    # (B, dim/2)
+    emb = torch.cat([args.sin(), args.cos()], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP on the sinusoidal embedding: linear_1 -> SiLU -> linear_2."""
+
+    def __init__(self, in_dim, dim):
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(in_dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-Conv twice, the time embedding added in between, 1x1 conv on the skip if channels change."""
+
+    def __init__(self, cin, cout, temb_dim, groups, eps, scale=1.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_dim, cout) if temb_dim else None
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.scale = scale
+
+    def forward(self, x, temb=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        x = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        return (x + h) / self.scale if self.scale != 1.0 else x + h
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv. The VAE encoder pads asymmetrically (right/bottom only) and the conv itself pads 0."""
+
+    def __init__(self, c, padding=1):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=padding)
+        self.asym = padding == 0
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asym else x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour x2 (or to a given size, for odd latent sizes) then a 3x3 conv."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x, size=None):
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+def attention(q, k, v, heads, causal=False):
+    """Multi-head scaled dot-product attention, softmax(q k^T / sqrt(d)) v, on (B, L, heads*d) tensors."""
+    B, Lq, D = q.shape
+    q, k, v = (z.view(B, -1, heads, D // heads).transpose(1, 2) for z in (q, k, v))  # (B, heads, L, d)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return o.transpose(1, 2).reshape(B, Lq, D)                                  # (B, L, heads*d)
+
+
+class Attention(nn.Module):
+    """Self- or cross-attention with separate q/k/v projections (no bias in the UNet, bias in the VAE)."""
+
+    def __init__(self, dim, heads, context_dim=None, bias=False):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=bias)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=bias)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        return self.to_out[0](attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# UNet: epsilon(x_t, t, text) -- the network Diffusion-DPO fine-tunes
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim, inner):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])  # [1] was dropout
+
+    def forward(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm: self-attention, cross-attention to the text, GEGLU feed-forward; each with a residual."""
+
+    def __init__(self, dim, heads, context_dim):
+        super().__init__()
+        self.norm1, self.attn1 = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2, self.attn2 = nn.LayerNorm(dim), Attention(dim, heads, context_dim)
+        self.norm3, self.ff = nn.LayerNorm(dim), FeedForward(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm, project to tokens (1x1 conv in SD1.5, linear in SD2/SDXL), transformer blocks, project back."""
+
+    def __init__(self, c, heads, context_dim, depth, groups, linear):
+        super().__init__()
+        self.linear = linear
+        self.norm = nn.GroupNorm(groups, c, eps=1e-6)
+        self.proj_in = nn.Linear(c, c) if linear else nn.Conv2d(c, c, 1)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(c, heads, context_dim) for _ in range(depth)])
+        self.proj_out = nn.Linear(c, c) if linear else nn.Conv2d(c, c, 1)
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        if not self.linear:
+            h = self.proj_in(h)
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)                         # (B, HW, C)
+        if self.linear:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.linear:
+            h = self.proj_out(h)
+        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)                          # (B, C, H, W)
+        if not self.linear:
+            h = self.proj_out(h)
+        return x + h
+
+
+class UNetBlock(nn.Module):
+    """One resolution level of the UNet: `resnets` (each optionally followed by a spatial transformer in
+    `attentions`), then a down- or up-sampler. Up blocks concatenate a skip from the down path before each resnet.
+    Covers diffusers' DownBlock2D, CrossAttnDownBlock2D, UpBlock2D, CrossAttnUpBlock2D."""
+
+    def __init__(self, resnets, attentions, downsample=None, upsample=None):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        if attentions:
+            self.attentions = nn.ModuleList(attentions)
+        if downsample is not None:
+            self.downsamplers = nn.ModuleList([downsample])
+        if upsample is not None:
+            self.upsamplers = nn.ModuleList([upsample])
+        self.grad_checkpointing = False
+
+    def _run(self, fn, *args):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def forward(self, h, temb, context, skips=None, up_size=None):
+        outputs = []
+        attns = getattr(self, "attentions", [None] * len(self.resnets))
+        for resnet, attn in zip(self.resnets, attns):
+            if skips is not None:
+                h = torch.cat([h, skips.pop()], dim=1)                          # (B, C + C_skip, H, W)
+            h = self._run(resnet, h, temb)
+            if attn is not None:
+                h = self._run(attn, h, context)
+            outputs.append(h)
+        if hasattr(self, "downsamplers"):
+            h = self.downsamplers[0](h)
+            outputs.append(h)
+        if hasattr(self, "upsamplers"):
+            h = self.upsamplers[0](h, up_size)
+        return h, outputs
+
+
+class MidBlock(nn.Module):
+    """resnet, then (transformer, resnet) pairs: diffusers' UNetMidBlock2DCrossAttn, and without text and with
+    plain self-attention, the VAE's UNetMidBlock2D."""
+
+    def __init__(self, resnets, attentions):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions)
+
+    def forward(self, h, temb=None, context=None):
+        h = self.resnets[0](h, temb)
+        attns = list(self.attentions) or [None] * (len(self.resnets) - 1)   # a VAE may have no mid attention
+        for attn, resnet in zip(attns, self.resnets[1:]):
+            if attn is not None:
+                h = attn(h, context) if context is not None else attn(h)
+            h = resnet(h, temb)
+        return h
+
+
+class UNet(nn.Module):
+    """UNet2DConditionModel. Down path (saving skips), mid block, up path (consuming skips in reverse)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        n, ch = len(cfg.block_out_channels), list(cfg.block_out_channels)
+        layers = _per_block(cfg.layers_per_block, n)
+        heads = _per_block(cfg.num_attention_heads or cfg.attention_head_dim, n)
+        depth = _per_block(cfg.transformer_layers_per_block, n)
+        ctx = _per_block(cfg.cross_attention_dim, n)
+        up_depth = cfg.reverse_transformer_layers_per_block or depth[::-1]
+        temb = 4 * ch[0]
+        G, eps = cfg.norm_num_groups, cfg.norm_eps
+
+        def resnet(cin, cout, scale=1.0):
+            return ResnetBlock2D(cin, cout, temb, G, eps, scale)
+
+        def transformer(c, i, d):
+            return Transformer2DModel(c, heads[i], ctx[i], d, G, cfg.use_linear_projection)
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb)
+        if cfg.addition_embed_type == "text_time":                              # SDXL micro-conditioning
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
+
+        self.down_blocks = nn.ModuleList()
+        for i, kind in enumerate(cfg.down_block_types):
+            cin, cout, last = ch[max(i - 1, 0)], ch[i], i == n - 1
+            attn = kind.startswith("CrossAttn")
+            self.down_blocks.append(UNetBlock(
+                [resnet(cin if j == 0 else cout, cout) for j in range(layers[i])],
+                [transformer(cout, i, depth[i]) for j in range(layers[i])] if attn else [],
+                downsample=None if last else Downsample2D(cout, cfg.downsample_padding)))
+
+        self.mid_block = MidBlock([resnet(ch[-1], ch[-1], cfg.mid_block_scale_factor) for _ in range(2)],
+                                  [transformer(ch[-1], n - 1, depth[-1])])
+
+        self.up_blocks = nn.ModuleList()
+        rch, rlayers = ch[::-1], layers[::-1]
+        for i, kind in enumerate(cfg.up_block_types):
+            prev, cout, cskip, last = rch[max(i - 1, 0)], rch[i], rch[min(i + 1, n - 1)], i == n - 1
+            nl, attn = rlayers[i] + 1, kind.startswith("CrossAttn")
+            resnets = [resnet((prev if j == 0 else cout) + (cskip if j == nl - 1 else cout), cout) for j in range(nl)]
+            self.up_blocks.append(UNetBlock(
+                resnets, [transformer(cout, n - 1 - i, up_depth[i]) for _ in range(nl)] if attn else [],
+                upsample=None if last else Upsample2D(cout)))
+
+        self.conv_norm_out = nn.GroupNorm(G, ch[0], eps=eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def set_grad_checkpointing(self, on=True):
+        """Recompute each resnet / transformer in the backward pass instead of storing its activations."""
+        for b in list(self.down_blocks) + list(self.up_blocks):
+            b.grad_checkpointing = on
+
+    def forward(self, x, t, context, text_embeds=None, time_ids=None):
+        """x (B, 4, h, w) noisy latents, t (B,) or scalar timesteps, context (B, L, D) text states;
+        SDXL also takes text_embeds (B, 1280) pooled text and time_ids (B, 6). Returns eps (B, 4, h, w)."""
+        cfg = self.cfg
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.ndim <= 1 and t.numel() == 1 else t.reshape(x.shape[0])
+        t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        emb = self.time_embedding(t_emb.to(x.dtype))                            # (B, 4*C0)
+        if cfg.addition_embed_type == "text_time":
+            if text_embeds is None or time_ids is None:
+                raise ValueError("this UNet (SDXL) needs text_embeds (pooled text) and time_ids")
+            tid = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                                     cfg.freq_shift).reshape(x.shape[0], -1)   # (B, 6*256)
+            emb = emb + self.add_embedding(torch.cat([text_embeds, tid], dim=-1).to(emb.dtype))
+
+        # odd latent sizes: each upsampler goes to the exact size of the matching skip
+        odd = any(s % 2 ** (len(self.up_blocks) - 1) for s in x.shape[-2:])
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            h, out = block(h, emb, context)
+            skips += out
+        h = self.mid_block(h, emb, context)
+        for block in self.up_blocks:
+            n_skip = len(block.resnets)
+            mine, skips = skips[-n_skip:], skips[:-n_skip]
+            h, _ = block(h, emb, context, skips=mine, up_size=skips[-1].shape[-2:] if odd and skips else None)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# VAE: image (B, 3, H, W) in [-1, 1]  <->  latent (B, 4, H/8, W/8)
+
+
+class VAEAttention(Attention):
+    """Single-head self-attention over pixels with a GroupNorm in front and a residual (the VAE's mid block)."""
+
+    def __init__(self, c, groups):
+        super().__init__(c, 1, bias=True)
+        self.group_norm = nn.GroupNorm(groups, c, eps=1e-6)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)               # (B, HW, C)
+        h = super().forward(h)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
+
+
+def _vae_mid(c, groups, attn=True):
+    return MidBlock([ResnetBlock2D(c, c, None, groups, 1e-6) for _ in range(2)],
+                    [VAEAttention(c, groups)] if attn else [])
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, G, n = list(cfg.block_out_channels), cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(UNetBlock(
+            [ResnetBlock2D(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i], None, G, 1e-6)
+             for j in range(cfg.layers_per_block)], [],
+            downsample=Downsample2D(ch[i], padding=0) if i < n - 1 else None) for i in range(n))
+        self.mid_block = _vae_mid(ch[-1], G, cfg.mid_block_add_attention)
+        self.conv_norm_out = nn.GroupNorm(G, ch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for block in self.down_blocks:
+            h, _ = block(h, None, None)
+        h = self.mid_block(h)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))                      # (B, 2*latent, H/8, W/8)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        rch, G, n = list(cfg.block_out_channels)[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, rch[0], 3, padding=1)
+        self.mid_block = _vae_mid(rch[0], G, cfg.mid_block_add_attention)
+        self.up_blocks = nn.ModuleList(UNetBlock(
+            [ResnetBlock2D(rch[max(i - 1, 0)] if j == 0 else rch[i], rch[i], None, G, 1e-6)
+             for j in range(cfg.layers_per_block + 1)], [],
+            upsample=Upsample2D(rch[i]) if i < n - 1 else None) for i in range(n))
+        self.conv_norm_out = nn.GroupNorm(G, rch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(rch[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            h, _ = block(h, None, None)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+class VAE(nn.Module):
+    """AutoencoderKL. encode(x) returns the posterior MEAN (no sampling, before the scaling factor);
+    training multiplies by `scaling_factor` to get unit-variance latents, decode(z) expects z / scaling_factor."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg, self.scaling_factor = cfg, cfg.scaling_factor
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        c2 = 2 * cfg.latent_channels
+        self.quant_conv = nn.Conv2d(c2, c2, 1) if cfg.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(c2 // 2, c2 // 2, 1) if cfg.use_post_quant_conv else None
+
+    def encode(self, x):
+        moments = self.encoder(x)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return moments[:, : self.cfg.latent_channels]                          # mean; [latent:] is log-variance
+
+    def decode(self, z):
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLIP text encoder: token ids (B, 77) -> hidden states (B, 77, D), pooled (B, D) at the EOS token
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, d, inner, act):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(d, inner), nn.Linear(inner, d), act
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = h * torch.sigmoid(1.702 * h) if self.act == "quick_gelu" else F.gelu(h)
+        return self.fc2(h)
+
+
+class CLIPLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.hidden_size
+        self.layer_norm1 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(d, cfg.num_attention_heads)
+        self.layer_norm2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(d, cfg.intermediate_size, cfg.hidden_act)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def forward(self, ids):
+        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList([CLIPLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class CLIPText(nn.Module):
+    """CLIPTextModel (and, with cfg.with_projection, CLIPTextModelWithProjection).
+    forward(ids) -> (last, penultimate, pooled):
+      last        (B, L, D) final layer after the final LayerNorm   (SD1.5's context)
+      penultimate (B, L, D) output of the second-to-last layer      (SDXL's context, both encoders)
+      pooled      (B, D or P) final-normed state at each prompt's EOS token, projected if with_projection
+                  (SDXL's `text_embeds`)"""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text_model = CLIPTextTransformer(cfg)
+        if cfg.with_projection:
+            self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+
+    def forward(self, ids):
+        tm = self.text_model
+        h = tm.embeddings(ids)                                                  # (B, L, D)
+        penultimate = h
+        for layer in tm.encoder.layers:
+            penultimate = h
+            h = layer(h)
+        last = tm.final_layer_norm(h)
+        # the EOS position: configs with eos_token_id == 2 are older than the 49407 vocabulary id and use argmax
+        eos = ids.argmax(-1) if self.cfg.eos_token_id == 2 else (ids == self.cfg.eos_token_id).int().argmax(-1)
+        pooled = last[torch.arange(ids.shape[0], device=ids.device), eos]       # (B, D)
+        if self.cfg.with_projection:
+            pooled = self.text_projection(pooled)
+        return last, penultimate, pooled
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLIP BPE tokenizer
+# TOKENIZER_PLACEHOLDER (temporary stub)
+import re as _re
+def bytes_to_unicode():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b); cs.append(256 + n); n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class CLIPTokenizer:
+    def __init__(self, folder):
+        folder = Path(folder)
+        self.vocab = _read_json(folder / "vocab.json")
+        merges = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
+        self.ranks = {tuple(m.split()): i for i, m in enumerate(merges) if m}
+        sp = _read_json(folder / "special_tokens_map.json")
+        pad = sp.get("pad_token", "<|endoftext|>")
+        pad = pad["content"] if isinstance(pad, dict) else pad
+        self.pad = self.vocab[pad]
+        self.b2u = bytes_to_unicode()
+
+    @classmethod
+    def from_folder(cls, folder):
+        return cls(folder)
+
+    def bpe(self, word):
+        w = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(w) > 1:
+            pairs = [(self.ranks.get((a, b), 1e18), i) for i, (a, b) in enumerate(zip(w, w[1:]))]
+            r, i = min(pairs)
+            if r == 1e18:
+                break
+            a, b = w[i], w[i + 1]
+            out, j = [], 0
+            while j < len(w):
+                if j < len(w) - 1 and w[j] == a and w[j + 1] == b:
+                    out.append(a + b); j += 2
+                else:
+                    out.append(w[j]); j += 1
+            w = out
+        return w
+
+    def encode(self, text):
+        text = " ".join(text.split()).lower()
+        ids = [49406]
+        for word in _re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", text):
+            word = "".join(self.b2u[b] for b in word.encode("utf-8"))
+            ids += [self.vocab[t] for t in self.bpe(word)]
+        return ids[:76] + [49407]
+
+    def __call__(self, prompts):
+        return torch.tensor([(ids + [self.pad] * 77)[:77] for ids in map(self.encode, prompts)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Single-file checkpoints (original LDM / SGM key names) -> diffusers / transformers key names
+# SINGLEFILE_PLACEHOLDER
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole model, and the loader
+
+ALIASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+           "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+           "sd2": "stabilityai/stable-diffusion-2-1"}
+# weight file stem of each component in the diffusers layout, and its network
+COMPONENTS = {"unet": ("diffusion_pytorch_model", UNet, UNetConfig),
+              "vae": ("diffusion_pytorch_model", VAE, VAEConfig),
+              "text_encoder": ("model", CLIPText, CLIPTextConfig),
+              "text_encoder_2": ("model", CLIPText, CLIPTextConfig)}
+
+
+class SD:
+    """A loaded Stable Diffusion: `unet`, `vae`, `text_encoders` and `tokenizers` (one each for SD1.5/2.x, two for
+    SDXL), the scheduler's config dict, and `kind` ("sd15" for single-encoder models, "sdxl")."""
+
+    def __init__(self, unet, vae, text_encoders, tokenizers, scheduler_config, kind, source=""):
+        self.unet, self.vae, self.text_encoders, self.tokenizers = unet, vae, text_encoders, tokenizers
+        self.scheduler_config, self.kind, self.source = scheduler_config, kind, source
+
+    @property
+    def modules(self):
+        return [self.unet, self.vae, *self.text_encoders]
+
+    def to(self, device=None, dtype=None):
+        for m in self.modules:
+            m.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self):
+        return next(self.unet.parameters()).device
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts):
+        """Text conditioning exactly as diffusers' pipelines build it (no classifier-free guidance here).
+        SD1.5/2.x: context = last hidden state after the final LayerNorm, pooled = None.
+        SDXL: context = concat(penultimate states of CLIP-L, of OpenCLIP bigG)  (B, 77, 768 + 1280),
+              pooled = bigG's projected EOS state (B, 1280)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        states, pooled = [], None
+        for tok, enc in zip(self.tokenizers, self.text_encoders):
+            last, penultimate, pooled = enc(tok(prompts).to(self.device))
+            states.append(penultimate if self.kind == "sdxl" else last)
+        return torch.cat(states, dim=-1), (pooled if self.kind == "sdxl" else None)
+
+    @staticmethod
+    def time_ids(batch, height, width, crop=(0, 0), original=None, device=None, dtype=torch.float32):
+        """SDXL micro-conditioning (original_h, original_w, crop_top, crop_left, target_h, target_w), (B, 6)."""
+        original = original or (height, width)
+        return torch.tensor([[*original, *crop, height, width]], device=device, dtype=dtype).repeat(batch, 1)
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: file not found") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+
+
+def _variants(variant):
+    return [variant, None] if variant else [None, "fp16"]
+
+
+def _weight_files(folder, stem, variant=None):
+    """The safetensors file(s) of one component: `stem[.variant].safetensors`, or the shards listed in
+    `stem.safetensors.index[.variant].json`. Without a requested variant, the plain files are preferred and the
+    fp16 variant is used when it is all the folder has; a requested variant is preferred the same way."""
+    folder = Path(folder)
+    for v in _variants(variant):
+        single = folder / (f"{stem}.{v}.safetensors" if v else f"{stem}.safetensors")
+        index = folder / (f"{stem}.safetensors.index.{v}.json" if v else f"{stem}.safetensors.index.json")
+        if single.is_file():
+            return [single]
+        if index.is_file():
+            return [folder / name for name in sorted(set(_read_json(index)["weight_map"].values()))]
+    raise ValueError(f"{folder}: no weights found, expected {stem}.safetensors, {stem}.fp16.safetensors or a "
+                     f"{stem}.safetensors.index.json with its shards")
+
+
+def read_safetensors(files, dtype=None):
+    """Read safetensors file(s) into one {key: tensor} dict, casting each tensor as it is read (one copy in memory)."""
+    from safetensors import safe_open
+    out = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    t = st.get_tensor(k)
+                    out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        except FileNotFoundError:
+            raise ValueError(f"{f}: weight file not found") from None
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
+    return out
+
+
+def _fix_keys(sd):
+    """Older saved VAEs name the mid-block attention query/key/value/proj_attn (sometimes as 1x1 convs);
+    old CLIP checkpoints carry a position_ids buffer. Bring both to the current names."""
+    renames = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("position_ids"):
+            continue
+        for a, b in renames.items():
+            if a in k and ".attentions." in k:
+                k = k.replace(a, b)
+                v = v.reshape(v.shape[:2]) if v.ndim == 4 else v
+        out[k] = v
+    return out
+
+
+def load_weights(module, sd, name="model"):
+    """Strict load with a one-line error naming the offending key; tensors are assigned, not copied, so a module
+    built on the meta device never holds a second copy of the weights."""
+    sd = _fix_keys(sd)
+    if isinstance(module, CLIPText):  # transformers >= 5 saves CLIPTextModel without the `text_model.` prefix
+        sd = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in sd.items()}
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{name}: {len(missing)} missing keys (first: {missing[:3]}), "
+                         f"{len(unexpected)} unexpected keys (first: {unexpected[:3]})")
+    for k, v in expected.items():
+        if v.shape != sd[k].shape:
+            raise ValueError(f"{name}: key {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
+    module.load_state_dict(sd, strict=True, assign=True)
+    return module
+
+
+def build(cls, cfg, sd=None, device="cpu", dtype=torch.float32, name="model"):
+    """Instantiate a network on the meta device (no memory) and assign its weights, or random-init it if sd is None."""
+    if sd is None:
+        return cls(cfg).to(device=device, dtype=dtype)
+    with torch.device("meta"):
+        m = cls(cfg)
+    return load_weights(m, sd, name).to(device=device, dtype=dtype)
+
+
+def load_component(folder, name, *, device="cpu", dtype=torch.float32, variant=None):
+    """Load one network folder of the diffusers layout (`unet/`, `vae/`, `text_encoder[_2]/`): config.json + weights."""
+    stem, cls, cfg_cls = COMPONENTS[name]
+    folder = Path(folder)
+    cfg = cfg_cls.from_dict(_read_json(folder / "config.json"))
+    sd = read_safetensors(_weight_files(folder, stem, variant), dtype)
+    return build(cls, cfg, sd, device, dtype, name=str(folder))
+
+
+def save_unet(unet, folder):
+    """Write `folder/config.json` + `folder/diffusion_pytorch_model.safetensors` in the diffusers layout, atomically
+    (temp files + rename), so `UNet2DConditionModel.from_pretrained(folder)` and `load_component` read it."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
+    save_file(sd, str(folder / "weights.tmp"), metadata={"format": "pt"})
+    (folder / "config.tmp").write_text(json.dumps(unet.cfg.raw, indent=2))
+    os.replace(folder / "weights.tmp", folder / "diffusion_pytorch_model.safetensors")
+    os.replace(folder / "config.tmp", folder / "config.json")
+
+
+def _hub_snapshot(repo, variant=None, weights=True):
+    """Download (or find in the HF cache; HF_HUB_OFFLINE is honored) only the files a pipeline needs."""
+    import huggingface_hub as hh
+    from huggingface_hub.errors import RepositoryNotFoundError, LocalEntryNotFoundError, EntryNotFoundError
+    small = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer*/*.json",
+             "tokenizer*/*.txt"]
+
+    def get(patterns):
+        try:
+            return Path(hh.snapshot_download(repo, allow_patterns=patterns))
+        except RepositoryNotFoundError:
+            raise ValueError(f"model {repo!r}: no such Hub repo (or it is private/gated: log in with "
+                             f"`hf auth login`); expected an alias (sd15, sdxl), a Hub id, a folder or a .safetensors "
+                             f"file") from None
+        except (LocalEntryNotFoundError, EntryNotFoundError, OSError) as e:
+            raise ValueError(f"model {repo!r}: could not be fetched from the Hub and is not in the local HF cache "
+                             f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}".splitlines()[0]) from None
+
+    if not weights:
+        return get(small)
+    names = ["unet", "vae", "text_encoder", "text_encoder_2"]
+    stems = {n: COMPONENTS[n][0] for n in names}
+    for v in _variants(variant):
+        dot = f".{v}" if v else ""
+        folder = get(small + [p for n in names for p in (
+            f"{n}/{stems[n]}{dot}.safetensors", f"{n}/{stems[n]}.safetensors.index{dot}.json",
+            f"{n}/{stems[n]}{dot}-*.safetensors", f"{n}/{stems[n]}-*{dot}.safetensors")])
+        index = _read_json(folder / "model_index.json")
+        try:
+            for n in names:
+                if isinstance(index.get(n), list) and index[n][0]:
+                    _weight_files(folder / n, stems[n], v)
+            return folder
+        except ValueError:
+            continue
+    return folder  # let the loader name what is missing
+
+
+def load_sd(model, *, device="cpu", dtype=torch.float32, variant=None, config=None) -> SD:
+    """Load a Stable Diffusion 1.x/2.x or SDXL pipeline's networks, tokenizers and scheduler config.
+
+    model:   an alias (sd15, sdxl, sd2), a Hub repo id ("owner/name"), a local folder in the diffusers layout
+             (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/ [+ text_encoder_2/, tokenizer_2/]),
+             or a single-file .safetensors checkpoint with the original LDM/SGM key names.
+    variant: "fp16" to prefer the *.fp16.safetensors files; default: plain files, or fp16 when that is all there is
+             (from the Hub, fp16 is preferred when dtype is half precision: half the download).
+    config:  for a single-file checkpoint, where to take configs, tokenizers and scheduler from (alias, repo or
+             folder); default: the alias of the family its keys show (sd15, sd2, sdxl)."""
+    if model == "tiny":
+        raise ValueError("model 'tiny' is reserved for the embedded toy model, which is not in this version yet")
+    model = ALIASES.get(model, model)
+    p = Path(model)
+    if p.is_file() and p.suffix == ".safetensors":
+        return _load_single_file(p, config, device, dtype)
+    if p.is_dir():
+        return _load_folder(p, device, dtype, variant, source=str(p))
+    if p.exists():
+        raise ValueError(f"model {model!r}: expected a folder in the diffusers layout or a .safetensors file")
+    if model.count("/") != 1 or model.startswith((".", "/")) or " " in model:
+        raise ValueError(f"model {model!r}: not an alias ({', '.join(ALIASES)}), an existing folder or "
+                         f".safetensors file, or a Hub repo id of the form owner/name")
+    if variant is None and dtype in (torch.float16, torch.bfloat16):
+        variant = "fp16"  # half the download, and the values are cast to half anyway
+    return _load_folder(_hub_snapshot(model, variant), device, dtype, variant, source=model)
+
+
+def _load_folder(folder, device, dtype, variant, source=""):
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file() or not (folder / "unet").is_dir():
+        raise ValueError(f"{folder}: not a diffusers pipeline folder (expected model_index.json and unet/, vae/, "
+                         f"text_encoder/, tokenizer/, scheduler/)")
+    index = _read_json(folder / "model_index.json")
+    kind = "sdxl" if isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] else "sd15"
+    enc_names = ["text_encoder", "text_encoder_2"] if kind == "sdxl" else ["text_encoder"]
+    load = lambda n: load_component(folder / n, n, device=device, dtype=dtype, variant=variant)  # noqa: E731
+    return SD(unet=load("unet"), vae=load("vae"), text_encoders=[load(n) for n in enc_names],
+              tokenizers=[CLIPTokenizer.from_folder(folder / n.replace("text_encoder", "tokenizer"))
+                          for n in enc_names],
+              scheduler_config=_read_json(folder / "scheduler" / "scheduler_config.json"), kind=kind, source=source)
