@@ -315,3 +315,119 @@ print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     # fp32 weights (3.2 GiB) + the memory-mapped fp16 file (1.6 GiB) + torch; two fp32 copies would be > 6.4 GiB
     assert rss_gb < 5.6, "loading must not hold two copies of the fp32 weights"
     assert rel_err(torch.load(tmp_path / "out.pt"), expected) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# diffdpo.py: schedule, ELBO surrogate, DPO loss
+
+
+def test_schedule_matches_diffusers():
+    from diffusers import DDPMScheduler
+    import diffdpo
+    for cfg in [SCHEDULER, dict(SCHEDULER, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)]:
+        ref = DDPMScheduler(**{k: v for k, v in cfg.items() if k in ("num_train_timesteps", "beta_start", "beta_end",
+                                                                     "beta_schedule")})
+        abar = diffdpo.alphas_cumprod(cfg)
+        assert torch.equal(abar, ref.alphas_cumprod)
+        x0, eps = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+        t = torch.tensor([0, 1, 500, 999])
+        assert rel_err(diffdpo.add_noise(x0, eps, t, abar), ref.add_noise(x0, eps, t)) < 1e-6
+        assert rel_err(diffdpo.prediction_target(x0, eps, t, abar, "v_prediction"), ref.get_velocity(x0, eps, t)) < 1e-6
+        assert torch.equal(diffdpo.prediction_target(x0, eps, t, abar), eps)
+
+
+def test_dpo_loss_formula():
+    import diffdpo
+    g = torch.Generator().manual_seed(0)
+    mw, ml, rw, rl = (torch.rand(16, generator=g, dtype=torch.float64).requires_grad_() for _ in range(4))
+    beta = 5000.0
+    loss, acc = diffdpo.dpo_loss(mw, ml, rw, rl, beta)
+    # the official code, written out by hand: inside = -0.5 beta ((mw - ml) - (rw - rl)), loss = mean softplus(-inside)
+    inside = [-0.5 * beta * ((mw[i] - ml[i]) - (rw[i] - rl[i])).item() for i in range(16)]
+    import math
+    expected = sum(math.log1p(math.exp(-x)) if x > -30 else -x for x in inside) / 16
+    assert abs(loss.item() - expected) < 1e-9
+    assert acc.item() == sum(x > 0 for x in inside) / 16
+    # gradient: d loss / d mw_i = 0.5 beta sigmoid(-inside_i) / B
+    loss.backward()
+    sig = torch.sigmoid(-torch.tensor(inside, dtype=torch.float64))
+    assert torch.allclose(mw.grad, 0.5 * beta * sig / 16) and torch.allclose(ml.grad, -0.5 * beta * sig / 16)
+    # policy == reference: exactly ln 2, implicit accuracy 0
+    loss, acc = diffdpo.dpo_loss(mw, ml, mw, ml, beta)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-12) and acc.item() == 0.0
+    # per-image denoising error averages over C, H, W only
+    pred, target = torch.randn(3, 4, 5, 6), torch.randn(3, 4, 5, 6)
+    assert torch.allclose(diffdpo.denoising_losses(pred, target), ((pred - target) ** 2).flatten(1).mean(1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trainer, end to end on the small hub and a generated Pick-a-Pic-schema shard
+
+
+def jpeg(color, size=(40, 32), noise_seed=0):
+    import io
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(noise_seed)
+    arr = np.clip(np.array(color)[None, None] + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def make_pickapic_shard(path, n=24, ties=3, corrupt=1, seed=0):
+    """A Pick-a-Pic v2 shard: the preferred image is reddish, the other bluish, on either side; some ties and an
+    undecodable JPEG, plus a few of the dataset's other columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = []
+    for i in range(n):
+        red, blue = jpeg((200, 40, 40), noise_seed=seed * 1000 + 2 * i), jpeg((40, 40, 200), noise_seed=seed * 1000 + 2 * i + 1)
+        left = i % 2 == 0  # preferred image on the left half of the time
+        label_0 = 0.5 if i < ties else (1.0 if left else 0.0)
+        jpg_0, jpg_1 = (red, blue) if left else (blue, red)
+        if i == ties:  # the first non-tie pair is corrupt
+            jpg_0 = b"\xff\xd8 not really a jpeg"
+        rows.append(dict(caption=f"a picture number {i}", jpg_0=jpg_0, jpg_1=jpg_1, label_0=label_0,
+                         label_1=1.0 - label_0, best_image_uid=f"uid{i}", has_label=True, are_different=True))
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tokenizer against transformers' CLIPTokenizer
+
+
+def tokenizer_cases(n_random=300, seed=0):
+    import random
+    fixed = [
+        "a photo of a cat", "", " ", "   \t\n ", "A Photo Of A CAT", "café crème brûlée", "cafe\u0301 (combining)",
+        "naïve señor über Ærø", "日本語のテキスト", "中文 提示词 测试", "한국어", "Привет, мир!", "مرحبا بالعالم", "ΟΔΟΣ σοφία",
+        "emoji 😀🐱‍👤👍🏽 🇯🇵", "&amp; &lt;b&gt; &#39; &quot;", "12345 3.14 1,000,000 2nd 1st 4k 1080p",
+        "don't it's I'M we'll they'd you've she's 'quoted' O'Neil rock'n'roll", "!!! ??? ... --- ,,, ;;; ***",
+        "hello!world", "wow!", "a ! b", "tabs\tand\nnewlines\r\nand  spaces", "  leading and trailing  ",
+        "control\x00\x01\x1c\x7f chars", "zero\u200bwidth\u200djoiner\ufeffbom", "non\xa0breaking\u3000ideographic",
+        "<|endoftext|>", "a <|endoftext|> b", "<|startoftext|>x<|endoftext|>", "<|ENDOFTEXT|> upper", "<|endoftext",
+        "İstanbul ß ﬁ ﬀ Å Ω K", "x" * 300, " ".join(["word"] * 100), "supercalifragilisticexpialidocious " * 10,
+        "a photo of an astronaut riding a horse on the moon, highly detailed, 8k, trending on artstation",
+        "$100 @user #hashtag https://example.com/a?b=c&d=e user@mail.com", "½ ² ³ ① Ⅻ ٣ ߁", "x\u0301y \u0301 \u20dd",
+    ]
+    rng = random.Random(seed)
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 !?.,;:'\"-_()[]{}<>|/\\&#@$%^*+=~`"
+                    "\t\n") + list("éèêëñüöäçßæøåαβγδЖжшщ中文日本語한국😀🐱👍🏽‍\u0301\u200b\xa0") + ["'s", "'ll", "<|endoftext|>"]
+    rand = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(n_random)]
+    return fixed + rand
+
+
+@pytest.mark.parametrize("pad", ["<|endoftext|>", "!"])
+def test_tokenizer_matches_transformers(tmp_path, pad):
+    from transformers import CLIPTokenizer
+    folder = write_clip_tokenizer_folder(tmp_path / "tok", pad_token=pad)
+    ours, ref = U.CLIPTokenizer.from_folder(folder), CLIPTokenizer.from_pretrained(folder)
+    cases = tokenizer_cases()
+    expected = ref(cases, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    got = ours(cases)
+    bad = [(c, got[i].tolist(), expected[i].tolist()) for i, c in enumerate(cases) if not torch.equal(got[i], expected[i])]
+    assert not bad, f"{len(bad)}/{len(cases)} differ, first: {bad[0]}"
+    assert got[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, ours.pad]
+    assert ours.pad == (49407 if pad == "<|endoftext|>" else 0)

@@ -15,6 +15,8 @@ L tokens, D width. Read top to bottom: configs, building blocks, UNet, VAE, text
 import json
 import math
 import os
+import re
+import unicodedata
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -711,61 +713,133 @@ class CLIPText(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLIP BPE tokenizer
-# TOKENIZER_PLACEHOLDER (temporary stub)
-import re as _re
+# Exactly what transformers' CLIPTokenizer (the `tokenizers` backend) does, in plain Python:
+#   1. special tokens (<|startoftext|>, <|endoftext|>, and the pad token, e.g. SDXL tokenizer_2's "!") are cut out of
+#      the RAW text first: a literal "<|endoftext|>" or, for tokenizer_2, every "!" becomes that token's id;
+#   2. each remaining segment: NFC, runs of Unicode white space -> " ", lowercase (char by char: no final sigma);
+#   3. split into words: <|startoftext|> | <|endoftext|> | 's 't 're 've 'm 'll 'd | letters+ | one digit |
+#      other non-space characters+ (white space dropped); byte-level GPT-2 splitting then cuts the two literal
+#      special-token words into "<|", name, "|>";
+#   4. each word's UTF-8 bytes -> printable unicode chars, "</w>" appended to the last, BPE merges by rank;
+#   5. [bos] + ids + [eos], truncated to 77 keeping eos last, padded with the pad id.
+
+WHITESPACE = set("\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000") | {chr(c) for c in range(0x2000, 0x200B)}
+CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+LITERALS = ("<|startoftext|>", "<|endoftext|>")
+
+
 def bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b); cs.append(256 + n); n += 1
-    return dict(zip(bs, map(chr, cs)))
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]       # control bytes, space, ... -> U+0100 onwards
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def _kind(c):
+    """'L' letter, 'N' number, 'S' white space, 'P' anything else (the regex classes p{L}, p{N}, s)."""
+    if c in WHITESPACE:
+        return "S"
+    cat = unicodedata.category(c)[0]
+    return cat if cat in "LN" else "P"
+
+
+def split_words(text):
+    """Step 3 on normalized text (a hand-written scanner for the pre-tokenizer's regex, first alternative wins)."""
+    words, i, n = [], 0, len(text)
+    while i < n:
+        k = _kind(text[i])
+        lit = next((w for w in LITERALS + CONTRACTIONS if text.startswith(w, i)), None)
+        if k == "S":
+            i += 1
+            continue
+        if lit:
+            j = i + len(lit)
+            words += ["<|", lit[2:-2], "|>"] if lit in LITERALS else [lit]
+        elif k == "N":
+            j = i + 1
+            words.append(text[i])
+        else:
+            j = i + 1
+            while j < n and _kind(text[j]) == k:
+                j += 1
+            words.append(text[i:j])
+        i = j
+    return words
 
 
 class CLIPTokenizer:
-    def __init__(self, folder):
-        folder = Path(folder)
-        self.vocab = _read_json(folder / "vocab.json")
-        merges = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
-        self.ranks = {tuple(m.split()): i for i, m in enumerate(merges) if m}
-        sp = _read_json(folder / "special_tokens_map.json")
-        pad = sp.get("pad_token", "<|endoftext|>")
-        pad = pad["content"] if isinstance(pad, dict) else pad
-        self.pad = self.vocab[pad]
-        self.b2u = bytes_to_unicode()
+    """CLIP's byte-level BPE: vocab.json + merges.txt; `tok(prompts) -> LongTensor (B, 77)`."""
+
+    def __init__(self, vocab, merges, pad_token="<|endoftext|>", max_length=77):
+        self.vocab, self.max_length = vocab, max_length
+        self.ranks = {tuple(m.split()): r for r, m in enumerate(merges)}
+        self.bos, self.eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+        self.specials = {t: vocab[t] for t in {"<|startoftext|>", "<|endoftext|>", pad_token}}
+        self.special_re = re.compile("(" + "|".join(map(re.escape, sorted(self.specials, key=len)[::-1])) + ")")
+        self.pad = vocab[pad_token]
+        self.byte_chars = bytes_to_unicode()
+        self.cache = {}
 
     @classmethod
     def from_folder(cls, folder):
-        return cls(folder)
+        """A Hub tokenizer folder: vocab.json, merges.txt, and the pad token from special_tokens_map.json
+        (SD1.5: <|endoftext|>, SDXL's tokenizer_2: "!") and model_max_length from tokenizer_config.json."""
+        folder = Path(folder)
+        vocab = _read_json(folder / "vocab.json")
+        try:
+            merges = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+        except OSError as e:
+            raise ValueError(f"{folder / 'merges.txt'}: not readable ({e})") from None
+        merges = [m for m in merges[1 if merges[0].startswith("#version") else 0:] if m.strip()]
+        conf = {}
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the second one wins
+            conf.update(_read_json(folder / name) if (folder / name).is_file() else {})
+        pad = conf.get("pad_token") or "<|endoftext|>"
+        pad = pad["content"] if isinstance(pad, dict) else pad
+        max_length = conf.get("model_max_length", 77)
+        return cls(vocab, merges, pad, max_length if max_length < 10_000 else 77)
 
     def bpe(self, word):
-        w = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(w) > 1:
-            pairs = [(self.ranks.get((a, b), 1e18), i) for i, (a, b) in enumerate(zip(w, w[1:]))]
-            r, i = min(pairs)
-            if r == 1e18:
+        """Merge the word's symbols, lowest-ranked pair first, until no listed merge applies."""
+        if word in self.cache:
+            return self.cache[word]
+        syms = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(syms) > 1:
+            rank, pair = min((self.ranks.get(p, math.inf), p) for p in zip(syms, syms[1:]))
+            if rank == math.inf:
                 break
-            a, b = w[i], w[i + 1]
-            out, j = [], 0
-            while j < len(w):
-                if j < len(w) - 1 and w[j] == a and w[j + 1] == b:
-                    out.append(a + b); j += 2
+            merged, i = [], 0
+            while i < len(syms):
+                if i < len(syms) - 1 and (syms[i], syms[i + 1]) == pair:
+                    merged.append(syms[i] + syms[i + 1])
+                    i += 2
                 else:
-                    out.append(w[j]); j += 1
-            w = out
-        return w
+                    merged.append(syms[i])
+                    i += 1
+            syms = merged
+        ids = [self.vocab[s] for s in syms]
+        self.cache[word] = ids
+        return ids
 
     def encode(self, text):
-        text = " ".join(text.split()).lower()
-        ids = [49406]
-        for word in _re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", text):
-            word = "".join(self.b2u[b] for b in word.encode("utf-8"))
-            ids += [self.vocab[t] for t in self.bpe(word)]
-        return ids[:76] + [49407]
+        """One prompt -> [bos, ..., eos] (not padded or truncated)."""
+        ids = [self.bos]
+        for part in self.special_re.split(text):                  # [text, special, text, special, ..., text]
+            if part in self.specials:
+                ids.append(self.specials[part])
+                continue
+            part = unicodedata.normalize("NFC", part)
+            part = "".join(" " if c in WHITESPACE else c.lower() for c in part)
+            for word in split_words(part):
+                ids += self.bpe("".join(self.byte_chars[b] for b in word.encode("utf-8")))
+        return ids + [self.eos]
 
     def __call__(self, prompts):
-        return torch.tensor([(ids + [self.pad] * 77)[:77] for ids in map(self.encode, prompts)])
+        rows = []
+        for ids in map(self.encode, [prompts] if isinstance(prompts, str) else prompts):
+            ids = ids[: self.max_length - 1] + [self.eos] if len(ids) > self.max_length else ids
+            rows.append(ids + [self.pad] * (self.max_length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1019,3 +1093,28 @@ def _load_folder(folder, device, dtype, variant, source=""):
               tokenizers=[CLIPTokenizer.from_folder(folder / n.replace("text_encoder", "tokenizer"))
                           for n in enc_names],
               scheduler_config=_read_json(folder / "scheduler" / "scheduler_config.json"), kind=kind, source=source)
+
+
+def _load_single_file(path, config, device, dtype):
+    """A single-file checkpoint: weights from the file (original LDM/SGM names, mapped by convert_ldm_checkpoint),
+    configs, tokenizers and scheduler from `config` (an alias, repo or diffusers folder; default: the alias of the
+    family the file's keys show). Only the small files of that config are downloaded."""
+    sd = read_safetensors([path], dtype)
+    family = detect_family(sd.keys())
+    config = ALIASES.get(config or family, config or family)
+    folder = Path(config) if Path(config).is_dir() else _hub_snapshot(config, weights=False)
+    index = _read_json(folder / "model_index.json")
+    kind = "sdxl" if isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] else "sd15"
+    if (kind == "sdxl") != (family == "sdxl"):
+        raise ValueError(f"{path}: an {family} checkpoint, but the config {config} is for {kind}")
+    cfgs = {n: COMPONENTS[n][2].from_dict(_read_json(folder / n / "config.json"))
+            for n in ["unet", "vae", "text_encoder", "text_encoder_2"] if (folder / n / "config.json").is_file()}
+    parts = convert_ldm_checkpoint(sd, cfgs["unet"].raw, cfgs["vae"].raw)
+    del sd
+    enc_names = ["text_encoder", "text_encoder_2"] if kind == "sdxl" else ["text_encoder"]
+    net = lambda n: build(COMPONENTS[n][1], cfgs[n], parts.pop(n), device, dtype, name=f"{path} ({n})")  # noqa
+    return SD(unet=net("unet"), vae=net("vae"), text_encoders=[net(n) for n in enc_names],
+              tokenizers=[CLIPTokenizer.from_folder(folder / n.replace("text_encoder", "tokenizer"))
+                          for n in enc_names],
+              scheduler_config=_read_json(folder / "scheduler" / "scheduler_config.json"), kind=kind,
+              source=str(path))
