@@ -9,6 +9,7 @@ exact Hub layout, at small configs that exercise every code path, loaded through
 """
 import gzip
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -44,9 +45,11 @@ def clip_vocab_source():
     return Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
 
 
-def write_clip_tokenizer_folder(folder, pad_token="<|endoftext|>"):
-    """vocab.json + merges.txt built from OpenAI's BPE file exactly as Hugging Face built theirs, and the
-    special-tokens files of the SD1.5 (pad <|endoftext|>) / SDXL tokenizer_2 (pad !) folders."""
+def write_clip_tokenizer_folder(folder, pad_token="<|endoftext|>", style="sd15"):
+    """vocab.json + merges.txt built from OpenAI's BPE file exactly as Hugging Face built theirs, and the special-token
+    files as the Hub's folders spell them: style "sd15" (SD1.5's and SDXL's `tokenizer/`: bos/eos/unk as normalized
+    AddedToken dicts, the pad a plain string) or "decoder" (SDXL's `tokenizer_2/`: plain strings plus an
+    `added_tokens_decoder`). Which special tokens transformers matches before normalization depends on that."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     merges = gzip.open(clip_vocab_source()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
@@ -55,11 +58,23 @@ def write_clip_tokenizer_folder(folder, pad_token="<|endoftext|>"):
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": pad_token}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {**special, "model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}))
+    tok = lambda c, norm=True: dict(content=c, lstrip=False, normalized=norm, rstrip=False, single_word=False)  # noqa
+    if style == "decoder":
+        special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token=pad_token,
+                       unk_token="<|endoftext|>")
+        decoder = {"49406": {**tok("<|startoftext|>"), "special": False},
+                   "49407": {**tok("<|endoftext|>", False), "special": False}}
+        if pad_token in vocab[:256]:
+            decoder[str(vocab.index(pad_token))] = {**tok(pad_token, False), "special": True}
+        config = {**special, "added_tokens_decoder": decoder}
+    else:
+        special = dict(bos_token=tok("<|startoftext|>"), eos_token=tok("<|endoftext|>"), pad_token=pad_token,
+                       unk_token=tok("<|endoftext|>"))
+        config = {k: ({"__type": "AddedToken", **v} if isinstance(v, dict) else v) for k, v in special.items()}
+    config.update(add_prefix_space=False, do_lower_case=True, errors="replace", model_max_length=77,
+                  tokenizer_class="CLIPTokenizer")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return folder
 
 
@@ -123,10 +138,10 @@ def make_hub(folder, kind="sd15", variant=None, seed=0):
         pipe.to(torch.float16)
     pipe.save_pretrained(folder, variant=variant, safe_serialization=True)
     # The Hub's tokenizer folders hold vocab.json + merges.txt + the special-token files (no tokenizer.json)
-    for name, pad in [("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")]:
+    for name, pad, style in [("tokenizer", "<|endoftext|>", "sd15"), ("tokenizer_2", "!", "decoder")]:
         if (folder / name).is_dir():
             shutil.rmtree(folder / name)
-            write_clip_tokenizer_folder(folder / name, pad_token=pad)
+            write_clip_tokenizer_folder(folder / name, pad_token=pad, style=style)
     # The Hub's text encoders were saved by transformers 4 with a `text_model.` prefix that transformers 5 drops
     # for CLIPTextModel: write the Hub's real key names (transformers 5 still reads them).
     from safetensors.torch import load_file, save_file
@@ -407,7 +422,8 @@ def tokenizer_cases(n_random=300, seed=0):
         "don't it's I'M we'll they'd you've she's 'quoted' O'Neil rock'n'roll", "!!! ??? ... --- ,,, ;;; ***",
         "hello!world", "wow!", "a ! b", "tabs\tand\nnewlines\r\nand  spaces", "  leading and trailing  ",
         "control\x00\x01\x1c\x7f chars", "zero\u200bwidth\u200djoiner\ufeffbom", "non\xa0breaking\u3000ideographic",
-        "<|endoftext|>", "a <|endoftext|> b", "<|startoftext|>x<|endoftext|>", "<|ENDOFTEXT|> upper", "<|endoftext",
+        "<|endoftext|>", "a <|endoftext|> b", "<|startoftext|>x<|endoftext|>", "<|ENDOFTEXT|> upper", "<|endoftext", "<|STARTOFTEXT|>",
+        "<|StartOfText|>x", "<|endoftext|>>", "wow!!", "ends with a bang!",
         "İstanbul ß ﬁ ﬀ Å Ω K", "x" * 300, " ".join(["word"] * 100), "supercalifragilisticexpialidocious " * 10,
         "a photo of an astronaut riding a horse on the moon, highly detailed, 8k, trending on artstation",
         "$100 @user #hashtag https://example.com/a?b=c&d=e user@mail.com", "½ ² ³ ① Ⅻ ٣ ߁", "x\u0301y \u0301 \u20dd",
@@ -419,10 +435,10 @@ def tokenizer_cases(n_random=300, seed=0):
     return fixed + rand
 
 
-@pytest.mark.parametrize("pad", ["<|endoftext|>", "!"])
-def test_tokenizer_matches_transformers(tmp_path, pad):
+@pytest.mark.parametrize("pad,style", [("<|endoftext|>", "sd15"), ("!", "sd15"), ("!", "decoder")])
+def test_tokenizer_matches_transformers(tmp_path, pad, style):
     from transformers import CLIPTokenizer
-    folder = write_clip_tokenizer_folder(tmp_path / "tok", pad_token=pad)
+    folder = write_clip_tokenizer_folder(tmp_path / "tok", pad_token=pad, style=style)
     ours, ref = U.CLIPTokenizer.from_folder(folder), CLIPTokenizer.from_pretrained(folder)
     cases = tokenizer_cases()
     expected = ref(cases, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -431,3 +447,125 @@ def test_tokenizer_matches_transformers(tmp_path, pad):
     assert not bad, f"{len(bad)}/{len(cases)} differ, first: {bad[0]}"
     assert got[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, ours.pad]
     assert ours.pad == (49407 if pad == "<|endoftext|>" else 0)
+
+
+def run_cli(args, env=None, torchrun=0):
+    """Run a CLI of ours in a fresh process, as a user would."""
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+                              if torchrun else []) + args
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **(env or {}))
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def unet_weights(out):
+    from safetensors.torch import load_file
+    return load_file(Path(out) / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="session")
+def shard(tmp_path_factory):
+    return make_pickapic_shard(tmp_path_factory.mktemp("data") / "train-00000-of-00001.parquet")
+
+
+def train_args(hub, shard, out, *extra):
+    return ["diffdpo.py", "--model", str(hub["sd15"]), "--data", str(shard), "--out", str(out), "--resolution", "32",
+            "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-4", "--warmup-steps", "2", "--device", "cpu",
+            "--checkpoint-every", "2", *extra]
+
+
+def test_train_end_to_end_resume_and_ddp(tmp_path, hub, shard):
+    """The CLI on a Hub-layout model and a Pick-a-Pic shard (ties, a corrupt JPEG): ln 2 at the start, output that
+    diffusers loads and that differs from the base; 2 steps + resume to 4 == 4 straight steps; 2 processes (gloo)
+    with batch 1 == 1 process with batch 2."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+    straight = tmp_path / "straight"
+    r = run_cli(train_args(hub, shard, straight, "--max-steps", "4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(straight)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert abs(rows[0]["loss"] - math.log(2)) < 1e-6 and rows[0]["implicit_acc"] == 0.0
+    assert rows[-1]["corrupt"] >= 1 and "pairs_per_s" in rows[0] and rows[0]["lr"] > 0
+    cfg = json.loads((straight / "config.json").read_text())
+    assert cfg["command"].startswith("diffdpo.py") and cfg["pairs_per_step"] == 4
+    tuned = UNet2DConditionModel.from_pretrained(straight, subfolder="unet")
+    base = UNet2DConditionModel.from_pretrained(hub["sd15"], subfolder="unet")
+    base_sd = base.state_dict()
+    assert max((p - base_sd[k]).abs().max().item() for k, p in tuned.state_dict().items()) > 1e-6
+
+    resumed = tmp_path / "resumed"
+    assert run_cli(train_args(hub, shard, resumed, "--max-steps", "2")).returncode == 0
+    r = run_cli(train_args(hub, shard, resumed, "--max-steps", "4"))
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-3000:]
+    assert [row["step"] for row in read_metrics(resumed)] == [1, 2, 3, 4]
+    assert max_diff(unet_weights(resumed), unet_weights(straight)) <= 1e-6
+
+    ddp = tmp_path / "ddp"
+    args = train_args(hub, shard, ddp, "--max-steps", "4")
+    args[args.index("--batch-size") + 1] = "1"
+    r = run_cli(args, torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # Same data, noise and timesteps on 2 ranks as on 1: the gradients agree to fp32 summation order. Adam's first
+    # step is lr * sign(g), so parameters whose gradient is below that rounding noise may step +-lr apart: compare
+    # the whole update, and the per-step gradient norms (a wrong split of the batch would differ by O(1)).
+    for a, b in zip(read_metrics(ddp), read_metrics(straight)):
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * b["grad_norm"] and abs(a["loss"] - b["loss"]) < 1e-3
+    w0, w1, w2 = load_file(hub["sd15"] / "unet" / "diffusion_pytorch_model.safetensors"), unet_weights(ddp), \
+        unet_weights(straight)
+    rel = (sum(((w1[k] - w2[k]) ** 2).sum() for k in w0) / sum(((w2[k] - w0[k]) ** 2).sum() for k in w0)).sqrt()
+    print(f"resume max |dw| = {max_diff(unet_weights(resumed), w2):.2e}; 2 processes vs 1: max |dw| = "
+          f"{max_diff(w1, w2):.2e} (lr 1e-4), |update difference| / |update| = {rel:.2e}")
+    assert rel < 1e-2
+
+    # a changed setting is refused instead of silently mixing two runs
+    r = run_cli(train_args(hub, shard, resumed, "--max-steps", "6", "--beta", "100"))
+    assert r.returncode != 0 and "beta" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_bad_data_is_one_line(tmp_path, hub):
+    r = run_cli(train_args(hub, tmp_path / "nope.parquet", tmp_path / "o", "--max-steps", "1"))
+    assert r.returncode != 0 and "nope.parquet" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli(train_args(hub, "pickapic", tmp_path / "o", "--max-steps", "1"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "2025" in r.stderr
+
+
+def test_dpo_learns_the_preference(tmp_path, hub, shard):
+    """A real signal: on the small model, 150 DPO steps on the red-preferred pairs drive the implicit accuracy on
+    the training pairs from 0 (policy == reference) to well above 0.5, and the loss below ln 2."""
+    import diffdpo
+    out = tmp_path / "learn"
+    diffdpo.train(diffdpo.TrainConfig(model=str(hub["sd15"]), data=str(shard), out=str(out), resolution=32,
+                                      batch_size=4, max_steps=150, lr=3e-4, warmup_steps=10, checkpoint_every=0,
+                                      device="cpu", beta=500.0))
+    rows = read_metrics(out)
+    late = rows[-30:]
+    acc = sum(r["implicit_acc"] for r in late) / len(late)
+    loss = sum(r["loss"] for r in late) / len(late)
+    print(f"implicit accuracy over the last 30 steps: {acc:.3f}, loss {loss:.4f}")
+    assert acc > 0.8 and loss < math.log(2) - 0.05
+
+
+def test_pickapic_removed_message(monkeypatch):
+    """`--data pickapic` when the Hub answers that the repo does not exist (as it does since 2025)."""
+    import huggingface_hub as hh
+    from huggingface_hub.errors import RepositoryNotFoundError
+    import data as D
+
+    def gone(*a, **k):  # what huggingface_hub raises for a 404 on the repo
+        err = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
+        Exception.__init__(err, "404 Client Error: Repository Not Found")
+        raise err
+    monkeypatch.setattr(hh.HfApi, "list_repo_files", gone)
+    with pytest.raises(D.DataError) as e:
+        D.open_pairs("pickapic", resolution=32)
+    msg = str(e.value)
+    assert "taken off the Hub in 2025" in msg and "hub:OWNER/NAME" in msg and "pairs.jsonl" in msg
+    assert "pickapic_v2_no_images" in msg and "\n" not in msg

@@ -722,6 +722,8 @@ class CLIPText(nn.Module):
 #      special-token words into "<|", name, "|>";
 #   4. each word's UTF-8 bytes -> printable unicode chars, "</w>" appended to the last, BPE merges by rank;
 #   5. [bos] + ids + [eos], truncated to 77 keeping eos last, padded with the pad id.
+# Letters / numbers / lowercase come from Python's unicodedata (Unicode 14 on Python 3.11); characters assigned by
+# later Unicode versions (e.g. CJK Extension H) may split differently from the Rust library's newer tables.
 
 WHITESPACE = set("\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000") | {chr(c) for c in range(0x2000, 0x200B)}
 CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
@@ -768,22 +770,29 @@ def split_words(text):
 
 
 class CLIPTokenizer:
-    """CLIP's byte-level BPE: vocab.json + merges.txt; `tok(prompts) -> LongTensor (B, 77)`."""
+    """CLIP's byte-level BPE: vocab.json + merges.txt; `tok(prompts) -> LongTensor (B, 77)`.
+    `specials` maps each special token to whether transformers matches it in the normalized text (True) or in the
+    raw text (False); see from_folder."""
 
-    def __init__(self, vocab, merges, pad_token="<|endoftext|>", max_length=77):
+    def __init__(self, vocab, merges, pad_token="<|endoftext|>", max_length=77, specials=None):
         self.vocab, self.max_length = vocab, max_length
         self.ranks = {tuple(m.split()): r for r, m in enumerate(merges)}
-        self.bos, self.eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
-        self.specials = {t: vocab[t] for t in {"<|startoftext|>", "<|endoftext|>", pad_token}}
-        self.special_re = re.compile("(" + "|".join(map(re.escape, sorted(self.specials, key=len)[::-1])) + ")")
-        self.pad = vocab[pad_token]
+        self.bos, self.eos, self.pad = vocab["<|startoftext|>"], vocab["<|endoftext|>"], vocab[pad_token]
+        specials = specials or {t: False for t in ("<|startoftext|>", "<|endoftext|>", pad_token)}
+        self.raw_re, self.norm_re = (
+            re.compile("(" + "|".join(map(re.escape, sorted(ts, key=len)[::-1])) + ")") if ts else None
+            for ts in ([t for t, n in specials.items() if not n], [t for t, n in specials.items() if n]))
         self.byte_chars = bytes_to_unicode()
         self.cache = {}
 
     @classmethod
     def from_folder(cls, folder):
-        """A Hub tokenizer folder: vocab.json, merges.txt, and the pad token from special_tokens_map.json
-        (SD1.5: <|endoftext|>, SDXL's tokenizer_2: "!") and model_max_length from tokenizer_config.json."""
+        """A Hub tokenizer folder: vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json.
+        The pad token: SD1.5 <|endoftext|>, SDXL's tokenizer_2 "!". Whether a special token is matched before or
+        after normalization follows transformers 5: an `added_tokens_decoder` in tokenizer_config.json decides;
+        otherwise special_tokens_map.json (over tokenizer_config.json), where a plain string means raw, a dict its
+        own "normalized", and the last of bos, eos, unk, pad wins. So in SD1.5's folder "<|STARTOFTEXT|>" is
+        matched (normalized) but "<|ENDOFTEXT|>" is not (the plain-string pad token makes it raw)."""
         folder = Path(folder)
         vocab = _read_json(folder / "vocab.json")
         try:
@@ -791,13 +800,20 @@ class CLIPTokenizer:
         except OSError as e:
             raise ValueError(f"{folder / 'merges.txt'}: not readable ({e})") from None
         merges = [m for m in merges[1 if merges[0].startswith("#version") else 0:] if m.strip()]
-        conf = {}
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the second one wins
-            conf.update(_read_json(folder / name) if (folder / name).is_file() else {})
-        pad = conf.get("pad_token") or "<|endoftext|>"
-        pad = pad["content"] if isinstance(pad, dict) else pad
+        read = lambda n: _read_json(folder / n) if (folder / n).is_file() else {}  # noqa: E731
+        conf, keys = read("tokenizer_config.json"), ("bos_token", "eos_token", "unk_token", "pad_token")
+        decoder = {t["content"]: t.get("normalized", not t.get("special", False))
+                   for t in (conf.get("added_tokens_decoder") or {}).values()}
+        tokens = {k: conf.get(k) for k in keys}
+        if not decoder:
+            tokens.update({k: v for k, v in read("special_tokens_map.json").items() if k in keys and v})
+        specials, names = dict(decoder), {}
+        for k, default in zip(keys, ("<|startoftext|>", "<|endoftext|>", "<|endoftext|>", "<|endoftext|>")):
+            v = tokens[k] or default
+            names[k] = content = v["content"] if isinstance(v, dict) else v
+            specials[content] = decoder.get(content, bool(v.get("normalized", False)) if isinstance(v, dict) else False)
         max_length = conf.get("model_max_length", 77)
-        return cls(vocab, merges, pad, max_length if max_length < 10_000 else 77)
+        return cls(vocab, merges, names["pad_token"], max_length if max_length < 10_000 else 77, specials)
 
     def bpe(self, word):
         """Merge the word's symbols, lowest-ranked pair first, until no listed merge applies."""
@@ -823,16 +839,19 @@ class CLIPTokenizer:
 
     def encode(self, text):
         """One prompt -> [bos, ..., eos] (not padded or truncated)."""
-        ids = [self.bos]
-        for part in self.special_re.split(text):                  # [text, special, text, special, ..., text]
-            if part in self.specials:
-                ids.append(self.specials[part])
+        ids = []
+        for raw in (self.raw_re.split(text) if self.raw_re else [text]):   # [text, special, text, ..., text]
+            if self.raw_re and self.raw_re.fullmatch(raw):
+                ids.append(self.vocab[raw])
                 continue
-            part = unicodedata.normalize("NFC", part)
-            part = "".join(" " if c in WHITESPACE else c.lower() for c in part)
-            for word in split_words(part):
-                ids += self.bpe("".join(self.byte_chars[b] for b in word.encode("utf-8")))
-        return ids + [self.eos]
+            norm = "".join(" " if c in WHITESPACE else c.lower() for c in unicodedata.normalize("NFC", raw))
+            for part in (self.norm_re.split(norm) if self.norm_re else [norm]):
+                if self.norm_re and self.norm_re.fullmatch(part):
+                    ids.append(self.vocab[part])
+                    continue
+                for word in split_words(part):
+                    ids += self.bpe("".join(self.byte_chars[b] for b in word.encode("utf-8")))
+        return [self.bos] + ids + [self.eos]
 
     def __call__(self, prompts):
         rows = []
