@@ -41,8 +41,9 @@ class DataError(ValueError):
 # Preprocessing, as the official code: resize the shortest side, center (or random) crop, random flip, [-1, 1]
 
 
-def preprocess(img, resolution, gen, random_crop=False, flip=True):
-    """PIL image -> (3, R, R) float tensor in [-1, 1]. Bilinear resize (with antialiasing) of the shortest side."""
+def preprocess(img, resolution, gen=None, random_crop=False):
+    """PIL image -> (3, R, R) float tensor in [-1, 1]: bilinear resize (antialiased) of the shortest side to R,
+    then a center crop, or a random one drawn from `gen`. (Flips are drawn per stream item, see PairSource.item.)"""
     img = img.convert("RGB")
     w, h = img.size
     s = resolution / min(w, h)
@@ -54,10 +55,7 @@ def preprocess(img, resolution, gen, random_crop=False, flip=True):
     else:
         top, left = (h - resolution) // 2, (w - resolution) // 2
     img = img.crop((left, top, left + resolution, top + resolution))
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)  # (3, R, R)
-    if flip and bool(torch.rand((), generator=gen) < 0.5):
-        x = x.flip(-1)
-    return x
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)  # (3, R, R)
 
 
 def decode(data):
@@ -197,8 +195,8 @@ def _perm(n, *key):
 
 
 class PairSource:
-    def __init__(self, shards, resolution, random_crop=False, flip=True, caption_dropout=0.0, seed=0):
-        self.shards, self.resolution, self.seed = shards, resolution, seed
+    def __init__(self, shards, resolution, random_crop=False, flip=True, caption_dropout=0.0, seed=0, cache=None):
+        self.shards, self.resolution, self.seed, self.cache = shards, resolution, seed, cache
         self.random_crop, self.flip, self.caption_dropout = random_crop, flip, caption_dropout
         self.num_corrupt = 0
         self.num_empty_captions = 0
@@ -236,33 +234,121 @@ class PairSource:
             e += 1
 
     def item(self, s):
-        """Stream item s -> (prompt, chosen (3,R,R), rejected (3,R,R)); corrupt pairs replaced as described above."""
+        """Stream item s -> dict(prompt, caption, key, flips, chosen (3,R,R), rejected (3,R,R)) -- or, with a latent
+        cache, chosen/rejected latents and the prompt's text embeddings. Corrupt pairs are replaced as described above."""
         shard, gi, rows, j = self.locate(s)
         gen = torch.Generator().manual_seed(_seed(self.seed, s))
+        flips = [self.flip and bool(torch.rand((), generator=gen) < 0.5) for _ in range(2)]  # per image
+        drop = self.caption_dropout > 0 and bool(torch.rand((), generator=gen) < self.caption_dropout)
         for attempt in range(len(rows)):
-            prompt, a, b = shard.read(gi, rows[(j + attempt) % len(rows)])
-            imgs = [decode(x) for x in (a, b)]
-            if all(im is not None for im in imgs):
-                break
+            row = rows[(j + attempt) % len(rows)]
+            key = f"{shard.name}/{gi}/{row}"
+            if self.cache is not None:  # latents of both images, flipped and not, or None if the pair is corrupt
+                cached = self.cache.pair(key, lambda: self._read(shard, gi, row, gen))
+                if cached is not None:
+                    caption, x = cached
+                    x = [x[f"{n}_flip" if f else n] for n, f in zip(("chosen", "rejected"), flips)]
+                    break
+            else:
+                read = self._read(shard, gi, row, gen)
+                if read is not None:
+                    caption, x = read
+                    x = [xi.flip(-1) if f else xi for xi, f in zip(x, flips)]
+                    break
             self.num_corrupt += 1
         else:
             raise DataError(f"{shard.name}: no decodable image pair in row group {gi}")
-        x = [preprocess(im, self.resolution, gen, self.random_crop, self.flip) for im in imgs]
-        self.num_empty_captions += prompt == ""
-        if self.caption_dropout and bool(torch.rand((), generator=gen) < self.caption_dropout):
-            prompt = ""
-        return prompt, x[0], x[1]
+        self.num_empty_captions += caption == ""
+        prompt = "" if drop else caption
+        out = dict(prompt=prompt, caption=caption, key=key, flips=flips, chosen=x[0], rejected=x[1])
+        if self.cache is not None:
+            out.update(self.cache.text(prompt))
+        return out
+
+    def _read(self, shard, gi, row, gen):
+        """(caption, [chosen, rejected] preprocessed, unflipped) or None if an image cannot be decoded."""
+        caption, a, b = shard.read(gi, row)
+        imgs = [decode(x) for x in (a, b)]
+        if any(im is None for im in imgs):
+            return None
+        return caption, [preprocess(im, self.resolution, gen, self.random_crop) for im in imgs]
 
     def batches(self, batch_size, *, rank=0, world_size=1, start=0):
-        """Endless batches for this rank: {"prompts", "chosen" (B,3,R,R), "rejected", "index" (B,), "position"}."""
+        """Endless batches for this rank: {"prompts", "chosen" (B,3,R,R) [latents with a cache], "rejected",
+        "index" (B,) stream positions of the items, "position" (where the next global micro-batch starts)},
+        with a cache also "context" (B, L, D) and, for SDXL, "pooled" (B, P)."""
         pos = start
         while True:
             idx = [pos + rank * batch_size + i for i in range(batch_size)]
             items = [self.item(s) for s in idx]
             pos += batch_size * world_size
-            yield dict(prompts=[it[0] for it in items], chosen=torch.stack([it[1] for it in items]),
-                       rejected=torch.stack([it[2] for it in items]), index=torch.tensor(idx), position=pos)
+            batch = dict(prompts=[it["prompt"] for it in items], keys=[it["key"] for it in items],
+                         index=torch.tensor(idx), position=pos)
+            for k in ("chosen", "rejected", "context", "pooled"):
+                if k in items[0]:
+                    batch[k] = torch.stack([it[k] for it in items])
+            yield batch
 
 
-def open_pairs(spec, *, resolution, random_crop=False, flip=True, caption_dropout=0.0, seed=0, split="train"):
-    return PairSource(find_shards(spec, split), resolution, random_crop, flip, caption_dropout, seed)
+# ----------------------------------------------------------------------------------------------------------------
+# --cache: VAE latents and text embeddings computed once, kept on disk, reused across epochs and runs
+
+
+class LatentCache:
+    """Per pair: the VAE latents of both images, unflipped and flipped (so flips stay exact: the VAE is not
+    flip-equivariant), in one safetensors file; a corrupt pair gets an empty marker file. Per prompt: its text
+    embeddings. `encode_images(list of (3,R,R)) -> (N,4,R/8,R/8)` and `encode_text(prompt) -> dict` are the
+    trainer's frozen VAE and text encoders. Random crops are not cached (they change every epoch)."""
+
+    def __init__(self, folder, encode_images, encode_text):
+        self.folder, self.encode_images, self.encode_text = Path(folder), encode_images, encode_text
+
+    def _path(self, kind, key):
+        h = hashlib.sha256(key.encode()).hexdigest()
+        return self.folder / kind / h[:2] / f"{h}.safetensors"
+
+    @staticmethod
+    def _save(path, tensors, **metadata):
+        from safetensors.torch import save_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)  # atomic: a killed run never leaves half a file
+
+    @staticmethod
+    def _load(path):
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+
+    def pair(self, key, read):
+        """(caption, {chosen, chosen_flip, rejected, rejected_flip}) latents, or None for a corrupt pair."""
+        path = self._path("pairs", key)
+        if path.with_suffix(".corrupt").exists():
+            return None
+        if not path.is_file():
+            got = read()
+            if got is None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.with_suffix(".corrupt").touch()
+                return None
+            caption, (w, l) = got
+            lat = self.encode_images([w, w.flip(-1), l, l.flip(-1)])
+            self._save(path, dict(chosen=lat[0], chosen_flip=lat[1], rejected=lat[2], rejected_flip=lat[3]),
+                       caption=caption)
+        meta, latents = self._load(path)
+        return meta["caption"], latents
+
+    def text(self, prompt):
+        path = self._path("text", prompt)
+        if not path.is_file():
+            self._save(path, self.encode_text(prompt))
+        return self._load(path)[1]
+
+
+def open_pairs(spec, *, resolution, random_crop=False, flip=True, caption_dropout=0.0, seed=0, split="train",
+               cache=None):
+    """The pairs of `spec` as a PairSource (see the module docstring); `cache` a LatentCache or None."""
+    if cache is not None and random_crop:
+        raise DataError("--cache and --random-crop do not go together: a random crop changes every epoch")
+    return PairSource(find_shards(spec, split), resolution, random_crop, flip, caption_dropout, seed, cache)

@@ -126,6 +126,9 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the UNets"})
     caption_dropout: float = field(default=0.0, metadata={"help": "probability of training on the empty prompt"})
     random_crop: bool = False
+    cache: bool = field(default=False, metadata={"help": "keep VAE latents + text embeddings on disk (exact: both "
+                                                          "flips are stored), so steps run only the UNets"})
+    cache_dir: str = field(default="", metadata={"help": "where --cache keeps them (default ~/.cache/diffdpo)"})
     flip: bool = field(default=True, metadata={"help": "random horizontal flips (--no-flip to disable)"})
     seed: int = 0
     checkpoint_every: int = field(default=500, metadata={"help": "optimizer steps between checkpoints (0: end only)"})
@@ -248,16 +251,39 @@ def pair_noise(indices, latent_shape, seed, num_timesteps):
 def encode_batch(sd, batch, resolution, device, dtype):
     """Images and prompts to the UNet's inputs, for the batch [winners; losers] (2B):
     latents (2B, 4, R/8, R/8) = vae.encode(x) * scaling_factor, context (2B, 77, D), and for SDXL
-    `added` = dict(text_embeds (2B, 1280), time_ids (2B, 6)) with original = target = (R, R), crop (0, 0)."""
-    images = torch.cat([batch["chosen"], batch["rejected"]]).to(device, dtype)
-    latents = sd.vae.encode(images).float() * sd.vae.scaling_factor
-    context, pooled = sd.encode_prompt(batch["prompts"])
+    `added` = dict(text_embeds (2B, 1280), time_ids (2B, 6)) with original = target = (R, R), crop (0, 0).
+    With --cache the batch already holds the latents and text embeddings."""
+    if "context" in batch:
+        latents = torch.cat([batch["chosen"], batch["rejected"]]).to(device).float()
+        context, pooled = batch["context"].to(device), batch.get("pooled")
+    else:
+        images = torch.cat([batch["chosen"], batch["rejected"]]).to(device, dtype)
+        latents = sd.vae.encode(images).float() * sd.vae.scaling_factor
+        context, pooled = sd.encode_prompt(batch["prompts"])
     context = context.float().repeat(2, 1, 1)
     added = {}
     if sd.kind == "sdxl":
-        added = dict(text_embeds=pooled.float().repeat(2, 1),
-                     time_ids=sd.time_ids(len(images), resolution, resolution, device=device))
+        added = dict(text_embeds=pooled.to(device).float().repeat(2, 1),
+                     time_ids=sd.time_ids(len(latents), resolution, resolution, device=device))
     return latents, context, added
+
+
+def latent_cache(cfg, sd, resolution, device, dtype):
+    """The --cache store for this model, data and resolution, filled by the frozen VAE and text encoders."""
+    import hashlib
+    import data as D
+    key = json.dumps([sd.source, cfg.data, resolution, sd.vae.scaling_factor])
+    folder = Path(cfg.cache_dir or Path.home() / ".cache" / "diffdpo") / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    @torch.no_grad()
+    def encode_images(xs):
+        return sd.vae.encode(torch.stack(xs).to(device, dtype)).float() * sd.vae.scaling_factor
+
+    @torch.no_grad()
+    def encode_text(prompt):
+        context, pooled = sd.encode_prompt([prompt])
+        return dict(context=context[0].float(), **({} if pooled is None else dict(pooled=pooled[0].float())))
+    return D.LatentCache(folder, encode_images, encode_text)
 
 
 def model_losses(unet, latents, context, added, noise, t, abar, prediction_type, autocast):
@@ -279,7 +305,8 @@ def save_atomic(obj, path):
 
 
 # fields that must not change when a run is resumed (the rest, e.g. --max-steps, may)
-RESUME_KEYS = ("model", "data", "loss", "beta", "batch_size", "grad_accum", "resolution", "seed", "world_size")
+RESUME_KEYS = ("model", "data", "loss", "beta", "batch_size", "grad_accum", "resolution", "seed", "world_size",
+               "flip", "caption_dropout", "random_crop")
 
 
 def load_checkpoint(out, run_cfg):
@@ -341,8 +368,9 @@ def train(cfg: TrainConfig, pair_loss=None):
 
     # --- data
     try:
+        cache = latent_cache(cfg, sd, resolution, device, half) if cfg.cache else None
         pairs = D.open_pairs(cfg.data, resolution=resolution, random_crop=cfg.random_crop, flip=cfg.flip,
-                             caption_dropout=cfg.caption_dropout, seed=cfg.seed)
+                             caption_dropout=cfg.caption_dropout, seed=cfg.seed, cache=cache)
     except D.DataError as e:
         raise SystemExit(f"error: {e}") from None
 

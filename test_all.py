@@ -569,3 +569,30 @@ def test_pickapic_removed_message(monkeypatch):
     msg = str(e.value)
     assert "taken off the Hub in 2025" in msg and "hub:OWNER/NAME" in msg and "pairs.jsonl" in msg
     assert "pickapic_v2_no_images" in msg and "\n" not in msg
+
+
+def test_cache_is_exact_and_reused(tmp_path, hub, shard):
+    """--cache: the same weights as without it (both flips are stored), and a second run reads the cache."""
+    import diffdpo
+    common = dict(model=str(hub["sd15"]), data=str(shard), resolution=32, batch_size=2, grad_accum=2, lr=1e-4,
+                  warmup_steps=2, max_steps=4, checkpoint_every=0, device="cpu")
+    diffdpo.train(diffdpo.TrainConfig(out=str(tmp_path / "plain"), **common))
+    for run in ("c1", "c2"):
+        diffdpo.train(diffdpo.TrainConfig(out=str(tmp_path / run), cache=True, cache_dir=str(tmp_path / "cache"),
+                                          **common))
+        if run == "c1":
+            files = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
+            assert any(f.endswith(".corrupt") for f in files) and len(files) > 12
+            stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.safetensors")}
+    assert max_diff(unet_weights(tmp_path / "plain"), unet_weights(tmp_path / "c1")) == 0.0
+    assert max_diff(unet_weights(tmp_path / "c2"), unet_weights(tmp_path / "c1")) == 0.0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.safetensors")} == stamp  # only read
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, hub, shard):
+    """An absurd learning rate blows the weights up: the non-finite steps are skipped and counted, and the run
+    stops with a one-line message after --max-bad-steps of them in a row, its state saved."""
+    r = run_cli(train_args(hub, shard, tmp_path / "nan", "--max-steps", "20", "--lr", "1e30", "--max-bad-steps", "3"))
+    assert r.returncode != 0 and "non-finite" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    rows = read_metrics(tmp_path / "nan")
+    assert rows[-1]["skipped"] == 3 and len(rows) < 20 and (tmp_path / "nan" / "checkpoint.pt").is_file()
