@@ -596,3 +596,65 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, hub, shard):
     assert r.returncode != 0 and "non-finite" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     rows = read_metrics(tmp_path / "nan")
     assert rows[-1]["skipped"] == 3 and len(rows) < 20 and (tmp_path / "nan" / "checkpoint.pt").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data.py
+
+
+def test_pickapic_pairs_preferred_first_ties_dropped(shard):
+    import data as D
+    src = D.open_pairs(str(shard), resolution=16, flip=False)
+    assert len(src) == 21  # 24 rows - 3 ties
+    b = next(src.batches(20))
+    assert b["chosen"].shape == (20, 3, 16, 16) and b["chosen"].min() >= -1 and b["chosen"].max() <= 1
+    # the preferred image is the reddish one, whichever column it was in
+    assert (b["chosen"][:, 0].mean((1, 2)) > b["chosen"][:, 2].mean((1, 2))).all()
+    assert (b["rejected"][:, 2].mean((1, 2)) > b["rejected"][:, 0].mean((1, 2))).all()
+    assert src.num_corrupt == 1 and len(set(b["prompts"])) == 19  # the corrupt pair was replaced by a neighbour
+    # augmentation is a function of (seed, stream index): flips and dropout reproduce, and differ between items
+    a1 = next(D.open_pairs(str(shard), resolution=16, caption_dropout=0.5, seed=3).batches(8, start=40))
+    a2 = next(D.open_pairs(str(shard), resolution=16, caption_dropout=0.5, seed=3).batches(8, start=40))
+    assert torch.equal(a1["chosen"], a2["chosen"]) and a1["prompts"] == a2["prompts"] and "" in a1["prompts"]
+
+
+def test_jsonl_pairs_and_errors(tmp_path, shard):
+    import pyarrow.parquet as pq
+    from PIL import Image
+    import data as D
+    Image.new("RGB", (20, 30), (255, 0, 0)).save(tmp_path / "w.png")
+    Image.new("RGB", (30, 20), (0, 0, 255)).save(tmp_path / "l.png")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(dict(prompt="red", chosen="w.png", rejected="l.png")) + "\n")
+    b = next(D.open_pairs(str(tmp_path), resolution=8, flip=False).batches(2))
+    assert b["prompts"] == ["red", "red"] and b["chosen"][0, 0].min() > 0.9 and b["rejected"][0, 2].min() > 0.9
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "chosen": "w.png"}\n')
+    with pytest.raises(D.DataError, match=r"bad.jsonl:1: expected a JSON object with keys prompt, chosen, rejected"):
+        D.open_pairs(str(tmp_path / "bad.jsonl"), resolution=8)
+    (tmp_path / "missing.jsonl").write_text('{"prompt": "x", "chosen": "w.png", "rejected": "nope.png"}\n')
+    with pytest.raises(D.DataError, match="nope.png not found"):
+        next(D.open_pairs(str(tmp_path / "missing.jsonl"), resolution=8).batches(1))
+    pq.write_table(pq.read_table(shard).drop_columns(["label_1"]), tmp_path / "nolabel.parquet")
+    with pytest.raises(D.DataError, match="nolabel.parquet: missing column.s. label_1"):
+        len(D.open_pairs(str(tmp_path / "nolabel.parquet"), resolution=8))
+    with pytest.raises(D.DataError, match="no such file or folder"):
+        D.open_pairs(str(tmp_path / "nothing.parquet"), resolution=8)
+
+
+def test_hub_dataset_is_fetched_shard_by_shard(tmp_path, monkeypatch):
+    """A Hub dataset's parquet shards are downloaded one at a time, as training reaches them."""
+    import huggingface_hub as hh
+    import data as D
+    names = [f"data/train-0000{i}-of-00003.parquet" for i in range(3)]
+    for i, n in enumerate(names):
+        (tmp_path / n).parent.mkdir(parents=True, exist_ok=True)
+        make_pickapic_shard(tmp_path / n, n=10, ties=0, corrupt=0, seed=i)
+    fetched = []
+    monkeypatch.setattr(hh.HfApi, "list_repo_files", lambda self, repo, repo_type=None: names + ["README.md"])
+
+    def download(repo, filename, repo_type=None):
+        fetched.append(filename)
+        return str(tmp_path / filename)
+    monkeypatch.setattr(hh, "hf_hub_download", download)
+    src = D.open_pairs("hub:someone/pairs", resolution=8)
+    next(src.batches(4))
+    assert len(set(fetched)) == 1
