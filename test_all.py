@@ -658,3 +658,77 @@ def test_hub_dataset_is_fetched_shard_by_shard(tmp_path, monkeypatch):
     src = D.open_pairs("hub:someone/pairs", resolution=8)
     next(src.batches(4))
     assert len(set(fetched)) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Single-file checkpoints (original LDM / SGM key names)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_single_file_checkpoint(tmp_path, hub, kind):
+    """Write the test model as one original-format .safetensors (our rules inverted), load it back through load_sd
+    with the folder's configs: every tensor identical."""
+    from safetensors.torch import save_file
+    sd = U.load_sd(str(hub[kind]))
+    comps = {"unet": sd.unet, "vae": sd.vae, "text_encoder": sd.text_encoders[0]}
+    if kind == "sdxl":
+        comps["text_encoder_2"] = sd.text_encoders[1]
+    flat = U.convert_to_ldm({n: m.state_dict() for n, m in comps.items()}, kind, sd.unet.cfg, sd.vae.cfg)
+    flat["model_ema.decay"] = torch.tensor(0.9999)  # keys a single file carries that we do not use
+    save_file(flat, tmp_path / "model.safetensors")
+    assert U.detect_family(flat) == kind
+    loaded = U.load_sd(str(tmp_path / "model.safetensors"), config=str(hub[kind]))
+    assert loaded.kind == kind
+    for a, b in zip([loaded.unet, loaded.vae, *loaded.text_encoders], comps.values()):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    del flat["model.diffusion_model.out.2.bias"]
+    save_file(flat, tmp_path / "broken.safetensors")
+    with pytest.raises(ValueError, match="key model.diffusion_model.out.2.bias not found"):
+        U.load_sd(str(tmp_path / "broken.safetensors"), config=str(hub[kind]))
+
+
+def test_single_file_names_are_the_real_ones():
+    """At the real SD1.5 / SDXL configs, our rules produce the key names (and shapes) the released single files use."""
+    with torch.device("meta"):
+        models = {"sd15": {"unet": U.UNet(U.UNetConfig.sd15()), "vae": U.VAE(U.VAEConfig.sd15()),
+                           "text_encoder": U.CLIPText(U.CLIPTextConfig.sd15())},
+                  "sdxl": {"unet": U.UNet(U.UNetConfig.sdxl()), "vae": U.VAE(U.VAEConfig.sdxl()),
+                           "text_encoder": U.CLIPText(U.CLIPTextConfig.sd15()),
+                           "text_encoder_2": U.CLIPText(U.CLIPTextConfig.sdxl())}}
+    real = {"sd15": {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": (320, 320),
+                     "model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
+                     "model.diffusion_model.input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
+                     "model.diffusion_model.output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
+                     "model.diffusion_model.output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
+                     "model.diffusion_model.output_blocks.11.1.proj_out.weight": (320, 320, 1, 1),
+                     "model.diffusion_model.middle_block.1.proj_in.weight": (1280, 1280, 1, 1),
+                     "model.diffusion_model.middle_block.2.emb_layers.1.weight": (1280, 1280),
+                     "model.diffusion_model.time_embed.2.weight": (1280, 1280),
+                     "model.diffusion_model.out.2.weight": (4, 320, 3, 3),
+                     "first_stage_model.decoder.up.3.block.0.conv1.weight": (512, 512, 3, 3),
+                     "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+                     "first_stage_model.encoder.down.0.downsample.conv.weight": (128, 128, 3, 3),
+                     "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+                     "first_stage_model.decoder.norm_out.weight": (128,),
+                     "cond_stage_model.transformer.text_model.final_layer_norm.weight": (768,)},
+            "sdxl": {"model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+                     "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight": (1280, 2048),
+                     "model.diffusion_model.input_blocks.6.0.op.weight": (640, 640, 3, 3),
+                     "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+                     "model.diffusion_model.output_blocks.5.2.conv.weight": (640, 640, 3, 3),
+                     "model.diffusion_model.output_blocks.8.0.out_layers.3.weight": (320, 320, 3, 3),
+                     "model.diffusion_model.middle_block.1.transformer_blocks.9.ff.net.2.weight": (1280, 5120),
+                     "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc1.weight": (3072, 768),
+                     "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+                     "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.bias": (5120,),
+                     "conditioner.embedders.1.model.text_projection": (1280, 1280),
+                     "conditioner.embedders.1.model.positional_embedding": (77, 1280),
+                     "conditioner.embedders.1.model.ln_final.weight": (1280,)}}
+    for family in ("sd15", "sdxl"):
+        m = models[family]
+        flat = U.convert_to_ldm({n: mod.state_dict() for n, mod in m.items()}, family, m["unet"].cfg, m["vae"].cfg)
+        for k, shape in real[family].items():
+            assert k in flat and tuple(flat[k].shape) == shape, (k, tuple(flat[k].shape) if k in flat else None)
+        n_unet = sum(k.startswith("model.diffusion_model.") for k in flat)
+        assert n_unet == (686 if family == "sd15" else 1680)
