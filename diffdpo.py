@@ -185,8 +185,9 @@ def print0(*args, rank=0):
 
 
 class Adafactor(torch.optim.Optimizer):
-    """Adafactor with factored second moments (row and column means of g^2 for matrices), no first moment, update
-    clipping at 1 and decoupled weight decay; a fixed learning rate (relative_step=False), as the official SDXL run."""
+    """Adafactor (Shazeer & Stern 2018) as the official SDXL run configures transformers' one: factored second moments
+    (row and column means of g^2 over the last two dims), no first moment, update RMS clipped at 1, weight decay,
+    a fixed learning rate (scale_parameter=False, relative_step=False)."""
 
     def __init__(self, params, lr, weight_decay=0.0, beta2_decay=-0.8, eps=1e-30, clip=1.0):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, beta2_decay=beta2_decay, eps=eps, clip=clip))
@@ -201,14 +202,12 @@ class Adafactor(torch.optim.Optimizer):
                 state["step"] = state.get("step", 0) + 1
                 beta2 = 1.0 - state["step"] ** group["beta2_decay"]      # 1 - t^-0.8: grows towards 1
                 g2 = g.square() + group["eps"]
-                if g.ndim >= 2:  # factored: v ~ outer(row mean, col mean) / mean
-                    g2 = g2.flatten(2) if g.ndim > 2 else g2
-                    r, c = state.setdefault("row", torch.zeros_like(g2.mean(-1))), state.setdefault(
-                        "col", torch.zeros_like(g2.mean(-2)))
+                if g.ndim >= 2:  # factored over the last two dims: v ~ outer(row means, column means) / mean
+                    r = state.setdefault("row", torch.zeros_like(g2.mean(-1)))
+                    c = state.setdefault("col", torch.zeros_like(g2.mean(-2)))
                     r.lerp_(g2.mean(-1), 1 - beta2)
                     c.lerp_(g2.mean(-2), 1 - beta2)
                     v = (r / r.mean(-1, keepdim=True)).unsqueeze(-1) * c.unsqueeze(-2)
-                    v = v.view_as(g)
                 else:
                     v = state.setdefault("v", torch.zeros_like(g)).lerp_(g2, 1 - beta2)
                 u = g / v.sqrt()

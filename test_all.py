@@ -732,3 +732,23 @@ def test_single_file_names_are_the_real_ones():
             assert k in flat and tuple(flat[k].shape) == shape, (k, tuple(flat[k].shape) if k in flat else None)
         n_unet = sum(k.startswith("model.diffusion_model.") for k in flat)
         assert n_unet == (686 if family == "sd15" else 1680)
+
+
+def test_adafactor_matches_transformers():
+    """Our few-line Adafactor against transformers' with the official SDXL settings, on matrices, convs and vectors."""
+    from transformers.optimization import Adafactor
+    import diffdpo
+    torch.manual_seed(0)
+    shapes = [(8, 6), (4, 3, 3, 3), (5,)]
+    ours, theirs = [torch.randn(s).requires_grad_() for s in shapes], []
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    o1 = diffdpo.Adafactor(ours, lr=1e-2, weight_decay=1e-2)
+    o2 = Adafactor(theirs, lr=1e-2, weight_decay=1e-2, scale_parameter=False, relative_step=False, clip_threshold=1.0,
+                   warmup_init=False)
+    for step in range(5):
+        grads = [torch.randn(s) for s in shapes]
+        for ps, opt in ((ours, o1), (theirs, o2)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+    assert max(rel_err(a, b) for a, b in zip(ours, theirs)) < 1e-6
