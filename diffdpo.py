@@ -305,7 +305,7 @@ def save_atomic(obj, path):
 
 # fields that must not change when a run is resumed (the rest, e.g. --max-steps, may)
 RESUME_KEYS = ("model", "data", "loss", "beta", "batch_size", "grad_accum", "resolution", "seed", "world_size",
-               "flip", "caption_dropout", "random_crop")
+               "flip", "caption_dropout", "random_crop", "tau", "rpo_embed")
 
 
 def load_checkpoint(out, run_cfg):
@@ -325,8 +325,8 @@ def load_checkpoint(out, run_cfg):
 
 
 def train(cfg: TrainConfig, pair_loss=None):
-    """Fine-tune sd.unet on preference pairs. `pair_loss(mw, ml, rw, rl, batch)` -> (loss, implicit_acc) replaces the
-    DPO loss (rpo.py passes its own); the loop, data, checkpoints and logging stay the same."""
+    """Fine-tune sd.unet on preference pairs. `pair_loss(mw, ml, rw, rl, batch, sd, world)` -> (loss, implicit_acc)
+    replaces the DPO loss (rpo.py passes its own); the loop, data, checkpoints and logging stay the same."""
     import data as D
     import unet as U
     from tqdm import tqdm
@@ -430,7 +430,10 @@ def train(cfg: TrainConfig, pair_loss=None):
                         r_l = model_losses(fwd_ref, latents, context, added, noise, t, abar, ptype, autocast)
                     mw, ml = m_l.chunk(2)
                     rw, rl = r_l.chunk(2)
-                    loss, acc = (pair_loss or (lambda *a: dpo_loss(*a[:4], cfg.beta)))(mw, ml, rw, rl, batch)
+                    if pair_loss is None:
+                        loss, acc = dpo_loss(mw, ml, rw, rl, cfg.beta)
+                    else:
+                        loss, acc = pair_loss(mw, ml, rw, rl, batch, sd, world)
                 scaler.scale(loss / cfg.grad_accum).backward()
             position = batch["position"]
             logs.append(torch.stack([loss.detach().float(), acc.float(), mw.detach().mean(), ml.detach().mean(),

@@ -752,3 +752,50 @@ def test_adafactor_matches_transformers():
                 p.grad = g.clone()
             opt.step()
     assert max(rel_err(a, b) for a, b in zip(ours, theirs)) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rpo.py
+
+
+def test_rpo_loss_reduces_to_dpo_and_uses_other_pairs():
+    import diffdpo
+    import rpo
+    g = torch.Generator().manual_seed(0)
+    mw, ml, rw, rl = (torch.rand(1, generator=g, dtype=torch.float64) for _ in range(4))
+    emb = torch.randn(1, 8, generator=g)
+    for beta in (1.0, 5000.0):
+        a, acc_a = rpo.rpo_loss(mw, ml, rw, rl, emb, emb, beta, 0.5)
+        b, acc_b = diffdpo.dpo_loss(mw, ml, rw, rl, beta)
+        assert abs(a.item() - b.item()) < 1e-12 and acc_a == acc_b
+    # four pairs: the loss differs from DPO's, and a loser gets gradient from the other pairs' winners
+    mw, ml, rw, rl = (torch.rand(4, generator=g, dtype=torch.float64).requires_grad_() for _ in range(4))
+    emb = torch.randn(4, 8, generator=g)
+    loss, _ = rpo.rpo_loss(mw, ml, rw, rl, emb, emb, 100.0, 0.5)
+    assert abs(loss.item() - diffdpo.dpo_loss(mw, ml, rw, rl, 100.0)[0].item()) > 1e-3
+    # the same loss written out term by term
+    w = torch.softmax(torch.nn.functional.cosine_similarity(emb[:, None], emb[None], dim=-1) / 0.5, dim=-1)
+    terms = [-torch.nn.functional.logsigmoid(100.0 * w[i, j] * -0.5 * ((mw[i] - rw[i]) - (ml[j] - rl[j])))
+             for i in range(4) for j in range(4)]
+    assert abs(loss.item() - (sum(terms) / 16).item()) < 1e-9
+    ml.grad = None
+    loss_off = -torch.nn.functional.logsigmoid(100.0 * w[1, 0] * -0.5 * ((mw[1] - rw[1]) - (ml[0] - rl[0])))
+    loss_off.backward()
+    assert ml.grad[0].abs() > 0
+
+
+def test_rpo_cli_two_processes_equal_one(tmp_path, hub, shard):
+    """rpo.py reuses the trainer; its B x B matrix spans the global batch: 2 gloo processes == 1 process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = lambda out, bs: ["rpo.py"] + train_args(hub, shard, out, "--max-steps", "3", "--grad-accum", "1",  # noqa
+                                                   "--batch-size", bs, "--beta", "500")[1:]
+    r = run_cli(args(one, "4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows1 = read_metrics(one)
+    assert abs(rows1[0]["loss"] - math.log(2)) < 1e-6
+    r = run_cli(args(two, "2"), torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for a, b in zip(read_metrics(two), rows1):
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * b["grad_norm"] and abs(a["loss"] - b["loss"]) < 1e-3
+    print(f"rpo 2 vs 1 process: grad norms {[round(r['grad_norm'], 4) for r in read_metrics(two)]} vs "
+          f"{[round(r['grad_norm'], 4) for r in rows1]}")

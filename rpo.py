@@ -1,0 +1,110 @@
+"""
+Diffusion-RPO (Gu et al., 2024, "Diffusion-RPO: Aligning Diffusion Models through Relative Preference
+Optimization"): Diffusion-DPO that also compares each preferred image with the rejected images of OTHER prompts in
+the batch, weighting each comparison by how related the two prompts are.
+
+    python rpo.py --model sd15 --data pickapic --out runs/rpo-sd15 --tau 0.5
+
+The authors released no code (their repository holds a README only). This file is OUR READING of the paper's
+summary and of the same group's LLM method (Yin et al., 2024, "Relative Preference Optimization"); every choice is
+stated where it is made and the switchable ones are flags. The training loop is diffdpo.py's, reused as is.
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import diffdpo
+
+# ----------------------------------------------------------------------------------------------------------------
+# The RPO objective
+
+
+def rpo_logits(model_losses_w, model_losses_l, ref_losses_w, ref_losses_l):
+    """The B x B matrix of step-wise DPO logits, winner i against loser j (the ELBO surrogate of diffdpo.py, Eq. 14
+    of Diffusion-DPO, applied per denoising step as the Diffusion-RPO summary says):
+        logit_ij = -0.5 ((mse_w_i - ref_w_i) - (mse_l_j - ref_l_j))
+    The diagonal is Diffusion-DPO's `inside / beta`. Off the diagonal winner and loser had different prompts and
+    different noise; each term still compares the policy's improvement on one image with that on another."""
+    return -0.5 * ((model_losses_w - ref_losses_w)[:, None] - (model_losses_l - ref_losses_l)[None, :])
+
+
+def rpo_weights(emb_w, emb_l, tau):
+    """w_ij = softmax_j(cos(e_w_i, e_l_j) / tau): for each winner, a distribution over the batch's losers that puts
+    most mass on the most related pair (its own, for text embeddings). tau: the LLM RPO paper uses 0.5; the
+    Diffusion-RPO ablation varies it. Embeddings carry no gradient."""
+    sim = F.normalize(emb_w.float(), dim=-1) @ F.normalize(emb_l.float(), dim=-1).T     # (B, B) cosines
+    return torch.softmax(sim / tau, dim=-1)
+
+
+def rpo_loss(model_losses_w, model_losses_l, ref_losses_w, ref_losses_l, emb_w, emb_l, beta, tau):
+    """Diffusion-RPO loss and implicit accuracy (of the matched pairs, comparable with DPO's):
+        loss = mean_ij -log sigmoid(beta * w_ij * logit_ij)
+    Our choice, as the issue states it: the weight multiplies the logit inside the sigmoid and all B^2 terms are
+    averaged. With one pair w_11 = 1 and this is exactly diffdpo.dpo_loss."""
+    logits = rpo_logits(model_losses_w, model_losses_l, ref_losses_w, ref_losses_l)
+    w = rpo_weights(emb_w, emb_l, tau).detach()
+    loss = -F.logsigmoid(beta * w * logits).mean()
+    return loss, (logits.diagonal() > 0).float().mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embeddings of the pairs, and the batch across GPUs
+
+
+@torch.no_grad()
+def text_embeddings(sd, prompts):
+    """The loaded model's own text encoder, pooled at the EOS token (SDXL: OpenCLIP bigG's projected embedding;
+    SD1.5: CLIP-L's final-normed EOS state). A pair's winner and loser share their prompt, so emb_w = emb_l."""
+    enc, tok = sd.text_encoders[-1], sd.tokenizers[-1]
+    return enc(tok(prompts).to(sd.device))[2].float()
+
+
+class GatherLocalGrad(torch.autograd.Function):
+    """all_gather whose backward keeps this rank's slice of the gradient, times the world size: every rank computes
+    the same global loss, so the true gradient w.r.t. the local tensor is the SUM over ranks of their (identical)
+    local slices = world x ours; DDP then averages over ranks. (Gloo has no reduce_scatter, which
+    torch.distributed.nn.all_gather's backward needs.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rank, ctx.world, ctx.n = dist.get_rank(), dist.get_world_size(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(ctx.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n] * ctx.world
+
+
+def gather(x, world):
+    return GatherLocalGrad.apply(x) if world > 1 else x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI: diffdpo.py's trainer with this loss
+
+
+@dataclass
+class RPOConfig(diffdpo.TrainConfig):
+    out: str = field(default="runs/rpo", metadata={"help": "run directory (re-running resumes from its checkpoint)"})
+    tau: float = field(default=0.5, metadata={"help": "temperature of the similarity weights"})
+    rpo_embed: str = field(default="text", metadata={"help": "pair embeddings: text (the model's text encoder)"})
+
+
+def make_pair_loss(cfg):
+    if cfg.rpo_embed != "text":
+        raise SystemExit(f"error: --rpo-embed {cfg.rpo_embed}: only 'text' is available in this version (image "
+                         f"embeddings need the CLIP vision tower of eval.py)")
+
+    def pair_loss(mw, ml, rw, rl, batch, sd, world):
+        emb = gather(text_embeddings(sd, batch["prompts"]), world)
+        return rpo_loss(*(gather(x, world) for x in (mw, ml, rw, rl)), emb, emb, cfg.beta, cfg.tau)
+    return pair_loss
+
+
+if __name__ == "__main__":
+    cfg = RPOConfig.from_args(description=__doc__)
+    diffdpo.train(cfg, pair_loss=make_pair_loss(cfg))
