@@ -366,12 +366,9 @@ def train(cfg: TrainConfig, pair_loss=None):
     scaler = torch.amp.GradScaler(device.type, enabled=mp == "fp16")
 
     # --- data
-    try:
-        cache = latent_cache(cfg, sd, resolution, device, half) if cfg.cache else None
-        pairs = D.open_pairs(cfg.data, resolution=resolution, random_crop=cfg.random_crop, flip=cfg.flip,
-                             caption_dropout=cfg.caption_dropout, seed=cfg.seed, cache=cache)
-    except D.DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    cache = latent_cache(cfg, sd, resolution, device, half) if cfg.cache else None
+    pairs = D.open_pairs(cfg.data, resolution=resolution, random_crop=cfg.random_crop, flip=cfg.flip,
+                         caption_dropout=cfg.caption_dropout, seed=cfg.seed, cache=cache)
 
     # --- resume
     run_cfg = dict(asdict(cfg), world_size=world, resolution=resolution, lr_used=lr, mixed_precision=mp,
@@ -489,5 +486,16 @@ SAMPLE_PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a red c
                   "a watercolor painting of a fox in the snow", "a close-up portrait of an old fisherman"]
 
 
+def main(cfg, pair_loss=None):
+    """The CLI: a bad --model or --data ends with a one-line error and exit code 2, not a traceback."""
+    import data as D
+    import unet as U
+    try:
+        train(cfg, pair_loss)
+    except (D.DataError, U.LoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    train(TrainConfig.from_args())
+    main(TrainConfig.from_args())

@@ -107,4 +107,4 @@ def make_pair_loss(cfg):
 
 if __name__ == "__main__":
     cfg = RPOConfig.from_args(description=__doc__)
-    diffdpo.train(cfg, pair_loss=make_pair_loss(cfg))
+    diffdpo.main(cfg, pair_loss=make_pair_loss(cfg))

@@ -534,7 +534,15 @@ def test_train_bad_data_is_one_line(tmp_path, hub):
     r = run_cli(train_args(hub, tmp_path / "nope.parquet", tmp_path / "o", "--max-steps", "1"))
     assert r.returncode != 0 and "nope.parquet" in r.stderr and "Traceback" not in r.stderr
     r = run_cli(train_args(hub, "pickapic", tmp_path / "o", "--max-steps", "1"))
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "2025" in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "2025" in r.stderr
+    # errors found only when the data is first read (a missing column) and a bad --model: one line too
+    import pyarrow.parquet as pq
+    pq.write_table(pq.read_table(make_pickapic_shard(tmp_path / "s.parquet", n=4)).drop_columns(["caption"]),
+                   tmp_path / "nocaption.parquet")
+    r = run_cli(train_args(hub, tmp_path / "nocaption.parquet", tmp_path / "o2", "--max-steps", "1"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "missing column(s) caption" in r.stderr
+    r = run_cli(["diffdpo.py", "--model", str(tmp_path), "--data", str(tmp_path / "s.parquet"), "--device", "cpu"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "model_index.json" in r.stderr
 
 
 def test_dpo_learns_the_preference(tmp_path, hub, shard):

@@ -25,6 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+class LoadError(ValueError):
+    """A user-facing, one-line problem with a checkpoint or config: names the file / key and what was expected."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Configs: one dataclass per network, built from the checkpoint's config.json, with named presets.
 
@@ -92,17 +96,17 @@ class UNetConfig:
                            timestep_post_act=None, dual_cross_attention=False, mid_block_type="UNetMidBlock2DCrossAttn")
         for k, ok in unsupported.items():
             if getattr(self, k) != ok:
-                raise ValueError(f"unet config: {k}={getattr(self, k)!r} is not supported (expected {ok!r})")
+                raise LoadError(f"unet config: {k}={getattr(self, k)!r} is not supported (expected {ok!r})")
         if self.addition_embed_type not in (None, "text_time"):
-            raise ValueError(f"unet config: addition_embed_type={self.addition_embed_type!r} is not supported")
+            raise LoadError(f"unet config: addition_embed_type={self.addition_embed_type!r} is not supported")
         if any(_per_block(self.only_cross_attention, len(self.block_out_channels))):
-            raise ValueError("unet config: only_cross_attention=True is not supported")
+            raise LoadError("unet config: only_cross_attention=True is not supported")
         for t in self.down_block_types:
             if t not in ("CrossAttnDownBlock2D", "DownBlock2D"):
-                raise ValueError(f"unet config: down block type {t!r} is not supported")
+                raise LoadError(f"unet config: down block type {t!r} is not supported")
         for t in self.up_block_types:
             if t not in ("CrossAttnUpBlock2D", "UpBlock2D"):
-                raise ValueError(f"unet config: up block type {t!r} is not supported")
+                raise LoadError(f"unet config: up block type {t!r} is not supported")
         return self
 
     @classmethod
@@ -160,7 +164,7 @@ class VAEConfig:
     def from_dict(cls, d):
         cfg = _from_dict(cls, d)
         if cfg.shift_factor not in (None, 0, 0.0) or cfg.act_fn != "silu":
-            raise ValueError("vae config: shift_factor / act_fn other than silu are not supported")
+            raise LoadError("vae config: shift_factor / act_fn other than silu are not supported")
         return cfg
 
     @classmethod
@@ -198,7 +202,7 @@ class CLIPTextConfig:
         cfg = _from_dict(cls, d)
         cfg.with_projection = "CLIPTextModelWithProjection" in d.get("architectures", [])
         if cfg.hidden_act not in ("quick_gelu", "gelu"):
-            raise ValueError(f"text encoder config: hidden_act={cfg.hidden_act!r} is not supported")
+            raise LoadError(f"text encoder config: hidden_act={cfg.hidden_act!r} is not supported")
         return cfg
 
     @classmethod
@@ -509,7 +513,7 @@ class UNet(nn.Module):
         emb = self.time_embedding(t_emb.to(x.dtype))                            # (B, 4*C0)
         if cfg.addition_embed_type == "text_time":
             if text_embeds is None or time_ids is None:
-                raise ValueError("this UNet (SDXL) needs text_embeds (pooled text) and time_ids")
+                raise LoadError("this UNet (SDXL) needs text_embeds (pooled text) and time_ids")
             tid = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
                                      cfg.freq_shift).reshape(x.shape[0], -1)   # (B, 6*256)
             emb = emb + self.add_embedding(torch.cat([text_embeds, tid], dim=-1).to(emb.dtype))
@@ -798,7 +802,7 @@ class CLIPTokenizer:
         try:
             merges = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
         except OSError as e:
-            raise ValueError(f"{folder / 'merges.txt'}: not readable ({e})") from None
+            raise LoadError(f"{folder / 'merges.txt'}: not readable ({e})") from None
         merges = [m for m in merges[1 if merges[0].startswith("#version") else 0:] if m.strip()]
         read = lambda n: _read_json(folder / n) if (folder / n).is_file() else {}  # noqa: E731
         conf, keys = read("tokenizer_config.json"), ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -974,7 +978,7 @@ def convert_ldm_checkpoint(sd, models, family, unet_cfg, vae_cfg, name="checkpoi
         for key in model.state_dict():
             src, how = ldm_key(comp, key, family, unet_cfg, vae_cfg)
             if src not in sd:
-                raise ValueError(f"{name}: key {src} not found (needed for {comp}.{key}); is this a {family} checkpoint?")
+                raise LoadError(f"{name}: key {src} not found (needed for {comp}.{key}); is this a {family} checkpoint?")
             t = sd[src]
             if how == "conv":
                 t = t.reshape(t.shape[:2])
@@ -1066,9 +1070,9 @@ def _read_json(path):
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise ValueError(f"{path}: file not found") from None
+        raise LoadError(f"{path}: file not found") from None
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+        raise LoadError(f"{path}: not a readable JSON file ({e})") from None
 
 
 def _variants(variant):
@@ -1087,7 +1091,7 @@ def _weight_files(folder, stem, variant=None):
             return [single]
         if index.is_file():
             return [folder / name for name in sorted(set(_read_json(index)["weight_map"].values()))]
-    raise ValueError(f"{folder}: no weights found, expected {stem}.safetensors, {stem}.fp16.safetensors or a "
+    raise LoadError(f"{folder}: no weights found, expected {stem}.safetensors, {stem}.fp16.safetensors or a "
                      f"{stem}.safetensors.index.json with its shards")
 
 
@@ -1102,9 +1106,9 @@ def read_safetensors(files, dtype=None):
                     t = st.get_tensor(k)
                     out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         except FileNotFoundError:
-            raise ValueError(f"{f}: weight file not found") from None
+            raise LoadError(f"{f}: weight file not found") from None
         except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
+            raise LoadError(f"{f}: not a readable safetensors file ({e})") from None
     return out
 
 
@@ -1134,11 +1138,11 @@ def load_weights(module, sd, name="model"):
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     if missing or unexpected:
-        raise ValueError(f"{name}: {len(missing)} missing keys (first: {missing[:3]}), "
+        raise LoadError(f"{name}: {len(missing)} missing keys (first: {missing[:3]}), "
                          f"{len(unexpected)} unexpected keys (first: {unexpected[:3]})")
     for k, v in expected.items():
         if v.shape != sd[k].shape:
-            raise ValueError(f"{name}: key {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
+            raise LoadError(f"{name}: key {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
     module.load_state_dict(sd, strict=True, assign=True)
     return module
 
@@ -1185,11 +1189,11 @@ def _hub_snapshot(repo, variant=None, weights=True):
         try:
             return Path(hh.snapshot_download(repo, allow_patterns=patterns))
         except RepositoryNotFoundError:
-            raise ValueError(f"model {repo!r}: no such Hub repo (or it is private/gated: log in with "
+            raise LoadError(f"model {repo!r}: no such Hub repo (or it is private/gated: log in with "
                              f"`hf auth login`); expected an alias (sd15, sdxl), a Hub id, a folder or a .safetensors "
                              f"file") from None
         except (LocalEntryNotFoundError, EntryNotFoundError, OSError) as e:
-            raise ValueError(f"model {repo!r}: could not be fetched from the Hub and is not in the local HF cache "
+            raise LoadError(f"model {repo!r}: could not be fetched from the Hub and is not in the local HF cache "
                              f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}".splitlines()[0]) from None
 
     if not weights:
@@ -1223,7 +1227,7 @@ def load_sd(model, *, device="cpu", dtype=torch.float32, variant=None, config=No
     config:  for a single-file checkpoint, where to take configs, tokenizers and scheduler from (alias, repo or
              folder); default: the alias of the family its keys show (sd15, sd2, sdxl)."""
     if model == "tiny":
-        raise ValueError("model 'tiny' is reserved for the embedded toy model, which is not in this version yet")
+        raise LoadError("model 'tiny' is reserved for the embedded toy model, which is not in this version yet")
     model = ALIASES.get(model, model)
     p = Path(model)
     if p.is_file() and p.suffix == ".safetensors":
@@ -1231,9 +1235,9 @@ def load_sd(model, *, device="cpu", dtype=torch.float32, variant=None, config=No
     if p.is_dir():
         return _load_folder(p, device, dtype, variant, source=str(p))
     if p.exists():
-        raise ValueError(f"model {model!r}: expected a folder in the diffusers layout or a .safetensors file")
+        raise LoadError(f"model {model!r}: expected a folder in the diffusers layout or a .safetensors file")
     if model.count("/") != 1 or model.startswith((".", "/")) or " " in model:
-        raise ValueError(f"model {model!r}: not an alias ({', '.join(ALIASES)}), an existing folder or "
+        raise LoadError(f"model {model!r}: not an alias ({', '.join(ALIASES)}), an existing folder or "
                          f".safetensors file, or a Hub repo id of the form owner/name")
     if variant is None and dtype in (torch.float16, torch.bfloat16):
         variant = "fp16"  # half the download, and the values are cast to half anyway
@@ -1243,7 +1247,7 @@ def load_sd(model, *, device="cpu", dtype=torch.float32, variant=None, config=No
 def _load_folder(folder, device, dtype, variant, source=""):
     folder = Path(folder)
     if not (folder / "model_index.json").is_file() or not (folder / "unet").is_dir():
-        raise ValueError(f"{folder}: not a diffusers pipeline folder (expected model_index.json and unet/, vae/, "
+        raise LoadError(f"{folder}: not a diffusers pipeline folder (expected model_index.json and unet/, vae/, "
                          f"text_encoder/, tokenizer/, scheduler/)")
     index = _read_json(folder / "model_index.json")
     kind = "sdxl" if isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] else "sd15"
@@ -1266,7 +1270,7 @@ def _load_single_file(path, config, device, dtype):
     index = _read_json(folder / "model_index.json")
     kind = "sdxl" if isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] else "sd15"
     if (kind == "sdxl") != (family == "sdxl"):
-        raise ValueError(f"{path}: an {family} checkpoint, but the config {config} is for {kind}")
+        raise LoadError(f"{path}: an {family} checkpoint, but the config {config} is for {kind}")
     cfgs = {n: COMPONENTS[n][2].from_dict(_read_json(folder / n / "config.json"))
             for n in ["unet", "vae", "text_encoder", "text_encoder_2"] if (folder / n / "config.json").is_file()}
     enc_names = ["text_encoder", "text_encoder_2"] if kind == "sdxl" else ["text_encoder"]
