@@ -132,7 +132,9 @@ class TrainConfig:
     flip: bool = field(default=True, metadata={"help": "random horizontal flips (--no-flip to disable)"})
     seed: int = 0
     checkpoint_every: int = field(default=500, metadata={"help": "optimizer steps between checkpoints (0: end only)"})
-    sample_every: int = field(default=0, metadata={"help": "write a sample grid every N steps (0: off)"})
+    samples: bool = field(default=True, metadata={"help": "write a sample grid (fixed prompts and seeds) at each "
+                                                          "checkpoint, to OUT/samples/"})
+    sample_steps: int = field(default=25, metadata={"help": "DDIM steps for those grids"})
     max_bad_steps: int = field(default=20, metadata={"help": "stop after this many non-finite steps in a row"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
 
@@ -469,10 +471,11 @@ def train(cfg: TrainConfig, pair_loss=None):
                              f"stopping (last good state saved in {out}); try a lower --lr or --mixed-precision bf16")
         if step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             checkpoint()
-        if rank == 0 and cfg.sample_every and step % cfg.sample_every == 0:
-            import sample
-            sample.sample_grid(sd, policy, SAMPLE_PROMPTS, list(range(len(SAMPLE_PROMPTS))),
-                               out / "samples" / f"step{step:06d}.png", height=resolution, width=resolution)
+            if rank == 0 and cfg.samples:
+                import sample
+                sample.sample_grid(sd, policy, SAMPLE_PROMPTS, list(range(len(SAMPLE_PROMPTS))),
+                                   out / "samples" / f"step{step:06d}.png", steps=cfg.sample_steps,
+                                   height=resolution, width=resolution)
     bar.close()
     print0(f"done: {step} steps, {skipped} skipped, {pairs.num_corrupt} corrupt pairs skipped; "
            f"weights in {out / 'unet'}", rank=rank)

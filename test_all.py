@@ -137,6 +137,11 @@ def make_hub(folder, kind="sd15", variant=None, seed=0):
     if variant == "fp16":
         pipe.to(torch.float16)
     pipe.save_pretrained(folder, variant=variant, safe_serialization=True)
+    # the Hub's scheduler configs carry keys of other schedulers too (SDXL's Euler config: clip_sample False, ...)
+    cls = "DDIMScheduler" if kind == "sd15" else "EulerDiscreteScheduler"
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": cls, **SCHEDULER, "interpolation_type": "linear", "prediction_type": "epsilon",
+         "skip_prk_steps": True, "use_karras_sigmas": False, "trained_betas": None, "sample_max_value": 1.0}))
     # The Hub's tokenizer folders hold vocab.json + merges.txt + the special-token files (no tokenizer.json)
     for name, pad, style in [("tokenizer", "<|endoftext|>", "sd15"), ("tokenizer_2", "!", "decoder")]:
         if (folder / name).is_dir():
@@ -494,6 +499,7 @@ def test_train_end_to_end_resume_and_ddp(tmp_path, hub, shard):
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     assert abs(rows[0]["loss"] - math.log(2)) < 1e-6 and rows[0]["implicit_acc"] == 0.0
     assert rows[-1]["corrupt"] >= 1 and "pairs_per_s" in rows[0] and rows[0]["lr"] > 0
+    assert sorted(p.name for p in (straight / "samples").iterdir()) == ["step000002.png", "step000004.png"]
     cfg = json.loads((straight / "config.json").read_text())
     assert cfg["command"].startswith("diffdpo.py") and cfg["pairs_per_step"] == 4
     tuned = UNet2DConditionModel.from_pretrained(straight, subfolder="unet")
@@ -807,3 +813,67 @@ def test_rpo_cli_two_processes_equal_one(tmp_path, hub, shard):
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * b["grad_norm"] and abs(a["loss"] - b["loss"]) < 1e-3
     print(f"rpo 2 vs 1 process: grad norms {[round(r['grad_norm'], 4) for r in read_metrics(two)]} vs "
           f"{[round(r['grad_norm'], 4) for r in rows1]}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sample.py: samplers and generation against the diffusers pipelines
+
+
+def test_inference_timesteps_match_diffusers():
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+    import sample
+    for spacing in ("leading", "trailing", "linspace"):
+        cfg = dict(SCHEDULER, timestep_spacing=spacing)
+        for n in (1, 7, 20, 50):
+            for cls in (DDIMScheduler, EulerDiscreteScheduler):
+                ref = cls.from_config(cfg)
+                ref.set_timesteps(n)
+                ours = sample.inference_timesteps(cfg, n, fractional=cls is EulerDiscreteScheduler)
+                assert torch.equal(ours.to(ref.timesteps.dtype), ref.timesteps), (spacing, n, cls)
+
+
+@pytest.mark.parametrize("kind,sampler", [("sd15", "ddim"), ("sd15", "euler"), ("sdxl", "ddim"), ("sdxl", "euler")])
+def test_generate_matches_pipelines(hub, kind, sampler):
+    """Same initial latents, same images as the diffusers pipeline with the matching scheduler (within 2/255)."""
+    import numpy as np
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+    import sample
+    sd = U.load_sd(str(hub[kind]))
+    pipe = reference_pipe(hub[kind], kind)
+    pipe.scheduler = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[sampler].from_config(pipe.scheduler.config)
+    prompts = ["a red cube", "two blue spheres on grass"]
+    latents = sample.initial_latents(sd, 2, 32, 32, seed=5)
+    worst = 0
+    if sampler == "ddim":  # diffusers' DDIM default clip_sample=True (SD's configs turn it off)
+        sd.scheduler_config = dict(sd.scheduler_config, clip_sample=True)
+        pipe.scheduler = DDIMScheduler.from_config(sd.scheduler_config)
+    for neg in (None, "blurry"):
+        ours = sample.generate(sd, prompts, steps=12, guidance=7.5, latents=latents, height=32, width=32,
+                               sampler=sampler, negative_prompt=neg)
+        theirs = pipe(prompts, num_inference_steps=12, guidance_scale=7.5, latents=latents.clone(), height=32,
+                      width=32, negative_prompt=[neg] * 2 if neg else None, output_type="pil").images
+        diff = max(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() for a, b in zip(ours, theirs))
+        worst = max(worst, diff)
+    print(f"{kind} {sampler}: max pixel difference {worst}/255")
+    assert worst <= 2 and ours[0].size == (32, 32)
+
+
+def test_sample_cli_compare_grid(tmp_path, hub):
+    """--compare renders base and tuned rows from the same seeds; the tuned row differs."""
+    from PIL import Image
+    import numpy as np
+    sd = U.load_sd(str(hub["sd15"]))
+    with torch.no_grad():
+        for p in sd.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    U.save_unet(sd.unet, tmp_path / "tuned" / "unet")
+    (tmp_path / "prompts.txt").write_text("a red cube\n\na blue ball\n")
+    r = run_cli(["sample.py", "--model", str(hub["sd15"]), "--unet", str(tmp_path / "tuned" / "unet"), "--prompts",
+                 str(tmp_path / "prompts.txt"), "--compare", "--out", str(tmp_path / "grid.png"), "--steps", "4",
+                 "--height", "32", "--width", "32", "--device", "cpu"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (30 + 2 * 32, 80 + 2 * 32, 3)
+    assert np.abs(grid[30:62, 80:].astype(int) - grid[62:, 80:].astype(int)).max() > 10
+    r = run_cli(["sample.py", "--model", str(hub["sd15"]), "--prompts", str(tmp_path / "nope.txt")])
+    assert r.returncode != 0 and "nope.txt" in r.stderr and "Traceback" not in r.stderr
