@@ -8,21 +8,27 @@ spec is one of
     hub:OWNER/NAME, OWNER/NAME a Hub dataset of parquet shards in the Pick-a-Pic v2 schema, fetched shard by shard
     FILE.parquet, FOLDER/      local parquet shards in that schema: jpg_0, jpg_1 (JPEG bytes), label_0, label_1, caption
     pairs.jsonl, FOLDER/       our own format: {"prompt": ..., "chosen": image path, "rejected": image path} per line
+Shards named like Pick-a-Pic's (data/train-00000-of-00645-<hash>.parquet) are filtered by `split`.
 
 The stream. All pairs are read as one endless, deterministic sequence: epoch e visits the shards in an order
 seeded by (seed, e), the row groups of each shard in a seeded order, and the rows of each row group in a seeded
-order (a full shuffle for one shard; a two-level shuffle across many, which keeps reads sequential). Stream item s
-is everything about one training example: its pair, and its augmentation (crop, flips, caption dropout) drawn from
-a generator seeded by (seed, s). Global micro-batch k is items [start + k B W, start + (k+1) B W); rank r takes B
-consecutive items of it. So one process with batch B W sees exactly what W processes with batch B see, and a run
-resumes exactly from a stream position. A pair whose image cannot be decoded is skipped and counted, and the
-following row of its row group (in stream order) takes its place, so positions never shift between ranks.
+order (a full shuffle within a row group; across shards a two-level shuffle, which keeps reads sequential and
+memory bounded: one row group's bytes are held at a time). Stream item s is everything about one training
+example: its pair, and its augmentation (flips, caption dropout, random crop) drawn from a generator seeded by
+(seed, s). Global micro-batch k is items [start + k B W, start + (k+1) B W); rank r takes B consecutive items of
+it. So one process with batch B W sees exactly what W processes with batch B see, and a run resumes exactly from
+a stream position (only the label columns of the shards before it are read; a Hub dataset's shards before it
+must be downloaded, or still be in the HF cache, for that). A pair whose image cannot be
+decoded is skipped and counted, and the next row of its row group in stream order takes its place (wrapping
+around): an item stays a pure function of s, so positions never shift between ranks and nothing waits on others.
+The sizes of Hub shards are learnt when they are downloaded: len() of a Hub source is an error until then.
 """
 import functools
 import hashlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,150 +37,223 @@ from PIL import Image
 
 COLUMNS = ("jpg_0", "jpg_1", "label_0", "label_1", "caption")
 PICKAPIC = "yuvalkirstain/pickapic_v2"
+SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")
+ALTERNATIVES = (" Use a local copy (--data /path/to/parquet_dir), a mirror in the same schema (--data hub:OWNER/NAME), "
+                "or your own pairs (--data pairs.jsonl with prompt/chosen/rejected); "
+                "yuvalkirstain/pickapic_v2_no_images still has captions, labels and URLs, but no images.")
 
 
 class DataError(ValueError):
     """A user-facing, one-line problem with the data: names the file / column / key and what was expected."""
 
 
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Preprocessing, as the official code: resize the shortest side, center (or random) crop, random flip, [-1, 1]
+# Preprocessing, as the official code (torchvision on PIL images): Resize(R, bilinear), CenterCrop(R) or
+# RandomCrop(R), RandomHorizontalFlip per image, ToTensor, Normalize(0.5, 0.5)
 
 
 def preprocess(img, resolution, gen=None, random_crop=False):
-    """PIL image -> (3, R, R) float tensor in [-1, 1]: bilinear resize (antialiased) of the shortest side to R,
-    then a center crop, or a random one drawn from `gen`. (Flips are drawn per stream item, see PairSource.item.)"""
-    img = img.convert("RGB")
+    """PIL image -> (3, R, R) float tensor in [-1, 1], with torchvision's arithmetic: the shortest side resized to
+    R (the other to int(R * long / short)) with PIL's antialiased bilinear filter, then a center crop at
+    round((size - R) / 2), or a random one drawn from `gen` (top, then left). Flips are the caller's."""
+    img, R = img.convert("RGB"), resolution
     w, h = img.size
-    s = resolution / min(w, h)
-    img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BILINEAR)
-    w, h = img.size
+    size = (R, int(R * h / w)) if w <= h else (int(R * w / h), R)
+    if size != (w, h):
+        img = img.resize(size, Image.BILINEAR)
+    w, h = size
     if random_crop:
-        top = int(torch.randint(0, h - resolution + 1, (1,), generator=gen))
-        left = int(torch.randint(0, w - resolution + 1, (1,), generator=gen))
+        top = int(torch.randint(0, h - R + 1, (1,), generator=gen))
+        left = int(torch.randint(0, w - R + 1, (1,), generator=gen))
     else:
-        top, left = (h - resolution) // 2, (w - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)  # (3, R, R)
+        top, left = int(round((h - R) / 2.0)), int(round((w - R) / 2.0))
+    x = torch.from_numpy(np.array(img.crop((left, top, left + R, top + R)))).permute(2, 0, 1)
+    return x.float().div(255).sub(0.5).div(0.5)
 
 
-def decode(data):
-    """JPEG/PNG bytes or a path -> PIL image; None if it cannot be decoded (a corrupt pair)."""
+def load_images(sources, resolution, gen=None, random_crop=False):
+    """Image bytes or paths -> list of (3, R, R) tensors; None if any cannot be decoded (a corrupt pair)."""
     try:
-        img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
-        img.load()
-        return img
-    except (OSError, ValueError, Image.DecompressionBombError):
+        imgs = []
+        for x in sources:
+            if x is None:
+                raise ValueError("no image")
+            img = Image.open(io.BytesIO(x) if isinstance(x, (bytes, bytearray)) else x)
+            img.load()
+            imgs.append(img)
+        return [preprocess(img, resolution, gen, random_crop) for img in imgs]
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Shards: a local parquet file, a Hub parquet file (downloaded when first needed), or a JSONL file.
-# Each knows its row groups (lists of pair rows, ties dropped) and reads one pair: (prompt, chosen, rejected).
+# Shards: a local parquet file, a Hub parquet file (downloaded when first needed), or a JSONL file. Each has
+# groups() (per row group, the indices of its usable rows), load(group) (that group's data, held by PairSource)
+# and pair(loaded, row) -> (prompt, preferred image, rejected image) as bytes or paths.
 
 
 class ParquetShard:
-    def __init__(self, name, fetch=None):
-        self.name, self.fetch, self._groups, self._cache = name, fetch, None, (None, None)
+    def __init__(self, name, path=None, fetch=None):  # a Hub shard: `fetch()` downloads it, giving its path
+        self.name, self.fetch, self.path, self._groups = name, fetch, path or (None if fetch else name), None
 
-    @property
-    def path(self):
-        return self.fetch() if self.fetch else self.name
+    def file(self):
+        import pyarrow.parquet as pq
+        if self.path is None:
+            self.path = self.fetch()
+        try:
+            return pq.ParquetFile(self.path)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{self.name}: not a readable parquet file ({_first_line(e)})") from None
+
+    def check(self, f=None):
+        names = (f or self.file()).schema_arrow.names
+        missing = [c for c in COLUMNS if c not in names]
+        if missing:
+            raise DataError(f"{self.name}: missing column(s) {', '.join(missing)}; expected the Pick-a-Pic v2 "
+                            f"schema ({', '.join(COLUMNS)})")
 
     def groups(self):
-        """Per row group, the rows that are not ties, and for each whether jpg_1 is the preferred one."""
+        """Reads only label_0: a row is used if label_0 is 1 (jpg_0 preferred) or 0 (jpg_1); 0.5 is a tie."""
         if self._groups is None:
-            import pyarrow.parquet as pq
-            try:
-                f = pq.ParquetFile(self.path)
-            except (OSError, ValueError) as e:
-                raise DataError(f"{self.name}: not a readable parquet file ({e})") from None
-            missing = [c for c in COLUMNS if c not in f.schema_arrow.names]
-            if missing:
-                raise DataError(f"{self.name}: missing column(s) {', '.join(missing)}; expected the Pick-a-Pic v2 "
-                                f"schema ({', '.join(COLUMNS)})")
+            f = self.file()
+            self.check(f)
             self._groups = []
             for g in range(f.num_row_groups):
-                labels = f.read_row_group(g, columns=["label_0"]).column(0).to_pylist()
-                self._groups.append([(i, lab == 0) for i, lab in enumerate(labels) if lab is not None and lab != 0.5])
+                lab = f.read_row_group(g, columns=["label_0"]).column(0).to_numpy()
+                self._groups.append(np.flatnonzero((lab == 0) | (lab == 1)))
         return self._groups
 
-    def read(self, group, row):
-        if self._cache[0] != group:  # keep one row group's bytes in memory
-            import pyarrow.parquet as pq
-            t = pq.ParquetFile(self.path).read_row_group(group, columns=["caption", "jpg_0", "jpg_1"])
-            self._cache = (group, t.to_pydict())
-        cols = self._cache[1]
-        i, swap = row
-        images = (cols["jpg_0"][i], cols["jpg_1"][i])
-        return cols["caption"][i] or "", *(images[::-1] if swap else images)
+    def load(self, group):
+        return self.file().read_row_group(group, columns=["caption", "label_0", "jpg_0", "jpg_1"])
+
+    def pair(self, table, i):
+        caption, label_0, a, b = (table.column(c)[i].as_py() for c in ("caption", "label_0", "jpg_0", "jpg_1"))
+        a, b = (x.get("bytes") if isinstance(x, dict) else x for x in (a, b))  # a `datasets` Image struct
+        return caption or "", *((a, b) if label_0 == 1 else (b, a))
 
 
 class JsonlShard:
     def __init__(self, path):
-        self.name, rows = str(path), []
+        self.name = self.path = str(path)
+        self.rows = []
         for n, line in enumerate(Path(path).read_text().splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 r = json.loads(line)
-                rows.append((r["prompt"] or "", *(str(Path(path).parent / r[k]) for k in ("chosen", "rejected"))))
+                self.rows.append((r["prompt"] or "", *(str(Path(path).parent / r[k]) for k in ("chosen", "rejected"))))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise DataError(f"{path}:{n}: expected a JSON object with keys prompt, chosen, rejected "
                                 f"({type(e).__name__}: {e})") from None
-        self.rows = rows
 
     def groups(self):
-        return [list(range(len(self.rows)))]
+        return [np.arange(len(self.rows))]
 
-    def read(self, group, row):
-        prompt, chosen, rejected = self.rows[row]
-        for p in (chosen, rejected):
+    def load(self, group):
+        return self.rows
+
+    def pair(self, rows, i):
+        for p in rows[i][1:]:
             if not os.path.isfile(p):
                 raise DataError(f"{self.name}: image file {p} not found")
-        return prompt, chosen, rejected
+        return rows[i]
 
 
-def hub_shards(repo, split):
-    """The parquet shards of a Hub dataset, each downloaded (into the HF cache) only when training reaches it."""
+def _split_of(path):
+    """'train' for data/train-00000-of-00645-<hash>.parquet or train/x.parquet; None for other names."""
+    m = re.match(r"([A-Za-z_]+)-\d+-of-\d+", Path(path).name)
+    return m[1] if m else next((p for p in reversed(Path(path).parts[:-1]) if p in SPLITS), None)
+
+
+def select_split(files, split, where):
+    """The files of `split`; all files if none is named after a split (so a folder of any shards works)."""
+    found = {_split_of(f) for f in files} - {None}
+    if split in found:
+        return [f for f in files if _split_of(f) == split]
+    if found & set(SPLITS):
+        raise DataError(f"{where}: no parquet shards of split {split!r} (found {', '.join(sorted(found))})")
+    return files
+
+
+def _offline():
+    from huggingface_hub import constants
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_shards(repo, split, bare=False):
+    """The parquet shards of a Hub dataset, each downloaded (into the HF cache) only when the stream reaches it.
+    Offline, or when the Hub cannot list the repo, a complete copy in the local HF cache is used instead."""
     import huggingface_hub as hh
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
-    gone = (f" The official Pick-a-Pic v2 ({PICKAPIC}) was taken off the Hub in 2025." if repo == PICKAPIC else "")
-    alternatives = (" Use a local copy (--data /path/to/parquet_dir), a mirror in the same schema (--data "
-                    "hub:OWNER/NAME), or your own pairs (--data pairs.jsonl with prompt/chosen/rejected); "
-                    "yuvalkirstain/pickapic_v2_no_images still has captions, labels and URLs, but no images.")
+    from huggingface_hub.errors import RepositoryNotFoundError
     try:
         files = hh.HfApi().list_repo_files(repo, repo_type="dataset")
-    except RepositoryNotFoundError:
-        raise DataError(f"dataset {repo!r} not found on the Hugging Face Hub.{gone}{alternatives}") from None
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        why = "HF_HUB_OFFLINE is set" if offline else str(e).splitlines()[0]
-        raise DataError(f"dataset {repo!r}: cannot list its files ({why}).{gone}{alternatives}") from None
-    files = sorted(f for f in files if f.endswith(".parquet") and
-                   (Path(f).name.startswith(split + "-") or split in Path(f).parts[:-1]))
+    except Exception as e:  # not found, offline, or no network (httpx errors, which are not OSErrors)
+        cached = _cached_shards(repo, split)
+        if cached:
+            return cached
+        if isinstance(e, RepositoryNotFoundError):
+            why = "was not found on the Hugging Face Hub (or is private or gated: `hf auth login`)"
+        elif _offline():
+            why = "is not (completely) in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+        else:
+            why = f"could not be listed ({_first_line(e)}) and is not (completely) in the local Hugging Face cache"
+        msg = f"dataset {repo!r} {why}."
+        if bare:
+            msg = f"--data {repo}: no such local file or folder, and the Hub {msg}"
+        if repo == PICKAPIC:
+            msg += f" The official Pick-a-Pic v2 ({PICKAPIC}) was taken off the Hub in 2025."
+        raise DataError(msg + ALTERNATIVES) from None
+
+    def fetch(f):
+        def get():
+            try:
+                return hh.hf_hub_download(repo, f, repo_type="dataset")
+            except Exception as e:
+                raise DataError(f"{repo}/{f}: could not be downloaded, nor found in the local Hugging Face cache "
+                                f"({_first_line(e)})") from None
+        return get
+    files = select_split(sorted(f for f in files if f.endswith(".parquet")), split, f"dataset {repo!r}")
     if not files:
-        raise DataError(f"dataset {repo!r} has no parquet shards for split {split!r}")
-    fetch = lambda f: lambda: hh.hf_hub_download(repo, f, repo_type="dataset")  # noqa: E731
-    return [ParquetShard(f"{repo}/{f}", fetch(f)) for f in files]
+        raise DataError(f"dataset {repo!r} has no parquet files")
+    return [ParquetShard(f"{repo}/{f}", fetch=fetch(f)) for f in files]
+
+
+def _cached_shards(repo, split):
+    """The split's shards from the HF cache's snapshot of `repo`, if all are there (by their -of-N numbering)."""
+    import huggingface_hub as hh
+    try:
+        folder = Path(hh.snapshot_download(repo, repo_type="dataset", local_files_only=True,
+                                           allow_patterns=[f"*{split}-*.parquet", f"*{split}/*.parquet"]))
+        files = select_split(sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.parquet")), split, repo)
+    except (OSError, ValueError):
+        return None
+    have = [re.search(r"-(\d+)-of-(\d+)", Path(f).name) for f in files]
+    if not files or any(m and len(files) != int(m[2]) for m in have):
+        return None
+    return [ParquetShard(f"{repo}/{f}", path=str(folder / f)) for f in files]
 
 
 def find_shards(spec, split="train"):
     if spec == "pickapic":
-        spec = "hub:" + PICKAPIC
-    p = Path(spec)
+        return hub_shards(PICKAPIC, split)
+    if spec.startswith("hub:"):
+        return hub_shards(spec[4:], split)
+    p = Path(spec).expanduser()
     if p.is_file():
         return [JsonlShard(p)] if p.suffix == ".jsonl" else [ParquetShard(str(p))]
     if p.is_dir():
         if (p / "pairs.jsonl").is_file():
             return [JsonlShard(p / "pairs.jsonl")]
-        files = sorted(p.rglob("*.parquet"))
+        files = select_split(sorted(f.relative_to(p).as_posix() for f in p.rglob("*.parquet")), split, str(p))
         if not files:
             raise DataError(f"{p}: no *.parquet files and no pairs.jsonl in this folder")
-        return [ParquetShard(str(f)) for f in files]
-    repo = spec[4:] if spec.startswith("hub:") else spec
-    if spec.startswith("hub:") or (repo.count("/") == 1 and not p.suffix and not spec.startswith((".", "/"))):
-        return hub_shards(repo, split)
+        return [ParquetShard(str(p / f)) for f in files]
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and p.suffix not in (".parquet", ".jsonl"):
+        return hub_shards(spec, split, bare=True)
     raise DataError(f"--data {spec}: no such file or folder (expected pickapic, hub:OWNER/NAME, parquet shards "
                     f"or a pairs.jsonl)")
 
@@ -190,21 +269,30 @@ def _seed(*key):
 
 @functools.lru_cache(maxsize=256)
 def _perm(n, *key):
-    """A seeded permutation of range(n), a pure function of key."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(*key))).tolist()
+    """A seeded permutation of range(n), a pure function of key (read-only: it is shared)."""
+    p = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(*key))).numpy()
+    p.flags.writeable = False
+    return p
 
 
 class PairSource:
-    def __init__(self, shards, resolution, random_crop=False, flip=True, caption_dropout=0.0, seed=0, cache=None):
-        self.shards, self.resolution, self.seed, self.cache = shards, resolution, seed, cache
+    def __init__(self, shards, resolution, random_crop=False, flip=True, caption_dropout=0.0, seed=0, cache=None,
+                 name="pairs"):
+        self.shards, self.resolution, self.seed, self.cache, self.name = shards, resolution, seed, cache, name
         self.random_crop, self.flip, self.caption_dropout = random_crop, flip, caption_dropout
-        self.num_corrupt = 0
-        self.num_empty_captions = 0
-        self._sizes = {}  # shard index -> number of pairs (known once the shard was opened)
+        self.num_corrupt = 0          # pairs skipped because an image could not be decoded
+        self.num_empty_captions = 0   # items whose caption was empty or missing (before caption dropout)
+        self._sizes = {}              # shard index -> number of usable pairs, once that shard was opened
         self._epoch_len = None
+        self._loaded = (None, None)   # ((shard, row group), its data): one row group in memory at a time
 
     def __len__(self):
-        return sum(self._size(i) for i in range(len(self.shards)))  # opens (downloads) every shard
+        """The number of usable pairs (ties dropped); reads the label columns of every shard."""
+        if any(s.path is None for s in self.shards):
+            got = sum(s.path is not None for s in self.shards)
+            raise DataError(f"{self.name}: the number of pairs is known once all "
+                            f"{len(self.shards)} shards are downloaded ({got} so far)")
+        return sum(self._size(k) for k in range(len(self.shards)))
 
     def _size(self, k):
         if k not in self._sizes:
@@ -212,52 +300,52 @@ class PairSource:
         return self._sizes[k]
 
     def locate(self, s):
-        """Stream position s -> (shard, row group, that group's rows in stream order, index in that order)."""
+        """Stream position s -> (epoch, shard index, row group, index in that group's stream order)."""
         e = 0
         if self._epoch_len:
             e, s = divmod(s, self._epoch_len)
         while True:  # walk the shards of epoch e in their order; a shard's size is learnt when it is first reached
-            for k in _perm(len(self.shards), self.seed, e):
-                n = self._size(k)
-                if s >= n:
-                    s -= n
+            for k in _perm(len(self.shards), self.seed, e).tolist():
+                if s >= self._size(k):
+                    s -= self._size(k)
                     continue
                 groups = self.shards[k].groups()
-                for gi in _perm(len(groups), self.seed, e, k):
-                    if s < len(groups[gi]):
-                        rows = groups[gi]
-                        return self.shards[k], gi, [rows[j] for j in _perm(len(rows), self.seed, e, k, gi)], s
-                    s -= len(groups[gi])
+                for g in _perm(len(groups), self.seed, e, k).tolist():
+                    if s < len(groups[g]):
+                        return e, k, g, s
+                    s -= len(groups[g])
             self._epoch_len = sum(self._sizes.values())
             if self._epoch_len == 0:
-                raise DataError(f"{self.shards[0].name}: no usable pairs (every pair is a tie, or the data is empty)")
+                raise DataError(f"{self.name}: no usable pairs (every pair is a tie, or the data is empty)")
             e += 1
 
     def item(self, s):
         """Stream item s -> dict(prompt, caption, key, flips, chosen (3,R,R), rejected (3,R,R)) -- or, with a latent
         cache, chosen/rejected latents and the prompt's text embeddings. Corrupt pairs are replaced as described above."""
-        shard, gi, rows, j = self.locate(s)
+        e, k, g, j = self.locate(s)
+        shard, rows = self.shards[k], self.shards[k].groups()[g]
+        order = _perm(len(rows), self.seed, e, k, g)
         gen = torch.Generator().manual_seed(_seed(self.seed, s))
-        flips = [self.flip and bool(torch.rand((), generator=gen) < 0.5) for _ in range(2)]  # per image
-        drop = self.caption_dropout > 0 and bool(torch.rand((), generator=gen) < self.caption_dropout)
+        flips = [bool(torch.rand((), generator=gen) < 0.5) and self.flip for _ in range(2)]  # per image
+        drop = bool(torch.rand((), generator=gen) < self.caption_dropout)
         for attempt in range(len(rows)):
-            row = rows[(j + attempt) % len(rows)]
-            key = f"{shard.name}/{gi}/{row}"
+            row = int(rows[order[(j + attempt) % len(rows)]])
+            key = f"{shard.name}:{g}:{row}"
             if self.cache is not None:  # latents of both images, flipped and not, or None if the pair is corrupt
-                cached = self.cache.pair(key, lambda: self._read(shard, gi, row, gen))
-                if cached is not None:
-                    caption, x = cached
+                got = self.cache.pair(key, lambda: self._read(k, g, row, gen))
+                if got is not None:
+                    caption, x = got
                     x = [x[f"{n}_flip" if f else n] for n, f in zip(("chosen", "rejected"), flips)]
                     break
             else:
-                read = self._read(shard, gi, row, gen)
-                if read is not None:
-                    caption, x = read
+                got = self._read(k, g, row, gen)
+                if got is not None:
+                    caption, x = got
                     x = [xi.flip(-1) if f else xi for xi, f in zip(x, flips)]
                     break
             self.num_corrupt += 1
         else:
-            raise DataError(f"{shard.name}: no decodable image pair in row group {gi}")
+            raise DataError(f"{shard.name}: no decodable image pair in row group {g}")
         self.num_empty_captions += caption == ""
         prompt = "" if drop else caption
         out = dict(prompt=prompt, caption=caption, key=key, flips=flips, chosen=x[0], rejected=x[1])
@@ -265,18 +353,22 @@ class PairSource:
             out.update(self.cache.text(prompt))
         return out
 
-    def _read(self, shard, gi, row, gen):
-        """(caption, [chosen, rejected] preprocessed, unflipped) or None if an image cannot be decoded."""
-        caption, a, b = shard.read(gi, row)
-        imgs = [decode(x) for x in (a, b)]
-        if any(im is None for im in imgs):
-            return None
-        return caption, [preprocess(im, self.resolution, gen, self.random_crop) for im in imgs]
+    def _read(self, k, g, row, gen):
+        """(caption, [chosen, rejected] preprocessed, unflipped), or None if an image cannot be decoded."""
+        if self._loaded[0] != (k, g):
+            self._loaded = (None, None)  # free the previous group first
+            self._loaded = ((k, g), self.shards[k].load(g))
+        caption, a, b = self.shards[k].pair(self._loaded[1], row)
+        x = load_images((a, b), self.resolution, gen, self.random_crop)
+        return None if x is None else (caption, x)
 
     def batches(self, batch_size, *, rank=0, world_size=1, start=0):
         """Endless batches for this rank: {"prompts", "chosen" (B,3,R,R) [latents with a cache], "rejected",
-        "index" (B,) stream positions of the items, "position" (where the next global micro-batch starts)},
-        with a cache also "context" (B, L, D) and, for SDXL, "pooled" (B, P)."""
+        "index" (B,) stream positions of the items, "keys" (the pairs' shard:group:row), "position" (where the
+        next global micro-batch starts: pass it as start= to resume)}; with a cache also "context" (B, L, D)
+        and, for SDXL, "pooled" (B, P)."""
+        if not (batch_size >= 1 and 0 <= rank < world_size and start >= 0):
+            raise ValueError("batches: need batch_size >= 1, 0 <= rank < world_size, start >= 0")
         pos = start
         while True:
             idx = [pos + rank * batch_size + i for i in range(batch_size)]
@@ -348,7 +440,14 @@ class LatentCache:
 
 def open_pairs(spec, *, resolution, random_crop=False, flip=True, caption_dropout=0.0, seed=0, split="train",
                cache=None):
-    """The pairs of `spec` as a PairSource (see the module docstring); `cache` a LatentCache or None."""
+    """The pairs of `spec` as a PairSource (see the module docstring); `cache` a LatentCache or None. Local
+    parquet shards are checked for the Pick-a-Pic columns here (their footers only); Hub shards when fetched."""
     if cache is not None and random_crop:
         raise DataError("--cache and --random-crop do not go together: a random crop changes every epoch")
-    return PairSource(find_shards(spec, split), resolution, random_crop, flip, caption_dropout, seed, cache)
+    if not 0.0 <= caption_dropout <= 1.0:
+        raise DataError(f"caption dropout {caption_dropout} is not a probability in [0, 1]")
+    shards = find_shards(str(spec), split)
+    for s in shards:
+        if isinstance(s, ParquetShard) and s.path is not None:
+            s.check()
+    return PairSource(shards, resolution, random_crop, flip, caption_dropout, seed, cache, name=str(spec))

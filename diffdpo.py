@@ -351,7 +351,7 @@ def train(cfg: TrainConfig, pair_loss=None):
     policy.requires_grad_(True).train()
     if cfg.grad_checkpointing:
         policy.set_grad_checkpointing(True)
-    resolution = cfg.resolution or 8 * policy.cfg.sample_size
+    resolution = cfg.resolution or policy.cfg.sample_size * 2 ** (len(sd.vae.cfg.block_out_channels) - 1)
     abar = alphas_cumprod(sd.scheduler_config).to(device)
     T = len(abar)
     ptype = sd.scheduler_config.get("prediction_type", "epsilon")

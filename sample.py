@@ -1,105 +1,159 @@
 """
-Samplers and image generation for SD1.5 / SDXL, equal to the diffusers pipelines given the same initial latents.
+Text-to-image sampling for SD1.5 / SDXL, equal to the diffusers pipelines given the same initial latents.
 
-    python sample.py --model sd15 --unet runs/dpo-sd15/unet --prompt "a red cube on a blue sphere" --compare --out grid.png
+    python sample.py --model sd15 --unet runs/dpo-sd15/unet --prompts prompts.txt --compare --out compare.png
 
-Read top to bottom: the inference timesteps, the samplers (DDIM, Euler), classifier-free guidance and SDXL's
-conditioning in `generate`, then the grid and the CLI.
+Read top to bottom: the inference timesteps, the samplers (DDIM, Euler, DPM-Solver++(2M)), then `generate`
+(classifier-free guidance, SDXL's conditioning, decoding), the comparison grid and the CLI.
 """
 import argparse
-import math
+import json
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 from diffdpo import alphas_cumprod
 
 # ----------------------------------------------------------------------------------------------------------------
-# Inference timesteps: which of the T training steps the sampler visits, from noisiest to cleanest
+# The scheduler config, and which of the T training steps a sampler visits (noisiest first, as set_timesteps)
+
+UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "rescale_betas_zero_snr",
+               "thresholding")
+DEFAULTS = {"ddim": dict(timestep_spacing="leading", set_alpha_to_one=True, clip_sample=True),
+            "euler": dict(timestep_spacing="linspace"), "dpm": dict(timestep_spacing="linspace")}
 
 
-def inference_timesteps(cfg, n, fractional=False):
-    """The scheduler config's `timestep_spacing` (as diffusers): "leading" (SD's default) takes every T/n-th step
-    counting from 0 and adds `steps_offset` (1 for SD: 981, 961, ..., 1 for n = 50); "trailing" counts from T;
-    "linspace" spreads n steps evenly over [0, T-1] (rounded, except for Euler: `fractional`)."""
-    T, spacing = cfg.get("num_train_timesteps", 1000), cfg.get("timestep_spacing", "leading")
+def scheduler_config(cfg, sampler):
+    """The model's scheduler config as diffusers' `Scheduler.from_config(pipe.scheduler.config)` reads it: keys the
+    JSON leaves out take the defaults of the target scheduler class (so SD1.5's config, which has no
+    timestep_spacing, means "leading" for DDIM but "linspace" for Euler and DPM-Solver). Options these samplers
+    do not implement are refused rather than sampled differently."""
+    cfg = {**DEFAULTS[sampler], **cfg}
+    bad = [k for k in UNSUPPORTED if cfg.get(k)] + [f"{k}={cfg[k]!r}" for k, ok in [
+        ("interpolation_type", "linear"), ("final_sigmas_type", "zero")] if cfg.get(k, ok) != ok]
+    if bad:
+        raise ValueError(f"scheduler config: {', '.join(bad)} is not supported by these samplers")
+    return cfg
+
+
+def inference_timesteps(cfg, n, fractional=False, dpm=False):
+    """The scheduler config's `timestep_spacing` (Lin et al. 2023, Table 2):
+      leading  (SD's): every (T // n)-th step from 0, plus `steps_offset`     (981, 961, ..., 1 for n = 50, offset 1)
+      trailing:        round(T - k T / n) - 1 for k = 0..n-1                  (999, 979, ..., 19)
+      linspace:        n points evenly over [0, T - 1], rounded (kept fractional for Euler: `fractional`)
+    DPM-Solver (`dpm`) lays n + 1 points for leading/linspace and drops the last one (t = 0)."""
+    T, spacing, m = cfg.get("num_train_timesteps", 1000), cfg.get("timestep_spacing", "leading"), n + dpm
+    if not 1 <= n <= T:
+        raise ValueError(f"steps must be in 1..{T}, got {n}")
     if spacing == "leading":
-        t = np.arange(0, n) * (T // n) + cfg.get("steps_offset", 0)
+        t = np.arange(dpm, m) * (T // m) + cfg.get("steps_offset", 0)
     elif spacing == "trailing":
-        t = np.round(np.arange(T, 0, -T / n)).astype(np.int64)[::-1] - 1
+        t = np.round(np.arange(T, 0, -T / n))[::-1] - 1
     elif spacing == "linspace":
-        t = np.linspace(0, T - 1, n) if fractional else np.linspace(0, T - 1, n).round()
+        t = np.linspace(0, T - 1, m)[dpm:]
+        t = t if fractional else t.round()
     else:
         raise ValueError(f"scheduler config: timestep_spacing={spacing!r} is not supported")
     t = np.ascontiguousarray(t[::-1])
     return torch.from_numpy(t.astype(np.float32)) if fractional else torch.from_numpy(t.astype(np.int64))
 
 
-def predict_x0_eps(x, out, abar_t, prediction_type):
-    """The network output as (x0, eps): for epsilon models x0 = (x - sqrt(1 - abar) eps) / sqrt(abar); for
-    v-prediction x0 = sqrt(abar) x - sqrt(1 - abar) v and eps = sqrt(abar) v + sqrt(1 - abar) x."""
+def sigmas_at(cfg, t):
+    """sigma(t) = sqrt((1 - abar_t) / abar_t), linearly interpolated between training steps (float32 as diffusers),
+    with sigma = 0 appended for the end of the chain."""
+    abar = alphas_cumprod(cfg)
+    s = np.interp(t.numpy(), np.arange(len(abar)), ((1 - abar) / abar).sqrt().numpy())
+    return torch.from_numpy(np.append(s, 0.0).astype(np.float32))
+
+
+def predict_x0(x, out, alpha, sigma, prediction_type):
+    """The network output at x = alpha x0 + sigma eps (alpha^2 + sigma^2 = 1) as (x0, eps): for epsilon models
+    x0 = (x - sigma eps) / alpha; for v-prediction (v = alpha eps - sigma x0) x0 = alpha x - sigma v,
+    eps = alpha v + sigma x."""
     if prediction_type == "epsilon":
-        return (x - (1 - abar_t).sqrt() * out) / abar_t.sqrt(), out
+        return (x - sigma * out) / alpha, out
     if prediction_type == "v_prediction":
-        return abar_t.sqrt() * x - (1 - abar_t).sqrt() * out, abar_t.sqrt() * out + (1 - abar_t).sqrt() * x
+        return alpha * x - sigma * out, alpha * out + sigma * x
     raise ValueError(f"scheduler config: prediction_type={prediction_type!r} is not supported")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Samplers. Each takes `denoise(x_in, t) -> network output` (guidance already applied) and the initial noise.
+# Samplers: (denoise(x_in, t) -> guided network output, unit Gaussian noise, scheduler config, steps) -> latents
 
 
-def ddim(denoise, noise, cfg, steps, progress=lambda it: it):
-    """DDIM with eta = 0 (Song et al. 2021, Eq. 12), deterministic:
-        x_{t-k} = sqrt(abar_{t-k}) x0_hat + sqrt(1 - abar_{t-k}) eps_hat,   k = T // steps
-    where (x0_hat, eps_hat) come from the network at (x_t, t). Past the first step, abar is 1 with
-    `set_alpha_to_one` and abar_0 otherwise (SD: False). x0_hat is clipped to [-1, 1] if `clip_sample` (SD: no)."""
-    abar = alphas_cumprod(cfg).double()
-    final = torch.tensor(1.0, dtype=torch.float64) if cfg.get("set_alpha_to_one", True) else abar[0]
-    ptype, k = cfg.get("prediction_type", "epsilon"), cfg.get("num_train_timesteps", 1000) // steps
-    clip = cfg.get("clip_sample", True)
-    x = noise                                                                   # init_noise_sigma = 1
-    for t in progress(inference_timesteps(cfg, steps)):
-        x0, eps = predict_x0_eps(x, denoise(x, t), abar[t].float(), ptype)
-        if clip:  # diffusers' DDIM default; SD's configs turn it off
-            x0 = x0.clamp(-cfg.get("clip_sample_range", 1.0), cfg.get("clip_sample_range", 1.0))
-        a_prev = (abar[t - k] if t - k >= 0 else final).float()
+def ddim(denoise, noise, cfg, steps):
+    """DDIM with eta = 0 (Song et al. 2021, Eq. 12), deterministic; k = T // steps:
+        x_{t-k} = sqrt(abar_{t-k}) x0_hat + sqrt(1 - abar_{t-k}) eps_hat
+    Past the last step abar is 1 with `set_alpha_to_one`, else abar_0 (SD: False); x0_hat is clipped to
+    [-r, r] if `clip_sample` (diffusers' default; SD's configs turn it off). Starts at the noise itself."""
+    ts, abar, ptype = inference_timesteps(cfg, steps), alphas_cumprod(cfg), cfg.get("prediction_type", "epsilon")
+    final = torch.tensor(1.0) if cfg.get("set_alpha_to_one", True) else abar[0]
+    k, r = cfg.get("num_train_timesteps", 1000) // steps, cfg.get("clip_sample_range", 1.0)
+    x = noise
+    for t in ts:
+        x0, eps = predict_x0(x, denoise(x, t), abar[t].sqrt(), (1 - abar[t]).sqrt(), ptype)
+        if cfg.get("clip_sample", True):
+            x0 = x0.clamp(-r, r)
+        a_prev = abar[t - k] if t - k >= 0 else final
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
     return x
 
 
-def euler(denoise, noise, cfg, steps, progress=lambda it: it):
-    """Euler's method on the probability-flow ODE in sigma = sqrt((1 - abar) / abar) (Karras et al. 2022, Alg. 1
-    with no churn; diffusers' EulerDiscreteScheduler): with x0_hat from the network at the scaled input
-    x / sqrt(sigma^2 + 1),
-        x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (x_i - x0_hat) / sigma_i,       sigma_n = 0
-    Fractional training steps' sigmas are interpolated linearly; the chain starts at noise * sqrt(sigma_0^2 + 1)
-    ("leading" spacing) or noise * sigma_0 ("linspace", "trailing")."""
-    abar = alphas_cumprod(cfg)
-    all_sigmas = ((1 - abar) / abar).sqrt()
-    ts = inference_timesteps(cfg, steps, fractional=True)
-    sigmas = torch.from_numpy(np.interp(ts.numpy(), np.arange(len(all_sigmas)), all_sigmas.numpy())).float()
-    sigmas = torch.cat([sigmas, torch.zeros(1)])
-    ptype = cfg.get("prediction_type", "epsilon")
-    init = sigmas.max() if cfg.get("timestep_spacing", "leading") in ("linspace", "trailing") else \
-        (sigmas.max() ** 2 + 1).sqrt()
-    x = noise * init
-    for i in progress(range(steps)):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        out = denoise(x / (s ** 2 + 1).sqrt(), ts[i])
-        x0 = x - s * out if ptype == "epsilon" else out * (-s / (s ** 2 + 1).sqrt()) + x / (s ** 2 + 1)
-        x = x + (x - x0) / s * (s_next - s)
+def euler(denoise, noise, cfg, steps):
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - x0_hat) / sigma in x = x0 + sigma eps
+    (Karras et al. 2022, Alg. 1 without churn; diffusers' EulerDiscreteScheduler):
+        x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (x_i - x0_hat(x_i)) / sigma_i,        sigma_n = 0
+    The network sees x / sqrt(sigma^2 + 1) (its training scale). The chain starts at noise * sqrt(sigma_0^2 + 1)
+    for leading spacing, noise * sigma_0 for linspace/trailing (diffusers' `init_noise_sigma`)."""
+    ts, ptype = inference_timesteps(cfg, steps, fractional=True), cfg.get("prediction_type", "epsilon")
+    s = sigmas_at(cfg, ts)
+    leading = cfg.get("timestep_spacing", "leading") not in ("linspace", "trailing")
+    x = noise * ((s.max() ** 2 + 1).sqrt() if leading else s.max())
+    for i, t in enumerate(ts):
+        a = 1 / (s[i] ** 2 + 1).sqrt()                          # x a = alpha x0 + sigma eps with sigma = s a
+        x0, _ = predict_x0(x * a, denoise(x * a, t), a, s[i] * a, ptype)
+        x = x + (s[i + 1] - s[i]) * (x - x0) / s[i]
     return x
 
 
-SAMPLERS = {"ddim": ddim, "euler": euler}
+def dpm_solver_2m(denoise, noise, cfg, steps):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2; diffusers' DPMSolverMultistepScheduler defaults: dpmsolver++,
+    order 2, midpoint, lower_order_final, final sigma 0). With alpha_i = 1 / sqrt(sigma_i^2 + 1), s_i = sigma_i alpha_i,
+    lambda_i = log(alpha_i / s_i), h = lambda_{i+1} - lambda_i and r = (lambda_i - lambda_{i-1}) / h:
+        D = x0_i + (x0_i - x0_{i-1}) / (2 r)          (D = x0_i at the first step: first order)
+        x_{i+1} = (s_{i+1} / s_i) x_i - alpha_{i+1} (e^{-h} - 1) D
+    The last step lands on sigma = 0, i.e. x_n = x0_{n-1}. Starts at the noise itself."""
+    ts, ptype = inference_timesteps(cfg, steps, dpm=True), cfg.get("prediction_type", "epsilon")
+    sig = sigmas_at(cfg, ts)
+    alpha = 1 / (sig ** 2 + 1).sqrt()
+    s = sig * alpha
+    lam = alpha.log() - s.log()
+    x, x0_prev = noise, None
+    for i, t in enumerate(ts):
+        x0, _ = predict_x0(x, denoise(x, t), alpha[i], s[i], ptype)
+        if i == len(ts) - 1:
+            x = x0
+        else:
+            h = lam[i + 1] - lam[i]
+            D = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * (lam[i] - lam[i - 1]))
+            x = (s[i + 1] / s[i]) * x - (alpha[i + 1] * (torch.exp(-h) - 1.0)) * D
+        x0_prev = x0
+    return x
 
+
+SAMPLERS = {"ddim": ddim, "euler": euler, "dpm": dpm_solver_2m}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Generation: classifier-free guidance, SDXL micro-conditioning, decoding
+
+
+def vae_factor(sd):
+    return 2 ** (len(sd.vae.cfg.block_out_channels) - 1)
 
 
 def default_size(sd):
@@ -107,97 +161,140 @@ def default_size(sd):
     return sd.unet.cfg.sample_size * vae_factor(sd)
 
 
-def vae_factor(sd):
-    return 2 ** (len(sd.vae.cfg.block_out_channels) - 1)
+def initial_latents(sd, n, height, width, seed=0):
+    """Unit Gaussian noise for n images; image i uses torch.Generator().manual_seed(seed + i) on the CPU, so an image
+    depends on its seed only (not on its batch or the device). In diffusers this is the pipeline's
+    generator=[torch.Generator().manual_seed(seed + i) for i in range(n)]."""
+    f, c = vae_factor(sd), sd.unet.cfg.in_channels
+    return torch.stack([torch.randn(c, height // f, width // f, generator=torch.Generator().manual_seed(seed + i))
+                        for i in range(n)])
 
 
-def initial_latents(sd, n, height, width, seed):
-    """Per-image noise: image i uses torch.Generator().manual_seed(seed + i) on the CPU, so an image depends on its
-    seed only (not on the batch it is in or the device)."""
-    f = vae_factor(sd)
-    return torch.stack([torch.randn(sd.unet.cfg.in_channels, height // f, width // f,
-                                    generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
+def zeros_for_empty_negative(sd):
+    """SDXL pipelines condition on ZERO embeddings (context and pooled) when no negative prompt is given, unless
+    the pipeline's model_index.json sets force_zeros_for_empty_prompt false (True for SDXL base). SD1.5 encodes ""."""
+    if sd.kind != "sdxl":
+        return False
+    try:
+        return bool(json.loads((Path(sd.source) / "model_index.json").read_text())
+                    .get("force_zeros_for_empty_prompt", True))
+    except (OSError, ValueError, TypeError):
+        return True
 
 
-def to_pil(images):
-    """(B, 3, H, W) in [-1, 1] -> PIL images, rounded as diffusers' image processor does."""
-    x = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+def conditioning(sd, prompts, negative_prompt, guided, height, width, dtype):
+    """UNet keyword arguments for the batch [uncond; cond] (or cond only without guidance): context (2B, 77, D),
+    and for SDXL the pooled text (2B, 1280) and time_ids (original = target = (height, width), crop (0, 0))."""
+    B = len(prompts)
+    context, pooled = sd.encode_prompt(prompts)
+    if guided:
+        if negative_prompt is None and zeros_for_empty_negative(sd):
+            neg = torch.zeros_like(context), (torch.zeros_like(pooled) if pooled is not None else None)
+        else:
+            negs = [negative_prompt or ""] * B if isinstance(negative_prompt, (str, type(None))) else negative_prompt
+            if len(negs) != B:
+                raise ValueError(f"{len(negs)} negative prompts for {B} prompts")
+            neg = sd.encode_prompt(list(negs))
+        context = torch.cat([neg[0], context])
+        pooled = torch.cat([neg[1], pooled]) if pooled is not None else None
+    kw = dict(context=context.to(dtype))
+    if sd.kind == "sdxl":
+        kw.update(text_embeds=pooled.to(dtype),
+                  time_ids=sd.time_ids(len(context), height, width, device=context.device, dtype=dtype))
+    return kw
+
+
+def decode(sd, latents):
+    """Latents -> PIL images as diffusers: vae.decode(latents / scaling_factor) (in fp32 when an fp16 VAE asks
+    for `force_upcast`, SDXL's), then (x / 2 + 0.5).clamp(0, 1) * 255, rounded to uint8."""
+    vae = sd.vae
+    dtype = next(vae.parameters()).dtype
+    upcast = dtype == torch.float16 and getattr(vae.cfg, "force_upcast", False)
+    if upcast:
+        vae.float()
+    try:
+        x = vae.decode((latents / vae.scaling_factor).to(next(vae.parameters()).dtype))
+    finally:
+        vae.to(dtype)
+    x = (x / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
     return [Image.fromarray(a) for a in (x * 255).round().astype("uint8")]
 
 
 @torch.no_grad()
 def generate(sd, prompts, *, steps=50, guidance=7.5, latents=None, seed=0, height=None, width=None,
-             negative_prompt=None, sampler="ddim", unet=None, progress=False, force_zeros_for_empty_prompt=None):
-    """Text-to-image as diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline with the matching scheduler.
-    Classifier-free guidance eps = eps_uncond + guidance (eps_cond - eps_uncond), with one UNet call on
-    [uncond; cond]. The unconditional prompt: the negative prompt, or "" -- except SDXL, whose pipeline uses zero
-    embeddings for an empty negative prompt (force_zeros_for_empty_prompt, True for SDXL base). SDXL also gets
-    time_ids (original = target = (height, width), crop (0, 0)). `unet` swaps in a tuned UNet."""
+             negative_prompt=None, sampler="ddim", unet=None, progress=False):
+    """Text-to-image, as StableDiffusion(XL)Pipeline with the matching scheduler. prompts: str or list; latents:
+    (B, 4, H/8, W/8) unit noise (default: initial_latents(.., seed)); unet: a tuned UNet to use instead of sd.unet;
+    progress: True for a bar, or a tqdm bar to advance by one per step. Classifier-free guidance (guidance > 1):
+        eps = eps_uncond + guidance (eps_cond - eps_uncond),     one UNet call on [uncond; cond]
+    The sampler's arithmetic is fp32 whatever the models' dtype."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if sampler not in SAMPLERS:
-        raise ValueError(f"sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
-    unet, device = unet or sd.unet, sd.device
+        raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    cfg, unet, f = scheduler_config(sd.scheduler_config, sampler), unet or sd.unet, vae_factor(sd)
     height, width = height or default_size(sd), width or default_size(sd)
-    if height % vae_factor(sd) or width % vae_factor(sd):
-        raise ValueError(f"height and width must be multiples of {vae_factor(sd)}, got {height} x {width}")
-    dtype = next(unet.parameters()).dtype
-    B = len(prompts)
-    context, pooled = sd.encode_prompt(prompts)
-    negatives = [negative_prompt or ""] * B if isinstance(negative_prompt, (str, type(None))) else negative_prompt
-    zeros = sd.kind == "sdxl" and not negative_prompt and force_zeros_for_empty_prompt is not False
-    if zeros:
-        neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
-    else:
-        neg_context, neg_pooled = sd.encode_prompt(negatives)
-    context = torch.cat([neg_context, context]).to(dtype)                      # (2B, 77, D): [uncond; cond]
-    added = {}
-    if sd.kind == "sdxl":
-        added = dict(text_embeds=torch.cat([neg_pooled, pooled]).to(dtype),
-                     time_ids=sd.time_ids(2 * B, height, width, device=device, dtype=dtype))
+    if height % f or width % f or height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive multiples of {f}, got {height} x {width}")
+    dtype, device, guided = next(unet.parameters()).dtype, sd.device, guidance > 1
+    kw = conditioning(sd, prompts, negative_prompt, guided, height, width, dtype)
     if latents is None:
-        latents = initial_latents(sd, B, height, width, seed)
-    cfg = sd.scheduler_config
+        latents = initial_latents(sd, len(prompts), height, width, seed)
+    if tuple(latents.shape) != (len(prompts), unet.cfg.in_channels, height // f, width // f):
+        raise ValueError(f"latents of shape {tuple(latents.shape)} for {len(prompts)} prompts at {height} x {width}")
+    bar = tqdm(total=steps, desc="sampling", leave=False) if progress is True else None
+    bar = progress if hasattr(progress, "update") else bar
 
     def denoise(x, t):
-        out = unet(torch.cat([x, x]).to(dtype), t.to(device), context, **added).float()
+        out = unet(torch.cat([x, x] if guided else [x]).to(dtype), t.to(device), **kw).float()
+        if bar is not None:
+            bar.update(1)
+        if not guided:
+            return out
         uncond, cond = out.chunk(2)
         return uncond + guidance * (cond - uncond)
 
-    if progress:
-        from tqdm import tqdm
-        bar = lambda it: tqdm(it, leave=False, desc="sampling")  # noqa: E731
-    else:
-        bar = lambda it: it  # noqa: E731
-    x = SAMPLERS[sampler](denoise, latents.to(device).float(), cfg, steps, bar)
-    images = sd.vae.decode((x / sd.vae.scaling_factor).to(next(sd.vae.parameters()).dtype))
-    return to_pil(images)
+    x = SAMPLERS[sampler](denoise, latents.to(device, torch.float32), cfg, steps)
+    if progress is True:
+        bar.close()
+    return decode(sd, x)
+
+
+def render(sd, unet, prompts, seeds, batch_size=4, **kw):
+    """generate() in batches, image i from seed seeds[i]: batching changes no image (beyond float rounding)."""
+    h, w = kw.pop("height", None) or default_size(sd), kw.pop("width", None) or default_size(sd)
+    images = []
+    for i in range(0, len(prompts), batch_size):
+        noise = torch.cat([initial_latents(sd, 1, h, w, s) for s in seeds[i:i + batch_size]])
+        images += generate(sd, prompts[i:i + batch_size], latents=noise, unet=unet, height=h, width=w, **kw)
+    return images
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Grids: base vs tuned, same seeds
+# Grids: base vs tuned rows, same seeds
 
 
 def image_grid(rows, row_labels=None, col_labels=None):
-    """rows of PIL images -> one image with a label column on the left and captions above the columns."""
+    """rows of equal-size PIL images -> one image: an 80 px label column on the left (row_labels), and a 30 px band
+    of captions (col_labels, wrapped to two lines) above the columns, in PIL's default font."""
     w, h = rows[0][0].size
-    font = ImageFont.load_default()
-    left = 80 if row_labels else 0
-    top = 30 if col_labels else 0
-    grid = Image.new("RGB", (left + w * len(rows[0]), top + h * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
+    left, top = (80 if row_labels else 0), (30 if col_labels else 0)
+    grid = Image.new("RGB", (left + w * max(map(len, rows)), top + h * len(rows)), "white")
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
             grid.paste(img, (left + c * w, top + r * h))
         if row_labels:
-            draw.text((5, top + r * h + h // 2), row_labels[r], fill="black", font=font)
+            draw.text((5, top + r * h + h // 2 - 6), str(row_labels[r])[:13], fill="black", font=font)
     for c, text in enumerate(col_labels or []):
-        draw.text((left + c * w + 3, 3), text[: max(8, w // 7)], fill="black", font=font)
+        lines = textwrap.wrap(str(text), max(4, w // 6))[:2]
+        draw.text((left + c * w + 3, 2), "\n".join(lines), fill="black", font=font, spacing=2)
     return grid
 
 
 def sample_grid(sd, unet, prompts, seeds, path, **kw):
-    """One row of images of `unet` for fixed prompts and seeds (diffdpo.py writes one at each checkpoint)."""
-    images = [generate(sd, [p], seed=s, unet=unet, **kw)[0] for p, s in zip(prompts, seeds)]
+    """One row of `unet`'s images for fixed prompts and seeds, saved as a captioned PNG at `path` (diffdpo.py
+    writes one at each checkpoint, so grids across checkpoints are comparable). Returns the images."""
+    images = render(sd, unet, list(prompts), list(seeds), **kw)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     image_grid([images], col_labels=prompts).save(path)
     return images
@@ -207,60 +304,68 @@ def sample_grid(sd, unet, prompts, seeds, path, **kw):
 # CLI
 
 
+FAMILY = ("in_channels", "cross_attention_dim", "addition_embed_type")  # what a --unet must share with --model
+
+
 def main(argv=None):
     import unet as U
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="sd15", help="alias, Hub id, diffusers folder or .safetensors (the base)")
-    p.add_argument("--unet", default=None, help="a tuned UNet folder (OUT/unet of diffdpo.py)")
+    p.add_argument("--model", default="sd15", help="the base: alias (sd15, sdxl), Hub id, folder or .safetensors")
+    p.add_argument("--unet", default=None, help="a tuned UNet folder (OUT/unet of diffdpo.py) to sample with")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="a text file, one prompt per line")
-    p.add_argument("--out", default="samples.png")
-    p.add_argument("--compare", action="store_true", help="rows: base, tuned (same seeds); needs --unet")
+    p.add_argument("--out", default="samples.png", help="the grid PNG to write")
+    p.add_argument("--compare", action="store_true", help="two rows, base and tuned, same seeds (needs --unet)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--height", type=int, default=None, help="default: the model's (512 SD1.5, 1024 SDXL)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     a = p.parse_args(argv)
+
+    def fail(msg):
+        sys.exit(f"error: {msg}")
+
     prompts = list(a.prompt)
     if a.prompts:
         try:
             prompts += [line.strip() for line in Path(a.prompts).read_text().splitlines() if line.strip()]
-        except OSError as e:
-            sys.exit(f"error: --prompts {a.prompts}: {e.strerror}")
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"--prompts {a.prompts}: {getattr(e, 'strerror', None) or e}")
     if not prompts:
-        sys.exit("error: give --prompt TEXT or --prompts FILE")
+        fail("no prompts: give --prompt TEXT or --prompts FILE (one prompt per line)")
     if a.compare and not a.unet:
-        sys.exit("error: --compare needs --unet (the tuned UNet folder)")
+        fail("--compare needs --unet (the tuned UNet folder)")
+    if a.steps < 1 or a.batch_size < 1:
+        fail("--steps and --batch-size must be at least 1")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA device is available (use --device cpu)")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     try:
         sd = U.load_sd(a.model, device=a.device, dtype=dtype)
         tuned = U.load_component(a.unet, "unet", device=a.device, dtype=dtype) if a.unet else None
-    except U.LoadError as e:
-        sys.exit(f"error: {e}")
-    kw = dict(steps=a.steps, guidance=a.guidance, height=a.height, width=a.width, negative_prompt=a.negative_prompt,
-              sampler=a.sampler, progress=True)
-    models = [("base", sd.unet), ("tuned", tuned)] if a.compare else [("tuned" if tuned else "base", tuned)]
-    rows = []
+    except (U.LoadError, OSError) as e:
+        fail(str(e).splitlines()[0] if str(e) else repr(e))
+    if tuned and any(getattr(tuned.cfg, k) != getattr(sd.unet.cfg, k) for k in FAMILY):
+        fail(f"--unet {a.unet}: a UNet of another model family than --model {a.model} ({FAMILY} differ)")
+    rows = [("base", sd.unet), ("tuned", tuned)] if a.compare else [("tuned" if tuned else "base", tuned or sd.unet)]
+    seeds = [a.seed + i for i in range(len(prompts))]
+    bar = tqdm(total=len(rows) * -(-len(prompts) // a.batch_size) * a.steps, unit="step", desc="sampling")
     try:
-        for label, net in models:
-            row = []
-            for i in range(0, len(prompts), a.batch_size):
-                chunk = prompts[i:i + a.batch_size]
-                latents = initial_latents(sd, len(chunk), a.height or default_size(sd), a.width or default_size(sd),
-                                          a.seed + i)
-                row += generate(sd, chunk, latents=latents, unet=net, **kw)
-            rows.append(row)
-            print(f"{label}: {len(row)} images")
+        images = [render(sd, net, prompts, seeds, a.batch_size, steps=a.steps, guidance=a.guidance,
+                         height=a.height, width=a.width, negative_prompt=a.negative_prompt, sampler=a.sampler,
+                         progress=bar) for _, net in rows]
     except ValueError as e:
-        sys.exit(f"error: {e}")
-    image_grid(rows, [lab for lab, _ in models], prompts).save(a.out)
-    print(f"wrote {a.out}")
+        fail(e)
+    bar.close()
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, [label for label, _ in rows], prompts).save(a.out)
+    print(f"wrote {a.out}: {len(rows)} x {len(prompts)} images")
 
 
 if __name__ == "__main__":

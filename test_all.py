@@ -832,15 +832,17 @@ def test_inference_timesteps_match_diffusers():
                 assert torch.equal(ours.to(ref.timesteps.dtype), ref.timesteps), (spacing, n, cls)
 
 
-@pytest.mark.parametrize("kind,sampler", [("sd15", "ddim"), ("sd15", "euler"), ("sdxl", "ddim"), ("sdxl", "euler")])
+@pytest.mark.parametrize("kind,sampler", [("sd15", "ddim"), ("sd15", "euler"), ("sd15", "dpm"), ("sdxl", "ddim"),
+                                         ("sdxl", "euler"), ("sdxl", "dpm")])
 def test_generate_matches_pipelines(hub, kind, sampler):
     """Same initial latents, same images as the diffusers pipeline with the matching scheduler (within 2/255)."""
     import numpy as np
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
     import sample
     sd = U.load_sd(str(hub[kind]))
     pipe = reference_pipe(hub[kind], kind)
-    pipe.scheduler = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[sampler].from_config(pipe.scheduler.config)
+    pipe.scheduler = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
+                      "dpm": DPMSolverMultistepScheduler}[sampler].from_config(pipe.scheduler.config)
     prompts = ["a red cube", "two blue spheres on grass"]
     latents = sample.initial_latents(sd, 2, 32, 32, seed=5)
     worst = 0
