@@ -321,7 +321,7 @@ class PairSource:
 
     def item(self, s):
         """Stream item s -> dict(prompt, caption, key, flips, chosen (3,R,R), rejected (3,R,R)) -- or, with a latent
-        cache, chosen/rejected latents and the prompt's text embeddings. Corrupt pairs are replaced as described above."""
+        cache, chosen/rejected latents and the prompt's text embeddings. A corrupt pair is replaced (see the top)."""
         e, k, g, j = self.locate(s)
         shard, rows = self.shards[k], self.shards[k].groups()[g]
         order = _perm(len(rows), self.seed, e, k, g)

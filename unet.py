@@ -1147,22 +1147,15 @@ def load_weights(module, sd, name="model"):
     return module
 
 
-def build(cls, cfg, sd=None, device="cpu", dtype=torch.float32, name="model"):
-    """Instantiate a network on the meta device (no memory) and assign its weights, or random-init it if sd is None."""
-    if sd is None:
-        return cls(cfg).to(device=device, dtype=dtype)
-    with torch.device("meta"):
-        m = cls(cfg)
-    return load_weights(m, sd, name).to(device=device, dtype=dtype)
-
-
 def load_component(folder, name, *, device="cpu", dtype=torch.float32, variant=None):
     """Load one network folder of the diffusers layout (`unet/`, `vae/`, `text_encoder[_2]/`): config.json + weights."""
     stem, cls, cfg_cls = COMPONENTS[name]
     folder = Path(folder)
     cfg = cfg_cls.from_dict(_read_json(folder / "config.json"))
     sd = read_safetensors(_weight_files(folder, stem, variant), dtype)
-    return build(cls, cfg, sd, device, dtype, name=str(folder))
+    with torch.device("meta"):  # no memory: the weights are assigned, not copied
+        model = cls(cfg)
+    return load_weights(model, sd, str(folder)).to(device=device, dtype=dtype)
 
 
 def save_unet(unet, folder):
