@@ -74,7 +74,7 @@ def bench_tokenizer(folder, n=2000):
     from transformers import CLIPTokenizer
     import test_all
     test_all.write_clip_tokenizer_folder(folder)
-    ours, ref = U.CLIPTokenizer.from_folder(folder), CLIPTokenizer.from_pretrained(folder)
+    ref = CLIPTokenizer.from_pretrained(folder)
     prompts = [p + f" {i}" for i, p in enumerate(test_all.tokenizer_cases(n_random=n)[:n])]
 
     def fresh_ours():  # a new tokenizer each time: no BPE cache carried over

@@ -96,7 +96,6 @@ def sft_loss(model_losses_w):
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -330,6 +329,7 @@ def train(cfg: TrainConfig, pair_loss=None):
     """Fine-tune sd.unet on preference pairs. `pair_loss(mw, ml, rw, rl, batch, sd, world)` -> (loss, implicit_acc)
     replaces the DPO loss (rpo.py passes its own); the loop, data, checkpoints and logging stay the same."""
     import data as D
+    import sample
     import unet as U
     from tqdm import tqdm
 
@@ -351,7 +351,7 @@ def train(cfg: TrainConfig, pair_loss=None):
     policy.requires_grad_(True).train()
     if cfg.grad_checkpointing:
         policy.set_grad_checkpointing(True)
-    resolution = cfg.resolution or policy.cfg.sample_size * 2 ** (len(sd.vae.cfg.block_out_channels) - 1)
+    resolution = cfg.resolution or sample.default_size(sd)
     abar = alphas_cumprod(sd.scheduler_config).to(device)
     T = len(abar)
     ptype = sd.scheduler_config.get("prediction_type", "epsilon")
@@ -472,7 +472,6 @@ def train(cfg: TrainConfig, pair_loss=None):
         if step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             checkpoint()
             if rank == 0 and cfg.samples:
-                import sample
                 sample.sample_grid(sd, policy, SAMPLE_PROMPTS, list(range(len(SAMPLE_PROMPTS))),
                                    out / "samples" / f"step{step:06d}.png", steps=cfg.sample_steps,
                                    height=resolution, width=resolution)
