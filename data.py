@@ -8,6 +8,9 @@ spec is one of
     hub:OWNER/NAME, OWNER/NAME a Hub dataset of parquet shards in the Pick-a-Pic v2 schema, fetched shard by shard
     FILE.parquet, FOLDER/      local parquet shards in that schema: jpg_0, jpg_1 (JPEG bytes), label_0, label_1, caption
     pairs.jsonl, FOLDER/       our own format: {"prompt": ..., "chosen": image path, "rejected": image path} per line
+and, built by the trainer with the base model before training (diffdpo.build_*_pairs), then read as parquet:
+    shapes                     the toy world's on-policy pairs, labelled by `judge` (the end of this file)
+    style:FOLDER               style images (with captions) preferred over the base model's generations
 Shards named like Pick-a-Pic's (data/train-00000-of-00645-<hash>.parquet) are filtered by `split`.
 
 The stream. All pairs are read as one endless, deterministic sequence: epoch e visits the shards in an order
@@ -277,10 +280,12 @@ def _perm(n, *key):
 
 class PairSource:
     def __init__(self, shards, resolution, random_crop=False, flip=True, caption_dropout=0.0, seed=0, cache=None,
-                 name="pairs"):
+                 name="pairs", relabel=None, embed=None):
         self.shards, self.resolution, self.seed, self.cache, self.name = shards, resolution, seed, cache, name
+        self.relabel = relabel        # (caption, [a, b]) -> [preferred, rejected] or None (a tie): AI feedback
+        self.embed = embed            # [preferred, rejected] -> (2, D) image embeddings (rpo.py --rpo-embed image)
         self.random_crop, self.flip, self.caption_dropout = random_crop, flip, caption_dropout
-        self.num_corrupt = 0          # pairs skipped because an image could not be decoded
+        self.num_corrupt = 0          # pairs skipped: an image could not be decoded (or `relabel` tied them)
         self.num_empty_captions = 0   # items whose caption was empty or missing (before caption dropout)
         self._sizes = {}              # shard index -> number of usable pairs, once that shard was opened
         self._epoch_len = None
@@ -335,12 +340,13 @@ class PairSource:
                 got = self.cache.pair(key, lambda: self._read(k, g, row, gen))
                 if got is not None:
                     caption, x = got
+                    emb = [x[n] for n in ("chosen_emb", "rejected_emb") if n in x] or None
                     x = [x[f"{n}_flip" if f else n] for n, f in zip(("chosen", "rejected"), flips)]
                     break
             else:
                 got = self._read(k, g, row, gen)
                 if got is not None:
-                    caption, x = got
+                    caption, x, emb = got
                     x = [xi.flip(-1) if f else xi for xi, f in zip(x, flips)]
                     break
             self.num_corrupt += 1
@@ -349,18 +355,23 @@ class PairSource:
         self.num_empty_captions += caption == ""
         prompt = "" if drop else caption
         out = dict(prompt=prompt, caption=caption, key=key, flips=flips, chosen=x[0], rejected=x[1])
+        if emb is not None:  # of the unflipped images
+            out.update(chosen_emb=emb[0], rejected_emb=emb[1])
         if self.cache is not None:
             out.update(self.cache.text(prompt))
         return out
 
     def _read(self, k, g, row, gen):
-        """(caption, [chosen, rejected] preprocessed, unflipped), or None if an image cannot be decoded."""
+        """(caption, [chosen, rejected] preprocessed, unflipped, their embeddings or None), or None if an image
+        cannot be decoded."""
         if self._loaded[0] != (k, g):
             self._loaded = (None, None)  # free the previous group first
             self._loaded = ((k, g), self.shards[k].load(g))
         caption, a, b = self.shards[k].pair(self._loaded[1], row)
         x = load_images((a, b), self.resolution, gen, self.random_crop)
-        return None if x is None else (caption, x)
+        if x is not None and self.relabel is not None:
+            x = self.relabel(caption, x)
+        return None if x is None else (caption, x, self.embed(x) if self.embed else None)
 
     def batches(self, batch_size, *, rank=0, world_size=1, start=0):
         """Endless batches for this rank: {"prompts", "chosen" (B,3,R,R) [latents with a cache], "rejected",
@@ -376,7 +387,7 @@ class PairSource:
             pos += batch_size * world_size
             batch = dict(prompts=[it["prompt"] for it in items], keys=[it["key"] for it in items],
                          index=torch.tensor(idx), position=pos)
-            for k in ("chosen", "rejected", "context", "pooled"):
+            for k in ("chosen", "rejected", "context", "pooled", "chosen_emb", "rejected_emb"):
                 if k in items[0]:
                     batch[k] = torch.stack([it[k] for it in items])
             yield batch
@@ -414,7 +425,8 @@ class LatentCache:
             return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
 
     def pair(self, key, read):
-        """(caption, {chosen, chosen_flip, rejected, rejected_flip}) latents, or None for a corrupt pair."""
+        """(caption, {chosen, chosen_flip, rejected, rejected_flip} latents [+ chosen_emb, rejected_emb]), or None
+        for a corrupt pair."""
         path = self._path("pairs", key)
         if path.with_suffix(".corrupt").exists():
             return None
@@ -424,9 +436,10 @@ class LatentCache:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.with_suffix(".corrupt").touch()
                 return None
-            caption, (w, l) = got
+            caption, (w, l), emb = got
             lat = self.encode_images([w, w.flip(-1), l, l.flip(-1)])
-            self._save(path, dict(chosen=lat[0], chosen_flip=lat[1], rejected=lat[2], rejected_flip=lat[3]),
+            extra = {} if emb is None else dict(chosen_emb=emb[0], rejected_emb=emb[1])
+            self._save(path, dict(chosen=lat[0], chosen_flip=lat[1], rejected=lat[2], rejected_flip=lat[3], **extra),
                        caption=caption)
         meta, latents = self._load(path)
         return meta["caption"], latents
@@ -439,8 +452,10 @@ class LatentCache:
 
 
 def open_pairs(spec, *, resolution, random_crop=False, flip=True, caption_dropout=0.0, seed=0, split="train",
-               cache=None):
-    """The pairs of `spec` as a PairSource (see the module docstring); `cache` a LatentCache or None. Local
+               cache=None, relabel=None, embed=None):
+    """The pairs of `spec` as a PairSource (see the module docstring); `cache` a LatentCache or None; `relabel` a
+    reward model's (caption, [a, b]) -> [preferred, rejected] or None for a tie (eval.relabeller); `embed` an
+    image encoder [a, b] -> (2, D) whose embeddings ride along in the batches (and the cache). Local
     parquet shards are checked for the Pick-a-Pic columns here (their footers only); Hub shards when fetched."""
     if cache is not None and random_crop:
         raise DataError("--cache and --random-crop do not go together: a random crop changes every epoch")
@@ -450,4 +465,135 @@ def open_pairs(spec, *, resolution, random_crop=False, flip=True, caption_dropou
     for s in shards:
         if isinstance(s, ParquetShard) and s.path is not None:
             s.check()
-    return PairSource(shards, resolution, random_crop, flip, caption_dropout, seed, cache, name=str(spec))
+    return PairSource(shards, resolution, random_crop, flip, caption_dropout, seed, cache, name=str(spec),
+                      relabel=relabel, embed=embed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pairs that are built, not read: the trainer makes them with the base model (diffdpo.build_*_pairs) and writes them
+# in the Pick-a-Pic schema, so the one reader above serves them too.
+#
+#   style:FOLDER   style alignment (Diffusion-RPO's second task): each style image is preferred over the base
+#                  model's own generation for its caption. FOLDER holds images with their captions, either as
+#                  IMAGE.txt beside IMAGE.png/.jpg/.jpeg/.webp, or as metadata.jsonl lines {"file_name", "text"}
+#                  (the `datasets` ImageFolder convention).
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def style_items(folder):
+    """A style folder -> [(caption, image path)], sorted by file name; one-line errors for what is missing."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"--data style:{folder}: no such folder (expected images with captions)")
+    if (folder / "metadata.jsonl").is_file():
+        items = []
+        for n, line in enumerate((folder / "metadata.jsonl").read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    r = json.loads(line)
+                    items.append((str(r["text"]), folder / r["file_name"]))
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise DataError(f"{folder / 'metadata.jsonl'}:{n}: expected a JSON object with keys file_name, "
+                                    f"text ({type(e).__name__}: {e})") from None
+    else:
+        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        missing = [p.name for p in images if not p.with_suffix(".txt").is_file()]
+        if missing:
+            raise DataError(f"{folder}: image {missing[0]} has no caption file {Path(missing[0]).stem}.txt "
+                            f"(or give a metadata.jsonl with file_name, text)")
+        items = [(p.with_suffix(".txt").read_text().strip(), p) for p in images]
+    for _, p in items:
+        if not p.is_file():
+            raise DataError(f"{folder}: image file {p.name} not found")
+    if not items:
+        raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) with captions")
+    return sorted(items, key=lambda it: it[1].name)
+
+
+def png_bytes(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_pairs(path, captions, images_0, images_1, label_0):
+    """Pairs to one parquet file in the Pick-a-Pic v2 schema (images as PNG/JPEG bytes; label_0 1, 0, or 0.5 for a
+    tie, which the reader skips), written atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pa.table(dict(caption=list(captions), jpg_0=list(images_0), jpg_1=list(images_1),
+                          label_0=[float(v) for v in label_0], label_1=[1.0 - float(v) for v in label_0]))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, str(path) + ".tmp", row_group_size=256)
+    os.replace(str(path) + ".tmp", path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The toy world (`python diffdpo.py --model tiny --data shapes`): captioned shapes drawn with Pillow, and a judge.
+#
+# A caption names a shape, its color and the background color: "a red circle on a blue background" (6 colors x
+# 3 shapes x 5 backgrounds = 90 captions). The tiny model is pretrained on all of them, with the shape's size and
+# place drawn at random (the caption does not say). The judge encodes one clear, stated preference:
+#
+#     judge(image, caption) = fraction of the image's pixels whose nearest palette color is the caption's shape color
+#
+# so it rewards the right color and, among right-colored images, the LARGER shape ("bigger is better"). It is
+# deterministic and reads nothing but the pixels. Preference pairs are on-policy, as Pick-a-Pic's: two samples of the
+# base model for a training caption, the judge's favorite preferred (ties dropped). Evaluation uses the held-out
+# captions.
+
+COLORS = {"red": (220, 50, 50), "green": (40, 170, 70), "blue": (50, 80, 220), "yellow": (235, 210, 50),
+          "purple": (140, 60, 190), "orange": (245, 140, 30)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def shape_prompts(split="all"):
+    """The toy world's captions: "all" (90), "train" (72, the preference pairs' prompts) or "test" (18 held out)."""
+    prompts = [f"a {c} {s} on a {b} background" for c in COLORS for s in SHAPES for b in COLORS if b != c]
+    if split == "all":
+        return prompts
+    return [p for i, p in enumerate(prompts) if (i % 5 == 2) == (split == "test")]
+
+
+def parse_shape_prompt(prompt):
+    """'a red circle on a blue background' -> ('red', 'circle', 'blue'); a clear error for anything else."""
+    m = re.fullmatch(r"an? (\w+) (\w+) on an? (\w+) background", prompt.strip().lower())
+    if not m or m[1] not in COLORS or m[2] not in SHAPES or m[3] not in COLORS:
+        raise DataError(f"shapes: caption {prompt!r} is not of the form 'a COLOR SHAPE on a COLOR background' with "
+                        f"COLOR in {', '.join(COLORS)} and SHAPE in {', '.join(SHAPES)}")
+    return m[1], m[2], m[3]
+
+
+def render_shape(prompt, gen, size=32):
+    """Draw the caption with a random radius (size/8 .. size/3) and place; drawn at 4x and box-downsampled, so edges
+    are anti-aliased. gen: a torch.Generator (the only source of randomness)."""
+    color, shape, bg = parse_shape_prompt(prompt)
+    r = float(size / 8 + torch.rand((), generator=gen) * (size / 3 - size / 8))
+    cx, cy = (float(r + torch.rand((), generator=gen) * (size - 2 * r)) for _ in range(2))
+    s = 4
+    img = Image.new("RGB", (size * s, size * s), COLORS[bg])
+    draw = __import__("PIL.ImageDraw", fromlist=["ImageDraw"]).Draw(img)
+    box = [(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s]
+    if shape == "circle":
+        draw.ellipse(box, fill=COLORS[color])
+    elif shape == "square":
+        draw.rectangle([cx * s - 0.8 * r * s, cy * s - 0.8 * r * s, cx * s + 0.8 * r * s, cy * s + 0.8 * r * s],
+                       fill=COLORS[color])
+    else:
+        draw.polygon([(cx * s, box[1]), (box[0], box[3]), (box[2], box[3])], fill=COLORS[color])
+    return img.resize((size, size), Image.BOX)
+
+
+def judge(image, prompt):
+    """The toy world's preference score in [0, 1]: the fraction of pixels nearest (in RGB) to the caption's shape
+    color among the six palette colors. image: a PIL image, or a (3, H, W) tensor in [-1, 1]."""
+    if isinstance(image, Image.Image):
+        x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
+    else:
+        x = (image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5
+    palette = torch.tensor(list(COLORS.values()), dtype=torch.float32)                # (6, 3)
+    d = (x.flatten(1).T[:, None, :] - palette[None]).pow(2).sum(-1)                  # (HW, 6)
+    return (d.argmin(-1) == list(COLORS).index(parse_shape_prompt(prompt)[0])).float().mean().item()

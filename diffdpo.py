@@ -2,10 +2,12 @@
 Diffusion-DPO (Wallace et al., "Diffusion Model Alignment Using Direct Preference Optimization", CVPR 2024),
 from the noise schedule to a multi-GPU training run, in one file.
 
+    python diffdpo.py --model tiny --data shapes --out runs/toy      # the toy world: a laptop CPU, ~80 s
     python diffdpo.py --model sd15 --data pickapic --out runs/dpo-sd15
 
 Read top to bottom: the noise schedule (DDPM), the ELBO surrogate of the log-likelihood, the DPO loss, then the
-trainer (config, data, model, optimizer, loop) and the CLI. The networks are in unet.py, the data in data.py.
+trainer (config, data, model, optimizer, loop), the toy world and the CLI. The networks are in unet.py, the data in
+data.py.
 """
 import torch
 import torch.nn.functional as F
@@ -95,6 +97,7 @@ def sft_loss(model_losses_w):
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import math  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -102,11 +105,16 @@ import time  # noqa: E402
 from dataclasses import asdict, dataclass, field, fields  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
 
 @dataclass
 class TrainConfig:
-    model: str = field(default="sd15", metadata={"help": "alias (sd15, sdxl), Hub id, diffusers folder or .safetensors"})
-    data: str = field(default="pickapic", metadata={"help": "pickapic | hub:OWNER/NAME | parquet file/folder | pairs.jsonl"})
+    model: str = field(default="tiny", metadata={"help": "tiny (the toy model, embedded) | alias (sd15, sdxl) | Hub id | "
+                                                         "diffusers folder | .safetensors"})
+    data: str = field(default="shapes", metadata={"help": "shapes (the toy world) | pickapic | hub:OWNER/NAME | parquet "
+                                                          "file/folder | pairs.jsonl"})
     out: str = field(default="runs/dpo", metadata={"help": "run directory (re-running resumes from its checkpoint)"})
     loss: str = field(default="dpo", metadata={"help": "dpo | sft (plain diffusion loss on the preferred image)"})
     beta: float = field(default=5000.0, metadata={"help": "KL strength, with the official code's 0.5 factor"})
@@ -123,6 +131,13 @@ class TrainConfig:
     mixed_precision: str = field(default="auto", metadata={"help": "no | fp16 | bf16 | auto (bf16 on GPU, no on CPU)"})
     grad_checkpointing: bool = False
     compile: bool = field(default=False, metadata={"help": "torch.compile the UNets"})
+    lora_rank: int = field(default=0, metadata={"help": "train rank-R LoRA adapters, not the whole UNet (0: off)"})
+    lora_alpha: float = field(default=0.0, metadata={"help": "LoRA scale alpha / rank; 0 = rank (scale 1)"})
+    lora_targets: str = field(default="to_q,to_k,to_v,to_out.0", metadata={
+        "help": "layers that get adapters (peft's suffix rule); add ff.net.0.proj,ff.net.2 for the feed-forwards"})
+    merge_lora: bool = field(default=False, metadata={"help": "at the last step, also write the merged OUT/unet/"})
+    choice_model: str = field(default="", metadata={"help": "AI feedback: relabel every pair with a reward model, "
+                                                            "pickscore|hps|aesthetic|clip[=PATH] (ties dropped)"})
     caption_dropout: float = field(default=0.0, metadata={"help": "probability of training on the empty prompt"})
     random_crop: bool = False
     cache: bool = field(default=False, metadata={"help": "keep VAE latents + text embeddings on disk (exact: both "
@@ -139,7 +154,8 @@ class TrainConfig:
 
     @classmethod
     def from_args(cls, argv=None, description=__doc__):
-        """One flag per field: --max-steps 10, --no-flip, ... (defaults and help from the dataclass)."""
+        """One flag per field: --max-steps 10, --no-flip, ... (defaults and help from the dataclass; the defaults are
+        SD1.5's recipe from the paper, except with --model tiny, where TOY_DEFAULTS replace them)."""
         p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         for f in fields(cls):
             flag, hlp = "--" + f.name.replace("_", "-"), f.metadata.get("help", " ")
@@ -147,6 +163,8 @@ class TrainConfig:
                 p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=hlp)
             else:
                 p.add_argument(flag, type=type(f.default), default=f.default, help=hlp)
+        if p.parse_known_args(argv)[0].model == "tiny":
+            p.set_defaults(**TOY_DEFAULTS)
         return cls(**vars(p.parse_args(argv)))
 
 
@@ -268,11 +286,13 @@ def encode_batch(sd, batch, resolution, device, dtype):
     return latents, context, added
 
 
-def latent_cache(cfg, sd, resolution, device, dtype):
-    """The --cache store for this model, data and resolution, filled by the frozen VAE and text encoders."""
+def latent_cache(cfg, sd, resolution, device, dtype, embed_key=None):
+    """The --cache store for this model, data and resolution (and reward / embedding models, if any), filled by the
+    frozen VAE and text encoders."""
     import hashlib
     import data as D
-    key = json.dumps([sd.source, cfg.data, resolution, sd.vae.scaling_factor])
+    key = [sd.source, cfg.data, resolution, sd.vae.scaling_factor]
+    key = json.dumps(key + [x for x in (cfg.choice_model, embed_key) if x])
     folder = Path(cfg.cache_dir or Path.home() / ".cache" / "diffdpo") / hashlib.sha256(key.encode()).hexdigest()[:16]
 
     @torch.no_grad()
@@ -306,7 +326,8 @@ def save_atomic(obj, path):
 
 # fields that must not change when a run is resumed (the rest, e.g. --max-steps, may)
 RESUME_KEYS = ("model", "data", "loss", "beta", "batch_size", "grad_accum", "resolution", "seed", "world_size",
-               "flip", "caption_dropout", "random_crop", "tau", "rpo_embed")
+               "flip", "caption_dropout", "random_crop", "choice_model", "tau", "rpo_embed", "rpo_clip", "lora_rank",
+               "lora_alpha", "lora_targets")
 
 
 def load_checkpoint(out, run_cfg):
@@ -314,8 +335,9 @@ def load_checkpoint(out, run_cfg):
     if not path.exists():
         return None
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    defaults = {f.name: f.default for f in fields(TrainConfig)}  # a key older runs did not record has its default
     for k in RESUME_KEYS:
-        if ckpt["config"].get(k) != run_cfg.get(k):
+        if ckpt["config"].get(k, defaults.get(k)) != run_cfg.get(k):
             raise SystemExit(f"error: {path} was made with {k}={ckpt['config'].get(k)!r}, this command has "
                              f"{k}={run_cfg.get(k)!r}; use another --out or the same settings to resume")
     return ckpt
@@ -325,14 +347,17 @@ def load_checkpoint(out, run_cfg):
 # The training loop
 
 
-def train(cfg: TrainConfig, pair_loss=None):
+def train(cfg: TrainConfig, pair_loss=None, image_embedder=None):
     """Fine-tune sd.unet on preference pairs. `pair_loss(mw, ml, rw, rl, batch, sd, world)` -> (loss, implicit_acc)
-    replaces the DPO loss (rpo.py passes its own); the loop, data, checkpoints and logging stay the same."""
+    replaces the DPO loss (rpo.py passes its own); the loop, data, checkpoints and logging stay the same.
+    `image_embedder(device)` -> embed([preferred, rejected]) -> (2, D), with a `.key` naming it: image embeddings
+    computed once per pair in the data path (and kept by --cache), as batch["chosen_emb"] / ["rejected_emb"]."""
     import data as D
     import sample
     import unet as U
     from tqdm import tqdm
 
+    t_start = time.time()
     rank, world, device = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
@@ -347,8 +372,13 @@ def train(cfg: TrainConfig, pair_loss=None):
         m.to(half)
     sd.vae.to(torch.float32 if (mp == "fp16" and sd.kind == "sdxl") else half)  # SDXL's VAE overflows in fp16
     policy = sd.unet
-    reference = copy.deepcopy(policy).to(half) if cfg.loss != "sft" else None
+    reference = copy.deepcopy(policy).to(half) if cfg.loss != "sft" and not cfg.lora_rank else None
     policy.requires_grad_(True).train()
+    if cfg.lora_rank:  # only rank-r adapters train; the reference is the same UNet with them switched off
+        layers = U.add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        reference = policy if cfg.loss != "sft" else None
+        print0(f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha or cfg.lora_rank:g} on {len(layers)} layers: "
+               f"{sum(p.numel() for p in policy.parameters() if p.requires_grad)} trainable parameters", rank=rank)
     if cfg.grad_checkpointing:
         policy.set_grad_checkpointing(True)
     resolution = cfg.resolution or sample.default_size(sd)
@@ -367,10 +397,27 @@ def train(cfg: TrainConfig, pair_loss=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(cfg.warmup_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=mp == "fp16")
 
-    # --- data
-    cache = latent_cache(cfg, sd, resolution, device, half) if cfg.cache else None
-    pairs = D.open_pairs(cfg.data, resolution=resolution, random_crop=cfg.random_crop, flip=cfg.flip,
-                         caption_dropout=cfg.caption_dropout, seed=cfg.seed, cache=cache)
+    # --- data (pairs built once by the base model: the toy world's `shapes`, on-policy pairs labelled by the judge,
+    # and style:FOLDER: style images preferred over the base model's generations for their captions)
+    spec = cfg.data
+    if cfg.data == "shapes" or cfg.data.startswith("style:"):
+        spec = out / ("shapes_pairs.parquet" if cfg.data == "shapes" else "style_pairs.parquet")
+        if rank == 0 and not spec.exists():
+            guidance = TOY_SAMPLING["guidance"] if cfg.model == "tiny" else 7.5
+            n = (build_shape_pairs(sd, spec, TOY_PAIRS, cfg.seed) if cfg.data == "shapes" else
+                 build_style_pairs(sd, cfg.data[6:], spec, resolution, cfg.sample_steps, guidance, cfg.seed))
+            print0(f"built {spec}: {n} pairs ({time.time() - t_start:.0f} s)")
+        if world > 1:
+            dist.barrier()
+    embed = image_embedder(device) if image_embedder else None
+    cache = latent_cache(cfg, sd, resolution, device, half, getattr(embed, "key", None)) if cfg.cache else None
+    relabel = None
+    if cfg.choice_model:  # AI feedback: a reward model decides which image of each pair is preferred
+        import eval as E
+        relabel = E.relabeller(cfg.choice_model, device)
+    pairs = D.open_pairs(spec, resolution=resolution, random_crop=cfg.random_crop, flip=cfg.flip,
+                         caption_dropout=cfg.caption_dropout, seed=cfg.seed, cache=cache, relabel=relabel,
+                         embed=embed)
 
     # --- resume
     run_cfg = dict(asdict(cfg), world_size=world, resolution=resolution, lr_used=lr, mixed_precision=mp,
@@ -378,7 +425,7 @@ def train(cfg: TrainConfig, pair_loss=None):
     step, position, bad_in_a_row, skipped = 0, 0, 0, 0
     ckpt = load_checkpoint(out, run_cfg)
     if ckpt is not None:
-        policy.load_state_dict(ckpt["unet"])
+        policy.load_state_dict(ckpt["unet"], strict=not cfg.lora_rank)  # with LoRA: the adapters only
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -393,14 +440,23 @@ def train(cfg: TrainConfig, pair_loss=None):
         metrics_path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= step))  # drop rows
     if step >= cfg.max_steps:                                                  # past the last checkpoint
         print0(f"{out} is already at step {step} >= --max-steps {cfg.max_steps}", rank=rank)
+        if rank == 0 and cfg.lora_rank and cfg.merge_lora:
+            U.save_unet(U.merge_lora(policy), out / "unet")
         return out
 
     def checkpoint():
         if rank == 0:
-            U.save_unet(policy, out / "unet")
-            save_atomic(dict(unet=policy.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+            if cfg.lora_rank:  # the adapters alone (the base is --model's), also as diffusers' load_lora_weights reads
+                weights = {k: v for k, v in policy.state_dict().items() if ".lora_" in k}
+                U.save_lora(policy, out / U.LORA_FILE)
+            else:
+                weights = policy.state_dict()
+                U.save_unet(policy, out / "unet")
+            save_atomic(dict(unet=weights, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                              scaler=scaler.state_dict(), step=step, position=position, skipped=skipped,
                              rng=torch.get_rng_state(), config=run_cfg), out / "checkpoint.pt")
+            if cfg.lora_rank and cfg.merge_lora and step == cfg.max_steps:  # the run's end: fold the adapters in
+                U.save_unet(U.merge_lora(policy), out / "unet")
 
     print0(f"{cfg.loss} on {sd.kind} ({sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params), "
            f"{pairs_per_step} pairs/step on {world} x {device.type}, lr {lr:.3g}, {mp} precision", rank=rank)
@@ -425,7 +481,7 @@ def train(cfg: TrainConfig, pair_loss=None):
                     rw = rl = torch.zeros(())
                 else:
                     m_l = model_losses(fwd_policy, latents, context, added, noise, t, abar, ptype, autocast)
-                    with torch.no_grad():
+                    with torch.no_grad(), U.lora_disabled(reference):
                         r_l = model_losses(fwd_ref, latents, context, added, noise, t, abar, ptype, autocast)
                     mw, ml = m_l.chunk(2)
                     rw, rl = r_l.chunk(2)
@@ -472,12 +528,22 @@ def train(cfg: TrainConfig, pair_loss=None):
         if step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             checkpoint()
             if rank == 0 and cfg.samples:
-                sample.sample_grid(sd, policy, SAMPLE_PROMPTS, list(range(len(SAMPLE_PROMPTS))),
+                toy = cfg.data == "shapes"
+                prompts = D.shape_prompts("test")[:8] if toy else SAMPLE_PROMPTS
+                sample.sample_grid(sd, policy, prompts, list(range(len(prompts))),
                                    out / "samples" / f"step{step:06d}.png", steps=cfg.sample_steps,
-                                   height=resolution, width=resolution)
+                                   height=resolution, width=resolution, guidance=TOY_SAMPLING["guidance"] if toy else 7.5)
     bar.close()
     print0(f"done: {step} steps, {skipped} skipped, {pairs.num_corrupt} corrupt pairs skipped; "
-           f"weights in {out / 'unet'}", rank=rank)
+           f"weights in {out / (U.LORA_FILE if cfg.lora_rank else 'unet')}", rank=rank)
+    if rank == 0 and cfg.data == "shapes":  # the toy world's measure: held-out captions, base vs tuned, same seeds
+        policy.eval()
+        base = U.load_sd(cfg.model, device=device).unet
+        method = cfg.loss if pair_loss is None else getattr(pair_loss, "name", "custom")
+        summary = evaluate_shapes(sd, base, policy, out, dict(loss=method, steps=step, pairs_per_step=pairs_per_step),
+                                  t_start)
+        print0(f"held-out judge score: base {summary['judge_score_base']:.4f}, tuned {summary['judge_score_tuned']:.4f}; "
+               f"win rate vs base {summary['win_rate_vs_base']:.3f} ({out / 'summary.json'}, {out / 'compare.png'})")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -488,16 +554,213 @@ SAMPLE_PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a red c
                   "a watercolor painting of a fox in the snow", "a close-up portrait of an old fisherman"]
 
 
-def main(cfg, pair_loss=None):
+# ----------------------------------------------------------------------------------------------------------------
+# The toy world: a tiny text-to-image model and a programmatic judge, so the whole method runs on a laptop CPU
+#
+#   python diffdpo.py --model tiny --data shapes --out runs/toy     on-policy pairs -> DPO -> held-out win rate
+#   python diffdpo.py --pretrain-tiny                               remakes tiny/, the committed base model
+#
+# `tiny` is SD1.5's pipeline (same UNet / VAE / CLIP classes, scheduler and loader) at a few million parameters,
+# pretrained on data.py's captioned shapes; `shapes` pairs and the judge are in data.py.
+
+TOY_DEFAULTS = dict(resolution=32, batch_size=16, max_steps=200, lr=3e-5, warmup_steps=10, beta=2000.0,
+                    checkpoint_every=100, sample_steps=20)   # what --model tiny changes in the defaults above
+TOY_PAIRS = 1024          # on-policy pairs built for --data shapes (ties dropped)
+TOY_SEEDS = 8             # held-out images per test caption, same seeds for base and tuned
+TOY_SAMPLING = dict(steps=20, guidance=4.0)                  # DDIM steps and classifier-free guidance
+
+
+def write_tiny_tokenizer(folder):
+    """A CLIP tokenizer folder (vocab.json, merges.txt, special tokens) for the toy captions: the 512 byte symbols
+    of CLIP's byte-level BPE plus just enough merges that every toy word is one token; any other text still
+    tokenizes (into characters). Merges are added greedily, each after those it builds on, until that holds."""
+    import unet as U
+    import data as D
+    chars = list(U.bytes_to_unicode().values())
+    words = sorted({w for p in D.shape_prompts() for w in p.split()} | {"an"})
+    merges = []
+    while True:
+        ranks = {m: r for r, m in enumerate(merges)}
+        todo = []
+        for w in words:  # BPE with the merges so far: lowest rank first, as CLIPTokenizer.bpe
+            syms = list(w[:-1]) + [w[-1] + "</w>"]
+            while len(syms) > 1:
+                r, i = min((ranks.get(p, math.inf), i) for i, p in enumerate(zip(syms, syms[1:])))
+                if r == math.inf:
+                    todo.append((syms[0], syms[1]))
+                    break
+                pair = (syms[i], syms[i + 1])
+                j, merged = 0, []
+                while j < len(syms):
+                    if j < len(syms) - 1 and (syms[j], syms[j + 1]) == pair:
+                        merged, j = merged + [syms[j] + syms[j + 1]], j + 2
+                    else:
+                        merged, j = merged + [syms[j]], j + 1
+                syms = merged
+        if not todo:
+            break
+        merges += [m for m in dict.fromkeys(todo) if m not in ranks]
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) <= U.TINY_VOCAB, (len(vocab), U.TINY_VOCAB)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                   pad_token="<|endoftext|>")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(
+        special, tokenizer_class="CLIPTokenizer", model_max_length=16, do_lower_case=True, errors="replace"), indent=2))
+
+
+def to_tensor(img):
+    """PIL RGB -> (3, H, W) in [-1, 1], as the VAE expects."""
+    return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+def pretrain_tiny(folder=None, vae_steps=1500, unet_steps=4000, batch_size=64, seed=0, vae_batch_size=32):
+    """Pretrain the toy model from scratch on freshly drawn shapes (every step new images) and write it in the
+    diffusers layout: 1. the VAE (reconstruction + a small KL to the unit Gaussian; scaling_factor = 1 / std of the
+    latents, as SD's 0.18215 was chosen); 2. the UNet and text encoder together on frozen-VAE latents with the plain
+    diffusion loss ||eps - eps_theta(x_t, t, c)||^2 (DDPM), 10% empty captions for classifier-free guidance."""
+    import data as D
+    import unet as U
+    folder = Path(folder or U.TINY_FOLDER)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    prompts = D.shape_prompts()
+
+    def draw(n):
+        ps = [prompts[i] for i in torch.randint(len(prompts), (n,), generator=gen)]
+        return ps, torch.stack([to_tensor(D.render_shape(p, gen)) for p in ps])
+
+    t0 = time.time()
+    vae = U.VAE(U.VAEConfig.tiny())
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    for step in range(vae_steps):
+        _, x = draw(vae_batch_size)
+        moments = vae.quant_conv(vae.encoder(x))
+        mean, logvar = moments.chunk(2, dim=1)
+        z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
+        rec = F.mse_loss(vae.decode(z), x)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        loss = rec + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == vae_steps - 1:
+            print(f"vae step {step}: reconstruction mse {rec.item():.5f} kl {kl.item():.3f} ({time.time() - t0:.0f} s)")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        sf = 1.0 / float(torch.cat([vae.encode(draw(256)[1]) for _ in range(4)]).std())
+    vae.cfg.raw["scaling_factor"] = vae.cfg.scaling_factor = vae.scaling_factor = round(sf, 5)
+
+    write_tiny_tokenizer(folder / "tokenizer")
+    tok = U.CLIPTokenizer.from_folder(folder / "tokenizer")
+    text, unet = U.CLIPText(U.CLIPTextConfig.tiny()), U.UNet(U.UNetConfig.tiny())
+    scheduler = dict(_class_name="DDIMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                     num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                     prediction_type="epsilon", timestep_spacing="leading")
+    abar = alphas_cumprod(scheduler)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * (1 - s / unet_steps) + 0.1)
+    for step in range(unet_steps):
+        ps, x = draw(batch_size)
+        ps = [p if torch.rand((), generator=gen) > 0.1 else "" for p in ps]
+        with torch.no_grad():
+            latents = vae.encode(x) * vae.scaling_factor
+        noise, t = torch.randn_like(latents), torch.randint(0, len(abar), (len(ps),))
+        pred = unet(add_noise(latents, noise, t, abar), t, text(tok(ps))[0])
+        loss = denoising_losses(pred, noise).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == unet_steps - 1:
+            print(f"unet step {step}: diffusion loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
+
+    for model, name in ((unet, "unet"), (vae, "vae"), (text, "text_encoder")):
+        U.save_component(model, folder / name, name)
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    (folder / "model_index.json").write_text(json.dumps(dict(
+        _class_name="StableDiffusionPipeline", scheduler=["diffusers", "DDIMScheduler"],
+        text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"],
+        unet=["diffusers", "UNet2DConditionModel"], vae=["diffusers", "AutoencoderKL"], safety_checker=[None, None],
+        feature_extractor=[None, None], image_encoder=[None, None], requires_safety_checker=False), indent=2))
+    print(f"wrote {folder} in {time.time() - t0:.0f} s")
+    return folder
+
+
+@torch.no_grad()
+def build_shape_pairs(sd, path, n=TOY_PAIRS, seed=0):
+    """On-policy preference pairs, as Pick-a-Pic's: for pair k, two samples of the base model for training caption
+    k mod 72 (seeds 2k, 2k+1 offset by --seed), labelled by data.judge (label_0 = 1 if the first scores higher, 0.5
+    on a tie, which the reader skips). Returns the number of pairs without a tie."""
+    import data as D
+    import sample
+    prompts = [D.shape_prompts("train")[k % 72] for k in range(n) for _ in range(2)]
+    seeds = [1_000_000 * (seed + 1) + i for i in range(2 * n)]
+    images = sample.render(sd, sd.unet, prompts, seeds, batch_size=256, **TOY_SAMPLING)
+    scores = [D.judge(img, p) for img, p in zip(images, prompts)]
+    label_0 = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(scores[0::2], scores[1::2])]
+    png = [D.png_bytes(img) for img in images]
+    D.write_pairs(path, prompts[0::2], png[0::2], png[1::2], label_0)
+    return sum(v != 0.5 for v in label_0)
+
+
+@torch.no_grad()
+def build_style_pairs(sd, folder, path, resolution, steps, guidance, seed=0):
+    """Style alignment pairs (Diffusion-RPO's second task): style image i (preferred) against the base model's
+    generation for its caption (seed --seed + i, `steps` DDIM steps). Returns the number of pairs."""
+    import data as D
+    import sample
+    items = D.style_items(folder)
+    prompts = [c for c, _ in items]
+    images = sample.render(sd, sd.unet, prompts, [seed + i for i in range(len(items))], batch_size=8,
+                           steps=steps, guidance=guidance, height=resolution, width=resolution)
+    D.write_pairs(path, prompts, [p.read_bytes() for _, p in items], [D.png_bytes(i) for i in images], [1.0] * len(items))
+    return len(items)
+
+
+@torch.no_grad()
+def evaluate_shapes(sd, base_unet, tuned_unet, out, extra, t_start):
+    """Base vs tuned on the 18 held-out captions x TOY_SEEDS seeds (the same seeds for both), under the judge.
+    Writes OUT/summary.json (win rate of tuned over base, ties half; mean judge scores; seconds since t_start, so
+    the whole run) and OUT/compare.png (one image per held-out caption: base above, tuned below)."""
+    import data as D
+    import sample
+    prompts = [p for p in D.shape_prompts("test") for _ in range(TOY_SEEDS)]
+    seeds = list(range(len(prompts)))
+    base = sample.render(sd, base_unet, prompts, seeds, batch_size=256, **TOY_SAMPLING)
+    tuned = sample.render(sd, tuned_unet, prompts, seeds, batch_size=256, **TOY_SAMPLING)
+    sb = torch.tensor([D.judge(i, p) for i, p in zip(base, prompts)])
+    st = torch.tensor([D.judge(i, p) for i, p in zip(tuned, prompts)])
+    summary = dict(extra, win_rate_vs_base=((st > sb).float() + 0.5 * (st == sb).float()).mean().item(),
+                   judge_score_base=sb.mean().item(), judge_score_tuned=st.mean().item(), num_images=len(prompts))
+    big = lambda imgs: [im.resize((64, 64), Image.NEAREST) for im in imgs[::TOY_SEEDS]]  # noqa: E731
+    sample.image_grid([big(base), big(tuned)], row_labels=[f"base {sb.mean():.3f}", f"tuned {st.mean():.3f}"]
+                      ).save(Path(out) / "compare.png")
+    summary["seconds"] = round(time.time() - t_start, 1)
+    (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(cfg, pair_loss=None, image_embedder=None):
     """The CLI: a bad --model or --data ends with a one-line error and exit code 2, not a traceback."""
     import data as D
     import unet as U
     try:
-        train(cfg, pair_loss)
+        train(cfg, pair_loss, image_embedder)
     except (D.DataError, U.LoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
-    main(TrainConfig.from_args())
+    if sys.argv[1:2] == ["--pretrain-tiny"]:
+        pretrain_tiny(*sys.argv[2:3])
+    else:
+        main(TrainConfig.from_args())

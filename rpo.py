@@ -53,6 +53,38 @@ def rpo_loss(model_losses_w, model_losses_l, ref_losses_w, ref_losses_l, emb_w, 
 # Embeddings of the pairs, and the batch across GPUs
 
 
+def pair_embeddings(kind, sd, batch):
+    """The embeddings the weights compare, L2-normalized, for winners (B, D) and losers (B, D):
+        text   the prompts' (a pair's winner and loser share theirs)
+        image  each image's own CLIP image embedding (computed once per pair in the data path, see image_embedder)
+        both   [text, image] concatenated, so cos(e_i, e_j) = (cos_text + cos_image) / 2     (our choice)"""
+    parts_w, parts_l = [], []
+    if kind in ("text", "both"):
+        t = F.normalize(text_embeddings(sd, batch["prompts"]), dim=-1)
+        parts_w, parts_l = [t], [t]
+    if kind in ("image", "both"):
+        parts_w.append(F.normalize(batch["chosen_emb"].to(sd.device).float(), dim=-1))
+        parts_l.append(F.normalize(batch["rejected_emb"].to(sd.device).float(), dim=-1))
+    return torch.cat(parts_w, dim=-1), torch.cat(parts_l, dim=-1)
+
+
+def image_embedder(model):
+    """--rpo-embed image|both: `make(device)` -> embed([winner, loser] (3, R, R) in [-1, 1]) -> (2, D), the projected
+    image embeddings of a CLIP (eval.py's hand-written vision tower; `model` a transformers CLIPModel Hub id or
+    folder) of each training image as the UNet sees it (unflipped), preprocessed as CLIP's own processor does."""
+    def make(device):
+        import eval as E
+        clip = E.load_scorer("clip", model, device=device)
+
+        @torch.no_grad()
+        def embed(pair):
+            pixels = clip.preprocess([E.to_pil(x) for x in pair]).to(device)
+            return clip.clip.encode_image(pixels).float().cpu()
+        embed.key = f"rpo-image:{model}"
+        return embed
+    return make
+
+
 @torch.no_grad()
 def text_embeddings(sd, prompts):
     """The loaded model's own text encoder, pooled at the EOS token (SDXL: OpenCLIP bigG's projected embedding;
@@ -91,20 +123,23 @@ def gather(x, world):
 class RPOConfig(diffdpo.TrainConfig):
     out: str = field(default="runs/rpo", metadata={"help": "run directory (re-running resumes from its checkpoint)"})
     tau: float = field(default=0.5, metadata={"help": "temperature of the similarity weights"})
-    rpo_embed: str = field(default="text", metadata={"help": "pair embeddings: text (the model's text encoder)"})
+    rpo_embed: str = field(default="text", metadata={"help": "what the weights compare: text (the model's own text "
+                                                             "encoder) | image (a CLIP's) | both"})
+    rpo_clip: str = field(default="openai/clip-vit-large-patch14", metadata={
+        "help": "the CLIP (transformers CLIPModel Hub id or folder) for --rpo-embed image|both"})
 
 
 def make_pair_loss(cfg):
-    if cfg.rpo_embed != "text":
-        raise SystemExit(f"error: --rpo-embed {cfg.rpo_embed}: only 'text' is available in this version (image "
-                         f"embeddings need the CLIP vision tower of eval.py)")
+    if cfg.rpo_embed not in ("text", "image", "both"):
+        raise SystemExit(f"error: --rpo-embed {cfg.rpo_embed}: expected text, image or both")
 
     def pair_loss(mw, ml, rw, rl, batch, sd, world):
-        emb = gather(text_embeddings(sd, batch["prompts"]), world)
-        return rpo_loss(*(gather(x, world) for x in (mw, ml, rw, rl)), emb, emb, cfg.beta, cfg.tau)
+        emb_w, emb_l = (gather(e, world) for e in pair_embeddings(cfg.rpo_embed, sd, batch))
+        return rpo_loss(*(gather(x, world) for x in (mw, ml, rw, rl)), emb_w, emb_l, cfg.beta, cfg.tau)
+    pair_loss.name = f"rpo (tau {cfg.tau:g}, {cfg.rpo_embed})"
     return pair_loss
 
 
 if __name__ == "__main__":
     cfg = RPOConfig.from_args(description=__doc__)
-    diffdpo.main(cfg, pair_loss=make_pair_loss(cfg))
+    diffdpo.main(cfg, make_pair_loss(cfg), image_embedder(cfg.rpo_clip) if cfg.rpo_embed != "text" else None)

@@ -7,6 +7,7 @@ Read top to bottom: the inference timesteps, the samplers (DDIM, Euler, DPM-Solv
 (classifier-free guidance, SDXL's conditioning, decoding), the comparison grid and the CLI.
 """
 import argparse
+import copy
 import json
 import sys
 import textwrap
@@ -312,6 +313,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sd15", help="the base: alias (sd15, sdxl), Hub id, folder or .safetensors")
     p.add_argument("--unet", default=None, help="a tuned UNet folder (OUT/unet of diffdpo.py) to sample with")
+    p.add_argument("--lora", default=None, help="or LoRA adapters to merge into the base UNet: a run folder "
+                                                "(OUT of diffdpo.py --lora-rank) or a .safetensors file")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="a text file, one prompt per line")
     p.add_argument("--out", default="samples.png", help="the grid PNG to write")
@@ -339,8 +342,10 @@ def main(argv=None):
             fail(f"--prompts {a.prompts}: {getattr(e, 'strerror', None) or e}")
     if not prompts:
         fail("no prompts: give --prompt TEXT or --prompts FILE (one prompt per line)")
-    if a.compare and not a.unet:
-        fail("--compare needs --unet (the tuned UNet folder)")
+    if a.compare and not (a.unet or a.lora):
+        fail("--compare needs --unet (the tuned UNet folder) or --lora (the adapters)")
+    if a.unet and a.lora:
+        fail("give --unet or --lora, not both")
     if a.steps < 1 or a.batch_size < 1:
         fail("--steps and --batch-size must be at least 1")
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -349,6 +354,8 @@ def main(argv=None):
     try:
         sd = U.load_sd(a.model, device=a.device, dtype=dtype)
         tuned = U.load_component(a.unet, "unet", device=a.device, dtype=dtype) if a.unet else None
+        if a.lora:  # merged into the base UNet, or into a copy of it for --compare
+            tuned = U.merge_lora(U.load_lora(copy.deepcopy(sd.unet) if a.compare else sd.unet, a.lora))
     except (U.LoadError, OSError) as e:
         fail(str(e).splitlines()[0] if str(e) else repr(e))
     if tuned and any(getattr(tuned.cfg, k) != getattr(sd.unet.cfg, k) for k in FAMILY):

@@ -12,6 +12,7 @@ Every module is named after the state-dict keys of the reference libraries, so a
 strict `load_state_dict` and no remap table. Shapes are tagged in comments: B batch, C channels, H/W spatial,
 L tokens, D width. Read top to bottom: configs, building blocks, UNet, VAE, text encoder, tokenizer, loader.
 """
+import contextlib
 import json
 import math
 import os
@@ -134,10 +135,13 @@ SDXL_UNET = dict(_class_name="UNet2DConditionModel", sample_size=128, block_out_
                  attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048,
                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
                  projection_class_embeddings_input_dim=2816)
-TINY_UNET = dict(_class_name="UNet2DConditionModel", sample_size=16, block_out_channels=[32, 64, 64],
-                 down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+# The toy world's model (python diffdpo.py --model tiny): the same networks at a few million parameters, 32 px images
+# -> 8 x 8 x 4 latents; its pretrained weights live in tiny/ beside this file (see diffdpo.pretrain_tiny).
+TINY_UNET = dict(_class_name="UNet2DConditionModel", sample_size=8, block_out_channels=[32, 64],
+                 down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
                  layers_per_block=1, attention_head_dim=4, cross_attention_dim=64, norm_num_groups=16)
+TINY_VOCAB = 640  # 512 byte symbols + whole-word merges of the toy captions + the 2 special tokens
 
 
 @dataclass
@@ -177,9 +181,9 @@ class VAEConfig:
 
     @classmethod
     def tiny(cls):
-        return cls.from_dict(dict(_class_name="AutoencoderKL", block_out_channels=[32, 64], norm_num_groups=16,
-                                  layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * 2,
-                                  up_block_types=["UpDecoderBlock2D"] * 2, sample_size=64))
+        return cls.from_dict(dict(_class_name="AutoencoderKL", block_out_channels=[16, 32, 32], norm_num_groups=8,
+                                  layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * 3,
+                                  up_block_types=["UpDecoderBlock2D"] * 3, sample_size=32))
 
 
 @dataclass
@@ -217,8 +221,9 @@ class CLIPTextConfig:
 
     @classmethod
     def tiny(cls):
-        return cls.from_dict(dict(architectures=["CLIPTextModel"], hidden_size=64, intermediate_size=256,
-                                  num_hidden_layers=2, num_attention_heads=4, projection_dim=64))
+        return cls.from_dict(dict(architectures=["CLIPTextModel"], model_type="clip_text_model", vocab_size=TINY_VOCAB,
+                                  hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                  max_position_embeddings=16, projection_dim=64, eos_token_id=2))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -626,13 +631,13 @@ class VAE(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, d, heads):
+    def __init__(self, d, heads, causal=True):  # causal for text, not for CLIP's vision tower (eval.py)
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
     def forward(self, x):
-        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True))
+        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=self.causal))
 
 
 class CLIPMLP(nn.Module):
@@ -647,11 +652,11 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPLayer(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, causal=True):
         super().__init__()
         d = cfg.hidden_size
         self.layer_norm1 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.self_attn = CLIPAttention(d, cfg.num_attention_heads)
+        self.self_attn = CLIPAttention(d, cfg.num_attention_heads, causal)
         self.layer_norm2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(d, cfg.intermediate_size, cfg.hidden_act)
 
@@ -671,9 +676,9 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, causal=True):
         super().__init__()
-        self.layers = nn.ModuleList([CLIPLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([CLIPLayer(cfg, causal) for _ in range(cfg.num_hidden_layers)])
 
 
 class CLIPTextTransformer(nn.Module):
@@ -713,6 +718,150 @@ class CLIPText(nn.Module):
         if self.cfg.with_projection:
             pooled = self.text_projection(pooled)
         return last, penultimate, pooled
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): a frozen layer W plus a trained low-rank update, y = W x + (alpha / r) B A x,
+# A (r, in), B (out, r). Named as peft names it inside diffusers (`...attn1.to_q.lora_A.weight`); the wrapped layer
+# keeps its own `weight` / `bias` keys, so a base checkpoint still loads into a UNet that has adapters.
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' `pipeline.load_lora_weights(folder)` reads
+LORA_TARGETS = "to_q,to_k,to_v,to_out.0"        # the attention projections of every transformer block
+
+
+class LoRALinear(nn.Module):
+    """An nn.Linear with an adapter: y = W x + b + (alpha / r) B(A(x)). A starts Kaiming-uniform (as nn.Linear and
+    peft draw it), B at zero, so adding an adapter leaves the output exactly unchanged; `enabled = False` runs the
+    base layer alone."""
+
+    def __init__(self, base: nn.Linear, rank, alpha):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Linear(base.in_features, rank, **kw)
+        self.lora_B = nn.Linear(rank, base.out_features, **kw)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.scale, self.enabled = alpha / rank, True
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        return y + self.scale * self.lora_B(self.lora_A(x)) if self.enabled else y
+
+    @torch.no_grad()
+    def merged(self):
+        """The plain nn.Linear with weight W + (alpha / r) B A (summed in fp32)."""
+        W, A, B = self.weight, self.lora_A.weight.float(), self.lora_B.weight.float()
+        out = nn.Linear(W.shape[1], W.shape[0], bias=self.bias is not None, device="meta")
+        out.weight = nn.Parameter((W.float() + self.scale * (B @ A)).to(W.dtype), requires_grad=False)
+        out.bias = self.bias
+        return out
+
+
+def _replace(root, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def add_lora(unet, rank, alpha=None, targets=LORA_TARGETS):
+    """Wrap each nn.Linear whose name is a target or ends in "." + target (peft's rule: "to_q" is every to_q) in a
+    LoRALinear, and freeze all but the adapters. alpha defaults to rank (scale 1). Returns the wrapped names."""
+    targets = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    match = lambda name, t: name == t or name.endswith("." + t)  # noqa: E731
+    names = [n for n, _ in unet.named_modules() if any(match(n, t) for t in targets)]
+    for t in targets:
+        if not any(match(n, t) for n in names):
+            raise LoadError(f"LoRA target {t!r}: no layer of this UNet is named so (the transformer blocks' layers: "
+                            f"to_q, to_k, to_v, to_out.0, ff.net.0.proj, ff.net.2, proj_in, proj_out)")
+    for n in names:
+        if not isinstance(unet.get_submodule(n), nn.Linear):
+            raise LoadError(f"LoRA target: {n} is a {type(unet.get_submodule(n)).__name__}; LoRA here wraps "
+                            f"nn.Linear layers only (SD1.5's proj_in / proj_out are 1x1 convolutions)")
+    unet.requires_grad_(False)
+    for n in names:
+        _replace(unet, n, LoRALinear(unet.get_submodule(n), rank, alpha or rank))
+    return names
+
+
+@contextlib.contextmanager
+def lora_disabled(unet):
+    """`with lora_disabled(unet): unet(...)` runs the base model: the DPO reference, with no second copy."""
+    layers = [m for m in unet.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield unet
+    finally:
+        for m in layers:
+            m.enabled = True
+
+
+def lora_state_dict(unet):
+    """The adapters as diffusers' `load_lora_weights` reads them (peft names, `unet.` prefix): per layer
+    `unet.<name>.lora_A.weight` (r, in) and `unet.<name>.lora_B.weight` (out, r), with alpha / r folded into B, so
+    any loader that assumes alpha = r (diffusers, peft, ComfyUI with no alphas in the file) computes the same y."""
+    return {f"unet.{n}.{k}": (w * m.scale if k == "lora_B.weight" else w).detach().contiguous().cpu()
+            for n, m in unet.named_modules() if isinstance(m, LoRALinear)
+            for k, w in (("lora_A.weight", m.lora_A.weight), ("lora_B.weight", m.lora_B.weight))}
+
+
+def save_lora(unet, path):
+    """Write lora_state_dict(unet) to `path` (a .safetensors file), atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    save_file(lora_state_dict(unet), str(path) + ".tmp", metadata={"format": "pt"})
+    os.replace(str(path) + ".tmp", path)
+
+
+def load_lora(unet, path):
+    """Add the adapters of a LoRA file to `unet`, unmerged. `path`: a run folder (its LORA_FILE) or a .safetensors
+    file in the peft format diffusers writes (`unet.<name>.lora_A.weight` / `.lora_B.weight`). The scale is 1 (alpha
+    folded into B, as save_lora writes), or lora_alpha / r from the file's diffusers metadata when it has some."""
+    from safetensors import safe_open
+    path = Path(path)
+    path = path / LORA_FILE if path.is_dir() else path
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise LoadError(f"{path}: LoRA file not found (expected a run folder with {LORA_FILE}, or the file)") from None
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise LoadError(f"{path}: not a readable safetensors file ({e})") from None
+    if meta.get("unet.rank_pattern") or meta.get("unet.alpha_pattern"):
+        raise LoadError(f"{path}: per-layer ranks or alphas (rank_pattern / alpha_pattern) are not supported")
+    other = [k for k in sd if not k.startswith("unet.")]
+    if other:
+        raise LoadError(f"{path}: key {other[0]!r}: only UNet adapters (unet.<layer>.lora_A/B.weight) are supported")
+    names = list(dict.fromkeys(k[len("unet."):].rpartition(".lora_")[0] for k in sd))
+    for n in names:
+        a, b = sd.pop(f"unet.{n}.lora_A.weight", None), sd.pop(f"unet.{n}.lora_B.weight", None)
+        if a is None or b is None or not n:
+            raise LoadError(f"{path}: layer {n!r}: expected exactly the pair unet.<layer>.lora_A.weight / "
+                            f".lora_B.weight (UNet adapters in the peft format)")
+        try:
+            base = unet.get_submodule(n)
+        except AttributeError:
+            raise LoadError(f"{path}: key unet.{n}.lora_A.weight: this UNet has no layer {n}") from None
+        if not isinstance(base, nn.Linear) or a.shape != (a.shape[0], base.in_features) or \
+                b.shape != (base.out_features, a.shape[0]):
+            raise LoadError(f"{path}: key unet.{n}.lora_A/B.weight has shapes {tuple(a.shape)} / {tuple(b.shape)}, "
+                            f"which do not fit {n} ({type(base).__name__} {tuple(base.weight.shape)})")
+        layer = LoRALinear(base, a.shape[0], a.shape[0] * meta.get("unet.lora_alpha", 1) / meta.get("unet.r", 1))
+        layer.lora_A.weight.data.copy_(a)
+        layer.lora_B.weight.data.copy_(b)
+        _replace(unet, n, layer)
+    if sd:  # lora_B biases, DoRA magnitudes, ...
+        raise LoadError(f"{path}: key {next(iter(sd))!r} is not supported (plain lora_A / lora_B weights only)")
+    return unet
+
+
+def merge_lora(unet):
+    """Fold every adapter into its layer, W <- W + (alpha / r) B A, leaving a plain UNet (diffusers' keys and speed)."""
+    for n, m in list(unet.named_modules()):
+        if isinstance(m, LoRALinear):
+            _replace(unet, n, m.merged())
+    return unet
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1017,6 +1166,7 @@ def convert_to_ldm(components, family, unet_cfg, vae_cfg):
 ALIASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
            "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
            "sd2": "stabilityai/stable-diffusion-2-1"}
+TINY_FOLDER = Path(__file__).resolve().parent / "tiny"  # `load_sd("tiny")`: the embedded toy model
 # weight file stem of each component in the diffusers layout, and its network
 COMPONENTS = {"unet": ("diffusion_pytorch_model", UNet, UNetConfig),
               "vae": ("diffusion_pytorch_model", VAE, VAEConfig),
@@ -1132,7 +1282,7 @@ def load_weights(module, sd, name="model"):
     """Strict load with a one-line error naming the offending key; tensors are assigned, not copied, so a module
     built on the meta device never holds a second copy of the weights."""
     sd = _fix_keys(sd)
-    if isinstance(module, CLIPText):  # transformers >= 5 saves CLIPTextModel without the `text_model.` prefix
+    if type(module) is CLIPText:  # transformers >= 5 saves CLIPTextModel without the `text_model.` prefix
         sd = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in sd.items()}
     expected = module.state_dict()
     missing = [k for k in expected if k not in sd]
@@ -1158,17 +1308,22 @@ def load_component(folder, name, *, device="cpu", dtype=torch.float32, variant=N
     return load_weights(model, sd, str(folder)).to(device=device, dtype=dtype)
 
 
-def save_unet(unet, folder):
-    """Write `folder/config.json` + `folder/diffusion_pytorch_model.safetensors` in the diffusers layout, atomically
-    (temp files + rename), so `UNet2DConditionModel.from_pretrained(folder)` and `load_component` read it."""
+def save_component(model, folder, name="unet"):
+    """Write `folder/config.json` + the weights (`diffusion_pytorch_model.safetensors` for unet/vae, `model.safetensors`
+    for text encoders) in the diffusers layout, atomically (temp files + rename), so diffusers/transformers'
+    `from_pretrained(folder)` and `load_component` read it."""
     from safetensors.torch import save_file
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(sd, str(folder / "weights.tmp"), metadata={"format": "pt"})
-    (folder / "config.tmp").write_text(json.dumps(unet.cfg.raw, indent=2))
-    os.replace(folder / "weights.tmp", folder / "diffusion_pytorch_model.safetensors")
+    (folder / "config.tmp").write_text(json.dumps(model.cfg.raw, indent=2))
+    os.replace(folder / "weights.tmp", folder / f"{COMPONENTS[name][0]}.safetensors")
     os.replace(folder / "config.tmp", folder / "config.json")
+
+
+def save_unet(unet, folder):
+    save_component(unet, folder, "unet")
 
 
 def _hub_snapshot(repo, variant=None, weights=True):
@@ -1209,7 +1364,7 @@ def _hub_snapshot(repo, variant=None, weights=True):
     return folder  # let the loader name what is missing
 
 
-def load_sd(model, *, device="cpu", dtype=torch.float32, variant=None, config=None) -> SD:
+def load_sd(model, *, device="cpu", dtype=torch.float32, variant=None, config=None, lora=None) -> SD:
     """Load a Stable Diffusion 1.x/2.x or SDXL pipeline's networks, tokenizers and scheduler config.
 
     model:   an alias (sd15, sdxl, sd2), a Hub repo id ("owner/name"), a local folder in the diffusers layout
@@ -1218,9 +1373,16 @@ def load_sd(model, *, device="cpu", dtype=torch.float32, variant=None, config=No
     variant: "fp16" to prefer the *.fp16.safetensors files; default: plain files, or fp16 when that is all there is
              (from the Hub, fp16 is preferred when dtype is half precision: half the download).
     config:  for a single-file checkpoint, where to take configs, tokenizers and scheduler from (alias, repo or
-             folder); default: the alias of the family its keys show (sd15, sd2, sdxl)."""
-    if model == "tiny":
-        raise LoadError("model 'tiny' is reserved for the embedded toy model, which is not in this version yet")
+             folder); default: the alias of the family its keys show (sd15, sd2, sdxl).
+    lora:    a LoRA run folder (diffdpo.py --lora-rank) or .safetensors file: its adapters are merged into the UNet."""
+    if lora is not None:
+        sd = load_sd(model, device=device, dtype=dtype, variant=variant, config=config)
+        merge_lora(load_lora(sd.unet, lora))
+        return sd
+    if model == "tiny":  # the toy world's model, committed beside this file
+        model = str(TINY_FOLDER)
+        if not (TINY_FOLDER / "model_index.json").is_file():
+            raise LoadError(f"model 'tiny': {TINY_FOLDER} is missing; remake it with python diffdpo.py --pretrain-tiny")
     model = ALIASES.get(model, model)
     p = Path(model)
     if p.is_file() and p.suffix == ".safetensors":

@@ -1,0 +1,656 @@
+"""
+Evaluation: does the tuned model beat its base? Images of both from the same seeds, scored by the reward models the
+papers report, with win rates and bootstrap intervals.
+
+    python eval.py --model sd15 --unet runs/dpo-sd15/unet --prompts parti --out eval/ \
+                   --scorers pickscore,hps,aesthetic,clip
+
+Scorers, each `load_scorer(name)(images, prompts) -> (N,) scores`, all on one hand-written CLIP (no transformers,
+open_clip or the scorers' own packages):
+    pickscore  PickScore v1 (Kirstain et al. 2023)      logit_scale.exp() * cos(image, text)   CLIP ViT-H/14
+    hps        HPSv2.1 (Wu et al. 2023)                 cos(image, text)  (tables print x100)  OpenCLIP ViT-H/14
+    aesthetic  LAION improved aesthetic predictor v2    MLP(normalized image embedding)        CLIP ViT-L/14
+    clip       CLIP score (Hessel et al. 2021)          100 * max(cos(image, text), 0)         CLIP ViT-L/14
+Prompt sets: parti, drawbench, hps, pickapic, or a .txt file (one prompt per line).
+
+Read top to bottom: the CLIP vision tower and CLIPModel, image preprocessing, the OpenCLIP names, the scorers and their
+loaders, prompt sets, the bootstrap, the CLI.
+"""
+import argparse
+import html
+import json
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import unet as U
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLIP: the vision tower (transformers CLIPVisionTransformer) and the two towers with their projections (CLIPModel)
+
+
+@dataclass
+class CLIPVisionConfig:
+    hidden_size: int = 768                      # transformers' defaults, for config.json files that leave keys out
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"              # OpenCLIP ViT-H: "gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 512
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, d):
+        return U._from_dict(cls, d)
+
+    @classmethod
+    def vit_h14(cls):  # PickScore's and HPSv2's image tower (OpenCLIP ViT-H/14, laion2B)
+        return cls.from_dict(dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                  num_attention_heads=16, patch_size=14, hidden_act="gelu", projection_dim=1024))
+
+    @classmethod
+    def vit_l14(cls):  # OpenAI CLIP ViT-L/14 (the aesthetic predictor's and CLIP score's)
+        return cls.from_dict(dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, patch_size=14, projection_dim=768))
+
+    @classmethod
+    def tiny(cls):
+        return cls.from_dict(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=28, patch_size=14, projection_dim=16))
+
+
+# the text towers that go with them (CLIPTextConfig of unet.py; eos_token_id 2 = pool at the argmax id, as OpenCLIP)
+TEXT_H14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                hidden_act="gelu", projection_dim=1024, eos_token_id=2)
+TEXT_L14 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                projection_dim=768, eos_token_id=2)
+TEXT_DEFAULTS = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+                     projection_dim=512)        # transformers' CLIPTextConfig defaults (ours are ViT-L's)
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        p, n = cfg.patch_size, (cfg.image_size // cfg.patch_size) ** 2
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, p, stride=p, bias=False)
+        self.position_embedding = nn.Embedding(n + 1, cfg.hidden_size)
+
+    def forward(self, pixels):
+        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)                # (B, N, D), N = (S / p)^2
+        cls = self.class_embedding.to(x.dtype).expand(len(x), 1, -1)                # (B, 1, D)
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight          # (B, 1 + N, D)
+
+
+class CLIPVisionTransformer(nn.Module):
+    """pixels (B, 3, S, S) -> pooled (B, D): patches + class token, pre-LN, non-causal layers, LN of the class token."""
+
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.embeddings = CLIPVisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)   # sic: the checkpoints' spelling
+        self.encoder = U.CLIPEncoder(cfg, causal=False)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixels):
+        h = self.pre_layrnorm(self.embeddings(pixels))
+        for layer in self.encoder.layers:
+            h = layer(h)
+        return self.post_layernorm(h[:, 0])                                         # (B, D)
+
+
+class CLIP(U.CLIPText):
+    """transformers CLIPModel: unet.py's text tower with its projection (text_model.*, text_projection), the vision
+    tower (vision_model.*, visual_projection) and the learned temperature (logit_scale). Embeddings are unit-norm."""
+
+    def __init__(self, text_cfg: U.CLIPTextConfig, vision_cfg: CLIPVisionConfig):
+        super().__init__(replace(text_cfg, with_projection=True))
+        self.vision_cfg = vision_cfg
+        self.vision_model = CLIPVisionTransformer(vision_cfg)
+        self.visual_projection = nn.Linear(vision_cfg.hidden_size, vision_cfg.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.zeros(()))
+
+    @classmethod
+    def from_dict(cls, d):
+        """A transformers CLIPModel config.json (older files put overrides in text_config_dict/vision_config_dict)."""
+        text = {**TEXT_DEFAULTS, **(d.get("text_config") or {}), **(d.get("text_config_dict") or {}),
+                "projection_dim": d.get("projection_dim", 512)}
+        vision = {**(d.get("vision_config") or {}), **(d.get("vision_config_dict") or {}),
+                  "projection_dim": d.get("projection_dim", 512)}
+        text.pop("architectures", None)  # null in sub-configs; CLIP sets the projection itself
+        return U.CLIPTextConfig.from_dict(text), CLIPVisionConfig.from_dict(vision)
+
+    def encode_text(self, ids):
+        return F.normalize(self(ids)[2], dim=-1)                                    # (B, P)
+
+    def encode_image(self, pixels):
+        return F.normalize(self.visual_projection(self.vision_model(pixels)), dim=-1)  # (B, P)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image preprocessing, as each scorer was trained with
+
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _normalize(arrays, mean, std):
+    """uint8 (H, W, 3) arrays -> (B, 3, H, W) float32: x / 255 (in float64, then float32), then (x - mean) / std."""
+    x = torch.from_numpy(np.stack([(a.astype(np.float64) / 255).astype(np.float32) for a in arrays]))
+    x = (x - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std, dtype=torch.float32)
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+def clip_preprocess(images, size=224, crop=224, mean=OPENAI_MEAN, std=OPENAI_STD):
+    """transformers' CLIPImageProcessor (PIL backend): RGB; shortest side -> size with PIL bicubic, the long side
+    int(size * long / short) (truncated, not rounded); center crop at floor((H - crop) / 2); /255; normalize."""
+    out = []
+    for im in images:
+        im = im.convert("RGB")
+        w, h = im.size
+        short, long = min(w, h), max(w, h)
+        new = (size, int(size * long / short))
+        im = im.resize((new[0], new[1]) if w <= h else (new[1], new[0]), Image.BICUBIC)
+        a = np.asarray(im)
+        top, left = (a.shape[0] - crop) // 2, (a.shape[1] - crop) // 2
+        out.append(a[top:top + crop, left:left + crop])
+    return _normalize(out, mean, std)
+
+
+def hps_preprocess(images, size=224, mean=OPENAI_MEAN, std=OPENAI_STD):
+    """HPSv2's eval transform (open_clip `image_transform(..., resize_longest_max=True)`, its `light_augmentation`):
+    to tensor in [0, 1]; longest side -> size by torchvision's tensor resize (bicubic, antialiased, float, unclamped)
+    with the other side round(side * size / longest); zero-pad (black) to size x size, the extra pixel right/bottom;
+    normalize. No crop, so nothing of a non-square image is lost. (As open_clip: an image whose longest side already
+    equals `size` is neither resized nor padded.)"""
+    out = []
+    for im in images:
+        x = torch.from_numpy(np.asarray(im.convert("RGB")).astype(np.float32) / 255).permute(2, 0, 1)  # (3, H, W)
+        h, w = x.shape[1:]
+        scale = size / max(h, w)
+        if scale != 1.0:
+            nh, nw = round(h * scale), round(w * scale)
+            x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0]
+            ph, pw = size - nh, size - nw
+            x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        out.append(x)
+    x = torch.stack(out)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def read_processor_config(path):
+    """size / crop / mean / std of a preprocessor_config.json (old files: ints, new ones: dicts)."""
+    d = U._read_json(path)
+    size, crop = d.get("size", 224), d.get("crop_size", 224)
+    size = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
+    crop = crop.get("height") if isinstance(crop, dict) else crop
+    return dict(size=size, crop=crop, mean=tuple(d.get("image_mean", OPENAI_MEAN)),
+                std=tuple(d.get("image_std", OPENAI_STD)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OpenCLIP names (HPSv2's checkpoint) -> ours, by a few string rules; q, k, v are stored fused (in_proj)
+
+OPENCLIP_RULES = [  # (OpenCLIP, ours), in order; prefixes match at the key's start, ".x." parts anywhere
+    ("visual.transformer.resblocks.", "vision_model.encoder.layers."),
+    ("visual.conv1.", "vision_model.embeddings.patch_embedding."),
+    ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
+    ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+    ("visual.ln_pre.", "vision_model.pre_layrnorm."), ("visual.ln_post.", "vision_model.post_layernorm."),
+    ("visual.proj", "visual_projection.weight"),
+    ("transformer.resblocks.", "text_model.encoder.layers."),
+    ("token_embedding.", "text_model.embeddings.token_embedding."),
+    ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    ("ln_final.", "text_model.final_layer_norm."), ("text_projection", "text_projection.weight"),
+    (".ln_1.", ".layer_norm1."), (".ln_2.", ".layer_norm2."), (".mlp.c_fc.", ".mlp.fc1."),
+    (".mlp.c_proj.", ".mlp.fc2."), (".attn.out_proj.", ".self_attn.out_proj."),
+]
+TRANSPOSED = ("visual.proj", "text_projection")  # OpenCLIP stores these as (in, out) matrices used as x @ proj
+
+
+def openclip_to_ours(sd):
+    """An OpenCLIP CLIP state dict -> CLIPModel names: the rules above, the two projections transposed, and
+    attn.in_proj_{weight,bias} (3D, ...) split into self_attn.{q,k,v}_proj."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("module."):  # saved from DistributedDataParallel
+            k = k[len("module."):]
+        if k == "attn_mask":
+            continue
+        new = k
+        for a, b in OPENCLIP_RULES:
+            new = new.replace(a, b) if new.startswith(a) or a.startswith(".") else new
+        if k in TRANSPOSED:
+            v = v.t().contiguous()
+        if ".attn.in_proj_" in new:
+            stem, kind = new.split(".attn.in_proj_")
+            for name, part in zip("qkv", v.chunk(3)):
+                out[f"{stem}.self_attn.{name}_proj.{kind}"] = part.contiguous()
+            continue
+        out[new] = v
+    return out
+
+
+def openclip_configs(d):
+    """An OpenCLIP model config (ViT-H-14.json, or open_clip_config.json's `model_cfg`) -> (text, vision) configs.
+    OpenCLIP ViTs use GELU unless `quick_gelu`; heads = width / head_width (64 by default) for the image tower."""
+    d = d.get("model_cfg", d)
+    v, t = d["vision_cfg"], d["text_cfg"]
+    act = "quick_gelu" if d.get("quick_gelu") else "gelu"
+    vision = CLIPVisionConfig.from_dict(dict(
+        hidden_size=v["width"], intermediate_size=int(v["width"] * v.get("mlp_ratio", 4.0)),
+        num_hidden_layers=v["layers"], num_attention_heads=v["width"] // v.get("head_width", 64),
+        image_size=v.get("image_size", 224), patch_size=v["patch_size"], hidden_act=act, projection_dim=d["embed_dim"]))
+    text = U.CLIPTextConfig.from_dict(dict(
+        vocab_size=t.get("vocab_size", 49408), hidden_size=t["width"],
+        intermediate_size=int(t["width"] * t.get("mlp_ratio", 4.0)), num_hidden_layers=t["layers"],
+        num_attention_heads=t.get("heads", 8), max_position_embeddings=t.get("context_length", 77), hidden_act=act,
+        projection_dim=d["embed_dim"], eos_token_id=2))
+    return text, vision
+
+
+VIT_H_14 = dict(embed_dim=1024, vision_cfg=dict(image_size=224, layers=32, width=1280, head_width=80, patch_size=14),
+                text_cfg=dict(context_length=77, vocab_size=49408, width=1024, heads=16, layers=24))  # open_clip's
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scores: the formulas, then the scorer that runs them in batches
+
+
+def pickscore(image_emb, text_emb, logit_scale):
+    """PickScore (Kirstain et al. 2023): s = exp(logit_scale) * <e_image, e_text> with unit-norm embeddings (~21)."""
+    return logit_scale.exp() * (image_emb * text_emb).sum(-1)
+
+
+def hps(image_emb, text_emb):
+    """HPSv2 (Wu et al. 2023): s = <e_image, e_text>, unit-norm embeddings (~0.28; its tables print 100 s)."""
+    return (image_emb * text_emb).sum(-1)
+
+
+def clip_score(image_emb, text_emb):
+    """CLIP score: 100 * max(cos, 0) per image (torchmetrics' scale; Hessel et al. 2021 use w = 2.5, and
+    torchmetrics clamps the mean rather than each image: equal unless a cosine is negative)."""
+    return 100 * (image_emb * text_emb).sum(-1).clamp(min=0)
+
+
+class AestheticMLP(nn.Module):
+    """LAION's improved aesthetic predictor v2: a linear stack 768 -> 1024 -> 128 -> 64 -> 16 -> 1 (no activations;
+    the training dropouts sit at the odd indices, so the keys are layers.0/2/4/6/7) on the unit-norm CLIP ViT-L/14
+    image embedding; scores ~1-10."""
+
+    def __init__(self, dim=768):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(dim, 1024), nn.Identity(), nn.Linear(1024, 128), nn.Identity(),
+                                    nn.Linear(128, 64), nn.Identity(), nn.Linear(64, 16), nn.Linear(16, 1))
+
+    def forward(self, emb):
+        return self.layers(emb).squeeze(-1)
+
+
+class Scorer:
+    """scorer(images: list[PIL.Image], prompts: list[str]) -> (N,) float32 scores, run in batches."""
+
+    def __init__(self, name, clip, preprocess, tokenizer=None, head=None, device="cpu", batch_size=16):
+        self.name, self.clip, self.preprocess, self.tokenizer, self.head = name, clip, preprocess, tokenizer, head
+        self.device, self.batch_size = device, batch_size
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+        dtype, out = next(self.clip.parameters()).dtype, []
+        for i in range(0, len(images), self.batch_size):
+            pixels = self.preprocess(images[i:i + self.batch_size]).to(self.device, dtype)
+            img = self.clip.encode_image(pixels).float()
+            if self.name == "aesthetic":
+                out.append(self.head(img))
+                continue
+            txt = self.clip.encode_text(self.tokenizer(list(prompts[i:i + self.batch_size])).to(self.device)).float()
+            out.append(pickscore(img, txt, self.clip.logit_scale.float()) if self.name == "pickscore" else
+                       hps(img, txt) if self.name == "hps" else clip_score(img, txt))
+        return torch.cat(out).cpu() if out else torch.zeros(0)
+
+
+def to_pil(x):
+    """A (3, H, W) image tensor in [-1, 1] (the trainer's) -> 8-bit RGB PIL, as if it had been saved and reloaded."""
+    return Image.fromarray(((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def relabeller(spec, device="cpu"):
+    """AI feedback for training (diffdpo.py --choice-model, as the official code's --choice_model): a function
+    (caption, [image_a, image_b] as (3, R, R) tensors in [-1, 1]) -> the two reordered [preferred, rejected] by the
+    scorer, or None when it ties them (the pair is then skipped). spec: NAME or NAME=PATH (a local scorer model)."""
+    name, _, path = spec.partition("=")
+    scorer = load_scorer(name, path or None, device=device)
+
+    def relabel(caption, pair):
+        a, b = scorer([to_pil(x) for x in pair], [caption, caption]).tolist()
+        return None if a == b else (pair if a > b else pair[::-1])
+    return relabel
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: Hub ids or local folders/files; one-line LoadErrors
+
+PICKSCORE, PICKSCORE_PROCESSOR = "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+HPS_REPO, HPS_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
+CLIP_L14 = "openai/clip-vit-large-patch14"
+AESTHETIC_REPO, AESTHETIC_FILE = "camenduru/improved-aesthetic-predictor", "sac+logos+ava1-l14-linearMSE.pth"
+SCORERS = ("pickscore", "hps", "aesthetic", "clip")
+SMALL_FILES = ["*.json", "*.txt"]  # configs, tokenizer and preprocessor files
+CLIP_FILES = SMALL_FILES + ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+
+
+def _hub(repo, patterns=None, filename=None, repo_type="model"):
+    """A snapshot folder of `repo` (only `patterns`), or one file's path; from the HF cache when offline."""
+    import huggingface_hub as hh
+    try:
+        if filename:
+            return Path(hh.hf_hub_download(repo, filename, repo_type=repo_type))
+        return Path(hh.snapshot_download(repo, allow_patterns=patterns, repo_type=repo_type))
+    except Exception as e:  # not found, offline and not cached, network errors (not all of them OSErrors)
+        what = f"{repo_type} {repo!r}" + (f" file {filename!r}" if filename else "")
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise U.LoadError(f"{what}: not on the Hub or not reachable, and not in the local HF cache "
+                          f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {why}") from None
+
+
+def _folder(model, default, patterns):
+    """A local folder as is, else a Hub id (default if None) downloaded to a snapshot folder."""
+    model = model or default
+    return Path(model) if Path(model).is_dir() else _hub(model, patterns)
+
+
+def load_clip(folder, device="cpu", dtype=torch.float32):
+    """A transformers CLIPModel folder: config.json + model.safetensors (or shards) -> CLIP, strict."""
+    text_cfg, vision_cfg = CLIP.from_dict(U._read_json(Path(folder) / "config.json"))
+    sd = U.read_safetensors(U._weight_files(folder, "model"), dtype)
+    with torch.device("meta"):
+        model = CLIP(text_cfg, vision_cfg)
+    return U.load_weights(model, sd, str(folder)).to(device=device, dtype=dtype).eval()
+
+
+def _tokenizer_folder(folder, fallback):
+    """Tokenizer files in the model's folder, else the processor repo's (PickScore_v1 defers to laion's)."""
+    return folder if (folder / "vocab.json").is_file() else _folder(None, fallback, SMALL_FILES)
+
+
+def _processor(folder, fallback=None):
+    f = folder / "preprocessor_config.json"
+    if not f.is_file() and fallback:
+        f = _folder(None, fallback, SMALL_FILES) / "preprocessor_config.json"
+    cfg = read_processor_config(f) if f.is_file() else {}
+    return lambda images: clip_preprocess(images, **cfg)
+
+
+def openclip_tokenizer(folder):
+    """OpenCLIP's tokenizer (HPSv2's): the same BPE as CLIP, text html-unescaped twice, white space collapsed,
+    lower-cased, [sot] ids [eot], truncated to 77 keeping eot last, padded with 0 (the id of "!", a plain symbol
+    here, unlike transformers' tokenizers that pad with "!"). ftfy's mojibake repair is not applied."""
+    vocab = U._read_json(Path(folder) / "vocab.json")
+    merges = (Path(folder) / "merges.txt").read_text(encoding="utf-8").split("\n")
+    merges = [m for m in merges[1 if merges[0].startswith("#version") else 0:] if m.strip()]
+    tok = U.CLIPTokenizer(vocab, merges, pad_token="!", specials={"<|startoftext|>": False, "<|endoftext|>": False})
+    return lambda prompts: tok([" ".join(html.unescape(html.unescape(p)).split()) for p in prompts])
+
+
+def load_scorer(name, model=None, device="cpu", dtype=torch.float32, batch_size=16):
+    """A reward model by name (see the module docstring). `model` overrides where its weights come from:
+      pickscore  a Hub id or a CLIPModel folder (config.json, model.safetensors; tokenizer and preprocessor files
+                 beside them, else laion/CLIP-ViT-H-14-laion2B-s32B-b79K's).    default yuvalkirstain/PickScore_v1
+      clip       the same.                                                     default openai/clip-vit-large-patch14
+      hps        an OpenCLIP checkpoint .pt (a state dict or {"state_dict": ...}), or its folder; beside it an
+                 open_clip model config (open_clip_config.json or config.json; default ViT-H-14) and tokenizer files
+                 (default laion's).                                   default xswu/HPSv2 file HPS_v2.1_compressed.pt
+      aesthetic  a CLIPModel folder (ViT-L/14) with the MLP's .pth beside, or a Hub id of the CLIP.
+                 default openai/clip-vit-large-patch14 + camenduru/improved-aesthetic-predictor's MLP"""
+    if name not in SCORERS:
+        raise U.LoadError(f"unknown scorer {name!r}: expected one of {', '.join(SCORERS)}")
+    if name in ("pickscore", "clip"):
+        folder = _folder(model, PICKSCORE if name == "pickscore" else CLIP_L14, CLIP_FILES)
+        tok = U.CLIPTokenizer.from_folder(_tokenizer_folder(folder, PICKSCORE_PROCESSOR))
+        return Scorer(name, load_clip(folder, device, dtype), _processor(folder, PICKSCORE_PROCESSOR), tok,
+                      device=device, batch_size=batch_size)
+    if name == "aesthetic":
+        folder = _folder(model, CLIP_L14, CLIP_FILES + ["*.pth"])
+        heads = sorted(folder.glob("*.pth"))
+        head_file = heads[0] if heads else _hub(AESTHETIC_REPO, filename=AESTHETIC_FILE)
+        clip = load_clip(folder, device, dtype)
+        head = U.load_weights(AestheticMLP(clip.vision_cfg.projection_dim), _torch_load(head_file), str(head_file))
+        return Scorer(name, clip, _processor(folder), head=head.to(device).eval(), device=device,
+                      batch_size=batch_size)
+    path = Path(model) if model else _hub(HPS_REPO, filename=HPS_FILE)
+    if path.is_dir():
+        pts = sorted(path.glob("*.pt"))
+        if not pts:
+            raise U.LoadError(f"{path}: no .pt checkpoint in this folder")
+        path = pts[0]
+    cfg_files = [f for f in (path.parent / "open_clip_config.json", path.parent / "config.json") if f.is_file()]
+    text_cfg, vision_cfg = openclip_configs(U._read_json(cfg_files[0]) if cfg_files else VIT_H_14)
+    sd = _torch_load(path)
+    sd = openclip_to_ours(sd.get("state_dict", sd))
+    with torch.device("meta"):
+        clip = CLIP(text_cfg, vision_cfg)
+    clip = U.load_weights(clip, {k: v.to(dtype) for k, v in sd.items()}, str(path)).to(device=device, dtype=dtype)
+    size = vision_cfg.image_size
+    return Scorer(name, clip.eval(), lambda images: hps_preprocess(images, size),
+                  openclip_tokenizer(_tokenizer_folder(path.parent, PICKSCORE_PROCESSOR)), device=device,
+                  batch_size=batch_size)
+
+
+def _torch_load(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise U.LoadError(f"{path}: file not found") from None
+    except Exception as e:
+        raise U.LoadError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0] if str(e) else e!r})") \
+            from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt sets
+
+PROMPT_SETS = {  # name: (dataset repo, files to fetch, column)
+    "parti": ("nateraw/parti-prompts", ["*.parquet", "*.tsv", "*.csv"], "Prompt"),          # 1,632
+    "drawbench": ("sayakpaul/drawbench", ["*.parquet", "*.tsv", "*.csv"], "Prompts"),       # 200
+    "pickapic": ("yuvalkirstain/pickapic_v2_no_images", ["*test_unique*.parquet", "*test_unique/*.parquet"],
+                 "caption"),                                                                # ~500, deduplicated
+    "hps": ("zhwang/HPDv2", [f"benchmark/{s}.json" for s in ("anime", "concept-art", "paintings", "photo")], None),
+}
+
+
+def _read_column(path, column):
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        return pq.read_table(path, columns=[column]).column(column).to_pylist()
+    import csv
+    with open(path, newline="", encoding="utf-8") as f:
+        return [row[column] for row in csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")]
+
+
+def prompt_set(name):
+    """A list of prompts: parti (PartiPrompts), drawbench, hps (HPSv2's benchmark: anime, concept-art, paintings,
+    photo, 800 each), pickapic (Pick-a-Pic v2 test_unique captions, deduplicated in order), or a .txt file (one
+    prompt per line, blank lines skipped). Hub sets come from the HF cache when HF_HUB_OFFLINE=1."""
+    if name not in PROMPT_SETS:
+        p = Path(name)
+        if p.suffix != ".txt":
+            raise U.LoadError(f"prompt set {name!r}: expected one of {', '.join(PROMPT_SETS)} or a .txt file")
+        try:
+            return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise U.LoadError(f"{p}: {getattr(e, 'strerror', None) or e}") from None
+    repo, patterns, column = PROMPT_SETS[name]
+    folder = _hub(repo, patterns, repo_type="dataset")
+    if column is None:  # HPSv2: JSON lists of strings
+        return [p for f in patterns for p in json.loads((folder / f).read_text(encoding="utf-8"))]
+    files = sorted(p for p in folder.rglob("*") if p.suffix in (".parquet", ".tsv", ".csv"))
+    files = [f for f in files if f.suffix == ".parquet"] or files
+    if not files:
+        raise U.LoadError(f"prompt set {name!r}: dataset {repo!r} has no parquet/tsv/csv files")
+    prompts = [p for f in files for p in _read_column(f, column)]
+    return list(dict.fromkeys(prompts)) if name == "pickapic" else prompts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Win rate with a bootstrap interval
+
+
+def win_rate(tuned, base):
+    """Mean over prompts of 1[tuned > base] + 0.5 * 1[tuned == base]."""
+    tuned, base = np.asarray(tuned, dtype=np.float64), np.asarray(base, dtype=np.float64)
+    return float(np.mean((tuned > base) + 0.5 * (tuned == base)))
+
+
+def bootstrap_win_rate(tuned_scores, base_scores, n=1000, seed=0):
+    """(win rate, lo, hi): the 2.5 and 97.5 percentiles of the win rate over n resamples of the prompts (with
+    replacement; a prompt's tuned and base scores stay paired)."""
+    tuned, base = np.asarray(tuned_scores, dtype=np.float64), np.asarray(base_scores, dtype=np.float64)
+    if tuned.shape != base.shape or tuned.ndim != 1 or not len(tuned):
+        raise ValueError(f"need two equal-length non-empty score lists, got {tuned.shape} and {base.shape}")
+    outcome = (tuned > base) + 0.5 * (tuned == base)                                # (N,) in {0, 0.5, 1}
+    idx = np.random.default_rng(seed).integers(0, len(outcome), size=(n, len(outcome)))
+    rates = outcome[idx].mean(axis=1)                                               # (n,)
+    lo, hi = np.percentile(rates, [2.5, 97.5])
+    return float(outcome.mean()), float(lo), float(hi)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI: generate base and tuned images from the same seeds, score both, report
+
+LABELS = {"pickscore": "PickScore", "hps": "HPSv2.1 (x100)", "aesthetic": "Aesthetic", "clip": "CLIP score"}
+
+
+def report_markdown(report):
+    """The paper's table shape: one row per scorer, the two models' mean scores and the tuned model's win rate."""
+    rows = ["| Scorer | Base | Tuned | Tuned wins (95% CI) |", "|---|---|---|---|"]
+    for name, r in report["scorers"].items():
+        k = 100 if name == "hps" else 1
+        rows.append(f"| {LABELS[name]} | {k * r['base_mean']:.4f} | {k * r['tuned_mean']:.4f} | "
+                    f"{100 * r['win_rate']:.1f}% ({100 * r['win_lo']:.1f}-{100 * r['win_hi']:.1f}) |")
+    a = report["args"]
+    return (f"# {a['unet']} vs {a['model']}\n\n{report['n']} prompts from `{a['prompts']}`, seeds {a['seed']}.., "
+            f"{a['steps']} {a['sampler']} steps, guidance {a['guidance']}.\n\n" + "\n".join(rows) + "\n")
+
+
+def wins_losses_grid(base, tuned, prompts, delta, k=4):
+    """Base (top row) and tuned (bottom row) for the k largest wins (left) and k largest losses (right)."""
+    import sample
+    order = np.argsort(-np.asarray(delta))
+    idx = list(order[:k]) + [i for i in order[::-1][:k] if i not in order[:k]]
+    labels = [f"{delta[i]:+.3g} {prompts[i]}" for i in idx]
+    return sample.image_grid([[base[i] for i in idx], [tuned[i] for i in idx]], ["base", "tuned"], labels)
+
+
+def parse_scorer_models(items):
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or name not in SCORERS or not path:
+            raise U.LoadError(f"--scorer-model {item!r}: expected NAME=PATH with NAME one of {', '.join(SCORERS)}")
+        out[name] = path
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="sd15", help="the base: alias (sd15, sdxl, tiny), Hub id, folder or .safetensors")
+    p.add_argument("--unet", default=None, help="the tuned UNet folder (OUT/unet of diffdpo.py)")
+    p.add_argument("--lora", default=None, help="or: the tuned LoRA adapters (a run folder of diffdpo.py --lora-rank, "
+                                                "or the .safetensors file), applied to --model's UNet")
+    p.add_argument("--prompts", default="parti", help=f"{', '.join(PROMPT_SETS)} or a .txt file")
+    p.add_argument("--num", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--scorers", default="pickscore,hps,aesthetic,clip")
+    p.add_argument("--scorer-model", action="append", default=[], metavar="NAME=PATH",
+                   help="where a scorer's weights come from (repeatable); see load_scorer")
+    p.add_argument("--out", required=True, help="folder for report.json, report.md, wins_losses.png, images/")
+    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i, for both models")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "euler", "dpm"])
+    p.add_argument("--height", type=int, default=None, help="default: the model's (512 SD1.5, 1024 SDXL)")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the win rates' intervals")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    a = p.parse_args(argv)
+
+    def fail(msg):
+        print("error: " + (str(msg).splitlines() or [repr(msg)])[0], file=sys.stderr)
+        sys.exit(2)
+
+    import sample
+    from tqdm import tqdm
+    scorers = [s.strip() for s in a.scorers.split(",") if s.strip()]
+    if not scorers or any(s not in SCORERS for s in scorers):
+        fail(f"--scorers {a.scorers!r}: expected a comma-separated list of {', '.join(SCORERS)}")
+    if a.steps < 1 or a.batch_size < 1 or (a.num is not None and a.num < 1):
+        fail("--steps, --batch-size and --num must be at least 1")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA device is available (use --device cpu)")
+    if (a.unet is None) == (a.lora is None):
+        fail("give the tuned model as exactly one of --unet FOLDER or --lora DIR")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    try:
+        paths = parse_scorer_models(a.scorer_model)
+        prompts = prompt_set(a.prompts)[:a.num]
+        if not prompts:
+            fail(f"--prompts {a.prompts}: no prompts")
+        sd = U.load_sd(a.model, device=a.device, dtype=dtype)
+        tuned = (U.load_component(a.unet, "unet", device=a.device, dtype=dtype) if a.unet else
+                 U.load_sd(a.model, device=a.device, dtype=dtype, lora=a.lora).unet)
+    except (U.LoadError, OSError) as e:
+        fail(e)
+    if any(getattr(tuned.cfg, k) != getattr(sd.unet.cfg, k) for k in sample.FAMILY):
+        fail(f"--unet {a.unet}: a UNet of another model family than --model {a.model}")
+
+    out = Path(a.out)
+    seeds = [a.seed + i for i in range(len(prompts))]
+    bar = tqdm(total=2 * -(-len(prompts) // a.batch_size) * a.steps, unit="step", desc="sampling")
+    try:
+        images = {label: sample.render(sd, net, prompts, seeds, a.batch_size, steps=a.steps, guidance=a.guidance,
+                                       height=a.height, width=a.width, sampler=a.sampler, progress=bar)
+                  for label, net in (("base", sd.unet), ("tuned", tuned))}
+    except ValueError as e:
+        fail(e)
+    bar.close()
+    del sd, tuned
+    for label, ims in images.items():
+        (out / "images" / label).mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(ims):
+            im.save(out / "images" / label / f"{i:05d}.png")
+
+    report = dict(args=vars(a), n=len(prompts), prompts=prompts, seeds=seeds, scorers={})
+    for name in scorers:
+        try:
+            scorer = load_scorer(name, paths.get(name), device=a.device)
+        except (U.LoadError, OSError) as e:
+            fail(f"scorer {name}: {e}")
+        s = {label: scorer(ims, prompts).tolist() for label, ims in images.items()}
+        del scorer
+        rate, lo, hi = bootstrap_win_rate(s["tuned"], s["base"], n=a.bootstrap, seed=a.seed)
+        report["scorers"][name] = dict(base_mean=float(np.mean(s["base"])), tuned_mean=float(np.mean(s["tuned"])),
+                                       win_rate=rate, win_lo=lo, win_hi=hi, base=s["base"], tuned=s["tuned"])
+        print(f"{name}: base {np.mean(s['base']):.4f}  tuned {np.mean(s['tuned']):.4f}  "
+              f"tuned wins {100 * rate:.1f}% ({100 * lo:.1f}-{100 * hi:.1f})")
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(report_markdown(report))
+    first = report["scorers"][scorers[0]]
+    delta = [t - b for t, b in zip(first["tuned"], first["base"])]
+    wins_losses_grid(images["base"], images["tuned"], prompts, delta).save(out / "wins_losses.png")
+    print(f"wrote {out / 'report.json'}, report.md, wins_losses.png ({scorers[0]}'s largest wins and losses)")
+
+
+if __name__ == "__main__":
+    main()
