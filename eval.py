@@ -345,7 +345,7 @@ PICKSCORE, PICKSCORE_PROCESSOR = "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H
 HPS_REPO, HPS_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
 CLIP_L14 = "openai/clip-vit-large-patch14"
 AESTHETIC_REPO, AESTHETIC_FILE = "camenduru/improved-aesthetic-predictor", "sac+logos+ava1-l14-linearMSE.pth"
-SCORERS = ("pickscore", "hps", "aesthetic", "clip")
+SCORERS = ("pickscore", "hps", "aesthetic", "clip", "judge")  # judge: the toy world's (data.judge), no weights
 SMALL_FILES = ["*.json", "*.txt"]  # configs, tokenizer and preprocessor files
 CLIP_FILES = SMALL_FILES + ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
 
@@ -415,6 +415,9 @@ def load_scorer(name, model=None, device="cpu", dtype=torch.float32, batch_size=
                  default openai/clip-vit-large-patch14 + camenduru/improved-aesthetic-predictor's MLP"""
     if name not in SCORERS:
         raise U.LoadError(f"unknown scorer {name!r}: expected one of {', '.join(SCORERS)}")
+    if name == "judge":  # the toy world's programmatic judge: captions of the shapes world only
+        import data as D
+        return lambda images, prompts: torch.tensor([D.judge(i, p) for i, p in zip(images, prompts)])
     if name in ("pickscore", "clip"):
         folder = _folder(model, PICKSCORE if name == "pickscore" else CLIP_L14, CLIP_FILES)
         tok = U.CLIPTokenizer.from_folder(_tokenizer_folder(folder, PICKSCORE_PROCESSOR))
@@ -480,8 +483,11 @@ def _read_column(path, column):
 
 def prompt_set(name):
     """A list of prompts: parti (PartiPrompts), drawbench, hps (HPSv2's benchmark: anime, concept-art, paintings,
-    photo, 800 each), pickapic (Pick-a-Pic v2 test_unique captions, deduplicated in order), or a .txt file (one
-    prompt per line, blank lines skipped). Hub sets come from the HF cache when HF_HUB_OFFLINE=1."""
+    photo, 800 each), pickapic (Pick-a-Pic v2 test_unique captions, deduplicated in order), shapes (the toy world's
+    held-out captions), or a .txt file (one prompt per line, blank lines skipped). Hub sets come from the HF cache when HF_HUB_OFFLINE=1."""
+    if name == "shapes":  # the toy world's 18 held-out captions
+        import data as D
+        return D.shape_prompts("test")
     if name not in PROMPT_SETS:
         p = Path(name)
         if p.suffix != ".txt":
@@ -528,7 +534,8 @@ def bootstrap_win_rate(tuned_scores, base_scores, n=1000, seed=0):
 # ----------------------------------------------------------------------------------------------------------------
 # CLI: generate base and tuned images from the same seeds, score both, report
 
-LABELS = {"pickscore": "PickScore", "hps": "HPSv2.1 (x100)", "aesthetic": "Aesthetic", "clip": "CLIP score"}
+LABELS = {"pickscore": "PickScore", "hps": "HPSv2.1 (x100)", "aesthetic": "Aesthetic", "clip": "CLIP score",
+          "judge": "Toy judge"}
 
 
 def report_markdown(report):
@@ -539,7 +546,8 @@ def report_markdown(report):
         rows.append(f"| {LABELS[name]} | {k * r['base_mean']:.4f} | {k * r['tuned_mean']:.4f} | "
                     f"{100 * r['win_rate']:.1f}% ({100 * r['win_lo']:.1f}-{100 * r['win_hi']:.1f}) |")
     a = report["args"]
-    return (f"# {a['unet']} vs {a['model']}\n\n{report['n']} prompts from `{a['prompts']}`, seeds {a['seed']}.., "
+    return (f"# {a['unet'] or a['lora']} vs {a['model']}\n\n{report['n']} prompts from `{a['prompts']}`, "
+            f"seeds {a['seed']}.., "
             f"{a['steps']} {a['sampler']} steps, guidance {a['guidance']}.\n\n" + "\n".join(rows) + "\n")
 
 
@@ -568,7 +576,7 @@ def main(argv=None):
     p.add_argument("--unet", default=None, help="the tuned UNet folder (OUT/unet of diffdpo.py)")
     p.add_argument("--lora", default=None, help="or: the tuned LoRA adapters (a run folder of diffdpo.py --lora-rank, "
                                                 "or the .safetensors file), applied to --model's UNet")
-    p.add_argument("--prompts", default="parti", help=f"{', '.join(PROMPT_SETS)} or a .txt file")
+    p.add_argument("--prompts", default="parti", help=f"{', '.join(PROMPT_SETS)}, shapes (toy) or a .txt file")
     p.add_argument("--num", type=int, default=None, help="only the first N prompts")
     p.add_argument("--scorers", default="pickscore,hps,aesthetic,clip")
     p.add_argument("--scorer-model", action="append", default=[], metavar="NAME=PATH",

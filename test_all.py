@@ -962,6 +962,12 @@ def test_toy_run_end_to_end(tmp_path, monkeypatch):
     assert 0 < s["judge_score_base"] < 1 and s["seconds"] > 0 and s["loss"] == "dpo"
     from PIL import Image
     assert Image.open(out / "compare.png").size[1] >= 128 and (out / "samples" / "step000004.png").is_file()
+    # eval.py on the toy world: the judge as a scorer, the held-out captions as the prompt set
+    E.main(["--model", "tiny", "--unet", str(out / "unet"), "--prompts", "shapes", "--num", "3", "--scorers", "judge",
+            "--steps", "4", "--guidance", "4", "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    r = json.loads((tmp_path / "eval" / "report.json").read_text())["scorers"]["judge"]
+    ims = [Image.open(tmp_path / "eval" / "images" / "tuned" / f"{i:05d}.png") for i in range(3)]
+    assert r["tuned"] == pytest.approx([D.judge(im, p) for im, p in zip(ims, D.shape_prompts("test"))], abs=1e-6)
 
 
 def test_style_pairs_and_rpo_on_them(tmp_path):
