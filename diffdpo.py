@@ -3,6 +3,7 @@ Diffusion-DPO (Wallace et al., "Diffusion Model Alignment Using Direct Preferenc
 from the noise schedule to a multi-GPU training run, in one file.
 
     python diffdpo.py --model tiny --data shapes --out runs/toy      # the toy world: a laptop CPU, ~80 s
+    python diffdpo.py --pretrain-tiny [DIR]                          # remake the toy model (default: tiny/)
     python diffdpo.py --model sd15 --data pickapic --out runs/dpo-sd15
 
 Read top to bottom: the noise schedule (DDPM), the ELBO surrogate of the log-likelihood, the DPO loss, then the
@@ -111,6 +112,7 @@ from PIL import Image  # noqa: E402
 
 @dataclass
 class TrainConfig:
+    # the defaults are the paper's SD1.5 recipe; from the command line --model tiny (the default) swaps in TOY_DEFAULTS
     model: str = field(default="tiny", metadata={"help": "tiny (the toy model, embedded) | alias (sd15, sdxl) | Hub id | "
                                                          "diffusers folder | .safetensors"})
     data: str = field(default="shapes", metadata={"help": "shapes (the toy world) | pickapic | hub:OWNER/NAME | parquet "
@@ -156,7 +158,8 @@ class TrainConfig:
     def from_args(cls, argv=None, description=__doc__):
         """One flag per field: --max-steps 10, --no-flip, ... (defaults and help from the dataclass; the defaults are
         SD1.5's recipe from the paper, except with --model tiny, where TOY_DEFAULTS replace them)."""
-        p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        help_format = type("Help", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+        p = argparse.ArgumentParser(description=description, formatter_class=help_format)
         for f in fields(cls):
             flag, hlp = "--" + f.name.replace("_", "-"), f.metadata.get("help", " ")
             if f.type in (bool, "bool"):
