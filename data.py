@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 COLUMNS = ("jpg_0", "jpg_1", "label_0", "label_1", "caption")
 PICKAPIC = "yuvalkirstain/pickapic_v2"
@@ -575,7 +575,7 @@ def render_shape(prompt, gen, size=32):
     cx, cy = (float(r + torch.rand((), generator=gen) * (size - 2 * r)) for _ in range(2))
     s = 4
     img = Image.new("RGB", (size * s, size * s), COLORS[bg])
-    draw = __import__("PIL.ImageDraw", fromlist=["ImageDraw"]).Draw(img)
+    draw = ImageDraw.Draw(img)
     box = [(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s]
     if shape == "circle":
         draw.ellipse(box, fill=COLORS[color])

@@ -98,7 +98,6 @@ def sft_loss(model_losses_w):
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import math  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -385,6 +384,7 @@ def train(cfg: TrainConfig, pair_loss=None, image_embedder=None):
     if cfg.grad_checkpointing:
         policy.set_grad_checkpointing(True)
     resolution = cfg.resolution or sample.default_size(sd)
+    guidance = TOY_SAMPLING["guidance"] if cfg.model == "tiny" else 7.5  # for the images the run makes itself
     abar = alphas_cumprod(sd.scheduler_config).to(device)
     T = len(abar)
     ptype = sd.scheduler_config.get("prediction_type", "epsilon")
@@ -406,7 +406,6 @@ def train(cfg: TrainConfig, pair_loss=None, image_embedder=None):
     if cfg.data == "shapes" or cfg.data.startswith("style:"):
         spec = out / ("shapes_pairs.parquet" if cfg.data == "shapes" else "style_pairs.parquet")
         if rank == 0 and not spec.exists():
-            guidance = TOY_SAMPLING["guidance"] if cfg.model == "tiny" else 7.5
             n = (build_shape_pairs(sd, spec, TOY_PAIRS, cfg.seed) if cfg.data == "shapes" else
                  build_style_pairs(sd, cfg.data[6:], spec, resolution, cfg.sample_steps, guidance, cfg.seed))
             print0(f"built {spec}: {n} pairs ({time.time() - t_start:.0f} s)")
@@ -531,11 +530,10 @@ def train(cfg: TrainConfig, pair_loss=None, image_embedder=None):
         if step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             checkpoint()
             if rank == 0 and cfg.samples:
-                toy = cfg.data == "shapes"
-                prompts = D.shape_prompts("test")[:8] if toy else SAMPLE_PROMPTS
+                prompts = D.shape_prompts("test")[:8] if cfg.data == "shapes" else SAMPLE_PROMPTS
                 sample.sample_grid(sd, policy, prompts, list(range(len(prompts))),
                                    out / "samples" / f"step{step:06d}.png", steps=cfg.sample_steps,
-                                   height=resolution, width=resolution, guidance=TOY_SAMPLING["guidance"] if toy else 7.5)
+                                   height=resolution, width=resolution, guidance=guidance)
     bar.close()
     print0(f"done: {step} steps, {skipped} skipped, {pairs.num_corrupt} corrupt pairs skipped; "
            f"weights in {out / (U.LORA_FILE if cfg.lora_rank else 'unet')}", rank=rank)
@@ -582,28 +580,13 @@ def write_tiny_tokenizer(folder):
     chars = list(U.bytes_to_unicode().values())
     words = sorted({w for p in D.shape_prompts() for w in p.split()} | {"an"})
     merges = []
-    while True:
-        ranks = {m: r for r, m in enumerate(merges)}
-        todo = []
-        for w in words:  # BPE with the merges so far: lowest rank first, as CLIPTokenizer.bpe
-            syms = list(w[:-1]) + [w[-1] + "</w>"]
-            while len(syms) > 1:
-                r, i = min((ranks.get(p, math.inf), i) for i, p in enumerate(zip(syms, syms[1:])))
-                if r == math.inf:
-                    todo.append((syms[0], syms[1]))
-                    break
-                pair = (syms[i], syms[i + 1])
-                j, merged = 0, []
-                while j < len(syms):
-                    if j < len(syms) - 1 and (syms[j], syms[j + 1]) == pair:
-                        merged, j = merged + [syms[j] + syms[j + 1]], j + 2
-                    else:
-                        merged, j = merged + [syms[j]], j + 1
-                syms = merged
+    while True:  # tokenize every word with the merges so far; where one is still split, merge its first two symbols
+        vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+        tok = U.CLIPTokenizer({t: i for i, t in enumerate(vocab)}, [" ".join(m) for m in merges])
+        todo = [(vocab[ids[0]], vocab[ids[1]]) for ids in map(tok.bpe, words) if len(ids) > 1]
         if not todo:
             break
-        merges += [m for m in dict.fromkeys(todo) if m not in ranks]
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+        merges += [m for m in dict.fromkeys(todo) if m not in merges]
     assert len(vocab) <= U.TINY_VOCAB, (len(vocab), U.TINY_VOCAB)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -704,7 +687,8 @@ def build_shape_pairs(sd, path, n=TOY_PAIRS, seed=0):
     on a tie, which the reader skips). Returns the number of pairs without a tie."""
     import data as D
     import sample
-    prompts = [D.shape_prompts("train")[k % 72] for k in range(n) for _ in range(2)]
+    train = D.shape_prompts("train")
+    prompts = [train[k % len(train)] for k in range(n) for _ in range(2)]
     seeds = [1_000_000 * (seed + 1) + i for i in range(2 * n)]
     images = sample.render(sd, sd.unet, prompts, seeds, batch_size=256, **TOY_SAMPLING)
     scores = [D.judge(img, p) for img, p in zip(images, prompts)]
