@@ -8,6 +8,17 @@ transformers), side by side in one process, on the same inputs, alternating runs
 CPU: the real SD1.5 UNet (860M parameters, random weights) forward + backward, the tokenizer, and the load of the
 UNet from a diffusers-layout fp16 folder. Ends with one JSON line of all figures.
 
+    python bench.py --device cuda                      # SD1.5 at 512 px and SDXL at 1024 px, random weights
+    python bench.py --device cuda --models sd15 --pairs 8
+    python bench.py --dpo-step --models tiny           # the same benchmark on the CPU, toy model (~2 minutes)
+
+One full DPO optimizer step, ours vs a step written with diffusers the way the official train.py does it (VAE and
+text encoders in the step, frozen half-precision reference UNet, fp32 trainable UNet under autocast, AdamW for SD1.5,
+Adafactor + gradient checkpointing for SDXL): pairs/s, the ratio, model FLOPs per step (torch.utils.flop_counter),
+MFU against the GPU's dense bf16 peak, and each side's peak GPU memory. Ours runs eager, compiled (--compile), and
+compiled with the --cache (no VAE or text encoders in the step). Then 50-step DDIM sampling, 4 images, ours vs the
+diffusers pipeline. Ends with one JSON line.
+
     python bench.py --memory                  # peak memory of a DPO step: full fine-tuning vs LoRA (~20 GiB RAM)
 """
 import argparse
@@ -23,6 +34,9 @@ import torch
 import unet as U
 
 warnings.filterwarnings("ignore")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def timed(fn, reps):
@@ -73,16 +87,50 @@ def bench_load(folder, reps):
 
 
 def bench_tokenizer(folder, n=2000):
+    """n prompts to (n, 77) ids: cold (each side loads its tokenizer from the folder, then tokenizes: no BPE cache
+    carried over) and warm (one tokenizer object, called again on the same prompts)."""
     from transformers import CLIPTokenizer
     import test_all
     test_all.write_clip_tokenizer_folder(folder)
-    ref = CLIPTokenizer.from_pretrained(folder)
     prompts = [p + f" {i}" for i, p in enumerate(test_all.tokenizer_cases(n_random=n)[:n])]
+    ours, ref = U.CLIPTokenizer.from_folder(folder), CLIPTokenizer.from_pretrained(folder)
+    theirs = lambda tok: tok(prompts, padding="max_length", max_length=77, truncation=True,  # noqa: E731
+                             return_tensors="pt")
+    cold = alternate({"ours": lambda: U.CLIPTokenizer.from_folder(folder)(prompts),
+                      "transformers": lambda: theirs(CLIPTokenizer.from_pretrained(folder))}, 3)
+    warm = alternate({"ours": lambda: ours(prompts), "transformers": lambda: theirs(ref)}, 5)
+    return cold, warm
 
-    def fresh_ours():  # a new tokenizer each time: no BPE cache carried over
-        U.CLIPTokenizer.from_folder(folder)(prompts)
-    return alternate({"ours": fresh_ours, "transformers": lambda: ref(prompts, padding="max_length", max_length=77,
-                                                                      truncation=True, return_tensors="pt")}, 3)
+
+def bench_data(resolution, pairs=64, batch_size=4):
+    """Pairs/s one process's data pipeline delivers (parquet row -> JPEG decode -> resize, center crop, flip ->
+    tensors), from Pick-a-Pic-like pairs: smooth 768x768 JPEGs (quality 90), as the GPU step must be fed."""
+    import io
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    import data as D
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:768, 0:768] / 768
+
+    def jpeg():
+        c = rng.uniform(0, 255, (3, 3))
+        img = sum(c[:, i, None, None] * g for i, g in enumerate((yy, xx, yy * xx))) / 2
+        img = img.transpose(1, 2, 0) + rng.normal(0, 8, (768, 768, 3))
+        buf = io.BytesIO()
+        Image.fromarray(img.clip(0, 255).astype("uint8")).save(buf, "JPEG", quality=90)
+        return buf.getvalue()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "pairs.parquet")
+        pq.write_table(pa.Table.from_pylist([dict(caption=f"a picture {i}", jpg_0=jpeg(), jpg_1=jpeg(), label_0=1.0,
+                                                  label_1=0.0) for i in range(pairs)]), path)
+        batches = D.open_pairs(path, resolution=resolution).batches(batch_size)
+        next(batches)
+        t0 = time.perf_counter()
+        for _ in range(pairs // batch_size):
+            next(batches)
+        return pairs / (time.perf_counter() - t0)
 
 
 def memory_step(mode, latent=16):
@@ -139,12 +187,424 @@ def memory_table():
     return rows
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# One full DPO optimizer step: ours (diffdpo.py's pieces, as its training loop runs them) against a step written
+# with diffusers + transformers the way the official Diffusion-DPO train.py does it. Both get the same pixels,
+# prompts, noise and timesteps; image decoding and tokenization happen in data loaders and are left out (the
+# reference even gets its prompts tokenized in advance; ours tokenizes in the step, as diffdpo.py does).
+
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                 num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+                 eos_token_id=49407)
+SD_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, norm_num_groups=32,
+              down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+              scaling_factor=0.18215, sample_size=512)
+# the real architectures, as diffusers / transformers constructor arguments (test_all checks they are our presets)
+REAL = {"sd15": dict(unet=U.SD15_UNET, vae=SD_VAE, text=[CLIP_L]),
+        "sdxl": dict(unet=U.SDXL_UNET, vae=dict(SD_VAE, scaling_factor=0.13025, sample_size=1024),
+                     text=[CLIP_L, CLIP_BIGG])}
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 steps_offset=1, set_alpha_to_one=False, clip_sample=False, timestep_spacing="leading",
+                 prediction_type="epsilon")
+
+
+class Reference:
+    """The reference's networks (diffusers UNet2DConditionModel / AutoencoderKL, transformers
+    CLIPTextModel[WithProjection]) and tokenizers, for an SD1.5-like or SDXL-like model."""
+
+    def __init__(self, unet, vae, text_encoders, tokenizers, kind):
+        self.unet, self.vae, self.text_encoders, self.tokenizers, self.kind = unet, vae, text_encoders, tokenizers, kind
+
+
+def tokenizer_folders(root, kind):
+    """CLIP's real BPE vocabulary in the Hub's tokenizer layout (tokenizer/, and tokenizer_2/ for SDXL)."""
+    import test_all
+    names = [("tokenizer", "<|endoftext|>", "sd15")] + ([("tokenizer_2", "!", "decoder")] if kind == "sdxl" else [])
+    return [test_all.write_clip_tokenizer_folder(os.path.join(root, n), pad_token=p, style=s) for n, p, s in names]
+
+
+def random_models(kind, device, root):
+    """Random-weight networks at the real `kind` architecture ("sd15", "sdxl"), built directly on `device` by
+    diffusers / transformers, and ours holding copies of the same weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    cfg = REAL[kind]
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**{k: v for k, v in cfg["unet"].items() if k != "_class_name"})
+        vae = AutoencoderKL(**cfg["vae"])
+        texts = [(CLIPTextModelWithProjection if i else CLIPTextModel)(CLIPTextConfig(**c))
+                 for i, c in enumerate(cfg["text"])]
+    folders = tokenizer_folders(root, kind)
+    ref = Reference(unet, vae, texts, [CLIPTokenizer.from_pretrained(f) for f in folders], kind)
+
+    def ours(cls, config, module):  # built on meta, then given a copy of the reference's weights
+        with torch.device("meta"):
+            m = cls(config)
+        return U.load_weights(m, {k: v.detach().clone() for k, v in module.state_dict().items()})
+    archs = ["CLIPTextModel", "CLIPTextModelWithProjection"]
+    text_cfgs = [U.CLIPTextConfig.from_dict(dict(c, architectures=[a])) for c, a in zip(cfg["text"], archs)]
+    sd = U.SD(unet=ours(U.UNet, U.UNetConfig.from_dict(dict(cfg["unet"])), unet),
+              vae=ours(U.VAE, U.VAEConfig.from_dict(dict(cfg["vae"], _class_name="AutoencoderKL")), vae),
+              text_encoders=[ours(U.CLIPText, c, m) for c, m in zip(text_cfgs, texts)],
+              tokenizers=[U.CLIPTokenizer.from_folder(f) for f in folders], scheduler_config=dict(SCHEDULER), kind=kind)
+    return sd, ref
+
+
+def folder_models(folder, device):
+    """A diffusers-layout folder (the toy model `tiny`, a test hub, a downloaded pipeline) loaded by both."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    folder = str(U.TINY_FOLDER if folder == "tiny" else folder)
+    sd = U.load_sd(folder, device=device)
+    texts = [CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"))]
+    tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))]
+    if sd.kind == "sdxl":
+        texts.append(CLIPTextModelWithProjection.from_pretrained(os.path.join(folder, "text_encoder_2")))
+        tokenizers.append(CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer_2")))
+    ref = Reference(UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")).to(device),
+                    AutoencoderKL.from_pretrained(os.path.join(folder, "vae")).to(device),
+                    [t.to(device) for t in texts], tokenizers, sd.kind)
+    return sd, ref
+
+
+def make_batch(pairs, resolution, seed=0):
+    """A data-loader batch of `pairs` pairs as data.py yields it: pixels in [-1, 1] (B, 3, R, R), prompts, indices."""
+    g = torch.Generator().manual_seed(seed)
+    pix = lambda: torch.rand(pairs, 3, resolution, resolution, generator=g) * 2 - 1  # noqa: E731
+    prompts = [f"a {['red', 'blue', 'green'][i % 3]} {['cube', 'cat', 'tree', 'car'][i % 4]}" for i in range(pairs)]
+    return dict(chosen=pix(), rejected=pix(), prompts=prompts, index=torch.arange(pairs))
+
+
+def cached_batch(sd, batch, resolution, half):
+    """The same batch as --cache serves it: VAE latents and text embeddings (computed once, on the CPU side)."""
+    import diffdpo
+    device = sd.device
+    latents, context, added = diffdpo.encode_batch(sd, batch, resolution, device, half)
+    B = len(batch["prompts"])
+    out = dict(batch, chosen=latents[:B].cpu(), rejected=latents[B:].cpu(), context=context[:B].cpu())
+    if "text_embeds" in added:
+        out["pooled"] = added["text_embeds"][:B].cpu()
+    return out
+
+
+def our_dpo_step(sd, half=torch.bfloat16, beta=5000.0, optimizer="adamw", checkpointing=False, lr=1e-6):
+    """diffdpo.py's training step as step(batch, compiled=False) -> loss: encode (VAE + text encoders, or the cache's
+    latents and embeddings), noise, policy and reference denoising errors, the DPO loss, backward, gradient clipping,
+    optimizer step. compiled=True runs torch.compile'd UNets (--compile) on the same weights and optimizer."""
+    import copy
+    import diffdpo
+    device = sd.device
+    for m in sd.modules:
+        m.requires_grad_(False).eval()
+    for m in [sd.vae, *sd.text_encoders]:
+        m.to(half)
+    policy = sd.unet.requires_grad_(True).train()
+    reference = copy.deepcopy(policy).requires_grad_(False).eval().to(half)
+    policy.set_grad_checkpointing(checkpointing)
+    compiled_unets = torch.compile(policy), torch.compile(reference)  # compiled at their first call
+    cfg = diffdpo.TrainConfig(optimizer=optimizer, lr=lr)
+    opt = diffdpo.make_optimizer(cfg, list(policy.parameters()), lr, device)
+    abar = diffdpo.alphas_cumprod(sd.scheduler_config).to(device)
+    autocast = torch.autocast(device.type, dtype=half, enabled=half != torch.float32)
+
+    def step(batch, compiled=False):
+        fwd_policy, fwd_ref = compiled_unets if compiled else (policy, reference)
+        latents, context, added = diffdpo.encode_batch(sd, batch, image_side(sd, batch), device, half)
+        noise, t = diffdpo.pair_noise(batch["index"], latents.shape[1:], 0, len(abar))
+        noise, t = noise.to(device).repeat(2, 1, 1, 1), t.to(device).repeat(2)  # winner and loser share eps, t
+        m = diffdpo.model_losses(fwd_policy, latents, context, added, noise, t, abar, "epsilon", autocast)
+        with torch.no_grad():
+            r = diffdpo.model_losses(fwd_ref, latents, context, added, noise, t, abar, "epsilon", autocast)
+        loss, _ = diffdpo.dpo_loss(*m.chunk(2), *r.chunk(2), beta)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    step.policy = policy
+    return step
+
+
+def image_side(sd, batch):
+    """The image side in pixels of a batch (pixels, or cached latents x the VAE factor), for SDXL's time_ids."""
+    import sample
+    side = batch["chosen"].shape[-1]
+    return side * sample.vae_factor(sd) if "context" in batch else side
+
+
+def reference_dpo_step(ref, half=torch.bfloat16, beta=5000.0, optimizer="adamw", checkpointing=False, lr=1e-6,
+                       posterior="sample"):
+    """The official train.py's step, written with diffusers: the VAE and text encoders in half precision inside
+    the step, fp32 trainable UNet under autocast, a frozen half-precision copy as the reference UNet,
+        latents = vae.encode(x).latent_dist.sample() * scaling_factor,  noise and t shared by winner and loser,
+        mse = (unet(x_t).sample - eps)^2 per image, inside = -0.5 beta ((mse_w - mse_l) - (ref_w - ref_l)),
+    AdamW (torch's default implementation) for SD1.5, transformers' Adafactor (scale_parameter=False,
+    relative_step=False) for SDXL, gradient clipping at 1.0. Returns step(batch, input_ids, noise, t) -> loss."""
+    import copy
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+    device = ref.unet.device
+    for m in [ref.vae, *ref.text_encoders]:
+        m.requires_grad_(False).eval().to(half)
+    unet = ref.unet.requires_grad_(True).train()
+    ref_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(half)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    else:
+        unet.disable_gradient_checkpointing()
+    scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k != "set_alpha_to_one"})
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2)
+    else:
+        from transformers.optimization import Adafactor
+        opt = Adafactor(unet.parameters(), lr=lr, weight_decay=1e-2, clip_threshold=1.0, scale_parameter=False,
+                        relative_step=False)
+    autocast = torch.autocast(device.type, dtype=half, enabled=half != torch.float32)
+
+    def step(batch, input_ids, noise, t):
+        with torch.no_grad():
+            pixels = torch.cat([batch["chosen"], batch["rejected"]]).to(device, half)
+            dist = ref.vae.encode(pixels).latent_dist
+            latents = (dist.sample() if posterior == "sample" else dist.mean).float() * ref.vae.config.scaling_factor
+            if ref.kind == "sdxl":  # penultimate states of both encoders, pooled projection of the second
+                outs = [enc(ids.to(device), output_hidden_states=True) for enc, ids in zip(ref.text_encoders,
+                                                                                           input_ids)]
+                context = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)
+                R = pixels.shape[-1]
+                added = dict(text_embeds=outs[1].text_embeds.float().repeat(2, 1),
+                             time_ids=torch.tensor([[R, R, 0, 0, R, R]], device=device).float().repeat(len(pixels), 1))
+            else:
+                context, added = ref.text_encoders[0](input_ids[0].to(device))[0], None
+            context = context.float().repeat(2, 1, 1)
+        noisy = scheduler.add_noise(latents, noise, t)
+        with autocast:
+            pred = unet(noisy, t, context, added_cond_kwargs=added).sample
+        model_losses = (pred.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
+        model_w, model_l = model_losses.chunk(2)
+        with torch.no_grad(), autocast:
+            ref_pred = ref_unet(noisy, t, context, added_cond_kwargs=added).sample
+        ref_losses = (ref_pred.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
+        ref_w, ref_l = ref_losses.chunk(2)
+        loss = -F.logsigmoid(-0.5 * beta * ((model_w - model_l) - (ref_w - ref_l))).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    step.policy = unet
+    return step
+
+
+def reference_inputs(ref, batch, device, T=1000):
+    """What the reference's data loader and loop hand its step: token ids per tokenizer, and the same noise and
+    timesteps diffdpo.py draws for these pairs (so both steps compute the same thing)."""
+    import diffdpo
+    ids = [tok(batch["prompts"], padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids for tok in ref.tokenizers]
+    R = batch["chosen"].shape[-1]
+    f = 2 ** (len(ref.vae.config.block_out_channels) - 1)
+    noise, t = diffdpo.pair_noise(batch["index"], (ref.vae.config.latent_channels, R // f, R // f), 0, T)
+    return ids, noise.to(device).repeat(2, 1, 1, 1), t.to(device).repeat(2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs and MFU: model FLOPs of a step counted by torch.utils.flop_counter on the meta device (no memory, no time),
+# without gradient checkpointing's recomputation (that is hardware FLOPs, not model FLOPs)
+
+PEAK_BF16_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("GH200", 989),
+                    ("B200", 2250), ("A100", 312), ("L40S", 362), ("L4", 121), ("RTX 4090", 165), ("RTX 3090", 71)]
+
+
+def peak_tflops(name):
+    """Dense bf16 tensor-core peak of a GPU from its name (the vendor's datasheet), or None when unknown."""
+    return next((v for k, v in PEAK_BF16_TFLOPS if k in name), None)
+
+
+def step_flops(sd, pairs, resolution):
+    """Model FLOPs of one DPO step of `pairs` pairs, as (UNets, encoders): the policy UNet's forward + backward and
+    the reference UNet's forward on 2B images; the VAE encoder on 2B images and the text encoders on B prompts (the
+    part --cache removes)."""
+    import sample
+    from torch.utils.flop_counter import FlopCounterMode
+    f, B, meta = sample.vae_factor(sd), pairs, dict(device="meta")
+    with torch.device("meta"):
+        unet, vae = U.UNet(sd.unet.cfg), U.VAE(sd.vae.cfg)
+        encoders = [U.CLIPText(e.cfg) for e in sd.text_encoders]
+    x, t = torch.randn(2 * B, 4, resolution // f, resolution // f, **meta), torch.zeros(2 * B, dtype=torch.long, **meta)
+    L = sd.tokenizers[0].max_length
+    ctx = torch.randn(2 * B, L, sum(e.cfg.hidden_size for e in encoders), **meta)
+    added = dict(text_embeds=torch.randn(2 * B, encoders[-1].cfg.projection_dim, **meta),
+                 time_ids=torch.randn(2 * B, 6, **meta)) if sd.kind == "sdxl" else {}
+    with FlopCounterMode(display=False) as unets:
+        unet(x, t, ctx, **added).sum().backward()                              # policy: forward + backward
+        with torch.no_grad():
+            unet(x, t, ctx, **added)                                           # reference: forward
+    with FlopCounterMode(display=False) as enc, torch.no_grad():
+        vae.encode(torch.randn(2 * B, 3, resolution, resolution, **meta))
+        for e in encoders:
+            e(torch.zeros(B, L, dtype=torch.long, **meta))
+    return unets.get_total_flops(), enc.get_total_flops()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The GPU benchmark
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device):
+    """Drop what the last benchmark left: compiled graphs (they hold their modules) and cached GPU blocks."""
+    import gc
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def gib(n):
+    return n / 2 ** 30
+
+
+def load_models(kind, device, root):
+    return random_models(kind, device, root) if kind in REAL else folder_models(kind, device)
+
+
+def bench_dpo_step(kind, device, pairs, reps, root, compile=True):
+    """pairs/s, peak memory and MFU of one DPO optimizer step: the reference vs ours (eager; compiled; compiled with
+    the cache). Memory per side: what it keeps resident (its weights and optimizer states) + one step's peak above
+    that, so the two sides, both resident in this process, are counted apart."""
+    import sample
+    half = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sd, ref = load_models(kind, device, root)
+    sdxl = sd.kind == "sdxl"
+    optimizer = "adafactor" if sdxl else "adamw"  # the official recipe's optimizers; SDXL with checkpointing
+    mem = lambda: torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # noqa: E731
+    resolution = sample.default_size(sd)
+    batch = make_batch(pairs, resolution)
+    inputs = reference_inputs(ref, batch, device)
+    cached = cached_batch(sd, batch, resolution, half)
+    # what each side keeps on the GPU: its networks as loaded, plus what building and warming up its step added
+    # (the frozen reference copy, dtype casts, optimizer states); its peak is that + one step's peak above it
+    loaded = lambda ms: sum(t.numel() * t.element_size() for m in ms for t in [*m.parameters(), *m.buffers()])  # noqa
+    resident = {"reference": loaded([ref.unet, ref.vae, *ref.text_encoders]) - mem()}
+    reference = reference_dpo_step(ref, half, optimizer=optimizer, checkpointing=sdxl)
+    calls = {"reference": lambda: reference(batch, *inputs)}
+    calls["reference"]()                                                      # warm-up: optimizer states
+    resident["reference"] += mem()
+    resident["ours"] = loaded(sd.modules) - mem()
+    ours = our_dpo_step(sd, half, optimizer=optimizer, checkpointing=sdxl)
+    calls["ours"] = lambda: ours(batch)
+    if compile:
+        calls["ours compiled"] = lambda: ours(batch, compiled=True)
+        calls["ours compiled + cache"] = lambda: ours(cached, compiled=True)
+    for k in calls:
+        if k != "reference":
+            calls[k]()                                                        # warm-up: compilation
+    resident["ours"] += mem()
+    resident.update({k: resident["ours"] for k in calls if k.startswith("ours ")})
+    peak = {}
+
+    def measured(name):
+        def f():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = mem()
+            calls[name]()
+            sync(device)
+            if device.type == "cuda":
+                peak[name] = max(peak.get(name, 0), resident[name] + torch.cuda.max_memory_allocated(device) - start)
+        return f
+    med = alternate({k: measured(k) for k in calls}, reps)
+    unet_flops, encoder_flops = step_flops(sd, pairs, resolution)
+    tflops = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    rows = {}
+    for k, s in med.items():
+        f = unet_flops + (0 if "cache" in k else encoder_flops)
+        rows[k] = dict(pairs_per_s=pairs / s, seconds=s, ratio=med["reference"] / s, tflop_per_step=f / 1e12,
+                       mfu=f / s / (tflops * 1e12) if tflops else None,
+                       peak_gib=gib(peak[k]) if device.type == "cuda" else None)
+    return rows
+
+
+def bench_sampling(kind, device, n, steps, root):
+    """images/s of text-to-image (DDIM, guidance 7.5, half precision on GPU): ours vs the diffusers pipeline on the
+    same networks, prompts and initial noise."""
+    import sample
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    half = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sd, ref = load_models(kind, device, root)
+    sd.to(dtype=half)
+    for m in (ref.unet, ref.vae, *ref.text_encoders):
+        m.to(half)
+    size = sample.default_size(sd)
+    prompts = make_batch(n, 8)["prompts"]
+    latents = sample.initial_latents(sd, n, size, size)
+    parts = dict(vae=ref.vae, text_encoder=ref.text_encoders[0], tokenizer=ref.tokenizers[0], unet=ref.unet,
+                 scheduler=DDIMScheduler.from_config(sd.scheduler_config))
+    if sd.kind == "sdxl":
+        pipe = StableDiffusionXLPipeline(text_encoder_2=ref.text_encoders[1], tokenizer_2=ref.tokenizers[1], **parts)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def ours():
+        sample.generate(sd, prompts, steps=steps, guidance=7.5, latents=latents, sampler="ddim")
+        sync(device)
+
+    def reference():
+        pipe(prompts, num_inference_steps=steps, guidance_scale=7.5, latents=latents.to(device, half),
+             height=size, width=size)
+        sync(device)
+    med = alternate({"ours": ours, "diffusers": reference}, 3)
+    return dict(images=n, steps=steps, ours_images_per_s=n / med["ours"],
+                reference_images_per_s=n / med["diffusers"], ratio=med["diffusers"] / med["ours"])
+
+
+def step_table(device, models, pairs, reps, compile, sampling_steps, root):
+    """The DPO-step and sampling benchmarks for each model; prints tables, returns the figures."""
+    out = {}
+    for kind in models:
+        B = pairs or (1 if kind == "sdxl" else 4)
+        t0 = time.perf_counter()
+        rows = bench_dpo_step(kind, device, B, reps, root, compile)
+        print(f"\n{kind}: one DPO optimizer step, {B} pair(s), {time.perf_counter() - t0:.0f} s with compilation")
+        print(f"{'':24} {'pairs/s':>9} {'x ref':>7} {'TFLOP/step':>11} {'MFU':>6} {'peak GiB':>9}")
+        for k, r in rows.items():
+            mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "    -"
+            memory = f"{r['peak_gib']:9.1f}" if r["peak_gib"] is not None else "        -"
+            print(f"{k:24} {r['pairs_per_s']:9.3f} {r['ratio']:7.2f} {r['tflop_per_step']:11.2f} {mfu:>6} {memory}")
+        out[kind] = dict(pairs=B, step=rows)
+        free_memory(device)
+        if sampling_steps:
+            smp = bench_sampling(kind, device, 4, sampling_steps, root)
+            print(f"sampling, 4 images x {sampling_steps} DDIM steps: ours {smp['ours_images_per_s']:.3f} images/s, "
+                  f"diffusers {smp['reference_images_per_s']:.3f} ({smp['ratio']:.2f}x)")
+            out[kind]["sampling"] = smp
+        free_memory(device)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu"])
-    p.add_argument("--quick", action="store_true", help="32x32 latents (256 px) and 5 repeats, else 64x64 and 7")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="CPU: 32x32 latents (256 px) and 5 repeats, else 64x64 and 7")
     p.add_argument("--memory", action="store_true", help="peak memory of a DPO step, full vs LoRA (needs ~20 GiB)")
     p.add_argument("--memory-step", choices=["full", "lora"], help=argparse.SUPPRESS)
+    p.add_argument("--dpo-step", action="store_true", help="the DPO-step and sampling benchmarks (on by default "
+                                                           "with --device cuda)")
+    p.add_argument("--models", default="sd15,sdxl", help="for --dpo-step: sd15, sdxl (random weights at the real "
+                                                         "architectures), tiny, or diffusers folders")
+    p.add_argument("--pairs", type=int, default=0, help="pairs per step (default: 4, SDXL 1)")
+    p.add_argument("--reps", type=int, default=5, help="timed repeats of each step (median)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    p.add_argument("--no-sampling", action="store_true", help="skip the sampling benchmark")
     args = p.parse_args()
     if args.memory_step:
         rss, n = memory_step(args.memory_step)
@@ -154,8 +614,20 @@ def main():
         print(json.dumps(memory_table()))
         return
     torch.manual_seed(0)
-    latent, reps = (32, 5) if args.quick else (64, 7)
     results = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if args.device == "cuda" or args.dpo_step:
+        device = torch.device(args.device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise SystemExit("error: --device cuda, but torch sees no CUDA GPU")
+            results["gpu"] = torch.cuda.get_device_name(device)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with tempfile.TemporaryDirectory() as tmp:
+            results.update(step_table(device, args.models.split(","), args.pairs, args.reps, not args.no_compile,
+                                      0 if args.no_sampling else 50, tmp))
+        print(json.dumps(results))
+        return
+    latent, reps = (32, 5) if args.quick else (64, 7)
     with tempfile.TemporaryDirectory() as tmp:
         from diffusers import UNet2DConditionModel
         t0 = time.perf_counter()
@@ -166,8 +638,12 @@ def main():
         print(f"made a random-weight SD1.5 UNet in {time.perf_counter() - t0:.0f} s")
         rows = [("unet fwd+bwd", f"SD1.5, batch 1, {latent}x{latent} latents", bench_unet_cpu(latent, reps,
                                                                                              os.path.join(tmp, "unet"))),
-                ("unet load", "SD1.5 fp16 folder -> fp32", bench_load(os.path.join(tmp, "unet16"), reps)),
-                ("tokenizer", "2000 prompts, cold cache", bench_tokenizer(os.path.join(tmp, "tok")))]
+                ("unet load", "SD1.5 fp16 folder -> fp32", bench_load(os.path.join(tmp, "unet16"), reps))]
+        cold, warm = bench_tokenizer(os.path.join(tmp, "tok"))
+        rows += [("tokenizer", "load + 2000 prompts", cold), ("tokenizer warm", "2000 prompts again", warm)]
+    for R in (512, 1024):
+        results[f"data_pairs_per_s_{R}"] = rate = bench_data(R)
+        print(f"data pipeline: {rate:.1f} pairs/s at {R} px (one process, 768 px JPEG pairs)")
     print(f"\n{'what':14} {'setting':34} {'ours s':>9} {'ref s':>9} {'ref/ours':>9}")
     for name, setting, med in rows:
         ref_t = [v for k, v in med.items() if k != "ours"][0]

@@ -462,7 +462,7 @@ def train(cfg: TrainConfig, pair_loss=None, image_embedder=None):
 
     print0(f"{cfg.loss} on {sd.kind} ({sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params), "
            f"{pairs_per_step} pairs/step on {world} x {device.type}, lr {lr:.3g}, {mp} precision", rank=rank)
-    batches = pairs.batches(cfg.batch_size, rank=rank, world_size=world, start=position)
+    batches = D.prefetch(pairs.batches(cfg.batch_size, rank=rank, world_size=world, start=position))
     bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     while step < cfg.max_steps:
         t0 = time.time()
@@ -516,7 +516,7 @@ def train(cfg: TrainConfig, pair_loss=None, image_embedder=None):
         dt = time.time() - t0
         row = dict(step=step, loss=m[0], implicit_acc=m[1], lr=lr_now, grad_norm=float(grad_norm),
                    pairs_per_s=pairs_per_step / dt, mse_w=m[2], mse_l=m[3], ref_mse_w=m[4], ref_mse_l=m[5],
-                   skipped=skipped, corrupt=pairs.num_corrupt, seconds=dt)
+                   skipped=skipped, corrupt=batch["corrupt"], seconds=dt)
         if rank == 0:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -535,7 +535,8 @@ def train(cfg: TrainConfig, pair_loss=None, image_embedder=None):
                                    out / "samples" / f"step{step:06d}.png", steps=cfg.sample_steps,
                                    height=resolution, width=resolution, guidance=guidance)
     bar.close()
-    print0(f"done: {step} steps, {skipped} skipped, {pairs.num_corrupt} corrupt pairs skipped; "
+    batches.close()
+    print0(f"done: {step} steps, {skipped} skipped, {batch['corrupt']} corrupt pairs skipped; "
            f"weights in {out / (U.LORA_FILE if cfg.lora_rank else 'unet')}", rank=rank)
     if rank == 0 and cfg.data == "shapes":  # the toy world's measure: held-out captions, base vs tuned, same seeds
         policy.eval()

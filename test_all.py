@@ -637,6 +637,36 @@ def test_pickapic_pairs_preferred_first_ties_dropped(shard):
     assert torch.equal(a1["chosen"], a2["chosen"]) and a1["prompts"] == a2["prompts"] and "" in a1["prompts"]
 
 
+def test_prefetch_gives_the_same_batches_and_raises_data_errors(shard):
+    """The trainer reads batches through data.prefetch (a background thread decodes the next ones): the same
+    batches in the same order as reading them directly, a data error raised at its batch, and close() ends the
+    thread."""
+    import itertools
+    import threading
+    import time
+    import data as D
+    others = set(threading.enumerate())
+    direct = list(itertools.islice(D.open_pairs(str(shard), resolution=16, seed=1).batches(4), 9))
+    ahead = D.prefetch(D.open_pairs(str(shard), resolution=16, seed=1).batches(4), depth=3)
+    for a, b in zip(direct, ahead):
+        assert a["prompts"] == b["prompts"] and a["position"] == b["position"] and a["corrupt"] == b["corrupt"]
+        assert torch.equal(a["chosen"], b["chosen"]) and torch.equal(a["rejected"], b["rejected"])
+    ahead.close()
+
+    def broken():
+        yield 1
+        raise D.DataError("shard-3.parquet: column 'jpg_0' is missing")
+    stream = D.prefetch(broken())
+    assert next(stream) == 1
+    with pytest.raises(D.DataError, match="jpg_0"):
+        next(stream)
+    endless = D.prefetch(itertools.count())
+    assert next(endless) == 0
+    endless.close()
+    time.sleep(0.5)
+    assert not [t for t in threading.enumerate() if t.name == "prefetch" and t not in others]
+
+
 def test_jsonl_pairs_and_errors(tmp_path, shard):
     import pyarrow.parquet as pq
     from PIL import Image
@@ -1522,3 +1552,85 @@ def test_pretrain_tiny_writes_the_committed_layout(tmp_path):
             assert (folder / f).read_text() == (U.TINY_FOLDER / f).read_text(), f
     sd = U.load_sd(str(folder))
     assert sd.kind == "sd15" and 0.1 < sd.vae.scaling_factor < 10
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bench.py: the two DPO steps it times compute the same thing, and its FLOP count is what a step executes
+
+
+def bench_steps(sd, ref, optimizer, checkpointing, pairs=3):
+    """Three DPO steps of ours and of the diffusers-written reference on the same batch, noise and timesteps (fp32,
+    the VAE posterior mean on both sides): their losses and the total weight change."""
+    import bench
+    import sample
+    batch = bench.make_batch(pairs, sample.default_size(sd))
+    ids, noise, t = bench.reference_inputs(ref, batch, torch.device("cpu"))
+    ours = bench.our_dpo_step(sd, torch.float32, optimizer=optimizer, checkpointing=checkpointing, lr=1e-4)
+    theirs = bench.reference_dpo_step(ref, torch.float32, optimizer=optimizer, checkpointing=checkpointing, lr=1e-4,
+                                      posterior="mean")
+    before = {k: v.clone() for k, v in theirs.policy.state_dict().items()}
+    losses = [(ours(batch).item(), theirs(batch, ids, noise, t).item()) for _ in range(3)]
+    a, b = ours.policy.state_dict(), theirs.policy.state_dict()
+    change = lambda s: torch.cat([(s[k] - before[k]).flatten() for k in sorted(before)])  # noqa: E731
+    return losses, change(a), change(b), batch
+
+
+@pytest.mark.parametrize("kind", ["tiny", "sdxl"])
+def test_bench_dpo_step_equals_the_reference_step(hub, kind):
+    """bench.py times diffdpo.py's step against a step written with diffusers as the official train.py: on the toy
+    model (AdamW) and an SDXL-like hub (Adafactor, gradient checkpointing on both sides) they give the same losses
+    over three steps (the first is ln 2 up to float32 rounding x beta 5000) and the same weight change."""
+    import bench
+    sd, ref = bench.folder_models("tiny" if kind == "tiny" else hub["sdxl"], torch.device("cpu"))
+    losses, ours, theirs, _ = bench_steps(sd, ref, "adamw" if kind == "tiny" else "adafactor", kind == "sdxl")
+    assert abs(losses[0][0] - math.log(2)) < 1e-3 and abs(losses[0][1] - math.log(2)) < 1e-3
+    assert losses[1][0] < 0.6 and losses[2][0] < losses[1][0]  # the steps do train
+    for a, b in losses:
+        assert abs(a - b) <= 1e-3 * abs(b) + 1e-6, losses
+    assert (ours - theirs).norm() <= 1e-2 * theirs.norm() and theirs.norm() > 0
+
+
+def test_bench_flops_and_real_architecture_models(monkeypatch, tmp_path):
+    """step_flops (counted on the meta device) equals what torch.utils.flop_counter counts in a real step of ours
+    and of the reference; random_models builds both sides with the same weights (same UNet output), at sizes
+    shrunk here to the test configs; and the full benchmark driver runs end to end on the CPU."""
+    import bench
+    import sample
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    for a, b in [(dict(bench.SD_VAE, _class_name="AutoencoderKL"), U.VAEConfig.sd15()),
+                 (dict(bench.CLIP_L, architectures=["CLIPTextModel"]), U.CLIPTextConfig.sd15()),
+                 (dict(bench.CLIP_BIGG, architectures=["CLIPTextModelWithProjection"]), U.CLIPTextConfig.sdxl())]:
+        norm = lambda c: {k: tuple(v) if isinstance(v, list) else v for k, v in vars(c).items() if k != "raw"}  # noqa
+        assert norm(type(b).from_dict(a)) == norm(b)  # the bench's real sizes are our presets
+    for kind, cfg in (("sd15", SD15_TEST), ("sdxl", SDXL_TEST)):
+        monkeypatch.setitem(bench.REAL, kind, dict(unet=cfg["unet"], vae=cfg["vae"],
+                                                   text=[cfg["text"]] + ([cfg["text2"]] if kind == "sdxl" else [])))
+        sd, ref = bench.random_models(kind, torch.device("cpu"), str(tmp_path / kind))
+        x, t, ctx, added = unet_inputs(sd.unet)
+        assert rel_err(sd.unet(x, t, ctx, **added), ref_eps(ref.unet, x, t, ctx, added)) < 1e-5
+        context, _ = sd.encode_prompt(["a red cube"])
+        ids = ref.tokenizers[0](["a red cube"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        if kind == "sd15":
+            assert rel_err(context, ref.text_encoders[0](ids)[0]) < 1e-5
+        R, pairs = sample.default_size(sd), 2
+        counted = []
+        # the CPU's fused attention kernel has no FLOP formula in torch.utils.flop_counter (CUDA's have): the math
+        # backend spells attention out as matmuls, so every FLOP of the step is counted
+        with sdpa_kernel(SDPBackend.MATH):
+            for step in (bench.our_dpo_step(sd, torch.float32), bench.reference_dpo_step(ref, torch.float32)):
+                batch = bench.make_batch(pairs, R)
+                args = bench.reference_inputs(ref, batch, torch.device("cpu")) if step.policy is ref.unet else ()
+                with FlopCounterMode(display=False) as fc:
+                    step(batch, *args)
+                counted.append(fc.get_total_flops())
+            step, batch = bench.our_dpo_step(sd, torch.float32), bench.make_batch(pairs, R)
+            cached = bench.cached_batch(sd, batch, R, torch.float32)
+            with FlopCounterMode(display=False) as fc:
+                step(cached)
+        unets, encoders = bench.step_flops(sd, pairs, R)
+        assert counted[0] == counted[1] == unets + encoders, (counted, unets, encoders)
+        assert fc.get_total_flops() == unets and encoders > 0
+    out = bench.step_table(torch.device("cpu"), ["tiny"], 1, 1, False, 2, str(tmp_path / "t"))["tiny"]
+    assert set(out["step"]) == {"reference", "ours"} and out["step"]["ours"]["pairs_per_s"] > 0
+    assert out["sampling"]["ours_images_per_s"] > 0 and out["sampling"]["reference_images_per_s"] > 0

@@ -903,7 +903,7 @@ def split_words(text):
     words, i, n = [], 0, len(text)
     while i < n:
         k = _kind(text[i])
-        lit = next((w for w in LITERALS + CONTRACTIONS if text.startswith(w, i)), None)
+        lit = text[i] in "'<" and next((w for w in LITERALS + CONTRACTIONS if text.startswith(w, i)), None)
         if k == "S":
             i += 1
             continue
@@ -969,10 +969,12 @@ class CLIPTokenizer:
         return cls(vocab, merges, names["pad_token"], max_length if max_length < 10_000 else 77, specials)
 
     def bpe(self, word):
-        """Merge the word's symbols, lowest-ranked pair first, until no listed merge applies."""
+        """Merge the word's symbols (its UTF-8 bytes as byte_chars), lowest-ranked pair first, until no listed merge
+        applies."""
         if word in self.cache:
             return self.cache[word]
-        syms = list(word[:-1]) + [word[-1] + "</w>"]
+        chars = "".join(self.byte_chars[b] for b in word.encode("utf-8"))
+        syms = list(chars[:-1]) + [chars[-1] + "</w>"]
         while len(syms) > 1:
             rank, pair = min((self.ranks.get(p, math.inf), p) for p in zip(syms, syms[1:]))
             if rank == math.inf:
@@ -1003,7 +1005,7 @@ class CLIPTokenizer:
                     ids.append(self.vocab[part])
                     continue
                 for word in split_words(part):
-                    ids += self.bpe("".join(self.byte_chars[b] for b in word.encode("utf-8")))
+                    ids += self.bpe(word)
         return [self.bos] + ids + [self.eos]
 
     def __call__(self, prompts):
