@@ -290,7 +290,8 @@ def cached_batch(sd, batch, resolution, half):
     return out
 
 
-def our_dpo_step(sd, half=torch.bfloat16, beta=5000.0, optimizer="adamw", checkpointing=False, lr=1e-6):
+def our_dpo_step(sd, half=torch.bfloat16, beta=5000.0, optimizer="adamw", checkpointing=False, lr=1e-6,
+                 channels_last=False):
     """diffdpo.py's training step as step(batch, compiled=False) -> loss: encode (VAE + text encoders, or the cache's
     latents and embeddings), noise, policy and reference denoising errors, the DPO loss, backward, gradient clipping,
     optimizer step. compiled=True runs torch.compile'd UNets (--compile) on the same weights and optimizer."""
@@ -302,6 +303,8 @@ def our_dpo_step(sd, half=torch.bfloat16, beta=5000.0, optimizer="adamw", checkp
     for m in [sd.vae, *sd.text_encoders]:
         m.to(half)
     policy = sd.unet.requires_grad_(True).train()
+    if channels_last:
+        policy.to(memory_format=torch.channels_last)
     reference = copy.deepcopy(policy).requires_grad_(False).eval().to(half)
     policy.set_grad_checkpointing(checkpointing)
     compiled_unets = torch.compile(policy), torch.compile(reference)  # compiled at their first call
@@ -475,7 +478,7 @@ def load_models(kind, device, root):
     return random_models(kind, device, root) if kind in REAL else folder_models(kind, device)
 
 
-def bench_dpo_step(kind, device, pairs, reps, root, compile=True):
+def bench_dpo_step(kind, device, pairs, reps, root, compile=True, channels_last=False):
     """pairs/s, peak memory and MFU of one DPO optimizer step: the reference vs ours (eager; compiled; compiled with
     the cache). Memory per side: what it keeps resident (its weights and optimizer states) + one step's peak above
     that, so the two sides, both resident in this process, are counted apart."""
@@ -498,7 +501,7 @@ def bench_dpo_step(kind, device, pairs, reps, root, compile=True):
     calls["reference"]()                                                      # warm-up: optimizer states
     resident["reference"] += mem()
     resident["ours"] = loaded(sd.modules) - mem()
-    ours = our_dpo_step(sd, half, optimizer=optimizer, checkpointing=sdxl)
+    ours = our_dpo_step(sd, half, optimizer=optimizer, checkpointing=sdxl, channels_last=channels_last)
     calls["ours"] = lambda: ours(batch)
     if compile:
         calls["ours compiled"] = lambda: ours(batch, compiled=True)
@@ -567,13 +570,13 @@ def bench_sampling(kind, device, n, steps, root):
                 reference_images_per_s=n / med["diffusers"], ratio=med["diffusers"] / med["ours"])
 
 
-def step_table(device, models, pairs, reps, compile, sampling_steps, root):
+def step_table(device, models, pairs, reps, compile, sampling_steps, root, channels_last=False):
     """The DPO-step and sampling benchmarks for each model; prints tables, returns the figures."""
     out = {}
     for kind in models:
         B = pairs or (1 if kind == "sdxl" else 4)
         t0 = time.perf_counter()
-        rows = bench_dpo_step(kind, device, B, reps, root, compile)
+        rows = bench_dpo_step(kind, device, B, reps, root, compile, channels_last)
         print(f"\n{kind}: one DPO optimizer step, {B} pair(s), {time.perf_counter() - t0:.0f} s with compilation")
         print(f"{'':24} {'pairs/s':>9} {'x ref':>7} {'TFLOP/step':>11} {'MFU':>6} {'peak GiB':>9}")
         for k, r in rows.items():
@@ -605,6 +608,7 @@ def main():
     p.add_argument("--reps", type=int, default=5, help="timed repeats of each step (median)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     p.add_argument("--no-sampling", action="store_true", help="skip the sampling benchmark")
+    p.add_argument("--channels-last", action="store_true", help="our UNets in NHWC (diffdpo.py --channels-last)")
     args = p.parse_args()
     if args.memory_step:
         rss, n = memory_step(args.memory_step)
@@ -624,7 +628,7 @@ def main():
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         with tempfile.TemporaryDirectory() as tmp:
             results.update(step_table(device, args.models.split(","), args.pairs, args.reps, not args.no_compile,
-                                      0 if args.no_sampling else 50, tmp))
+                                      0 if args.no_sampling else 50, tmp, args.channels_last))
         print(json.dumps(results))
         return
     latent, reps = (32, 5) if args.quick else (64, 7)
@@ -636,8 +640,8 @@ def main():
         ref.half().save_pretrained(os.path.join(tmp, "unet16"), variant="fp16")
         del ref
         print(f"made a random-weight SD1.5 UNet in {time.perf_counter() - t0:.0f} s")
-        rows = [("unet fwd+bwd", f"SD1.5, batch 1, {latent}x{latent} latents", bench_unet_cpu(latent, reps,
-                                                                                             os.path.join(tmp, "unet"))),
+        rows = [("unet fwd+bwd", f"SD1.5, batch 1, {latent}x{latent} latents",
+                 bench_unet_cpu(latent, reps, os.path.join(tmp, "unet"))),
                 ("unet load", "SD1.5 fp16 folder -> fp32", bench_load(os.path.join(tmp, "unet16"), reps))]
         cold, warm = bench_tokenizer(os.path.join(tmp, "tok"))
         rows += [("tokenizer", "load + 2000 prompts", cold), ("tokenizer warm", "2000 prompts again", warm)]

@@ -541,6 +541,25 @@ def test_train_end_to_end_resume_and_ddp(tmp_path, hub, shard):
     assert r.returncode != 0 and "beta" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_channels_last_trains_the_same(tmp_path, hub, shard):
+    """--channels-last (NHWC UNets) changes the memory layout, not the math: the same losses and gradient norms as
+    the default layout, the same update up to float rounding, and a plain diffusers file at the end."""
+    from safetensors.torch import load_file
+    for name, extra in (("nchw", ("--no-samples",)), ("nhwc", ("--channels-last", "--no-samples"))):
+        r = run_cli(train_args(hub, shard, tmp_path / name, "--max-steps", "2", *extra))
+        assert r.returncode == 0, r.stderr[-3000:]
+    for a, b in zip(read_metrics(tmp_path / "nchw"), read_metrics(tmp_path / "nhwc")):
+        assert abs(a["loss"] - b["loss"]) < 1e-3 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * a["grad_norm"]
+    def layout(run):  # of the trained weights, as the checkpoint keeps them
+        w = torch.load(tmp_path / run / "checkpoint.pt", weights_only=False)["unet"]["conv_in.weight"]
+        return "nhwc" if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() else "nchw"
+    assert layout("nhwc") == "nhwc" and layout("nchw") == "nchw"  # the flag did change the layout
+    w0 = load_file(hub["sd15"] / "unet" / "diffusion_pytorch_model.safetensors")
+    w1, w2 = unet_weights(tmp_path / "nhwc"), unet_weights(tmp_path / "nchw")
+    rel = (sum(((w1[k] - w2[k]) ** 2).sum() for k in w0) / sum(((w2[k] - w0[k]) ** 2).sum() for k in w0)).sqrt()
+    assert rel < 1e-2
+
+
 def test_train_bad_data_is_one_line(tmp_path, hub):
     r = run_cli(train_args(hub, tmp_path / "nope.parquet", tmp_path / "o", "--max-steps", "1"))
     assert r.returncode != 0 and "nope.parquet" in r.stderr and "Traceback" not in r.stderr
