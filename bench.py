@@ -617,6 +617,11 @@ def main():
     if args.memory:
         print(json.dumps(memory_table()))
         return
+    import importlib.util
+    missing = [m for m in ("diffusers", "transformers", "open_clip") if importlib.util.find_spec(m) is None]
+    if missing:  # the references, and open-clip-torch's copy of CLIP's BPE file for the random-weight tokenizers
+        raise SystemExit(f"error: bench.py needs {', '.join(missing)}: pip install -r requirements-test.txt && pip "
+                         f"install --no-deps open-clip-torch==3.3.0 (offline: carry the wheels, install --no-deps)")
     torch.manual_seed(0)
     results = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.device == "cuda" or args.dpo_step:

@@ -1622,6 +1622,9 @@ def test_bench_flops_and_real_architecture_models(monkeypatch, tmp_path):
                  (dict(bench.CLIP_BIGG, architectures=["CLIPTextModelWithProjection"]), U.CLIPTextConfig.sdxl())]:
         norm = lambda c: {k: tuple(v) if isinstance(v, list) else v for k, v in vars(c).items() if k != "raw"}  # noqa
         assert norm(type(b).from_dict(a)) == norm(b)  # the bench's real sizes are our presets
+    names = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H200": 989, "NVIDIA A100-SXM4-80GB": 312,
+             "NVIDIA L40S": 362, "NVIDIA L4": 121, "NVIDIA GeForce RTX 4090": 165, "Tesla T4": None}
+    assert {n: bench.peak_tflops(n) for n in names} == names
     for kind, cfg in (("sd15", SD15_TEST), ("sdxl", SDXL_TEST)):
         monkeypatch.setitem(bench.REAL, kind, dict(unet=cfg["unet"], vae=cfg["vae"],
                                                    text=[cfg["text"]] + ([cfg["text2"]] if kind == "sdxl" else [])))
