@@ -205,9 +205,6 @@ SD_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, laten
 REAL = {"sd15": dict(unet=U.SD15_UNET, vae=SD_VAE, text=[CLIP_L]),
         "sdxl": dict(unet=U.SDXL_UNET, vae=dict(SD_VAE, scaling_factor=0.13025, sample_size=1024),
                      text=[CLIP_L, CLIP_BIGG])}
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 steps_offset=1, set_alpha_to_one=False, clip_sample=False, timestep_spacing="leading",
-                 prediction_type="epsilon")
 
 
 class Reference:
@@ -244,12 +241,14 @@ def random_models(kind, device, root):
         with torch.device("meta"):
             m = cls(config)
         return U.load_weights(m, {k: v.detach().clone() for k, v in module.state_dict().items()})
+    import test_all
     archs = ["CLIPTextModel", "CLIPTextModelWithProjection"]
     text_cfgs = [U.CLIPTextConfig.from_dict(dict(c, architectures=[a])) for c, a in zip(cfg["text"], archs)]
     sd = U.SD(unet=ours(U.UNet, U.UNetConfig.from_dict(dict(cfg["unet"])), unet),
               vae=ours(U.VAE, U.VAEConfig.from_dict(dict(cfg["vae"], _class_name="AutoencoderKL")), vae),
               text_encoders=[ours(U.CLIPText, c, m) for c, m in zip(text_cfgs, texts)],
-              tokenizers=[U.CLIPTokenizer.from_folder(f) for f in folders], scheduler_config=dict(SCHEDULER), kind=kind)
+              tokenizers=[U.CLIPTokenizer.from_folder(f) for f in folders],
+              scheduler_config=dict(test_all.SCHEDULER), kind=kind)
     return sd, ref
 
 
@@ -358,7 +357,8 @@ def reference_dpo_step(ref, half=torch.bfloat16, beta=5000.0, optimizer="adamw",
         unet.enable_gradient_checkpointing()
     else:
         unet.disable_gradient_checkpointing()
-    scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k != "set_alpha_to_one"})
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear")  # as every SD1.5 / SDXL scheduler config
     if optimizer == "adamw":
         opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2)
     else:

@@ -420,6 +420,7 @@ def prefetch(batches, depth=2):
                     return
         except BaseException as e:  # noqa: BLE001 (raised in the consumer)
             hand((None, e))
+
     def finish():
         stop.set()
         worker.join()
