@@ -22,16 +22,35 @@ diffusers pipeline. Ends with one JSON line.
     python bench.py --memory                  # peak memory of a DPO step: full fine-tuning vs LoRA (~20 GiB RAM)
 """
 import argparse
+import copy
+import gc
+import importlib.util
+import io
 import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
-import unet as U
+import diffdpo
+import sample
+import unet
+from data import open_pairs
+from lora import add_lora
+from reference import REAL, folder_models, make_batch, random_models, reference_dpo_step, reference_inputs, \
+    tokenizer_cases, write_clip_tokenizer_folder
+from tokenizer import CLIPTokenizer
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -64,9 +83,10 @@ def bench_unet_cpu(latent, reps, folder):
     """SD1.5 UNet forward + backward, batch 1, ours vs diffusers with the same weights."""
     from diffusers import UNet2DConditionModel
     ref = UNet2DConditionModel.from_pretrained(folder)
-    ours = U.load_component(folder, "unet")
+    ours = unet.load_component(folder, "unet")
     g = torch.Generator().manual_seed(0)
-    x, ctx, t = torch.randn(1, 4, latent, latent, generator=g), torch.randn(1, 77, 768, generator=g), torch.tensor([500])
+    x, ctx = torch.randn(1, 4, latent, latent, generator=g), torch.randn(1, 77, 768, generator=g)
+    t = torch.tensor([500])
 
     def step(model, call):
         def f():
@@ -81,7 +101,7 @@ def bench_unet_cpu(latent, reps, folder):
 
 def bench_load(folder, reps):
     from diffusers import UNet2DConditionModel
-    return alternate({"ours": lambda: U.load_component(folder, "unet"),
+    return alternate({"ours": lambda: unet.load_component(folder, "unet"),
                       "diffusers": lambda: UNet2DConditionModel.from_pretrained(folder, variant="fp16",
                                                                                 torch_dtype=torch.float32)}, reps)
 
@@ -89,15 +109,14 @@ def bench_load(folder, reps):
 def bench_tokenizer(folder, n=2000):
     """n prompts to (n, 77) ids: cold (each side loads its tokenizer from the folder, then tokenizes: no BPE cache
     carried over) and warm (one tokenizer object, called again on the same prompts)."""
-    from transformers import CLIPTokenizer
-    import test_all
-    test_all.write_clip_tokenizer_folder(folder)
-    prompts = [p + f" {i}" for i, p in enumerate(test_all.tokenizer_cases(n_random=n)[:n])]
-    ours, ref = U.CLIPTokenizer.from_folder(folder), CLIPTokenizer.from_pretrained(folder)
+    from transformers import CLIPTokenizer as Reference
+    write_clip_tokenizer_folder(folder)
+    prompts = [p + f" {i}" for i, p in enumerate(tokenizer_cases(n_random=n)[:n])]
+    ours, ref = CLIPTokenizer.from_folder(folder), Reference.from_pretrained(folder)
     theirs = lambda tok: tok(prompts, padding="max_length", max_length=77, truncation=True,  # noqa: E731
                              return_tensors="pt")
-    cold = alternate({"ours": lambda: U.CLIPTokenizer.from_folder(folder)(prompts),
-                      "transformers": lambda: theirs(CLIPTokenizer.from_pretrained(folder))}, 3)
+    cold = alternate({"ours": lambda: CLIPTokenizer.from_folder(folder)(prompts),
+                      "transformers": lambda: theirs(Reference.from_pretrained(folder))}, 3)
     warm = alternate({"ours": lambda: ours(prompts), "transformers": lambda: theirs(ref)}, 5)
     return cold, warm
 
@@ -105,12 +124,6 @@ def bench_tokenizer(folder, n=2000):
 def bench_data(resolution, pairs=64, batch_size=4):
     """Pairs/s one process's data pipeline delivers (parquet row -> JPEG decode -> resize, center crop, flip ->
     tensors), from Pick-a-Pic-like pairs: smooth 768x768 JPEGs (quality 90), as the GPU step must be fed."""
-    import io
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from PIL import Image
-    import data as D
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:768, 0:768] / 768
 
@@ -125,7 +138,7 @@ def bench_data(resolution, pairs=64, batch_size=4):
         path = os.path.join(tmp, "pairs.parquet")
         pq.write_table(pa.Table.from_pylist([dict(caption=f"a picture {i}", jpg_0=jpeg(), jpg_1=jpeg(), label_0=1.0,
                                                   label_1=0.0) for i in range(pairs)]), path)
-        batches = D.open_pairs(path, resolution=resolution).batches(batch_size)
+        batches = open_pairs(path, resolution=resolution).batches(batch_size)
         next(batches)
         t0 = time.perf_counter()
         for _ in range(pairs // batch_size):
@@ -137,34 +150,26 @@ def memory_step(mode, latent=16):
     """One DPO optimizer step (a pair, batch [winner; loser]) on a random-weight SD1.5 UNet in THIS process, full
     fine-tuning (policy + a frozen copy as reference, AdamW) or LoRA rank 8 (adapters only; the reference is the same
     UNet with the adapters off). Returns the process's peak RSS in GiB and the trainable parameter count."""
-    import copy
-    import resource
-    import diffdpo
     torch.manual_seed(0)
-    policy = U.UNet(U.UNetConfig.sd15())
+    policy = unet.UNet(unet.UNetConfig.sd15())
     if mode == "lora":
-        U.add_lora(policy, 8)
+        add_lora(policy, 8)
         reference = policy
     else:
         reference = copy.deepcopy(policy).requires_grad_(False)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    abar = diffdpo.alphas_cumprod(dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
-    x, ctx = torch.randn(2, 4, latent, latent), torch.randn(2, 77, 768)
-    noise, t = torch.randn(2, 4, latent, latent), torch.tensor([500, 500])
-    off = torch.autocast("cpu", enabled=False)
-    m = diffdpo.model_losses(policy, x, ctx, {}, noise, t, abar, "epsilon", off)
-    with torch.no_grad(), U.lora_disabled(reference):
-        r = diffdpo.model_losses(reference, x, ctx, {}, noise, t, abar, "epsilon", off)
-    diffdpo.dpo_loss(m[:1], m[1:], r[:1], r[1:], 5000.0)[0].backward()
+    abar = sample.alphas_cumprod(dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    x, cond = torch.randn(2, 4, latent, latent), dict(context=torch.randn(2, 77, 768))
+    eps, t = torch.randn(1, 4, latent, latent), torch.tensor([500])
+    errors = diffdpo.dpo_errors(policy, reference, x, cond, eps, t, abar, "epsilon")
+    diffdpo.dpo_loss(*errors, 5000.0)[0].backward()
     opt.step()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, sum(p.numel() for p in params)
 
 
 def memory_table():
     """Peak CPU RSS of one SD1.5 DPO step, full vs LoRA, each in a fresh process; SDXL as parameter arithmetic."""
-    import subprocess
-    import sys
     rows = {}
     for mode in ("full", "lora"):
         out = subprocess.run([sys.executable, __file__, "--memory-step", mode], capture_output=True, text=True)
@@ -173,12 +178,12 @@ def memory_table():
         rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"SD1.5 DPO step, {mode:4}: peak RSS {rows[mode]['peak_rss_gib']:.2f} GiB, "
               f"{rows[mode]['trainable']:,} trainable parameters")
-    for name, cfg in (("sd15", U.UNetConfig.sd15()), ("sdxl", U.UNetConfig.sdxl())):
+    for name, cfg in (("sd15", unet.UNetConfig.sd15()), ("sdxl", unet.UNetConfig.sdxl())):
         with torch.device("meta"):
-            unet = U.UNet(cfg)
-            n = sum(p.numel() for p in unet.parameters())
-            U.add_lora(unet, 8)
-            r = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+            model = unet.UNet(cfg)
+            n = sum(p.numel() for p in model.parameters())
+            add_lora(model, 8)
+            r = sum(p.numel() for p in model.parameters() if p.requires_grad)
         # fp32 policy + grads + AdamW (2 states) = 16 bytes/param, bf16 reference 2 bytes/param (GPU recipe)
         rows[f"{name}_weights_gib"] = dict(full=(16 + 2) * n / 2 ** 30, lora=(4 * n + 16 * r) / 2 ** 30,
                                            params=n, lora_params=r)
@@ -193,99 +198,13 @@ def memory_table():
 # prompts, noise and timesteps; image decoding and tokenization happen in data loaders and are left out (the
 # reference even gets its prompts tokenized in advance; ours tokenizes in the step, as diffdpo.py does).
 
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                 num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
-                 eos_token_id=49407)
-SD_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, norm_num_groups=32,
-              down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-              scaling_factor=0.18215, sample_size=512)
-# the real architectures, as diffusers / transformers constructor arguments (test_all checks they are our presets)
-REAL = {"sd15": dict(unet=U.SD15_UNET, vae=SD_VAE, text=[CLIP_L]),
-        "sdxl": dict(unet=U.SDXL_UNET, vae=dict(SD_VAE, scaling_factor=0.13025, sample_size=1024),
-                     text=[CLIP_L, CLIP_BIGG])}
-
-
-class Reference:
-    """The reference's networks (diffusers UNet2DConditionModel / AutoencoderKL, transformers
-    CLIPTextModel[WithProjection]) and tokenizers, for an SD1.5-like or SDXL-like model."""
-
-    def __init__(self, unet, vae, text_encoders, tokenizers, kind):
-        self.unet, self.vae, self.text_encoders, self.tokenizers, self.kind = unet, vae, text_encoders, tokenizers, kind
-
-
-def tokenizer_folders(root, kind):
-    """CLIP's real BPE vocabulary in the Hub's tokenizer layout (tokenizer/, and tokenizer_2/ for SDXL)."""
-    import test_all
-    names = [("tokenizer", "<|endoftext|>", "sd15")] + ([("tokenizer_2", "!", "decoder")] if kind == "sdxl" else [])
-    return [test_all.write_clip_tokenizer_folder(os.path.join(root, n), pad_token=p, style=s) for n, p, s in names]
-
-
-def random_models(kind, device, root):
-    """Random-weight networks at the real `kind` architecture ("sd15", "sdxl"), built directly on `device` by
-    diffusers / transformers, and ours holding copies of the same weights."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-    cfg = REAL[kind]
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**{k: v for k, v in cfg["unet"].items() if k != "_class_name"})
-        vae = AutoencoderKL(**cfg["vae"])
-        texts = [(CLIPTextModelWithProjection if i else CLIPTextModel)(CLIPTextConfig(**c))
-                 for i, c in enumerate(cfg["text"])]
-    folders = tokenizer_folders(root, kind)
-    ref = Reference(unet, vae, texts, [CLIPTokenizer.from_pretrained(f) for f in folders], kind)
-
-    def ours(cls, config, module):  # built on meta, then given a copy of the reference's weights
-        with torch.device("meta"):
-            m = cls(config)
-        return U.load_weights(m, {k: v.detach().clone() for k, v in module.state_dict().items()})
-    import test_all
-    archs = ["CLIPTextModel", "CLIPTextModelWithProjection"]
-    text_cfgs = [U.CLIPTextConfig.from_dict(dict(c, architectures=[a])) for c, a in zip(cfg["text"], archs)]
-    sd = U.SD(unet=ours(U.UNet, U.UNetConfig.from_dict(dict(cfg["unet"])), unet),
-              vae=ours(U.VAE, U.VAEConfig.from_dict(dict(cfg["vae"], _class_name="AutoencoderKL")), vae),
-              text_encoders=[ours(U.CLIPText, c, m) for c, m in zip(text_cfgs, texts)],
-              tokenizers=[U.CLIPTokenizer.from_folder(f) for f in folders],
-              scheduler_config=dict(test_all.SCHEDULER), kind=kind)
-    return sd, ref
-
-
-def folder_models(folder, device):
-    """A diffusers-layout folder (the toy model `tiny`, a test hub, a downloaded pipeline) loaded by both."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-    folder = str(U.TINY_FOLDER if folder == "tiny" else folder)
-    sd = U.load_sd(folder, device=device)
-    texts = [CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"))]
-    tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))]
-    if sd.kind == "sdxl":
-        texts.append(CLIPTextModelWithProjection.from_pretrained(os.path.join(folder, "text_encoder_2")))
-        tokenizers.append(CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer_2")))
-    ref = Reference(UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")).to(device),
-                    AutoencoderKL.from_pretrained(os.path.join(folder, "vae")).to(device),
-                    [t.to(device) for t in texts], tokenizers, sd.kind)
-    return sd, ref
-
-
-def make_batch(pairs, resolution, seed=0):
-    """A data-loader batch of `pairs` pairs as data.py yields it: pixels in [-1, 1] (B, 3, R, R), prompts, indices."""
-    g = torch.Generator().manual_seed(seed)
-    pix = lambda: torch.rand(pairs, 3, resolution, resolution, generator=g) * 2 - 1  # noqa: E731
-    prompts = [f"a {['red', 'blue', 'green'][i % 3]} {['cube', 'cat', 'tree', 'car'][i % 4]}" for i in range(pairs)]
-    return dict(chosen=pix(), rejected=pix(), prompts=prompts, index=torch.arange(pairs))
-
-
 def cached_batch(sd, batch, resolution, half):
     """The same batch as --cache serves it: VAE latents and text embeddings (computed once, on the CPU side)."""
-    import diffdpo
-    device = sd.device
-    latents, context, added = diffdpo.encode_batch(sd, batch, resolution, device, half)
+    latents, cond = diffdpo.unet_inputs(sd, batch, resolution, sd.device, half)
     B = len(batch["prompts"])
-    out = dict(batch, chosen=latents[:B].cpu(), rejected=latents[B:].cpu(), context=context[:B].cpu())
-    if "text_embeds" in added:
-        out["pooled"] = added["text_embeds"][:B].cpu()
+    out = dict(batch, chosen=latents[:B].cpu(), rejected=latents[B:].cpu(), context=cond["context"][:B].cpu())
+    if "text_embeds" in cond:
+        out["pooled"] = cond["text_embeds"][:B].cpu()
     return out
 
 
@@ -294,8 +213,6 @@ def our_dpo_step(sd, half=torch.bfloat16, beta=5000.0, optimizer="adamw", checkp
     """diffdpo.py's training step as step(batch, compiled=False) -> loss: encode (VAE + text encoders, or the cache's
     latents and embeddings), noise, policy and reference denoising errors, the DPO loss, backward, gradient clipping,
     optimizer step. compiled=True runs torch.compile'd UNets (--compile) on the same weights and optimizer."""
-    import copy
-    import diffdpo
     device = sd.device
     for m in sd.modules:
         m.requires_grad_(False).eval()
@@ -309,18 +226,16 @@ def our_dpo_step(sd, half=torch.bfloat16, beta=5000.0, optimizer="adamw", checkp
     compiled_unets = torch.compile(policy), torch.compile(reference)  # compiled at their first call
     cfg = diffdpo.TrainConfig(optimizer=optimizer, lr=lr)
     opt = diffdpo.make_optimizer(cfg, list(policy.parameters()), lr, device)
-    abar = diffdpo.alphas_cumprod(sd.scheduler_config).to(device)
+    abar = sample.alphas_cumprod(sd.scheduler_config).to(device)
     autocast = torch.autocast(device.type, dtype=half, enabled=half != torch.float32)
 
     def step(batch, compiled=False):
         fwd_policy, fwd_ref = compiled_unets if compiled else (policy, reference)
-        latents, context, added = diffdpo.encode_batch(sd, batch, image_side(sd, batch), device, half)
-        noise, t = diffdpo.pair_noise(batch["index"], latents.shape[1:], 0, len(abar))
-        noise, t = noise.to(device).repeat(2, 1, 1, 1), t.to(device).repeat(2)  # winner and loser share eps, t
-        m = diffdpo.model_losses(fwd_policy, latents, context, added, noise, t, abar, "epsilon", autocast)
-        with torch.no_grad():
-            r = diffdpo.model_losses(fwd_ref, latents, context, added, noise, t, abar, "epsilon", autocast)
-        loss, _ = diffdpo.dpo_loss(*m.chunk(2), *r.chunk(2), beta)
+        latents, cond = diffdpo.unet_inputs(sd, batch, image_side(sd, batch), device, half)
+        eps, t = (x.to(device) for x in diffdpo.pair_noise(batch["index"], latents.shape[1:], 0, len(abar)))
+        with autocast:
+            errors = diffdpo.dpo_errors(fwd_policy, fwd_ref, latents, cond, eps, t, abar, "epsilon")
+        loss, _ = diffdpo.dpo_loss(*errors, beta)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         opt.step()
@@ -332,85 +247,8 @@ def our_dpo_step(sd, half=torch.bfloat16, beta=5000.0, optimizer="adamw", checkp
 
 def image_side(sd, batch):
     """The image side in pixels of a batch (pixels, or cached latents x the VAE factor), for SDXL's time_ids."""
-    import sample
     side = batch["chosen"].shape[-1]
     return side * sample.vae_factor(sd) if "context" in batch else side
-
-
-def reference_dpo_step(ref, half=torch.bfloat16, beta=5000.0, optimizer="adamw", checkpointing=False, lr=1e-6,
-                       posterior="sample"):
-    """The official train.py's step, written with diffusers: the VAE and text encoders in half precision inside
-    the step, fp32 trainable UNet under autocast, a frozen half-precision copy as the reference UNet,
-        latents = vae.encode(x).latent_dist.sample() * scaling_factor,  noise and t shared by winner and loser,
-        mse = (unet(x_t).sample - eps)^2 per image, inside = -0.5 beta ((mse_w - mse_l) - (ref_w - ref_l)),
-    AdamW (torch's default implementation) for SD1.5, transformers' Adafactor (scale_parameter=False,
-    relative_step=False) for SDXL, gradient clipping at 1.0. Returns step(batch, input_ids, noise, t) -> loss."""
-    import copy
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler
-    device = ref.unet.device
-    for m in [ref.vae, *ref.text_encoders]:
-        m.requires_grad_(False).eval().to(half)
-    unet = ref.unet.requires_grad_(True).train()
-    ref_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(half)
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
-    else:
-        unet.disable_gradient_checkpointing()
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear")  # as every SD1.5 / SDXL scheduler config
-    if optimizer == "adamw":
-        opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2)
-    else:
-        from transformers.optimization import Adafactor
-        opt = Adafactor(unet.parameters(), lr=lr, weight_decay=1e-2, clip_threshold=1.0, scale_parameter=False,
-                        relative_step=False)
-    autocast = torch.autocast(device.type, dtype=half, enabled=half != torch.float32)
-
-    def step(batch, input_ids, noise, t):
-        with torch.no_grad():
-            pixels = torch.cat([batch["chosen"], batch["rejected"]]).to(device, half)
-            dist = ref.vae.encode(pixels).latent_dist
-            latents = (dist.sample() if posterior == "sample" else dist.mean).float() * ref.vae.config.scaling_factor
-            if ref.kind == "sdxl":  # penultimate states of both encoders, pooled projection of the second
-                outs = [enc(ids.to(device), output_hidden_states=True) for enc, ids in zip(ref.text_encoders,
-                                                                                           input_ids)]
-                context = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)
-                R = pixels.shape[-1]
-                added = dict(text_embeds=outs[1].text_embeds.float().repeat(2, 1),
-                             time_ids=torch.tensor([[R, R, 0, 0, R, R]], device=device).float().repeat(len(pixels), 1))
-            else:
-                context, added = ref.text_encoders[0](input_ids[0].to(device))[0], None
-            context = context.float().repeat(2, 1, 1)
-        noisy = scheduler.add_noise(latents, noise, t)
-        with autocast:
-            pred = unet(noisy, t, context, added_cond_kwargs=added).sample
-        model_losses = (pred.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
-        model_w, model_l = model_losses.chunk(2)
-        with torch.no_grad(), autocast:
-            ref_pred = ref_unet(noisy, t, context, added_cond_kwargs=added).sample
-        ref_losses = (ref_pred.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
-        ref_w, ref_l = ref_losses.chunk(2)
-        loss = -F.logsigmoid(-0.5 * beta * ((model_w - model_l) - (ref_w - ref_l))).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-    step.policy = unet
-    return step
-
-
-def reference_inputs(ref, batch, device, T=1000):
-    """What the reference's data loader and loop hand its step: token ids per tokenizer, and the same noise and
-    timesteps diffdpo.py draws for these pairs (so both steps compute the same thing)."""
-    import diffdpo
-    ids = [tok(batch["prompts"], padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids for tok in ref.tokenizers]
-    R = batch["chosen"].shape[-1]
-    f = 2 ** (len(ref.vae.config.block_out_channels) - 1)
-    noise, t = diffdpo.pair_noise(batch["index"], (ref.vae.config.latent_channels, R // f, R // f), 0, T)
-    return ids, noise.to(device).repeat(2, 1, 1, 1), t.to(device).repeat(2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -430,21 +268,19 @@ def step_flops(sd, pairs, resolution):
     """Model FLOPs of one DPO step of `pairs` pairs, as (UNets, encoders): the policy UNet's forward + backward and
     the reference UNet's forward on 2B images; the VAE encoder on 2B images and the text encoders on B prompts (the
     part --cache removes)."""
-    import sample
-    from torch.utils.flop_counter import FlopCounterMode
     f, B, meta = sample.vae_factor(sd), pairs, dict(device="meta")
     with torch.device("meta"):
-        unet, vae = U.UNet(sd.unet.cfg), U.VAE(sd.vae.cfg)
-        encoders = [U.CLIPText(e.cfg) for e in sd.text_encoders]
+        model, vae = unet.UNet(sd.unet.cfg), unet.VAE(sd.vae.cfg)
+        encoders = [unet.CLIPText(e.cfg) for e in sd.text_encoders]
     x, t = torch.randn(2 * B, 4, resolution // f, resolution // f, **meta), torch.zeros(2 * B, dtype=torch.long, **meta)
     L = sd.tokenizers[0].max_length
     ctx = torch.randn(2 * B, L, sum(e.cfg.hidden_size for e in encoders), **meta)
     added = dict(text_embeds=torch.randn(2 * B, encoders[-1].cfg.projection_dim, **meta),
                  time_ids=torch.randn(2 * B, 6, **meta)) if sd.kind == "sdxl" else {}
     with FlopCounterMode(display=False) as unets:
-        unet(x, t, ctx, **added).sum().backward()                              # policy: forward + backward
+        model(x, t, ctx, **added).sum().backward()                             # policy: forward + backward
         with torch.no_grad():
-            unet(x, t, ctx, **added)                                           # reference: forward
+            model(x, t, ctx, **added)                                          # reference: forward
     with FlopCounterMode(display=False) as enc, torch.no_grad():
         vae.encode(torch.randn(2 * B, 3, resolution, resolution, **meta))
         for e in encoders:
@@ -463,7 +299,6 @@ def sync(device):
 
 def free_memory(device):
     """Drop what the last benchmark left: compiled graphs (they hold their modules) and cached GPU blocks."""
-    import gc
     torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
@@ -482,7 +317,6 @@ def bench_dpo_step(kind, device, pairs, reps, root, compile=True, channels_last=
     """pairs/s, peak memory and MFU of one DPO optimizer step: the reference vs ours (eager; compiled; compiled with
     the cache). Memory per side: what it keeps resident (its weights and optimizer states) + one step's peak above
     that, so the two sides, both resident in this process, are counted apart."""
-    import sample
     half = torch.bfloat16 if device.type == "cuda" else torch.float32
     sd, ref = load_models(kind, device, root)
     sdxl = sd.kind == "sdxl"
@@ -538,7 +372,6 @@ def bench_dpo_step(kind, device, pairs, reps, root, compile=True, channels_last=
 def bench_sampling(kind, device, n, steps, root):
     """images/s of text-to-image (DDIM, guidance 7.5, half precision on GPU): ours vs the diffusers pipeline on the
     same networks, prompts and initial noise."""
-    import sample
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     half = torch.bfloat16 if device.type == "cuda" else torch.float32
     sd, ref = load_models(kind, device, root)
@@ -617,7 +450,6 @@ def main():
     if args.memory:
         print(json.dumps(memory_table()))
         return
-    import importlib.util
     missing = [m for m in ("diffusers", "transformers", "open_clip") if importlib.util.find_spec(m) is None]
     if missing:  # the references, and open-clip-torch's copy of CLIP's BPE file for the random-weight tokenizers
         raise SystemExit(f"error: bench.py needs {', '.join(missing)}: pip install -r requirements-test.txt && pip "
@@ -640,7 +472,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         from diffusers import UNet2DConditionModel
         t0 = time.perf_counter()
-        ref = UNet2DConditionModel(**{k: v for k, v in U.SD15_UNET.items() if k != "_class_name"})
+        ref = UNet2DConditionModel(**{k: v for k, v in unet.SD15_UNET.items() if k != "_class_name"})
         ref.save_pretrained(os.path.join(tmp, "unet"))
         ref.half().save_pretrained(os.path.join(tmp, "unet16"), variant="fp16")
         del ref

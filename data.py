@@ -8,8 +8,8 @@ spec is one of
     hub:OWNER/NAME, OWNER/NAME a Hub dataset of parquet shards in the Pick-a-Pic v2 schema, fetched shard by shard
     FILE.parquet, FOLDER/      local parquet shards in that schema: jpg_0, jpg_1 (JPEG bytes), label_0, label_1, caption
     pairs.jsonl, FOLDER/       our own format: {"prompt": ..., "chosen": image path, "rejected": image path} per line
-and, built by the trainer with the base model before training (diffdpo.build_*_pairs), then read as parquet:
-    shapes                     the toy world's on-policy pairs, labelled by `judge` (the end of this file)
+and, built by the trainer with the base model before training (diffdpo.build_pairs), then read as parquet:
+    shapes                     the toy world's on-policy pairs, labelled by its judge (toy.py)
     style:FOLDER               style images (with captions) preferred over the base model's generations
 Shards named like Pick-a-Pic's (data/train-00000-of-00645-<hash>.parquet) are filtered by `split`.
 
@@ -25,34 +25,20 @@ must be downloaded, or still be in the HF cache, for that). A pair whose image c
 decoded is skipped and counted, and the next row of its row group in stream order takes its place (wrapping
 around): an item stays a pure function of s, so positions never shift between ranks and nothing waits on others.
 The sizes of Hub shards are learnt when they are downloaded: len() of a Hub source is an error until then.
+The shard files themselves (parquet, JSONL, the Hub), the --cache store and the prefetch thread are in shards.py.
 """
 import functools
 import hashlib
 import io
 import json
-import os
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-COLUMNS = ("jpg_0", "jpg_1", "label_0", "label_1", "caption")
-PICKAPIC = "yuvalkirstain/pickapic_v2"
-SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")
-ALTERNATIVES = (" Use a local copy (--data /path/to/parquet_dir), a mirror in the same schema (--data hub:OWNER/NAME), "
-                "or your own pairs (--data pairs.jsonl with prompt/chosen/rejected); "
-                "yuvalkirstain/pickapic_v2_no_images still has captions, labels and URLs, but no images.")
-
-
-class DataError(ValueError):
-    """A user-facing, one-line problem with the data: names the file / column / key and what was expected."""
-
-
-def _first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
+from files import DataError
+from shards import ParquetShard, find_shards
 
 # ----------------------------------------------------------------------------------------------------------------
 # Preprocessing, as the official code (torchvision on PIL images): Resize(R, bilinear), CenterCrop(R) or
@@ -94,174 +80,6 @@ def load_images(sources, resolution, gen=None, random_crop=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Shards: a local parquet file, a Hub parquet file (downloaded when first needed), or a JSONL file. Each has
-# groups() (per row group, the indices of its usable rows), load(group) (that group's data, held by PairSource)
-# and pair(loaded, row) -> (prompt, preferred image, rejected image) as bytes or paths.
-
-
-class ParquetShard:
-    def __init__(self, name, path=None, fetch=None):  # a Hub shard: `fetch()` downloads it, giving its path
-        self.name, self.fetch, self.path, self._groups = name, fetch, path or (None if fetch else name), None
-
-    def file(self):
-        import pyarrow.parquet as pq
-        if self.path is None:
-            self.path = self.fetch()
-        try:
-            return pq.ParquetFile(self.path)
-        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-            raise DataError(f"{self.name}: not a readable parquet file ({_first_line(e)})") from None
-
-    def check(self, f=None):
-        names = (f or self.file()).schema_arrow.names
-        missing = [c for c in COLUMNS if c not in names]
-        if missing:
-            raise DataError(f"{self.name}: missing column(s) {', '.join(missing)}; expected the Pick-a-Pic v2 "
-                            f"schema ({', '.join(COLUMNS)})")
-
-    def groups(self):
-        """Reads only label_0: a row is used if label_0 is 1 (jpg_0 preferred) or 0 (jpg_1); 0.5 is a tie."""
-        if self._groups is None:
-            f = self.file()
-            self.check(f)
-            self._groups = []
-            for g in range(f.num_row_groups):
-                lab = f.read_row_group(g, columns=["label_0"]).column(0).to_numpy()
-                self._groups.append(np.flatnonzero((lab == 0) | (lab == 1)))
-        return self._groups
-
-    def load(self, group):
-        return self.file().read_row_group(group, columns=["caption", "label_0", "jpg_0", "jpg_1"])
-
-    def pair(self, table, i):
-        caption, label_0, a, b = (table.column(c)[i].as_py() for c in ("caption", "label_0", "jpg_0", "jpg_1"))
-        a, b = (x.get("bytes") if isinstance(x, dict) else x for x in (a, b))  # a `datasets` Image struct
-        return caption or "", *((a, b) if label_0 == 1 else (b, a))
-
-
-class JsonlShard:
-    def __init__(self, path):
-        self.name = self.path = str(path)
-        self.rows = []
-        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                self.rows.append((r["prompt"] or "", *(str(Path(path).parent / r[k]) for k in ("chosen", "rejected"))))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"{path}:{n}: expected a JSON object with keys prompt, chosen, rejected "
-                                f"({type(e).__name__}: {e})") from None
-
-    def groups(self):
-        return [np.arange(len(self.rows))]
-
-    def load(self, group):
-        return self.rows
-
-    def pair(self, rows, i):
-        for p in rows[i][1:]:
-            if not os.path.isfile(p):
-                raise DataError(f"{self.name}: image file {p} not found")
-        return rows[i]
-
-
-def _split_of(path):
-    """'train' for data/train-00000-of-00645-<hash>.parquet or train/x.parquet; None for other names."""
-    m = re.match(r"([A-Za-z_]+)-\d+-of-\d+", Path(path).name)
-    return m[1] if m else next((p for p in reversed(Path(path).parts[:-1]) if p in SPLITS), None)
-
-
-def select_split(files, split, where):
-    """The files of `split`; all files if none is named after a split (so a folder of any shards works)."""
-    found = {_split_of(f) for f in files} - {None}
-    if split in found:
-        return [f for f in files if _split_of(f) == split]
-    if found & set(SPLITS):
-        raise DataError(f"{where}: no parquet shards of split {split!r} (found {', '.join(sorted(found))})")
-    return files
-
-
-def _offline():
-    from huggingface_hub import constants
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
-def hub_shards(repo, split, bare=False):
-    """The parquet shards of a Hub dataset, each downloaded (into the HF cache) only when the stream reaches it.
-    Offline, or when the Hub cannot list the repo, a complete copy in the local HF cache is used instead."""
-    import huggingface_hub as hh
-    from huggingface_hub.errors import RepositoryNotFoundError
-    try:
-        files = hh.HfApi().list_repo_files(repo, repo_type="dataset")
-    except Exception as e:  # not found, offline, or no network (httpx errors, which are not OSErrors)
-        cached = _cached_shards(repo, split)
-        if cached:
-            return cached
-        if isinstance(e, RepositoryNotFoundError):
-            why = "was not found on the Hugging Face Hub (or is private or gated: `hf auth login`)"
-        elif _offline():
-            why = "is not (completely) in the local Hugging Face cache and HF_HUB_OFFLINE is set"
-        else:
-            why = f"could not be listed ({_first_line(e)}) and is not (completely) in the local Hugging Face cache"
-        msg = f"dataset {repo!r} {why}."
-        if bare:
-            msg = f"--data {repo}: no such local file or folder, and the Hub {msg}"
-        if repo == PICKAPIC:
-            msg += f" The official Pick-a-Pic v2 ({PICKAPIC}) was taken off the Hub in 2025."
-        raise DataError(msg + ALTERNATIVES) from None
-
-    def fetch(f):
-        def get():
-            try:
-                return hh.hf_hub_download(repo, f, repo_type="dataset")
-            except Exception as e:
-                raise DataError(f"{repo}/{f}: could not be downloaded, nor found in the local Hugging Face cache "
-                                f"({_first_line(e)})") from None
-        return get
-    files = select_split(sorted(f for f in files if f.endswith(".parquet")), split, f"dataset {repo!r}")
-    if not files:
-        raise DataError(f"dataset {repo!r} has no parquet files")
-    return [ParquetShard(f"{repo}/{f}", fetch=fetch(f)) for f in files]
-
-
-def _cached_shards(repo, split):
-    """The split's shards from the HF cache's snapshot of `repo`, if all are there (by their -of-N numbering)."""
-    import huggingface_hub as hh
-    try:
-        folder = Path(hh.snapshot_download(repo, repo_type="dataset", local_files_only=True,
-                                           allow_patterns=[f"*{split}-*.parquet", f"*{split}/*.parquet"]))
-        files = select_split(sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.parquet")), split, repo)
-    except (OSError, ValueError):
-        return None
-    have = [re.search(r"-(\d+)-of-(\d+)", Path(f).name) for f in files]
-    if not files or any(m and len(files) != int(m[2]) for m in have):
-        return None
-    return [ParquetShard(f"{repo}/{f}", path=str(folder / f)) for f in files]
-
-
-def find_shards(spec, split="train"):
-    if spec == "pickapic":
-        return hub_shards(PICKAPIC, split)
-    if spec.startswith("hub:"):
-        return hub_shards(spec[4:], split)
-    p = Path(spec).expanduser()
-    if p.is_file():
-        return [JsonlShard(p)] if p.suffix == ".jsonl" else [ParquetShard(str(p))]
-    if p.is_dir():
-        if (p / "pairs.jsonl").is_file():
-            return [JsonlShard(p / "pairs.jsonl")]
-        files = select_split(sorted(f.relative_to(p).as_posix() for f in p.rglob("*.parquet")), split, str(p))
-        if not files:
-            raise DataError(f"{p}: no *.parquet files and no pairs.jsonl in this folder")
-        return [ParquetShard(str(p / f)) for f in files]
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and p.suffix not in (".parquet", ".jsonl"):
-        return hub_shards(spec, split, bare=True)
-    raise DataError(f"--data {spec}: no such file or folder (expected pickapic, hub:OWNER/NAME, parquet shards "
-                    f"or a pairs.jsonl)")
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The stream
 
 
@@ -286,7 +104,6 @@ class PairSource:
         self.embed = embed            # [preferred, rejected] -> (2, D) image embeddings (rpo.py --rpo-embed image)
         self.random_crop, self.flip, self.caption_dropout = random_crop, flip, caption_dropout
         self.num_corrupt = 0          # pairs skipped: an image could not be decoded (or `relabel` tied them)
-        self.num_empty_captions = 0   # items whose caption was empty or missing (before caption dropout)
         self._sizes = {}              # shard index -> number of usable pairs, once that shard was opened
         self._epoch_len = None
         self._loaded = (None, None)   # ((shard, row group), its data): one row group in memory at a time
@@ -352,7 +169,6 @@ class PairSource:
             self.num_corrupt += 1
         else:
             raise DataError(f"{shard.name}: no decodable image pair in row group {g}")
-        self.num_empty_captions += caption == ""
         prompt = "" if drop else caption
         out = dict(prompt=prompt, caption=caption, key=key, flips=flips, chosen=x[0], rejected=x[1])
         if emb is not None:  # of the unflipped images
@@ -393,109 +209,6 @@ class PairSource:
             yield batch
 
 
-def prefetch(batches, depth=2):
-    """Yield the batches of the iterator `batches`, in order, while a background thread makes the next `depth`: JPEG
-    decoding and resizing (which release the GIL) overlap the training step on the GPU instead of stalling it. The
-    batches are the same as without it (all randomness is per pair); an error in the data is raised here, at the
-    batch where it happened. Closing the generator, or the program's exit, stops the thread and waits for it (a
-    thread still inside torch when the interpreter exits aborts the process)."""
-    import atexit
-    import queue
-    import threading
-    ready, stop = queue.Queue(maxsize=depth), threading.Event()
-
-    def hand(item):  # -> False once the consumer has gone
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def work():
-        try:
-            for batch in batches:
-                if not hand((batch, None)):
-                    return
-        except BaseException as e:  # noqa: BLE001 (raised in the consumer)
-            hand((None, e))
-
-    def finish():
-        stop.set()
-        worker.join()
-    worker = threading.Thread(target=work, daemon=True, name="prefetch")
-    worker.start()
-    atexit.register(finish)  # also when an exception ends the program with the generator still open
-    try:
-        while True:
-            batch, error = ready.get()
-            if error is not None:
-                raise error
-            yield batch
-    finally:
-        finish()
-        atexit.unregister(finish)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# --cache: VAE latents and text embeddings computed once, kept on disk, reused across epochs and runs
-
-
-class LatentCache:
-    """Per pair: the VAE latents of both images, unflipped and flipped (so flips stay exact: the VAE is not
-    flip-equivariant), in one safetensors file; a corrupt pair gets an empty marker file. Per prompt: its text
-    embeddings. `encode_images(list of (3,R,R)) -> (N,4,R/8,R/8)` and `encode_text(prompt) -> dict` are the
-    trainer's frozen VAE and text encoders. Random crops are not cached (they change every epoch)."""
-
-    def __init__(self, folder, encode_images, encode_text):
-        self.folder, self.encode_images, self.encode_text = Path(folder), encode_images, encode_text
-
-    def _path(self, kind, key):
-        h = hashlib.sha256(key.encode()).hexdigest()
-        return self.folder / kind / h[:2] / f"{h}.safetensors"
-
-    @staticmethod
-    def _save(path, tensors, **metadata):
-        from safetensors.torch import save_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)  # atomic: a killed run never leaves half a file
-
-    @staticmethod
-    def _load(path):
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-
-    def pair(self, key, read):
-        """(caption, {chosen, chosen_flip, rejected, rejected_flip} latents [+ chosen_emb, rejected_emb]), or None
-        for a corrupt pair."""
-        path = self._path("pairs", key)
-        if path.with_suffix(".corrupt").exists():
-            return None
-        if not path.is_file():
-            got = read()
-            if got is None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.with_suffix(".corrupt").touch()
-                return None
-            caption, (w, l), emb = got
-            lat = self.encode_images([w, w.flip(-1), l, l.flip(-1)])
-            extra = {} if emb is None else dict(chosen_emb=emb[0], rejected_emb=emb[1])
-            self._save(path, dict(chosen=lat[0], chosen_flip=lat[1], rejected=lat[2], rejected_flip=lat[3], **extra),
-                       caption=caption)
-        meta, latents = self._load(path)
-        return meta["caption"], latents
-
-    def text(self, prompt):
-        path = self._path("text", prompt)
-        if not path.is_file():
-            self._save(path, self.encode_text(prompt))
-        return self._load(path)[1]
-
-
 def open_pairs(spec, *, resolution, random_crop=False, flip=True, caption_dropout=0.0, seed=0, split="train",
                cache=None, relabel=None, embed=None):
     """The pairs of `spec` as a PairSource (see the module docstring); `cache` a LatentCache or None; `relabel` a
@@ -515,8 +228,8 @@ def open_pairs(spec, *, resolution, random_crop=False, flip=True, caption_dropou
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pairs that are built, not read: the trainer makes them with the base model (diffdpo.build_*_pairs) and writes them
-# in the Pick-a-Pic schema, so the one reader above serves them too.
+# Pairs that are built, not read: the trainer makes them with the base model (diffdpo.build_pairs) and writes them
+# in the Pick-a-Pic schema (shards.write_pairs), so the one reader above serves them too.
 #
 #   style:FOLDER   style alignment (Diffusion-RPO's second task): each style image is preferred over the base
 #                  model's own generation for its caption. FOLDER holds images with their captions, either as
@@ -554,91 +267,3 @@ def style_items(folder):
     if not items:
         raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) with captions")
     return sorted(items, key=lambda it: it[1].name)
-
-
-def png_bytes(img):
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_pairs(path, captions, images_0, images_1, label_0):
-    """Pairs to one parquet file in the Pick-a-Pic v2 schema (images as PNG/JPEG bytes; label_0 1, 0, or 0.5 for a
-    tie, which the reader skips), written atomically."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    table = pa.table(dict(caption=list(captions), jpg_0=list(images_0), jpg_1=list(images_1),
-                          label_0=[float(v) for v in label_0], label_1=[1.0 - float(v) for v in label_0]))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, str(path) + ".tmp", row_group_size=256)
-    os.replace(str(path) + ".tmp", path)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The toy world (`python diffdpo.py --model tiny --data shapes`): captioned shapes drawn with Pillow, and a judge.
-#
-# A caption names a shape, its color and the background color: "a red circle on a blue background" (6 colors x
-# 3 shapes x 5 backgrounds = 90 captions). The tiny model is pretrained on all of them, with the shape's size and
-# place drawn at random (the caption does not say). The judge encodes one clear, stated preference:
-#
-#     judge(image, caption) = fraction of the image's pixels whose nearest palette color is the caption's shape color
-#
-# so it rewards the right color and, among right-colored images, the LARGER shape ("bigger is better"). It is
-# deterministic and reads nothing but the pixels. Preference pairs are on-policy, as Pick-a-Pic's: two samples of the
-# base model for a training caption, the judge's favorite preferred (ties dropped). Evaluation uses the held-out
-# captions.
-
-COLORS = {"red": (220, 50, 50), "green": (40, 170, 70), "blue": (50, 80, 220), "yellow": (235, 210, 50),
-          "purple": (140, 60, 190), "orange": (245, 140, 30)}
-SHAPES = ("circle", "square", "triangle")
-
-
-def shape_prompts(split="all"):
-    """The toy world's captions: "all" (90), "train" (72, the preference pairs' prompts) or "test" (18 held out)."""
-    prompts = [f"a {c} {s} on a {b} background" for c in COLORS for s in SHAPES for b in COLORS if b != c]
-    if split == "all":
-        return prompts
-    return [p for i, p in enumerate(prompts) if (i % 5 == 2) == (split == "test")]
-
-
-def parse_shape_prompt(prompt):
-    """'a red circle on a blue background' -> ('red', 'circle', 'blue'); a clear error for anything else."""
-    m = re.fullmatch(r"an? (\w+) (\w+) on an? (\w+) background", prompt.strip().lower())
-    if not m or m[1] not in COLORS or m[2] not in SHAPES or m[3] not in COLORS:
-        raise DataError(f"shapes: caption {prompt!r} is not of the form 'a COLOR SHAPE on a COLOR background' with "
-                        f"COLOR in {', '.join(COLORS)} and SHAPE in {', '.join(SHAPES)}")
-    return m[1], m[2], m[3]
-
-
-def render_shape(prompt, gen, size=32):
-    """Draw the caption with a random radius (size/8 .. size/3) and place; drawn at 4x and box-downsampled, so edges
-    are anti-aliased. gen: a torch.Generator (the only source of randomness)."""
-    color, shape, bg = parse_shape_prompt(prompt)
-    r = float(size / 8 + torch.rand((), generator=gen) * (size / 3 - size / 8))
-    cx, cy = (float(r + torch.rand((), generator=gen) * (size - 2 * r)) for _ in range(2))
-    s = 4
-    img = Image.new("RGB", (size * s, size * s), COLORS[bg])
-    draw = ImageDraw.Draw(img)
-    box = [(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s]
-    if shape == "circle":
-        draw.ellipse(box, fill=COLORS[color])
-    elif shape == "square":
-        draw.rectangle([cx * s - 0.8 * r * s, cy * s - 0.8 * r * s, cx * s + 0.8 * r * s, cy * s + 0.8 * r * s],
-                       fill=COLORS[color])
-    else:
-        draw.polygon([(cx * s, box[1]), (box[0], box[3]), (box[2], box[3])], fill=COLORS[color])
-    return img.resize((size, size), Image.BOX)
-
-
-def judge(image, prompt):
-    """The toy world's preference score in [0, 1]: the fraction of pixels nearest (in RGB) to the caption's shape
-    color among the six palette colors. image: a PIL image, or a (3, H, W) tensor in [-1, 1]."""
-    if isinstance(image, Image.Image):
-        x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
-    else:
-        x = (image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5
-    palette = torch.tensor(list(COLORS.values()), dtype=torch.float32)                # (6, 3)
-    d = (x.flatten(1).T[:, None, :] - palette[None]).pow(2).sum(-1)                  # (HW, 6)
-    return (d.argmin(-1) == list(COLORS).index(parse_shape_prompt(prompt)[0])).float().mean().item()

@@ -1,58 +1,39 @@
 """
 Diffusion-DPO (Wallace et al., "Diffusion Model Alignment Using Direct Preference Optimization", CVPR 2024),
-from the noise schedule to a multi-GPU training run, in one file.
+from the ELBO surrogate to a multi-GPU training run, in one file.
 
-    python diffdpo.py --model tiny --data shapes --out runs/toy      # the toy world: a laptop CPU, ~80 s
-    python diffdpo.py --pretrain-tiny [DIR]                          # remake the toy model (default: tiny/)
+    python diffdpo.py                                            # the toy world (tiny model, shapes), a laptop CPU
     python diffdpo.py --model sd15 --data pickapic --out runs/dpo-sd15
+    torchrun --nproc_per_node 8 diffdpo.py --model sdxl --data hub:OWNER/NAME --out runs/dpo-sdxl
+    python diffdpo.py --pretrain-tiny [DIR]                      # remake the toy model (default: tiny/)
 
-Read top to bottom: the noise schedule (DDPM), the ELBO surrogate of the log-likelihood, the DPO loss, then the
-trainer (config, data, model, optimizer, loop), the toy world and the CLI. The networks are in unet.py, the data in
-data.py.
+Read top to bottom: the ELBO surrogate and the DPO loss (the paper's Eq. 14), one DPO step (winner and loser share
+t and eps), the training configuration with its presets, the trainer's pieces, the training loop and the CLI. The
+noise schedule and the samplers are in sample.py, the networks in unet.py, the data in data.py.
 """
+import argparse
+import copy
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
-# ----------------------------------------------------------------------------------------------------------------
-# The noise schedule: q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)            (DDPM, Ho et al. 2020, Eq. 4)
-
-
-def betas(scheduler_config):
-    """Per-step noise variances beta_1..beta_T from the model's scheduler config. Stable Diffusion uses
-    `scaled_linear`: linear in sqrt(beta) from sqrt(0.00085) to sqrt(0.012) over T = 1000 steps."""
-    c = scheduler_config
-    T, b0, b1 = c.get("num_train_timesteps", 1000), c.get("beta_start", 0.0001), c.get("beta_end", 0.02)
-    kind = c.get("beta_schedule", "linear")
-    if c.get("trained_betas") is not None:
-        return torch.tensor(c["trained_betas"], dtype=torch.float32)
-    if kind == "scaled_linear":
-        return torch.linspace(b0 ** 0.5, b1 ** 0.5, T, dtype=torch.float32) ** 2
-    if kind == "linear":
-        return torch.linspace(b0, b1, T, dtype=torch.float32)
-    raise ValueError(f"scheduler config: beta_schedule={kind!r} is not supported (scaled_linear or linear)")
-
-
-def alphas_cumprod(scheduler_config):
-    """abar_t = prod_{s<=t} (1 - beta_s): the fraction of signal variance left at step t (float32, as diffusers)."""
-    return torch.cumprod(1.0 - betas(scheduler_config), dim=0)
-
-
-def add_noise(x0, noise, t, abar):
-    """Sample q(x_t | x_0) by reparameterization: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
-    a = abar.to(x0.device, x0.dtype)[t].view(-1, *[1] * (x0.ndim - 1))
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
-
-
-def prediction_target(x0, noise, t, abar, prediction_type="epsilon"):
-    """What the network is trained to output: the noise eps (SD1.5, SDXL), or the velocity
-    v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (SD2.x 768px; Salimans & Ho 2022)."""
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        a = abar.to(x0.device, x0.dtype)[t].view(-1, *[1] * (x0.ndim - 1))
-        return a.sqrt() * noise - (1 - a).sqrt() * x0
-    raise ValueError(f"scheduler config: prediction_type={prediction_type!r} is not supported")
-
+import eval
+import toy
+from data import open_pairs, style_items
+from files import DTYPES, UserError, read_json, write_text_atomic
+from lora import LORA_FILE, LORA_TARGETS, add_lora, lora_disabled, merge_lora, save_lora
+from sample import add_noise, alphas_cumprod, default_size, render, sample_grid
+from shards import LatentCache, png_bytes, prefetch, write_pairs
+from unet import load_sd, save_unet
 
 # ----------------------------------------------------------------------------------------------------------------
 # The ELBO surrogate and the DPO objective
@@ -72,110 +53,209 @@ def prediction_target(x0, noise, t, abar, prediction_type="epsilon"):
 # we: `--beta 5000` here equals `beta_dpo=2500` in the diffusers example, which omits the 0.5.
 
 
+def prediction_target(x0, noise, t, abar, prediction_type="epsilon"):
+    """What the network is trained to output: the noise eps (SD1.5, SDXL), or the velocity
+    v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (SD2.x 768px; Salimans & Ho 2022)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        a = abar.to(x0.device, x0.dtype)[t].view(-1, *[1] * (x0.ndim - 1))
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    raise UserError(f"scheduler config: prediction_type={prediction_type!r} is not supported")
+
+
 def denoising_losses(pred, target):
     """Per-image denoising error ||target - pred||^2 / (C H W): one number per image, (N,), computed in fp32.
     -denoising_losses is, up to the constants above, the ELBO estimate of log p(x_0) for each image."""
     return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
 
 
-def dpo_loss(model_losses_w, model_losses_l, ref_losses_w, ref_losses_l, beta):
-    """Diffusion-DPO loss (Eq. 14 with constant weighting), and the implicit accuracy.
-        inside = -0.5 beta ((mse_w - mse_l) - (ref_w - ref_l))
+def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta):
+    """Diffusion-DPO loss (Eq. 14 with constant weighting), and the implicit accuracy. err_*: the policy's per-image
+    denoising errors on the winners / losers, ref_err_*: the reference's, each (B,).
+        inside = -0.5 beta ((err_w - err_l) - (ref_err_w - ref_err_l))
         loss   = -log sigmoid(inside), averaged over pairs
     inside > 0 means the policy improved on the winner relative to the loser more than the reference did; with
     policy == reference inside = 0 and the loss is exactly ln 2 = 0.6931."""
-    inside = -0.5 * beta * ((model_losses_w - model_losses_l) - (ref_losses_w - ref_losses_l))
+    inside = -0.5 * beta * ((err_w - err_l) - (ref_err_w - ref_err_l))            # (B,)
     return -F.logsigmoid(inside).mean(), (inside > 0).float().mean()
 
 
-def sft_loss(model_losses_w):
+def sft_loss(err_w):
     """Supervised fine-tuning baseline: the plain diffusion loss on the preferred image only."""
-    return model_losses_w.mean()
+    return err_w.mean()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training configuration: every field is a command-line flag (--max-steps, --no-flip, ...)
+# One DPO step: B pairs as the batch [winners; losers] (2B images), one (t, eps) per pair shared by both images
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, dataclass, field, fields  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+def denoising_errors(unet, latents, cond, eps, t, abar, prediction_type):
+    """Per-image denoising errors (N,) of `unet` at x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (sample.add_noise).
+    cond: the UNet's text conditioning, dict(context=...) (+ text_embeds, time_ids for SDXL)."""
+    x_t = add_noise(latents, eps, t, abar)
+    return denoising_losses(unet(x_t, t, **cond), prediction_target(latents, eps, t, abar, prediction_type))
+
+
+def dpo_errors(policy, reference, latents, cond, eps, t, abar, prediction_type):
+    """What the DPO loss needs for B pairs: latents (2B, C, h, w) = [winners; losers] with their conditioning, eps
+    (B, C, h, w) and t (B,) drawn once per pair. Returns err_w, err_l, ref_err_w, ref_err_l, each (B,).
+    `reference` may be the policy itself with LoRA adapters (then switched off for the reference's pass)."""
+    eps = eps.repeat(2, 1, 1, 1)                # (2B, C, h, w): the official code's noise.chunk(2)[0].repeat(2,1,1,1)
+    t = t.repeat(2)                             # (2B,):         and timesteps.chunk(2)[0].repeat(2)
+    err_w, err_l = denoising_errors(policy, latents, cond, eps, t, abar, prediction_type).chunk(2)
+    with torch.no_grad(), lora_disabled(reference):
+        ref_err_w, ref_err_l = denoising_errors(reference, latents, cond, eps, t, abar, prediction_type).chunk(2)
+    return err_w, err_l, ref_err_w, ref_err_l
+
+
+def sft_errors(policy, latents, cond, eps, t, abar, prediction_type):
+    """The SFT baseline needs the winners' errors alone: (err_w, 0, 0, 0); the losers and no reference are run."""
+    B = len(eps)
+    err_w = denoising_errors(policy, latents[:B], {k: v[:B] for k, v in cond.items()}, eps, t, abar, prediction_type)
+    zeros = torch.zeros_like(err_w)
+    return err_w, zeros, zeros, zeros
+
+
+def pair_noise(indices, latent_shape, seed, num_timesteps):
+    """eps (B, C, h, w) and t (B,) for each pair, a pure function of (seed, the pair's index in the data stream):
+    the same pair gets the same draw whatever the number of GPUs and across resumes. t ~ U{0..T-1}."""
+    eps, ts = [], []
+    for i in indices:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + int(i))
+        eps.append(torch.randn(latent_shape, generator=g))
+        ts.append(torch.randint(0, num_timesteps, (1,), generator=g))
+    return torch.stack(eps), torch.cat(ts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training configuration: every field is a command-line flag (--max-steps, --no-flip, ...). The field defaults are
+# the toy world's, so `TrainConfig()` is `python diffdpo.py`; PRESETS hold the papers' recipes for real models.
+
+
+def flag(default, help, resume="fixed"):
+    """A config field with its --help text and what a resumed run does with it: "fixed" (a different value is
+    refused) or "new" (the resumed run takes the new value and records it in config.json)."""
+    return field(default=default, metadata=dict(help=help, resume=resume))
 
 
 @dataclass
 class TrainConfig:
-    # the defaults are the paper's SD1.5 recipe; from the command line --model tiny (the default) swaps in TOY_DEFAULTS
-    model: str = field(default="tiny", metadata={"help": "tiny (the toy model, embedded) | alias (sd15, sdxl) | Hub id | "
-                                                         "diffusers folder | .safetensors"})
-    data: str = field(default="shapes", metadata={"help": "shapes (the toy world) | pickapic | hub:OWNER/NAME | parquet "
-                                                          "file/folder | pairs.jsonl"})
-    out: str = field(default="runs/dpo", metadata={"help": "run directory (re-running resumes from its checkpoint)"})
-    loss: str = field(default="dpo", metadata={"help": "dpo | sft (plain diffusion loss on the preferred image)"})
-    beta: float = field(default=5000.0, metadata={"help": "KL strength, with the official code's 0.5 factor"})
-    max_steps: int = field(default=2000, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=1, metadata={"help": "pairs per device per micro-step"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
-    resolution: int = field(default=0, metadata={"help": "image side in pixels; 0 = the model's (512 SD1.5, 1024 SDXL)"})
-    lr: float = field(default=2.048e-5, metadata={"help": "learning rate actually used (official: 1e-8 x 2048 pairs)"})
-    scale_lr: bool = field(default=False, metadata={"help": "multiply --lr by the effective batch (pairs per step)"})
-    warmup_steps: int = field(default=500, metadata={"help": "linear warmup, then constant"})
-    optimizer: str = field(default="adamw", metadata={"help": "adamw | adafactor"})
-    weight_decay: float = 1e-2
-    grad_clip: float = 1.0
-    mixed_precision: str = field(default="auto", metadata={"help": "no | fp16 | bf16 | auto (bf16 on GPU, no on CPU)"})
-    grad_checkpointing: bool = False
-    channels_last: bool = field(default=False, metadata={"help": "the UNets in channels-last (NHWC) memory format: "
-                                                                 "faster convolutions with oneDNN / cuDNN"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the UNets"})
-    lora_rank: int = field(default=0, metadata={"help": "train rank-R LoRA adapters, not the whole UNet (0: off)"})
-    lora_alpha: float = field(default=0.0, metadata={"help": "LoRA scale alpha / rank; 0 = rank (scale 1)"})
-    lora_targets: str = field(default="to_q,to_k,to_v,to_out.0", metadata={
-        "help": "layers that get adapters (peft's suffix rule); add ff.net.0.proj,ff.net.2 for the feed-forwards"})
-    merge_lora: bool = field(default=False, metadata={"help": "at the last step, also write the merged OUT/unet/"})
-    choice_model: str = field(default="", metadata={"help": "AI feedback: relabel every pair with a reward model, "
-                                                            "pickscore|hps|aesthetic|clip[=PATH] (ties dropped)"})
-    caption_dropout: float = field(default=0.0, metadata={"help": "probability of training on the empty prompt"})
-    random_crop: bool = False
-    cache: bool = field(default=False, metadata={"help": "keep VAE latents + text embeddings on disk (exact: both "
-                                                          "flips are stored), so steps run only the UNets"})
-    cache_dir: str = field(default="", metadata={"help": "where --cache keeps them (default ~/.cache/diffdpo)"})
-    flip: bool = field(default=True, metadata={"help": "random horizontal flips (--no-flip to disable)"})
-    seed: int = 0
-    checkpoint_every: int = field(default=500, metadata={"help": "optimizer steps between checkpoints (0: end only)"})
-    samples: bool = field(default=True, metadata={"help": "write a sample grid (fixed prompts and seeds) at each "
-                                                          "checkpoint, to OUT/samples/"})
-    sample_steps: int = field(default=25, metadata={"help": "DDIM steps for those grids"})
-    max_bad_steps: int = field(default=20, metadata={"help": "stop after this many non-finite steps in a row"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    model: str = flag("tiny", "tiny (the toy model, embedded) | alias (sd15, sdxl) | Hub id | diffusers folder | "
+                              ".safetensors")
+    data: str = flag("shapes", "shapes (the toy world) | pickapic | hub:OWNER/NAME | parquet file/folder | "
+                               "pairs.jsonl | style:FOLDER")
+    preset: str = flag("auto", "the defaults of: toy | sd15 | sdxl | auto (toy for --model tiny, sdxl for SDXL "
+                               "models, else sd15); flags given on the command line win")
+    out: str = flag("", "run directory (re-running resumes from its checkpoint); default runs/PRESET[-METHOD]")
+    loss: str = flag("dpo", "dpo | sft (plain diffusion loss on the preferred image)")
+    beta: float = flag(2000.0, "KL strength, with the official code's 0.5 factor")
+    max_steps: int = flag(200, "optimizer steps", resume="new")
+    batch_size: int = flag(16, "pairs per device per micro-step")
+    grad_accum: int = flag(1, "micro-steps per optimizer step")
+    resolution: int = flag(32, "image side in pixels; 0 = the model's (512 SD1.5, 1024 SDXL)")
+    lr: float = flag(3e-5, "learning rate actually used (official: 1e-8 x 2048 pairs)")
+    scale_lr: bool = flag(False, "multiply --lr by the effective batch (pairs per step)")
+    warmup_steps: int = flag(10, "linear warmup, then constant")
+    optimizer: str = flag("adamw", "adamw | adafactor")
+    weight_decay: float = flag(1e-2, "decoupled weight decay of the optimizer")
+    grad_clip: float = flag(1.0, "clip the gradient's global norm at this value")
+    mixed_precision: str = flag("auto", "no | fp16 | bf16 | auto (bf16 on GPU, no on CPU)")
+    grad_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory)", resume="new")
+    channels_last: bool = flag(False, "the UNets in channels-last (NHWC) memory format: faster convolutions with "
+                                      "oneDNN / cuDNN", resume="new")
+    compile: bool = flag(False, "torch.compile the UNets", resume="new")
+    lora_rank: int = flag(0, "train rank-R LoRA adapters, not the whole UNet (0: off)")
+    lora_alpha: float = flag(0.0, "LoRA scale alpha / rank; 0 = rank (scale 1)")
+    lora_targets: str = flag(LORA_TARGETS, "layers that get adapters (peft's suffix rule); add "
+                                           "ff.net.0.proj,ff.net.2 for the feed-forwards")
+    merge_lora: bool = flag(False, "at the last step, also write the merged OUT/unet/", resume="new")
+    choice_model: str = flag("", "AI feedback: relabel every pair with a reward model, "
+                                 "pickscore|hps|aesthetic|clip[=PATH] (ties dropped)")
+    caption_dropout: float = flag(0.0, "probability of training on the empty prompt")
+    random_crop: bool = flag(False, "random crops instead of center crops")
+    cache: bool = flag(False, "keep VAE latents + text embeddings on disk (exact: both flips are stored), so steps "
+                              "run only the UNets", resume="new")
+    cache_dir: str = flag("", "where --cache keeps them (default ~/.cache/diffdpo)", resume="new")
+    flip: bool = flag(True, "random horizontal flips (--no-flip to disable)")
+    seed: int = flag(0, "seeds the data order, augmentation, noise and timesteps")
+    checkpoint_every: int = flag(100, "optimizer steps between checkpoints (0: end only)", resume="new")
+    samples: bool = flag(True, "write a sample grid (fixed prompts and seeds) at each checkpoint, to OUT/samples/",
+                         resume="new")
+    sample_steps: int = flag(20, "DDIM steps for those grids (and for pairs the run builds itself)", resume="new")
+    max_bad_steps: int = flag(20, "stop after this many non-finite steps in a row", resume="new")
+    device: str = flag("auto", "auto | cpu | cuda", resume="new")
+
+    def __post_init__(self):
+        self.preset = auto_preset(self.model) if self.preset == "auto" else self.preset
+        self.out = self.out or f"runs/{self.preset}" + ("" if self.method == "dpo" else f"-{self.method}")
+
+    @property
+    def method(self):
+        """The method's name, in the default run folder and the toy's summary.json (rpo.py's config says "rpo")."""
+        return self.loss
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """A config with a named preset's defaults (see PRESETS), then `overrides`."""
+        if name not in PRESETS:
+            raise UserError(f"--preset {name}: expected one of {', '.join(PRESETS)} or auto")
+        return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
     def from_args(cls, argv=None, description=__doc__):
-        """One flag per field: --max-steps 10, --no-flip, ... (defaults and help from the dataclass; the defaults are
-        SD1.5's recipe from the paper, except with --model tiny, where TOY_DEFAULTS replace them)."""
+        """One flag per field (defaults and help from the dataclass); the preset chosen by --preset (or by --model
+        when auto) replaces the defaults, and the flags given on the command line replace those."""
         help_format = type("Help", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
-        p = argparse.ArgumentParser(description=description, formatter_class=help_format)
+        p = argparse.ArgumentParser(description=description, formatter_class=help_format, epilog=presets_help())
         for f in fields(cls):
-            flag, hlp = "--" + f.name.replace("_", "-"), f.metadata.get("help", " ")
+            name, kw = "--" + f.name.replace("_", "-"), dict(default=f.default, help=f.metadata["help"])
             if f.type in (bool, "bool"):
-                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=hlp)
+                p.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
             else:
-                p.add_argument(flag, type=type(f.default), default=f.default, help=hlp)
-        if p.parse_known_args(argv)[0].model == "tiny":
-            p.set_defaults(**TOY_DEFAULTS)
-        return cls(**vars(p.parse_args(argv)))
+                p.add_argument(name, type=type(f.default), **kw)
+        first = p.parse_known_args(argv)[0]
+        preset = auto_preset(first.model) if first.preset == "auto" else first.preset
+        if preset not in PRESETS:
+            p.error(f"--preset {preset}: expected one of {', '.join(PRESETS)} or auto")
+        p.set_defaults(**PRESETS[preset])
+        return cls(**dict(vars(p.parse_args(argv)), preset=preset))
+
+
+PAPER = dict(beta=5000.0, max_steps=2000, batch_size=1, resolution=0, lr=2.048e-5, warmup_steps=500,
+             checkpoint_every=500, sample_steps=25)
+PRESETS = {
+    # the toy world: the field defaults above (200 steps of batch 16 on on-policy shapes pairs, ~1.5 minutes)
+    "toy": {f.name: f.default for f in fields(TrainConfig) if f.name not in ("preset", "out")},
+    # the paper's SD1.5 recipe (FACTS: AdamW, warmup 500, 2000 steps, beta 5000, lr 1e-8 x 2048 pairs)
+    "sd15": PAPER,
+    # and SDXL's: Adafactor, warmup 200, gradient checkpointing
+    "sdxl": dict(PAPER, optimizer="adafactor", warmup_steps=200, grad_checkpointing=True),
+}
+
+
+def auto_preset(model):
+    """--preset auto: toy for the tiny model; sdxl for SDXL (the alias, a folder with a second text encoder, or a
+    Hub id with "xl" in its name); sd15 otherwise."""
+    if model == "tiny":
+        return "toy"
+    folder = Path(model)
+    if (folder / "model_index.json").is_file():
+        return "sdxl" if "text_encoder_2" in read_json(folder / "model_index.json") else "sd15"
+    return "sdxl" if "xl" in model.lower() else "sd15"
+
+
+def presets_help():
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    rows = [f"  {name:5} " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items()
+                                       if k not in ("model", "data") and v != defaults[k] or name == "toy" and
+                                       k in ("beta", "max_steps", "batch_size", "lr", "warmup_steps", "resolution"))
+            for name, values in PRESETS.items()]
+    return "presets (the defaults shown above are the toy's):\n" + "\n".join(rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python` is a world of one
-
-import torch.distributed as dist  # noqa: E402
 
 
 def setup_distributed(device_flag):
@@ -190,7 +270,7 @@ def setup_distributed(device_flag):
 
 
 def all_mean(x, world):
-    """Mean of a scalar tensor over ranks (for logging)."""
+    """Mean of a tensor over ranks (for logging)."""
     if world > 1:
         x = x.clone()
         dist.all_reduce(x)
@@ -246,7 +326,7 @@ def make_optimizer(cfg, params, lr, device):
                                  fused=device.type == "cuda")
     if cfg.optimizer == "adafactor":
         return Adafactor(params, lr=lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"--optimizer {cfg.optimizer!r}: expected adamw or adafactor")
+    raise UserError(f"--optimizer {cfg.optimizer!r}: expected adamw or adafactor")
 
 
 def warmup_constant(warmup_steps):
@@ -255,25 +335,38 @@ def warmup_constant(warmup_steps):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One training step's pieces
+# The trainer's pieces: models, UNet inputs, the latent cache, checkpoints
 
 
-def pair_noise(indices, latent_shape, seed, num_timesteps):
-    """Noise eps and timestep t for each pair, a pure function of (seed, the pair's global index in the data stream):
-    the same pair gets the same draw whatever the number of GPUs and across resumes."""
-    eps, ts = [], []
-    for i in indices:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + int(i))
-        eps.append(torch.randn(latent_shape, generator=g))
-        ts.append(torch.randint(0, num_timesteps, (1,), generator=g))
-    return torch.stack(eps), torch.cat(ts)
+def load_models(cfg, device, amp_dtype):
+    """The base pipeline `sd` with frozen VAE and text encoders, the policy (sd.unet, trainable, fp32 master
+    weights) and the reference: a frozen copy in the autocast precision, the policy itself with LoRA (run with the
+    adapters switched off), or None for SFT."""
+    sd = load_sd(cfg.model, device=device, dtype=torch.float32)
+    for m in sd.modules:
+        m.requires_grad_(False).eval()
+    for m in sd.text_encoders:
+        m.to(amp_dtype)
+    sd.vae.to(torch.float32 if amp_dtype == torch.float16 and sd.kind == "sdxl" else amp_dtype)  # SDXL's overflows
+    policy = sd.unet
+    if cfg.channels_last:  # weights in NHWC: convolutions then keep activations NHWC too (the reference copies it)
+        policy.to(memory_format=torch.channels_last)
+    reference = copy.deepcopy(policy).to(amp_dtype) if cfg.loss != "sft" and not cfg.lora_rank else None
+    policy.requires_grad_(True).train()
+    if cfg.lora_rank:  # only rank-r adapters train; the reference is the same UNet with them switched off
+        layers = add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        reference = policy if cfg.loss != "sft" else None
+        print0(f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha or cfg.lora_rank:g} on {len(layers)} layers: "
+               f"{sum(p.numel() for p in policy.parameters() if p.requires_grad)} trainable parameters")
+    policy.set_grad_checkpointing(cfg.grad_checkpointing)
+    return sd, policy, reference
 
 
 @torch.no_grad()
-def encode_batch(sd, batch, resolution, device, dtype):
+def unet_inputs(sd, batch, resolution, device, dtype):
     """Images and prompts to the UNet's inputs, for the batch [winners; losers] (2B):
-    latents (2B, 4, R/8, R/8) = vae.encode(x) * scaling_factor, context (2B, 77, D), and for SDXL
-    `added` = dict(text_embeds (2B, 1280), time_ids (2B, 6)) with original = target = (R, R), crop (0, 0).
+    latents (2B, 4, R/8, R/8) = vae.encode(x) * scaling_factor, and cond = dict(context (2B, 77, D)) plus for SDXL
+    text_embeds (2B, 1280) and time_ids (2B, 6) with original = target = (R, R), crop (0, 0).
     With --cache the batch already holds the latents and text embeddings."""
     if "context" in batch:
         latents = torch.cat([batch["chosen"], batch["rejected"]]).to(device).float()
@@ -282,19 +375,16 @@ def encode_batch(sd, batch, resolution, device, dtype):
         images = torch.cat([batch["chosen"], batch["rejected"]]).to(device, dtype)
         latents = sd.vae.encode(images).float() * sd.vae.scaling_factor
         context, pooled = sd.encode_prompt(batch["prompts"])
-    context = context.float().repeat(2, 1, 1)
-    added = {}
+    cond = dict(context=context.float().repeat(2, 1, 1))
     if sd.kind == "sdxl":
-        added = dict(text_embeds=pooled.to(device).float().repeat(2, 1),
-                     time_ids=sd.time_ids(len(latents), resolution, resolution, device=device))
-    return latents, context, added
+        cond.update(text_embeds=pooled.to(device).float().repeat(2, 1),
+                    time_ids=sd.time_ids(len(latents), resolution, resolution, device=device))
+    return latents, cond
 
 
 def latent_cache(cfg, sd, resolution, device, dtype, embed_key=None):
     """The --cache store for this model, data and resolution (and reward / embedding models, if any), filled by the
     frozen VAE and text encoders."""
-    import hashlib
-    import data as D
     key = [sd.source, cfg.data, resolution, sd.vae.scaling_factor]
     key = json.dumps(key + [x for x in (cfg.choice_model, embed_key) if x])
     folder = Path(cfg.cache_dir or Path.home() / ".cache" / "diffdpo") / hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -307,43 +397,37 @@ def latent_cache(cfg, sd, resolution, device, dtype, embed_key=None):
     def encode_text(prompt):
         context, pooled = sd.encode_prompt([prompt])
         return dict(context=context[0].float(), **({} if pooled is None else dict(pooled=pooled[0].float())))
-    return D.LatentCache(folder, encode_images, encode_text)
+    return LatentCache(folder, encode_images, encode_text)
 
 
-def model_losses(unet, latents, context, added, noise, t, abar, prediction_type, autocast):
-    """Per-image denoising errors of `unet` on x_t = add_noise(latents, noise, t), (N,)."""
-    x_t = add_noise(latents, noise, t, abar)
-    with autocast:
-        pred = unet(x_t, t, context, **added)
-    return denoising_losses(pred, prediction_target(latents, noise, t, abar, prediction_type))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: written atomically (temp file + rename), resumed exactly
-
-
-def save_atomic(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-# fields that must not change when a run is resumed (the rest, e.g. --max-steps, may)
-RESUME_KEYS = ("model", "data", "loss", "beta", "batch_size", "grad_accum", "resolution", "seed", "world_size",
-               "flip", "caption_dropout", "random_crop", "choice_model", "tau", "rpo_embed", "rpo_clip", "lora_rank",
-               "lora_alpha", "lora_targets")
+def save_checkpoint(cfg, out, policy, optimizer, scheduler, scaler, state):
+    """OUT/unet/ (or the LoRA file) for users, and OUT/checkpoint.pt to resume from: the trainable weights, the
+    optimizer, scheduler and scaler states, the stream position and RNG. Each file is written atomically."""
+    if cfg.lora_rank:  # the adapters alone (the base is --model's), also as diffusers' load_lora_weights reads
+        weights = {k: v for k, v in policy.state_dict().items() if ".lora_" in k}
+        save_lora(policy, out / LORA_FILE)
+    else:
+        weights = policy.state_dict()
+        save_unet(policy, out / "unet")
+    ckpt = dict(unet=weights, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(), rng=torch.get_rng_state(), **state)
+    tmp = out / f"checkpoint.pt.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, out / "checkpoint.pt")
 
 
 def load_checkpoint(out, run_cfg):
+    """OUT/checkpoint.pt, or None; refuses a run whose "fixed" settings (see TrainConfig) differ from it."""
     path = Path(out) / "checkpoint.pt"
     if not path.exists():
         return None
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     defaults = {f.name: f.default for f in fields(TrainConfig)}  # a key older runs did not record has its default
-    for k in RESUME_KEYS:
+    fixed = [k for k in run_cfg["fixed"] if k in ckpt["config"] or k in defaults]
+    for k in fixed + ["world_size"]:
         if ckpt["config"].get(k, defaults.get(k)) != run_cfg.get(k):
-            raise SystemExit(f"error: {path} was made with {k}={ckpt['config'].get(k)!r}, this command has "
-                             f"{k}={run_cfg.get(k)!r}; use another --out or the same settings to resume")
+            raise UserError(f"{path} was made with {k}={ckpt['config'].get(k)!r}, this command has "
+                            f"{k}={run_cfg.get(k)!r}; use another --out or the same settings to resume")
     return ckpt
 
 
@@ -352,407 +436,247 @@ def load_checkpoint(out, run_cfg):
 
 
 def train(cfg: TrainConfig, pair_loss=None, image_embedder=None):
-    """Fine-tune sd.unet on preference pairs. `pair_loss(mw, ml, rw, rl, batch, sd, world)` -> (loss, implicit_acc)
-    replaces the DPO loss (rpo.py passes its own); the loop, data, checkpoints and logging stay the same.
-    `image_embedder(device)` -> embed([preferred, rejected]) -> (2, D), with a `.key` naming it: image embeddings
-    computed once per pair in the data path (and kept by --cache), as batch["chosen_emb"] / ["rejected_emb"]."""
-    import data as D
-    import sample
-    import unet as U
-    from tqdm import tqdm
-
-    t_start = time.time()
+    """Fine-tune sd.unet on preference pairs. `pair_loss(err_w, err_l, ref_err_w, ref_err_l, batch, sd, world)` ->
+    (loss, implicit_acc) replaces the DPO loss (rpo.py passes its own); the loop, data, checkpoints and logging stay
+    the same. `image_embedder(device)` -> embed([preferred, rejected]) -> (2, D), with a `.key` naming it: image
+    embeddings computed once per pair in the data path (and kept by --cache), as batch["chosen_emb"] / ["rejected_emb"].
+    Returns the run folder."""
     rank, world, device = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
-    mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
-    half = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mp]
-    out = Path(cfg.out)
-
-    # --- model: the policy (trainable, fp32 master weights) and the frozen reference, text encoders and VAE
-    sd = U.load_sd(cfg.model, device=device, dtype=torch.float32)
-    for m in sd.modules:
-        m.requires_grad_(False).eval()
-    for m in sd.text_encoders:
-        m.to(half)
-    sd.vae.to(torch.float32 if (mp == "fp16" and sd.kind == "sdxl") else half)  # SDXL's VAE overflows in fp16
-    policy = sd.unet
-    if cfg.channels_last:  # weights in NHWC: convolutions then keep activations NHWC too (the reference copies it)
-        policy.to(memory_format=torch.channels_last)
-    reference = copy.deepcopy(policy).to(half) if cfg.loss != "sft" and not cfg.lora_rank else None
-    policy.requires_grad_(True).train()
-    if cfg.lora_rank:  # only rank-r adapters train; the reference is the same UNet with them switched off
-        layers = U.add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-        reference = policy if cfg.loss != "sft" else None
-        print0(f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha or cfg.lora_rank:g} on {len(layers)} layers: "
-               f"{sum(p.numel() for p in policy.parameters() if p.requires_grad)} trainable parameters", rank=rank)
-    if cfg.grad_checkpointing:
-        policy.set_grad_checkpointing(True)
-    resolution = cfg.resolution or sample.default_size(sd)
-    guidance = TOY_SAMPLING["guidance"] if cfg.model == "tiny" else 7.5  # for the images the run makes itself
+    precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
+    amp_dtype, out = DTYPES[precision], Path(cfg.out)
+    sd, policy, reference = load_models(cfg, device, amp_dtype)
+    resolution = cfg.resolution or default_size(sd)
     abar = alphas_cumprod(sd.scheduler_config).to(device)
-    T = len(abar)
     ptype = sd.scheduler_config.get("prediction_type", "epsilon")
-    autocast = torch.autocast(device.type, dtype=half, enabled=mp != "no")
-
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=precision != "no")
     model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
     fwd_policy = torch.compile(model) if cfg.compile else model
-    fwd_ref = torch.compile(reference) if cfg.compile and reference is not None else reference
+    fwd_reference = torch.compile(reference) if cfg.compile and reference is not None else reference
 
     pairs_per_step = cfg.batch_size * cfg.grad_accum * world
     lr = cfg.lr * pairs_per_step if cfg.scale_lr else cfg.lr
-    opt = make_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad], lr, device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(cfg.warmup_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=mp == "fp16")
+    optimizer = make_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad], lr, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(cfg.warmup_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    pair_loss = method_loss(cfg, pair_loss)
+    pairs = open_training_pairs(cfg, sd, out, resolution, device, amp_dtype, image_embedder, rank, world)
 
-    # --- data (pairs built once by the base model: the toy world's `shapes`, on-policy pairs labelled by the judge,
-    # and style:FOLDER: style images preferred over the base model's generations for their captions)
-    spec = cfg.data
-    if cfg.data == "shapes" or cfg.data.startswith("style:"):
-        spec = out / ("shapes_pairs.parquet" if cfg.data == "shapes" else "style_pairs.parquet")
-        if rank == 0 and not spec.exists():
-            n = (build_shape_pairs(sd, spec, TOY_PAIRS, cfg.seed) if cfg.data == "shapes" else
-                 build_style_pairs(sd, cfg.data[6:], spec, resolution, cfg.sample_steps, guidance, cfg.seed))
-            print0(f"built {spec}: {n} pairs ({time.time() - t_start:.0f} s)")
-        if world > 1:
-            dist.barrier()
+    fixed = [f.name for f in fields(cfg) if f.metadata["resume"] == "fixed"]
+    run_cfg = dict(asdict(cfg), world_size=world, resolution=resolution, lr_used=lr, mixed_precision=precision,
+                   pairs_per_step=pairs_per_step, fixed=fixed)
+    state = resume(cfg, out, run_cfg, policy, optimizer, scheduler, scaler, rank)
+    if state["step"] >= cfg.max_steps:                                       # past the last checkpoint
+        print0(f"{out} is already at step {state['step']} >= --max-steps {cfg.max_steps}", rank=rank)
+        if rank == 0 and cfg.lora_rank and cfg.merge_lora:
+            save_unet(merge_lora(policy), out / "unet")
+        return finish(world, out)
+
+    print0(f"{cfg.loss} on {sd.kind} ({sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params), "
+           f"{pairs_per_step} pairs/step on {world} x {device.type}, lr {lr:.3g}, {precision} precision", rank=rank)
+    batches = prefetch(pairs.batches(cfg.batch_size, rank=rank, world_size=world, start=state["position"]))
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=rank != 0, dynamic_ncols=True)
+    bad_in_a_row = 0
+    while state["step"] < cfg.max_steps:
+        t0, logs = time.time(), []
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            latents, cond = unet_inputs(sd, batch, resolution, device, amp_dtype)
+            eps, t = (x.to(device) for x in pair_noise(batch["index"], latents.shape[1:], cfg.seed, len(abar)))
+            last = micro == cfg.grad_accum - 1
+            with model.no_sync() if world > 1 and not last else torch.enable_grad(), autocast:
+                if reference is None:  # SFT
+                    errors = sft_errors(fwd_policy, latents, cond, eps, t, abar, ptype)
+                else:
+                    errors = dpo_errors(fwd_policy, fwd_reference, latents, cond, eps, t, abar, ptype)
+                loss, acc = pair_loss(*errors, batch, sd, world)
+            scaler.scale(loss / cfg.grad_accum).backward()
+            state["position"] = batch["position"]
+            logs.append(torch.stack([loss.detach().float(), acc.float(), *(e.detach().mean() for e in errors)]).cpu())
+
+        grad_norm, lr_now = optimizer_step(policy, optimizer, scheduler, scaler, cfg.grad_clip)
+        finite = bool(torch.isfinite(grad_norm))
+        state["skipped"] += not finite
+        bad_in_a_row = 0 if finite else bad_in_a_row + 1
+        state["step"] += 1
+
+        m = all_mean(torch.stack(logs).mean(0), world).tolist()              # over micro-steps and ranks
+        row = dict(step=state["step"], loss=m[0], implicit_acc=m[1], lr=lr_now, grad_norm=float(grad_norm),
+                   pairs_per_s=pairs_per_step / (time.time() - t0), mse_w=m[2], mse_l=m[3], ref_mse_w=m[4],
+                   ref_mse_l=m[5], skipped=state["skipped"], corrupt=batch["corrupt"], seconds=time.time() - t0)
+        if rank == 0:
+            log_row(out, row, bar)
+        if bad_in_a_row >= cfg.max_bad_steps:
+            if rank == 0:
+                save_checkpoint(cfg, out, policy, optimizer, scheduler, scaler, dict(state, config=run_cfg))
+            raise UserError(f"{bad_in_a_row} optimizer steps in a row had a non-finite loss/gradient; stopping "
+                            f"(last good state saved in {out}); try a lower --lr or --mixed-precision bf16")
+        if state["step"] == cfg.max_steps or (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0):
+            if rank == 0:
+                checkpoint(cfg, sd, out, policy, optimizer, scheduler, scaler, dict(state, config=run_cfg), resolution)
+    bar.close()
+    batches.close()
+    print0(f"done: {state['step']} steps, {state['skipped']} skipped, {batch['corrupt']} corrupt pairs skipped; "
+           f"weights in {out / (LORA_FILE if cfg.lora_rank else 'unet')}", rank=rank)
+    return finish(world, out)
+
+
+def optimizer_step(policy, optimizer, scheduler, scaler, grad_clip):
+    """Clip the gradient's norm and step, unless it is not finite (then the step is skipped: the caller counts it).
+    Returns the gradient norm before clipping and the learning rate the step used."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+    if torch.isfinite(grad_norm):
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return grad_norm, lr
+
+
+def method_loss(cfg, pair_loss=None):
+    """(err_w, err_l, ref_err_w, ref_err_l, batch, sd, world) -> (loss, implicit accuracy): rpo.py's `pair_loss` if
+    given, else DPO's (or SFT's, for --loss sft)."""
+    if pair_loss is not None:
+        return pair_loss
+    if cfg.loss == "sft":
+        return lambda err_w, *rest: (sft_loss(err_w), torch.zeros(()))
+    return lambda err_w, err_l, ref_err_w, ref_err_l, *rest: dpo_loss(err_w, err_l, ref_err_w, ref_err_l, cfg.beta)
+
+
+def open_training_pairs(cfg, sd, out, resolution, device, amp_dtype, image_embedder, rank, world):
+    """The training stream (data.open_pairs) for --data, with pairs the run builds itself first (rank 0 only, kept
+    under OUT), the --cache store, image embeddings and --choice-model relabelling as configured."""
+    spec = build_pairs(cfg, sd, out, resolution) if rank == 0 else built_pairs_path(cfg, out)
+    if world > 1:
+        dist.barrier()
     embed = image_embedder(device) if image_embedder else None
-    cache = latent_cache(cfg, sd, resolution, device, half, getattr(embed, "key", None)) if cfg.cache else None
-    relabel = None
-    if cfg.choice_model:  # AI feedback: a reward model decides which image of each pair is preferred
-        import eval as E
-        relabel = E.relabeller(cfg.choice_model, device)
-    pairs = D.open_pairs(spec, resolution=resolution, random_crop=cfg.random_crop, flip=cfg.flip,
-                         caption_dropout=cfg.caption_dropout, seed=cfg.seed, cache=cache, relabel=relabel,
-                         embed=embed)
+    cache = latent_cache(cfg, sd, resolution, device, amp_dtype, getattr(embed, "key", None)) if cfg.cache else None
+    relabel = eval.relabeller(cfg.choice_model, device) if cfg.choice_model else None
+    return open_pairs(spec or cfg.data, resolution=resolution, random_crop=cfg.random_crop, flip=cfg.flip,
+                      caption_dropout=cfg.caption_dropout, seed=cfg.seed, cache=cache, relabel=relabel, embed=embed)
 
-    # --- resume
-    run_cfg = dict(asdict(cfg), world_size=world, resolution=resolution, lr_used=lr, mixed_precision=mp,
-                   pairs_per_step=pairs_per_step)
-    step, position, bad_in_a_row, skipped = 0, 0, 0, 0
+
+def resume(cfg, out, run_cfg, policy, optimizer, scheduler, scaler, rank):
+    """Load OUT/checkpoint.pt into the models and optimizer if there is one, write OUT/config.json and trim
+    OUT/metrics.jsonl to the checkpoint's step. Returns the loop's state: step, position, skipped."""
+    state = dict(step=0, position=0, skipped=0)
     ckpt = load_checkpoint(out, run_cfg)
     if ckpt is not None:
         policy.load_state_dict(ckpt["unet"], strict=not cfg.lora_rank)  # with LoRA: the adapters only
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        step, position, skipped = ckpt["step"], ckpt["position"], ckpt["skipped"]
+        state = {k: ckpt[k] for k in state}
         torch.set_rng_state(ckpt["rng"])
-        print0(f"resuming {out} from step {step}", rank=rank)
+        print0(f"resuming {out} from step {state['step']}", rank=rank)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dict(run_cfg, command=" ".join(sys.argv)), indent=2))
-        metrics_path = out / "metrics.jsonl"
-        rows = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        metrics_path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= step))  # drop rows
-    if step >= cfg.max_steps:                                                  # past the last checkpoint
-        print0(f"{out} is already at step {step} >= --max-steps {cfg.max_steps}", rank=rank)
-        if rank == 0 and cfg.lora_rank and cfg.merge_lora:
-            U.save_unet(U.merge_lora(policy), out / "unet")
-        return out
+        write_text_atomic(out / "config.json", json.dumps(dict(run_cfg, command=" ".join(sys.argv)), indent=2))
+        metrics = out / "metrics.jsonl"
+        rows = metrics.read_text().splitlines() if metrics.exists() else []
+        metrics.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= state["step"]))
+    return state
 
-    def checkpoint():
-        if rank == 0:
-            if cfg.lora_rank:  # the adapters alone (the base is --model's), also as diffusers' load_lora_weights reads
-                weights = {k: v for k, v in policy.state_dict().items() if ".lora_" in k}
-                U.save_lora(policy, out / U.LORA_FILE)
-            else:
-                weights = policy.state_dict()
-                U.save_unet(policy, out / "unet")
-            save_atomic(dict(unet=weights, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                             scaler=scaler.state_dict(), step=step, position=position, skipped=skipped,
-                             rng=torch.get_rng_state(), config=run_cfg), out / "checkpoint.pt")
-            if cfg.lora_rank and cfg.merge_lora and step == cfg.max_steps:  # the run's end: fold the adapters in
-                U.save_unet(U.merge_lora(policy), out / "unet")
 
-    print0(f"{cfg.loss} on {sd.kind} ({sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params), "
-           f"{pairs_per_step} pairs/step on {world} x {device.type}, lr {lr:.3g}, {mp} precision", rank=rank)
-    batches = D.prefetch(pairs.batches(cfg.batch_size, rank=rank, world_size=world, start=position))
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-    while step < cfg.max_steps:
-        t0 = time.time()
-        logs = []
-        for micro in range(cfg.grad_accum):
-            batch = next(batches)
-            latents, context, added = encode_batch(sd, batch, resolution, device, half)
-            B = len(batch["prompts"])
-            noise, t = pair_noise(batch["index"], latents.shape[1:], cfg.seed, T)
-            noise, t = noise.to(device).repeat(2, 1, 1, 1), t.to(device).repeat(2)  # winner and loser share eps, t
-            last = micro == cfg.grad_accum - 1
-            sync = model.no_sync() if world > 1 and not last else torch.enable_grad()
-            with sync:
-                if cfg.loss == "sft":  # winners only
-                    mw = model_losses(fwd_policy, latents[:B], context[:B], {k: v[:B] for k, v in added.items()},
-                                      noise[:B], t[:B], abar, ptype, autocast)
-                    loss, acc, ml = sft_loss(mw), torch.zeros(()), torch.zeros(())
-                    rw = rl = torch.zeros(())
-                else:
-                    m_l = model_losses(fwd_policy, latents, context, added, noise, t, abar, ptype, autocast)
-                    with torch.no_grad(), U.lora_disabled(reference):
-                        r_l = model_losses(fwd_ref, latents, context, added, noise, t, abar, ptype, autocast)
-                    mw, ml = m_l.chunk(2)
-                    rw, rl = r_l.chunk(2)
-                    if pair_loss is None:
-                        loss, acc = dpo_loss(mw, ml, rw, rl, cfg.beta)
-                    else:
-                        loss, acc = pair_loss(mw, ml, rw, rl, batch, sd, world)
-                scaler.scale(loss / cfg.grad_accum).backward()
-            position = batch["position"]
-            logs.append(torch.stack([loss.detach().float(), acc.float(), mw.detach().mean(), ml.detach().mean(),
-                                     rw.mean(), rl.mean()]).cpu())
-
-        # --- optimizer step, skipped (and counted) if the gradient is not finite
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        finite = bool(torch.isfinite(grad_norm))
-        if finite:
-            scaler.step(opt)
-            bad_in_a_row = 0
-        else:
-            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        lr_now = sched.get_last_lr()[0]
-        sched.step()
-        step += 1
-
-        # --- logging (averaged over micro-steps and ranks)
-        m = all_mean(torch.stack(logs).mean(0), world).tolist()
-        dt = time.time() - t0
-        row = dict(step=step, loss=m[0], implicit_acc=m[1], lr=lr_now, grad_norm=float(grad_norm),
-                   pairs_per_s=pairs_per_step / dt, mse_w=m[2], mse_l=m[3], ref_mse_w=m[4], ref_mse_l=m[5],
-                   skipped=skipped, corrupt=batch["corrupt"], seconds=dt)
-        if rank == 0:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_acc']:.2f}", lr=f"{lr_now:.2e}",
-                            pairs_s=f"{row['pairs_per_s']:.2f}")
-            bar.update(1)
-        if bad_in_a_row >= cfg.max_bad_steps:
-            checkpoint()
-            raise SystemExit(f"error: {bad_in_a_row} optimizer steps in a row had a non-finite loss/gradient; "
-                             f"stopping (last good state saved in {out}); try a lower --lr or --mixed-precision bf16")
-        if step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-            checkpoint()
-            if rank == 0 and cfg.samples:
-                prompts = D.shape_prompts("test")[:8] if cfg.data == "shapes" else SAMPLE_PROMPTS
-                sample.sample_grid(sd, policy, prompts, list(range(len(prompts))),
-                                   out / "samples" / f"step{step:06d}.png", steps=cfg.sample_steps,
-                                   height=resolution, width=resolution, guidance=guidance)
-    bar.close()
-    batches.close()
-    print0(f"done: {step} steps, {skipped} skipped, {batch['corrupt']} corrupt pairs skipped; "
-           f"weights in {out / (U.LORA_FILE if cfg.lora_rank else 'unet')}", rank=rank)
-    if rank == 0 and cfg.data == "shapes":  # the toy world's measure: held-out captions, base vs tuned, same seeds
-        policy.eval()
-        base = U.load_sd(cfg.model, device=device).unet
-        method = cfg.loss if pair_loss is None else getattr(pair_loss, "name", "custom")
-        summary = evaluate_shapes(sd, base, policy, out, dict(loss=method, steps=step, pairs_per_step=pairs_per_step),
-                                  t_start)
-        print0(f"held-out judge score: base {summary['judge_score_base']:.4f}, tuned {summary['judge_score_tuned']:.4f}; "
-               f"win rate vs base {summary['win_rate_vs_base']:.3f} ({out / 'summary.json'}, {out / 'compare.png'})")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return out
+def log_row(out, row, bar):
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_acc']:.2f}", lr=f"{row['lr']:.2e}",
+                    pairs_s=f"{row['pairs_per_s']:.2f}")
+    bar.update(1)
 
 
 SAMPLE_PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a red cube on top of a blue sphere",
                   "a watercolor painting of a fox in the snow", "a close-up portrait of an old fisherman"]
 
 
+def checkpoint(cfg, sd, out, policy, optimizer, scheduler, scaler, state, resolution):
+    """Save the checkpoint; at the last step, fold LoRA adapters into OUT/unet/ if asked; then the sample grid
+    (fixed prompts and seeds, so grids across checkpoints are comparable)."""
+    save_checkpoint(cfg, out, policy, optimizer, scheduler, scaler, state)
+    if cfg.lora_rank and cfg.merge_lora and state["step"] == cfg.max_steps:
+        save_unet(merge_lora(policy), out / "unet")
+    if cfg.samples:
+        prompts = toy.shape_prompts("test")[:8] if cfg.data == "shapes" else SAMPLE_PROMPTS
+        guidance = toy.TOY_SAMPLING["guidance"] if cfg.model == "tiny" else 7.5
+        sample_grid(sd, policy, prompts, list(range(len(prompts))), out / "samples" / f"step{state['step']:06d}.png",
+                    steps=cfg.sample_steps, height=resolution, width=resolution, guidance=guidance)
+
+
+def finish(world, out):
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# The toy world: a tiny text-to-image model and a programmatic judge, so the whole method runs on a laptop CPU
-#
-#   python diffdpo.py --model tiny --data shapes --out runs/toy     on-policy pairs -> DPO -> held-out win rate
-#   python diffdpo.py --pretrain-tiny                               remakes tiny/, the committed base model
-#
-# `tiny` is SD1.5's pipeline (same UNet / VAE / CLIP classes, scheduler and loader) at a few million parameters,
-# pretrained on data.py's captioned shapes; `shapes` pairs and the judge are in data.py.
-
-TOY_DEFAULTS = dict(resolution=32, batch_size=16, max_steps=200, lr=3e-5, warmup_steps=10, beta=2000.0,
-                    checkpoint_every=100, sample_steps=20)   # what --model tiny changes in the defaults above
-TOY_PAIRS = 1024          # on-policy pairs built for --data shapes (ties dropped)
-TOY_SEEDS = 8             # held-out images per test caption, same seeds for base and tuned
-TOY_SAMPLING = dict(steps=20, guidance=4.0)                  # DDIM steps and classifier-free guidance
+# Pairs the run builds itself with the base model before training (then read as any parquet shard):
+#   shapes        the toy world's on-policy pairs, labelled by its judge (toy.build_shape_pairs)
+#   style:FOLDER  style alignment (Diffusion-RPO's second task): each style image preferred over the base model's
+#                 own generation for its caption
 
 
-def write_tiny_tokenizer(folder):
-    """A CLIP tokenizer folder (vocab.json, merges.txt, special tokens) for the toy captions: the 512 byte symbols
-    of CLIP's byte-level BPE plus just enough merges that every toy word is one token; any other text still
-    tokenizes (into characters). Merges are added greedily, each after those it builds on, until that holds."""
-    import unet as U
-    import data as D
-    chars = list(U.bytes_to_unicode().values())
-    words = sorted({w for p in D.shape_prompts() for w in p.split()} | {"an"})
-    merges = []
-    while True:  # tokenize every word with the merges so far; where one is still split, merge its first two symbols
-        vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-        tok = U.CLIPTokenizer({t: i for i, t in enumerate(vocab)}, [" ".join(m) for m in merges])
-        todo = [(vocab[ids[0]], vocab[ids[1]]) for ids in map(tok.bpe, words) if len(ids) > 1]
-        if not todo:
-            break
-        merges += [m for m in dict.fromkeys(todo) if m not in merges]
-    assert len(vocab) <= U.TINY_VOCAB, (len(vocab), U.TINY_VOCAB)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
-                   pad_token="<|endoftext|>")
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    (folder / "tokenizer_config.json").write_text(json.dumps(dict(
-        special, tokenizer_class="CLIPTokenizer", model_max_length=16, do_lower_case=True, errors="replace"), indent=2))
+def built_pairs_path(cfg, out):
+    """Where the pairs of a built --data spec live (OUT/shapes_pairs.parquet, OUT/style_pairs.parquet), or None."""
+    if cfg.data == "shapes":
+        return out / "shapes_pairs.parquet"
+    return out / "style_pairs.parquet" if cfg.data.startswith("style:") else None
 
 
-def to_tensor(img):
-    """PIL RGB -> (3, H, W) in [-1, 1], as the VAE expects."""
-    return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
-
-
-def pretrain_tiny(folder=None, vae_steps=1500, unet_steps=4000, batch_size=64, seed=0, vae_batch_size=32):
-    """Pretrain the toy model from scratch on freshly drawn shapes (every step new images) and write it in the
-    diffusers layout: 1. the VAE (reconstruction + a small KL to the unit Gaussian; scaling_factor = 1 / std of the
-    latents, as SD's 0.18215 was chosen); 2. the UNet and text encoder together on frozen-VAE latents with the plain
-    diffusion loss ||eps - eps_theta(x_t, t, c)||^2 (DDPM), 10% empty captions for classifier-free guidance."""
-    import data as D
-    import unet as U
-    folder = Path(folder or U.TINY_FOLDER)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    prompts = D.shape_prompts()
-
-    def draw(n):
-        ps = [prompts[i] for i in torch.randint(len(prompts), (n,), generator=gen)]
-        return ps, torch.stack([to_tensor(D.render_shape(p, gen)) for p in ps])
-
-    t0 = time.time()
-    vae = U.VAE(U.VAEConfig.tiny())
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    for step in range(vae_steps):
-        _, x = draw(vae_batch_size)
-        moments = vae.quant_conv(vae.encoder(x))
-        mean, logvar = moments.chunk(2, dim=1)
-        z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
-        rec = F.mse_loss(vae.decode(z), x)
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        loss = rec + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == vae_steps - 1:
-            print(f"vae step {step}: reconstruction mse {rec.item():.5f} kl {kl.item():.3f} ({time.time() - t0:.0f} s)")
-    vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        sf = 1.0 / float(torch.cat([vae.encode(draw(256)[1]) for _ in range(4)]).std())
-    vae.cfg.raw["scaling_factor"] = vae.cfg.scaling_factor = vae.scaling_factor = round(sf, 5)
-
-    write_tiny_tokenizer(folder / "tokenizer")
-    tok = U.CLIPTokenizer.from_folder(folder / "tokenizer")
-    text, unet = U.CLIPText(U.CLIPTextConfig.tiny()), U.UNet(U.UNetConfig.tiny())
-    scheduler = dict(_class_name="DDIMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                     num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                     prediction_type="epsilon", timestep_spacing="leading")
-    abar = alphas_cumprod(scheduler)
-    params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * (1 - s / unet_steps) + 0.1)
-    for step in range(unet_steps):
-        ps, x = draw(batch_size)
-        ps = [p if torch.rand((), generator=gen) > 0.1 else "" for p in ps]
-        with torch.no_grad():
-            latents = vae.encode(x) * vae.scaling_factor
-        noise, t = torch.randn_like(latents), torch.randint(0, len(abar), (len(ps),))
-        pred = unet(add_noise(latents, noise, t, abar), t, text(tok(ps))[0])
-        loss = denoising_losses(pred, noise).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step % 200 == 0 or step == unet_steps - 1:
-            print(f"unet step {step}: diffusion loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
-
-    for model, name in ((unet, "unet"), (vae, "vae"), (text, "text_encoder")):
-        U.save_component(model, folder / name, name)
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    (folder / "model_index.json").write_text(json.dumps(dict(
-        _class_name="StableDiffusionPipeline", scheduler=["diffusers", "DDIMScheduler"],
-        text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"],
-        unet=["diffusers", "UNet2DConditionModel"], vae=["diffusers", "AutoencoderKL"], safety_checker=[None, None],
-        feature_extractor=[None, None], image_encoder=[None, None], requires_safety_checker=False), indent=2))
-    print(f"wrote {folder} in {time.time() - t0:.0f} s")
-    return folder
-
-
-@torch.no_grad()
-def build_shape_pairs(sd, path, n=TOY_PAIRS, seed=0):
-    """On-policy preference pairs, as Pick-a-Pic's: for pair k, two samples of the base model for training caption
-    k mod 72 (seeds 2k, 2k+1 offset by --seed), labelled by data.judge (label_0 = 1 if the first scores higher, 0.5
-    on a tie, which the reader skips). Returns the number of pairs without a tie."""
-    import data as D
-    import sample
-    train = D.shape_prompts("train")
-    prompts = [train[k % len(train)] for k in range(n) for _ in range(2)]
-    seeds = [1_000_000 * (seed + 1) + i for i in range(2 * n)]
-    images = sample.render(sd, sd.unet, prompts, seeds, batch_size=256, **TOY_SAMPLING)
-    scores = [D.judge(img, p) for img, p in zip(images, prompts)]
-    label_0 = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(scores[0::2], scores[1::2])]
-    png = [D.png_bytes(img) for img in images]
-    D.write_pairs(path, prompts[0::2], png[0::2], png[1::2], label_0)
-    return sum(v != 0.5 for v in label_0)
+def build_pairs(cfg, sd, out, resolution):
+    """Build the pairs of --data shapes / style:FOLDER unless OUT already holds them; returns their path (None for
+    data that is read, not built)."""
+    path = built_pairs_path(cfg, out)
+    if path is None or path.exists():
+        return path
+    t0, guidance = time.time(), toy.TOY_SAMPLING["guidance"] if cfg.model == "tiny" else 7.5
+    if cfg.data == "shapes":
+        n = toy.build_shape_pairs(sd, path, toy.TOY_PAIRS, cfg.seed)
+    else:
+        n = build_style_pairs(sd, cfg.data[len("style:"):], path, resolution, cfg.sample_steps, guidance, cfg.seed)
+    print0(f"built {path}: {n} pairs ({time.time() - t0:.0f} s)")
+    return path
 
 
 @torch.no_grad()
 def build_style_pairs(sd, folder, path, resolution, steps, guidance, seed=0):
-    """Style alignment pairs (Diffusion-RPO's second task): style image i (preferred) against the base model's
-    generation for its caption (seed --seed + i, `steps` DDIM steps). Returns the number of pairs."""
-    import data as D
-    import sample
-    items = D.style_items(folder)
+    """Style image i (preferred) against the base model's generation for its caption (seed --seed + i, `steps` DDIM
+    steps). Returns the number of pairs."""
+    items = style_items(folder)
     prompts = [c for c, _ in items]
-    images = sample.render(sd, sd.unet, prompts, [seed + i for i in range(len(items))], batch_size=8,
-                           steps=steps, guidance=guidance, height=resolution, width=resolution)
-    D.write_pairs(path, prompts, [p.read_bytes() for _, p in items], [D.png_bytes(i) for i in images], [1.0] * len(items))
+    images = render(sd, sd.unet, prompts, [seed + i for i in range(len(items))], batch_size=8, steps=steps,
+                    guidance=guidance, height=resolution, width=resolution)
+    write_pairs(path, prompts, [p.read_bytes() for _, p in items], [png_bytes(i) for i in images], [1.0] * len(items))
     return len(items)
 
 
-@torch.no_grad()
-def evaluate_shapes(sd, base_unet, tuned_unet, out, extra, t_start):
-    """Base vs tuned on the 18 held-out captions x TOY_SEEDS seeds (the same seeds for both), under the judge.
-    Writes OUT/summary.json (win rate of tuned over base, ties half; mean judge scores; seconds since t_start, so
-    the whole run) and OUT/compare.png (one image per held-out caption: base above, tuned below)."""
-    import data as D
-    import sample
-    prompts = [p for p in D.shape_prompts("test") for _ in range(TOY_SEEDS)]
-    seeds = list(range(len(prompts)))
-    base = sample.render(sd, base_unet, prompts, seeds, batch_size=256, **TOY_SAMPLING)
-    tuned = sample.render(sd, tuned_unet, prompts, seeds, batch_size=256, **TOY_SAMPLING)
-    sb = torch.tensor([D.judge(i, p) for i, p in zip(base, prompts)])
-    st = torch.tensor([D.judge(i, p) for i, p in zip(tuned, prompts)])
-    summary = dict(extra, win_rate_vs_base=((st > sb).float() + 0.5 * (st == sb).float()).mean().item(),
-                   judge_score_base=sb.mean().item(), judge_score_tuned=st.mean().item(), num_images=len(prompts))
-    big = lambda imgs: [im.resize((64, 64), Image.NEAREST) for im in imgs[::TOY_SEEDS]]  # noqa: E731
-    sample.image_grid([big(base), big(tuned)], row_labels=[f"base {sb.mean():.3f}", f"tuned {st.mean():.3f}"]
-                      ).save(Path(out) / "compare.png")
-    summary["seconds"] = round(time.time() - t_start, 1)
-    (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+# ----------------------------------------------------------------------------------------------------------------
+# The command line: train, then (for the toy world) evaluate base vs tuned on held-out captions
 
 
 def main(cfg, pair_loss=None, image_embedder=None):
-    """The CLI: a bad --model or --data ends with a one-line error and exit code 2, not a traceback."""
-    import data as D
-    import unet as U
+    """Train; for --data shapes, then evaluate (eval.evaluate_toy: OUT/summary.json, OUT/compare.png). A problem
+    the user can fix (UserError: a bad --model, --data, setting...) ends with a one-line error and exit code 2."""
+    t_start = time.time()
     try:
-        train(cfg, pair_loss, image_embedder)
-    except (D.DataError, U.LoadError) as e:
+        out = train(cfg, pair_loss, image_embedder)
+        if cfg.data == "shapes" and int(os.environ.get("RANK", 0)) == 0:
+            pairs_per_step = cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", 1))
+            run = dict(loss=getattr(pair_loss, "name", cfg.method), steps=cfg.max_steps, pairs_per_step=pairs_per_step)
+            summary = eval.evaluate_toy(cfg.model, out, run, t_start)
+            print(f"held-out judge score: base {summary['judge_score_base']:.4f}, tuned "
+                  f"{summary['judge_score_tuned']:.4f}; win rate vs base {summary['win_rate_vs_base']:.3f} "
+                  f"({out / 'summary.json'}, {out / 'compare.png'})")
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--pretrain-tiny"]:
-        pretrain_tiny(*sys.argv[2:3])
+        toy.pretrain_tiny(*sys.argv[2:3])
     else:
         main(TrainConfig.from_args())

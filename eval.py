@@ -17,20 +17,29 @@ Read top to bottom: the CLIP vision tower and CLIPModel, image preprocessing, th
 loaders, prompt sets, the bootstrap, the CLI.
 """
 import argparse
+import csv
 import html
 import json
-import os
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
-import unet as U
+import sample
+import toy
+import unet
+from convert import openclip_to_ours
+from files import DTYPES, LoadError, UserError, first_line, hub_download, read_json, read_safetensors, weight_files, \
+    write_text_atomic
+from tokenizer import CLIPTokenizer, read_merges
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLIP: the vision tower (transformers CLIPVisionTransformer) and the two towers with their projections (CLIPModel)
@@ -51,7 +60,7 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_dict(cls, d):
-        return U._from_dict(cls, d)
+        return unet.config_from_dict(cls, d)
 
     @classmethod
     def vit_h14(cls):  # PickScore's and HPSv2's image tower (OpenCLIP ViT-H/14, laion2B)
@@ -99,7 +108,7 @@ class CLIPVisionTransformer(nn.Module):
         super().__init__()
         self.embeddings = CLIPVisionEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)   # sic: the checkpoints' spelling
-        self.encoder = U.CLIPEncoder(cfg, causal=False)
+        self.encoder = unet.CLIPEncoder(cfg, causal=False)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, pixels):
@@ -109,11 +118,11 @@ class CLIPVisionTransformer(nn.Module):
         return self.post_layernorm(h[:, 0])                                         # (B, D)
 
 
-class CLIP(U.CLIPText):
+class CLIP(unet.CLIPText):
     """transformers CLIPModel: unet.py's text tower with its projection (text_model.*, text_projection), the vision
     tower (vision_model.*, visual_projection) and the learned temperature (logit_scale). Embeddings are unit-norm."""
 
-    def __init__(self, text_cfg: U.CLIPTextConfig, vision_cfg: CLIPVisionConfig):
+    def __init__(self, text_cfg: unet.CLIPTextConfig, vision_cfg: CLIPVisionConfig):
         super().__init__(replace(text_cfg, with_projection=True))
         self.vision_cfg = vision_cfg
         self.vision_model = CLIPVisionTransformer(vision_cfg)
@@ -128,7 +137,7 @@ class CLIP(U.CLIPText):
         vision = {**(d.get("vision_config") or {}), **(d.get("vision_config_dict") or {}),
                   "projection_dim": d.get("projection_dim", 512)}
         text.pop("architectures", None)  # null in sub-configs; CLIP sets the projection itself
-        return U.CLIPTextConfig.from_dict(text), CLIPVisionConfig.from_dict(vision)
+        return unet.CLIPTextConfig.from_dict(text), CLIPVisionConfig.from_dict(vision)
 
     def encode_text(self, ids):
         return F.normalize(self(ids)[2], dim=-1)                                    # (B, P)
@@ -189,7 +198,7 @@ def hps_preprocess(images, size=224, mean=OPENAI_MEAN, std=OPENAI_STD):
 
 def read_processor_config(path):
     """size / crop / mean / std of a preprocessor_config.json (old files: ints, new ones: dicts)."""
-    d = U._read_json(path)
+    d = read_json(path)
     size, crop = d.get("size", 224), d.get("crop_size", 224)
     size = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
     crop = crop.get("height") if isinstance(crop, dict) else crop
@@ -198,46 +207,7 @@ def read_processor_config(path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# OpenCLIP names (HPSv2's checkpoint) -> ours, by a few string rules; q, k, v are stored fused (in_proj)
-
-OPENCLIP_RULES = [  # (OpenCLIP, ours), in order; prefixes match at the key's start, ".x." parts anywhere
-    ("visual.transformer.resblocks.", "vision_model.encoder.layers."),
-    ("visual.conv1.", "vision_model.embeddings.patch_embedding."),
-    ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
-    ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
-    ("visual.ln_pre.", "vision_model.pre_layrnorm."), ("visual.ln_post.", "vision_model.post_layernorm."),
-    ("visual.proj", "visual_projection.weight"),
-    ("transformer.resblocks.", "text_model.encoder.layers."),
-    ("token_embedding.", "text_model.embeddings.token_embedding."),
-    ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
-    ("ln_final.", "text_model.final_layer_norm."), ("text_projection", "text_projection.weight"),
-    (".ln_1.", ".layer_norm1."), (".ln_2.", ".layer_norm2."), (".mlp.c_fc.", ".mlp.fc1."),
-    (".mlp.c_proj.", ".mlp.fc2."), (".attn.out_proj.", ".self_attn.out_proj."),
-]
-TRANSPOSED = ("visual.proj", "text_projection")  # OpenCLIP stores these as (in, out) matrices used as x @ proj
-
-
-def openclip_to_ours(sd):
-    """An OpenCLIP CLIP state dict -> CLIPModel names: the rules above, the two projections transposed, and
-    attn.in_proj_{weight,bias} (3D, ...) split into self_attn.{q,k,v}_proj."""
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("module."):  # saved from DistributedDataParallel
-            k = k[len("module."):]
-        if k == "attn_mask":
-            continue
-        new = k
-        for a, b in OPENCLIP_RULES:
-            new = new.replace(a, b) if new.startswith(a) or a.startswith(".") else new
-        if k in TRANSPOSED:
-            v = v.t().contiguous()
-        if ".attn.in_proj_" in new:
-            stem, kind = new.split(".attn.in_proj_")
-            for name, part in zip("qkv", v.chunk(3)):
-                out[f"{stem}.self_attn.{name}_proj.{kind}"] = part.contiguous()
-            continue
-        out[new] = v
-    return out
+# OpenCLIP configs (HPSv2's checkpoint; its key names are mapped by convert.openclip_to_ours)
 
 
 def openclip_configs(d):
@@ -250,7 +220,7 @@ def openclip_configs(d):
         hidden_size=v["width"], intermediate_size=int(v["width"] * v.get("mlp_ratio", 4.0)),
         num_hidden_layers=v["layers"], num_attention_heads=v["width"] // v.get("head_width", 64),
         image_size=v.get("image_size", 224), patch_size=v["patch_size"], hidden_act=act, projection_dim=d["embed_dim"]))
-    text = U.CLIPTextConfig.from_dict(dict(
+    text = unet.CLIPTextConfig.from_dict(dict(
         vocab_size=t.get("vocab_size", 49408), hidden_size=t["width"],
         intermediate_size=int(t["width"] * t.get("mlp_ratio", 4.0)), num_hidden_layers=t["layers"],
         num_attention_heads=t.get("heads", 8), max_position_embeddings=t.get("context_length", 77), hidden_act=act,
@@ -350,33 +320,19 @@ SMALL_FILES = ["*.json", "*.txt"]  # configs, tokenizer and preprocessor files
 CLIP_FILES = SMALL_FILES + ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
 
 
-def _hub(repo, patterns=None, filename=None, repo_type="model"):
-    """A snapshot folder of `repo` (only `patterns`), or one file's path; from the HF cache when offline."""
-    import huggingface_hub as hh
-    try:
-        if filename:
-            return Path(hh.hf_hub_download(repo, filename, repo_type=repo_type))
-        return Path(hh.snapshot_download(repo, allow_patterns=patterns, repo_type=repo_type))
-    except Exception as e:  # not found, offline and not cached, network errors (not all of them OSErrors)
-        what = f"{repo_type} {repo!r}" + (f" file {filename!r}" if filename else "")
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise U.LoadError(f"{what}: not on the Hub or not reachable, and not in the local HF cache "
-                          f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {why}") from None
-
-
 def _folder(model, default, patterns):
     """A local folder as is, else a Hub id (default if None) downloaded to a snapshot folder."""
     model = model or default
-    return Path(model) if Path(model).is_dir() else _hub(model, patterns)
+    return Path(model) if Path(model).is_dir() else hub_download(model, patterns)
 
 
 def load_clip(folder, device="cpu", dtype=torch.float32):
     """A transformers CLIPModel folder: config.json + model.safetensors (or shards) -> CLIP, strict."""
-    text_cfg, vision_cfg = CLIP.from_dict(U._read_json(Path(folder) / "config.json"))
-    sd = U.read_safetensors(U._weight_files(folder, "model"), dtype)
+    text_cfg, vision_cfg = CLIP.from_dict(read_json(Path(folder) / "config.json"))
+    weights = read_safetensors(weight_files(folder, "model"), dtype)
     with torch.device("meta"):
         model = CLIP(text_cfg, vision_cfg)
-    return U.load_weights(model, sd, str(folder)).to(device=device, dtype=dtype).eval()
+    return unet.load_weights(model, weights, str(folder)).to(device=device, dtype=dtype).eval()
 
 
 def _tokenizer_folder(folder, fallback):
@@ -396,10 +352,8 @@ def openclip_tokenizer(folder):
     """OpenCLIP's tokenizer (HPSv2's): the same BPE as CLIP, text html-unescaped twice, white space collapsed,
     lower-cased, [sot] ids [eot], truncated to 77 keeping eot last, padded with 0 (the id of "!", a plain symbol
     here, unlike transformers' tokenizers that pad with "!"). ftfy's mojibake repair is not applied."""
-    vocab = U._read_json(Path(folder) / "vocab.json")
-    merges = (Path(folder) / "merges.txt").read_text(encoding="utf-8").split("\n")
-    merges = [m for m in merges[1 if merges[0].startswith("#version") else 0:] if m.strip()]
-    tok = U.CLIPTokenizer(vocab, merges, pad_token="!", specials={"<|startoftext|>": False, "<|endoftext|>": False})
+    vocab, merges = read_json(Path(folder) / "vocab.json"), read_merges(Path(folder) / "merges.txt")
+    tok = CLIPTokenizer(vocab, merges, pad_token="!", specials={"<|startoftext|>": False, "<|endoftext|>": False})
     return lambda prompts: tok([" ".join(html.unescape(html.unescape(p)).split()) for p in prompts])
 
 
@@ -414,36 +368,36 @@ def load_scorer(name, model=None, device="cpu", dtype=torch.float32, batch_size=
       aesthetic  a CLIPModel folder (ViT-L/14) with the MLP's .pth beside, or a Hub id of the CLIP.
                  default openai/clip-vit-large-patch14 + camenduru/improved-aesthetic-predictor's MLP"""
     if name not in SCORERS:
-        raise U.LoadError(f"unknown scorer {name!r}: expected one of {', '.join(SCORERS)}")
+        raise LoadError(f"unknown scorer {name!r}: expected one of {', '.join(SCORERS)}")
     if name == "judge":  # the toy world's programmatic judge: captions of the shapes world only
-        import data as D
-        return lambda images, prompts: torch.tensor([D.judge(i, p) for i, p in zip(images, prompts)])
+        return lambda images, prompts: torch.tensor([toy.judge(i, p) for i, p in zip(images, prompts)])
     if name in ("pickscore", "clip"):
         folder = _folder(model, PICKSCORE if name == "pickscore" else CLIP_L14, CLIP_FILES)
-        tok = U.CLIPTokenizer.from_folder(_tokenizer_folder(folder, PICKSCORE_PROCESSOR))
+        tok = CLIPTokenizer.from_folder(_tokenizer_folder(folder, PICKSCORE_PROCESSOR))
         return Scorer(name, load_clip(folder, device, dtype), _processor(folder, PICKSCORE_PROCESSOR), tok,
                       device=device, batch_size=batch_size)
     if name == "aesthetic":
         folder = _folder(model, CLIP_L14, CLIP_FILES + ["*.pth"])
         heads = sorted(folder.glob("*.pth"))
-        head_file = heads[0] if heads else _hub(AESTHETIC_REPO, filename=AESTHETIC_FILE)
+        head_file = heads[0] if heads else hub_download(AESTHETIC_REPO, filename=AESTHETIC_FILE)
         clip = load_clip(folder, device, dtype)
-        head = U.load_weights(AestheticMLP(clip.vision_cfg.projection_dim), _torch_load(head_file), str(head_file))
+        head = unet.load_weights(AestheticMLP(clip.vision_cfg.projection_dim), _torch_load(head_file), str(head_file))
         return Scorer(name, clip, _processor(folder), head=head.to(device).eval(), device=device,
                       batch_size=batch_size)
-    path = Path(model) if model else _hub(HPS_REPO, filename=HPS_FILE)
+    path = Path(model) if model else hub_download(HPS_REPO, filename=HPS_FILE)
     if path.is_dir():
         pts = sorted(path.glob("*.pt"))
         if not pts:
-            raise U.LoadError(f"{path}: no .pt checkpoint in this folder")
+            raise LoadError(f"{path}: no .pt checkpoint in this folder")
         path = pts[0]
     cfg_files = [f for f in (path.parent / "open_clip_config.json", path.parent / "config.json") if f.is_file()]
-    text_cfg, vision_cfg = openclip_configs(U._read_json(cfg_files[0]) if cfg_files else VIT_H_14)
-    sd = _torch_load(path)
-    sd = openclip_to_ours(sd.get("state_dict", sd))
+    text_cfg, vision_cfg = openclip_configs(read_json(cfg_files[0]) if cfg_files else VIT_H_14)
+    weights = _torch_load(path)
+    weights = openclip_to_ours(weights.get("state_dict", weights))
     with torch.device("meta"):
         clip = CLIP(text_cfg, vision_cfg)
-    clip = U.load_weights(clip, {k: v.to(dtype) for k, v in sd.items()}, str(path)).to(device=device, dtype=dtype)
+    clip = unet.load_weights(clip, {k: v.to(dtype) for k, v in weights.items()}, str(path)).to(device=device,
+                                                                                                   dtype=dtype)
     size = vision_cfg.image_size
     return Scorer(name, clip.eval(), lambda images: hps_preprocess(images, size),
                   openclip_tokenizer(_tokenizer_folder(path.parent, PICKSCORE_PROCESSOR)), device=device,
@@ -454,10 +408,9 @@ def _torch_load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise U.LoadError(f"{path}: file not found") from None
+        raise LoadError(f"{path}: file not found") from None
     except Exception as e:
-        raise U.LoadError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0] if str(e) else e!r})") \
-            from None
+        raise LoadError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -474,9 +427,7 @@ PROMPT_SETS = {  # name: (dataset repo, files to fetch, column)
 
 def _read_column(path, column):
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
         return pq.read_table(path, columns=[column]).column(column).to_pylist()
-    import csv
     with open(path, newline="", encoding="utf-8") as f:
         return [row[column] for row in csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")]
 
@@ -484,26 +435,26 @@ def _read_column(path, column):
 def prompt_set(name):
     """A list of prompts: parti (PartiPrompts), drawbench, hps (HPSv2's benchmark: anime, concept-art, paintings,
     photo, 800 each), pickapic (Pick-a-Pic v2 test_unique captions, deduplicated in order), shapes (the toy world's
-    held-out captions), or a .txt file (one prompt per line, blank lines skipped). Hub sets come from the HF cache when HF_HUB_OFFLINE=1."""
+    held-out captions), or a .txt file (one prompt per line, blank lines skipped). Hub sets come from the HF cache
+    when HF_HUB_OFFLINE=1."""
     if name == "shapes":  # the toy world's 18 held-out captions
-        import data as D
-        return D.shape_prompts("test")
+        return toy.shape_prompts("test")
     if name not in PROMPT_SETS:
         p = Path(name)
         if p.suffix != ".txt":
-            raise U.LoadError(f"prompt set {name!r}: expected one of {', '.join(PROMPT_SETS)} or a .txt file")
+            raise LoadError(f"prompt set {name!r}: expected one of {', '.join(PROMPT_SETS)} or a .txt file")
         try:
             return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
-            raise U.LoadError(f"{p}: {getattr(e, 'strerror', None) or e}") from None
+            raise LoadError(f"{p}: {getattr(e, 'strerror', None) or e}") from None
     repo, patterns, column = PROMPT_SETS[name]
-    folder = _hub(repo, patterns, repo_type="dataset")
+    folder = hub_download(repo, patterns, repo_type="dataset")
     if column is None:  # HPSv2: JSON lists of strings
         return [p for f in patterns for p in json.loads((folder / f).read_text(encoding="utf-8"))]
     files = sorted(p for p in folder.rglob("*") if p.suffix in (".parquet", ".tsv", ".csv"))
     files = [f for f in files if f.suffix == ".parquet"] or files
     if not files:
-        raise U.LoadError(f"prompt set {name!r}: dataset {repo!r} has no parquet/tsv/csv files")
+        raise LoadError(f"prompt set {name!r}: dataset {repo!r} has no parquet/tsv/csv files")
     prompts = [p for f in files for p in _read_column(f, column)]
     return list(dict.fromkeys(prompts)) if name == "pickapic" else prompts
 
@@ -512,23 +463,51 @@ def prompt_set(name):
 # Win rate with a bootstrap interval
 
 
-def win_rate(tuned, base):
-    """Mean over prompts of 1[tuned > base] + 0.5 * 1[tuned == base]."""
-    tuned, base = np.asarray(tuned, dtype=np.float64), np.asarray(base, dtype=np.float64)
-    return float(np.mean((tuned > base) + 0.5 * (tuned == base)))
+def win_outcomes(tuned_scores, base_scores):
+    """Per prompt, 1 if the tuned image scores higher, 0.5 on a tie, 0 if lower; their mean is the win rate."""
+    tuned, base = np.asarray(tuned_scores, dtype=np.float64), np.asarray(base_scores, dtype=np.float64)
+    if tuned.shape != base.shape or tuned.ndim != 1 or not len(tuned):
+        raise ValueError(f"need two equal-length non-empty score lists, got {tuned.shape} and {base.shape}")
+    return (tuned > base) + 0.5 * (tuned == base)                                   # (N,) in {0, 0.5, 1}
 
 
 def bootstrap_win_rate(tuned_scores, base_scores, n=1000, seed=0):
     """(win rate, lo, hi): the 2.5 and 97.5 percentiles of the win rate over n resamples of the prompts (with
     replacement; a prompt's tuned and base scores stay paired)."""
-    tuned, base = np.asarray(tuned_scores, dtype=np.float64), np.asarray(base_scores, dtype=np.float64)
-    if tuned.shape != base.shape or tuned.ndim != 1 or not len(tuned):
-        raise ValueError(f"need two equal-length non-empty score lists, got {tuned.shape} and {base.shape}")
-    outcome = (tuned > base) + 0.5 * (tuned == base)                                # (N,) in {0, 0.5, 1}
+    outcome = win_outcomes(tuned_scores, base_scores)
     idx = np.random.default_rng(seed).integers(0, len(outcome), size=(n, len(outcome)))
     rates = outcome[idx].mean(axis=1)                                               # (n,)
     lo, hi = np.percentile(rates, [2.5, 97.5])
     return float(outcome.mean()), float(lo), float(hi)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The toy world's evaluation (diffdpo.py --data shapes runs it after training): base vs tuned on the held-out captions
+
+TOY_SEEDS = 8             # held-out images per test caption, the same seeds for base and tuned
+
+
+def evaluate_toy(model, out, run, t_start):
+    """Base (`model`) vs tuned (OUT/unet, or OUT's LoRA) on the 18 held-out captions x TOY_SEEDS seeds under the
+    judge. Writes OUT/summary.json (`run` + the win rate of tuned over base, ties half; mean judge scores; seconds
+    since t_start, so the whole run) and OUT/compare.png (one image per held-out caption: base above, tuned below)."""
+    out = Path(out)
+    sd = unet.load_sd(model)
+    tuned = (unet.load_component(out / "unet", "unet") if (out / "unet").is_dir() else
+             unet.load_sd(model, lora=out).unet)
+    prompts = [p for p in toy.shape_prompts("test") for _ in range(TOY_SEEDS)]
+    seeds = list(range(len(prompts)))
+    images = {label: sample.render(sd, net, prompts, seeds, batch_size=256, **toy.TOY_SAMPLING)
+              for label, net in (("base", sd.unet), ("tuned", tuned))}
+    scores = {label: [toy.judge(i, p) for i, p in zip(ims, prompts)] for label, ims in images.items()}
+    summary = dict(run, win_rate_vs_base=float(win_outcomes(scores["tuned"], scores["base"]).mean()),
+                   judge_score_base=float(np.mean(scores["base"])), judge_score_tuned=float(np.mean(scores["tuned"])),
+                   num_images=len(prompts), seconds=round(time.time() - t_start, 1))
+    big = {label: [im.resize((64, 64), Image.NEAREST) for im in ims[::TOY_SEEDS]] for label, ims in images.items()}
+    labels = [f"{label} {summary[f'judge_score_{label}']:.3f}" for label in big]
+    sample.image_grid(list(big.values()), row_labels=labels).save(out / "compare.png")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -553,7 +532,6 @@ def report_markdown(report):
 
 def wins_losses_grid(base, tuned, prompts, delta, k=4):
     """Base (top row) and tuned (bottom row) for the k largest wins (left) and k largest losses (right)."""
-    import sample
     order = np.argsort(-np.asarray(delta))
     idx = list(order[:k]) + [i for i in order[::-1][:k] if i not in order[:k]]
     labels = [f"{delta[i]:+.3g} {prompts[i]}" for i in idx]
@@ -565,7 +543,7 @@ def parse_scorer_models(items):
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or name not in SCORERS or not path:
-            raise U.LoadError(f"--scorer-model {item!r}: expected NAME=PATH with NAME one of {', '.join(SCORERS)}")
+            raise LoadError(f"--scorer-model {item!r}: expected NAME=PATH with NAME one of {', '.join(SCORERS)}")
         out[name] = path
     return out
 
@@ -598,8 +576,6 @@ def main(argv=None):
         print("error: " + (str(msg).splitlines() or [repr(msg)])[0], file=sys.stderr)
         sys.exit(2)
 
-    import sample
-    from tqdm import tqdm
     scorers = [s.strip() for s in a.scorers.split(",") if s.strip()]
     if not scorers or any(s not in SCORERS for s in scorers):
         fail(f"--scorers {a.scorers!r}: expected a comma-separated list of {', '.join(SCORERS)}")
@@ -609,16 +585,16 @@ def main(argv=None):
         fail("--device cuda: no CUDA device is available (use --device cpu)")
     if (a.unet is None) == (a.lora is None):
         fail("give the tuned model as exactly one of --unet FOLDER or --lora DIR")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    dtype = DTYPES[a.dtype]
     try:
         paths = parse_scorer_models(a.scorer_model)
         prompts = prompt_set(a.prompts)[:a.num]
         if not prompts:
             fail(f"--prompts {a.prompts}: no prompts")
-        sd = U.load_sd(a.model, device=a.device, dtype=dtype)
-        tuned = (U.load_component(a.unet, "unet", device=a.device, dtype=dtype) if a.unet else
-                 U.load_sd(a.model, device=a.device, dtype=dtype, lora=a.lora).unet)
-    except (U.LoadError, OSError) as e:
+        sd = unet.load_sd(a.model, device=a.device, dtype=dtype)
+        tuned = (unet.load_component(a.unet, "unet", device=a.device, dtype=dtype) if a.unet else
+                 unet.load_sd(a.model, device=a.device, dtype=dtype, lora=a.lora).unet)
+    except (UserError, OSError) as e:
         fail(e)
     if any(getattr(tuned.cfg, k) != getattr(sd.unet.cfg, k) for k in sample.FAMILY):
         fail(f"--unet {a.unet}: a UNet of another model family than --model {a.model}")
@@ -643,7 +619,7 @@ def main(argv=None):
     for name in scorers:
         try:
             scorer = load_scorer(name, paths.get(name), device=a.device)
-        except (U.LoadError, OSError) as e:
+        except (LoadError, OSError) as e:
             fail(f"scorer {name}: {e}")
         s = {label: scorer(ims, prompts).tolist() for label, ims in images.items()}
         del scorer

@@ -131,11 +131,11 @@ def hub_download(repo, patterns=None, filename=None, repo_type="model", local_on
     Any failure (no such repo, private or gated, offline and not cached, network errors) raises `error` in one line."""
     import huggingface_hub as hh
     from huggingface_hub.errors import RepositoryNotFoundError
+    cached = dict(local_files_only=True) if local_only else {}
     try:
         if filename:
-            return Path(hh.hf_hub_download(repo, filename, repo_type=repo_type, local_files_only=local_only))
-        return Path(hh.snapshot_download(repo, allow_patterns=patterns, repo_type=repo_type,
-                                         local_files_only=local_only))
+            return Path(hh.hf_hub_download(repo, filename, repo_type=repo_type, **cached))
+        return Path(hh.snapshot_download(repo, allow_patterns=patterns, repo_type=repo_type, **cached))
     except RepositoryNotFoundError:
         raise error(f"{repo_type} {repo!r}: no such Hub repo (or it is private or gated: log in with "
                     f"`hf auth login`)") from None
@@ -143,3 +143,32 @@ def hub_download(repo, patterns=None, filename=None, repo_type="model", local_on
         what = f"{repo_type} {repo!r}" + (f" file {filename!r}" if filename else "")
         raise error(f"{what}: could not be fetched from the Hub and is not in the local HF cache "
                     f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {first_line(e)}") from None
+
+
+# the weight file stem of each network folder in a diffusers pipeline
+STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+         "text_encoder_2": "model"}
+
+
+def hub_pipeline(repo, variant=None, weights=True):
+    """Download (or find in the HF cache; HF_HUB_OFFLINE is honored) only the files a pipeline needs: configs,
+    tokenizers and, with `weights`, the networks' safetensors of one variant (plain or fp16)."""
+    small = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer*/*.json",
+             "tokenizer*/*.txt"]
+    if not weights:
+        return hub_download(repo, small)
+    names = ["unet", "vae", "text_encoder", "text_encoder_2"]
+    for v in variants(variant):
+        dot = f".{v}" if v else ""
+        folder = hub_download(repo, small + [p for n in names for s in [STEMS[n]] for p in (
+            f"{n}/{s}{dot}.safetensors", f"{n}/{s}.safetensors.index{dot}.json", f"{n}/{s}{dot}-*.safetensors",
+            f"{n}/{s}-*{dot}.safetensors")])
+        index = read_json(folder / "model_index.json")
+        try:
+            for n in names:
+                if isinstance(index.get(n), list) and index[n][0]:
+                    weight_files(folder / n, STEMS[n], v)
+            return folder
+        except LoadError:
+            continue
+    return folder  # let the loader name what is missing

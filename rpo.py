@@ -5,17 +5,22 @@ the batch, weighting each comparison by how related the two prompts are.
 
     python rpo.py --model sd15 --data pickapic --out runs/rpo-sd15 --tau 0.5
 
-The authors released no code (their repository holds a README only). This file is OUR READING of the paper's
-summary and of the same group's LLM method (Yin et al., 2024, "Relative Preference Optimization"); every choice is
-stated where it is made and the switchable ones are flags. The training loop is diffdpo.py's, reused as is.
+The authors released no code for the diffusion method (their repository holds a README only). The loss below is,
+term for term, the released code of the same group's LLM method (Yin et al., 2024, "Relative Preference
+Optimization", yinyueqin/relative-preference-optimization, trainers.py, RPOTrainer: `logits * softmax(-cos_distance /
+tau)` inside `logsigmoid`, each winner's row normalized, then the mean), with Diffusion-DPO's step-wise ELBO surrogate
+as the logit; what the weights compare (text, image or both embeddings) is our choice, a flag. The training loop is
+diffdpo.py's, reused as is.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 import diffdpo
+import eval
+from diffdpo import flag
 
 # ----------------------------------------------------------------------------------------------------------------
 # The RPO objective
@@ -41,7 +46,7 @@ def rpo_weights(emb_w, emb_l, tau):
 def rpo_loss(model_losses_w, model_losses_l, ref_losses_w, ref_losses_l, emb_w, emb_l, beta, tau):
     """Diffusion-RPO loss and implicit accuracy (of the matched pairs, comparable with DPO's):
         loss = mean_ij -log sigmoid(beta * w_ij * logit_ij)
-    Our choice, as the issue states it: the weight multiplies the logit inside the sigmoid and all B^2 terms are
+    As the LLM method's released code: the weight multiplies the logit inside the sigmoid and all B^2 terms are
     averaged. With one pair w_11 = 1 and this is exactly diffdpo.dpo_loss."""
     logits = rpo_logits(model_losses_w, model_losses_l, ref_losses_w, ref_losses_l)
     w = rpo_weights(emb_w, emb_l, tau).detach()
@@ -73,12 +78,11 @@ def image_embedder(model):
     image embeddings of a CLIP (eval.py's hand-written vision tower; `model` a transformers CLIPModel Hub id or
     folder) of each training image as the UNet sees it (unflipped), preprocessed as CLIP's own processor does."""
     def make(device):
-        import eval as E
-        clip = E.load_scorer("clip", model, device=device)
+        clip = eval.load_scorer("clip", model, device=device)
 
         @torch.no_grad()
         def embed(pair):
-            pixels = clip.preprocess([E.to_pil(x) for x in pair]).to(device)
+            pixels = clip.preprocess([eval.to_pil(x) for x in pair]).to(device)
             return clip.clip.encode_image(pixels).float().cpu()
         embed.key = f"rpo-image:{model}"
         return embed
@@ -121,12 +125,15 @@ def gather(x, world):
 
 @dataclass
 class RPOConfig(diffdpo.TrainConfig):
-    out: str = field(default="runs/rpo", metadata={"help": "run directory (re-running resumes from its checkpoint)"})
-    tau: float = field(default=0.5, metadata={"help": "temperature of the similarity weights"})
-    rpo_embed: str = field(default="text", metadata={"help": "what the weights compare: text (the model's own text "
-                                                             "encoder) | image (a CLIP's) | both"})
-    rpo_clip: str = field(default="openai/clip-vit-large-patch14", metadata={
-        "help": "the CLIP (transformers CLIPModel Hub id or folder) for --rpo-embed image|both"})
+    tau: float = flag(0.5, "temperature of the similarity weights")
+    rpo_embed: str = flag("text", "what the weights compare: text (the model's own text encoder) | image (a CLIP's) | "
+                                  "both")
+    rpo_clip: str = flag("openai/clip-vit-large-patch14", "the CLIP (transformers CLIPModel Hub id or folder) for "
+                                                          "--rpo-embed image|both")
+
+    @property
+    def method(self):
+        return "rpo"
 
 
 def make_pair_loss(cfg):

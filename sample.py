@@ -1,10 +1,13 @@
 """
-Text-to-image sampling for SD1.5 / SDXL, equal to the diffusers pipelines given the same initial latents.
+The diffusion process and text-to-image sampling for SD1.5 / SDXL, equal to the diffusers pipelines given the same
+initial latents.
 
+    python sample.py --model tiny --prompt "a red circle on a blue background" --out samples.png
     python sample.py --model sd15 --unet runs/dpo-sd15/unet --prompts prompts.txt --compare --out compare.png
 
-Read top to bottom: the inference timesteps, the samplers (DDIM, Euler, DPM-Solver++(2M)), then `generate`
-(classifier-free guidance, SDXL's conditioning, decoding), the comparison grid and the CLI.
+Read top to bottom: the noise schedule (the forward process the trainer noises with), the inference timesteps, the
+samplers (DDIM, Euler, DPM-Solver++(2M)), classifier-free guidance and `generate` (SDXL's conditioning, decoding),
+the comparison grid and the CLI.
 """
 import argparse
 import copy
@@ -18,7 +21,40 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from diffdpo import alphas_cumprod
+from files import DTYPES, UserError, first_line
+from lora import load_lora, merge_lora
+from unet import load_component, load_sd
+
+# ----------------------------------------------------------------------------------------------------------------
+# The noise schedule: q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)            (DDPM, Ho et al. 2020, Eq. 4)
+
+
+def betas(scheduler_config):
+    """Per-step noise variances beta_1..beta_T from the model's scheduler config. Stable Diffusion uses
+    `scaled_linear`: linear in sqrt(beta) from sqrt(0.00085) to sqrt(0.012) over T = 1000 steps."""
+    c = scheduler_config
+    T, b0, b1 = c.get("num_train_timesteps", 1000), c.get("beta_start", 0.0001), c.get("beta_end", 0.02)
+    kind = c.get("beta_schedule", "linear")
+    if c.get("trained_betas") is not None:
+        return torch.tensor(c["trained_betas"], dtype=torch.float32)
+    if kind == "scaled_linear":
+        return torch.linspace(b0 ** 0.5, b1 ** 0.5, T, dtype=torch.float32) ** 2
+    if kind == "linear":
+        return torch.linspace(b0, b1, T, dtype=torch.float32)
+    raise ValueError(f"scheduler config: beta_schedule={kind!r} is not supported (scaled_linear or linear)")
+
+
+def alphas_cumprod(scheduler_config):
+    """abar_t = prod_{s<=t} (1 - beta_s): the fraction of signal variance left at step t (float32, as diffusers)."""
+    return torch.cumprod(1.0 - betas(scheduler_config), dim=0)
+
+
+def add_noise(x0, noise, t, abar):
+    """Sample q(x_t | x_0) by reparameterization: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+    a = abar.to(x0.device, x0.dtype)[t].view(-1, *[1] * (x0.ndim - 1))
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The scheduler config, and which of the T training steps a sampler visits (noisiest first, as set_timesteps)
@@ -153,6 +189,12 @@ SAMPLERS = {"ddim": ddim, "euler": euler, "dpm": dpm_solver_2m}
 # Generation: classifier-free guidance, SDXL micro-conditioning, decoding
 
 
+def classifier_free_guidance(uncond, cond, scale):
+    """Classifier-free guidance (Ho & Salimans 2022, Eq. 6): eps = eps_uncond + w (eps_cond - eps_uncond), one UNet
+    call on the batch [uncond; cond]; w = 1 is the conditional model alone."""
+    return uncond + scale * (cond - uncond)
+
+
 def vae_factor(sd):
     return 2 ** (len(sd.vae.cfg.block_out_channels) - 1)
 
@@ -226,9 +268,8 @@ def generate(sd, prompts, *, steps=50, guidance=7.5, latents=None, seed=0, heigh
              negative_prompt=None, sampler="ddim", unet=None, progress=False):
     """Text-to-image, as StableDiffusion(XL)Pipeline with the matching scheduler. prompts: str or list; latents:
     (B, 4, H/8, W/8) unit noise (default: initial_latents(.., seed)); unet: a tuned UNet to use instead of sd.unet;
-    progress: True for a bar, or a tqdm bar to advance by one per step. Classifier-free guidance (guidance > 1):
-        eps = eps_uncond + guidance (eps_cond - eps_uncond),     one UNet call on [uncond; cond]
-    The sampler's arithmetic is fp32 whatever the models' dtype."""
+    progress: True for a bar, or a tqdm bar to advance by one per step. Classifier-free guidance when
+    guidance > 1. The sampler's arithmetic is fp32 whatever the models' dtype."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
@@ -249,10 +290,7 @@ def generate(sd, prompts, *, steps=50, guidance=7.5, latents=None, seed=0, heigh
         out = unet(torch.cat([x, x] if guided else [x]).to(dtype), t.to(device), **kw).float()
         if bar is not None:
             bar.update(1)
-        if not guided:
-            return out
-        uncond, cond = out.chunk(2)
-        return uncond + guidance * (cond - uncond)
+        return classifier_free_guidance(*out.chunk(2), guidance) if guided else out
 
     x = SAMPLERS[sampler](denoise, latents.to(device, torch.float32), cfg, steps)
     if progress is True:
@@ -309,7 +347,6 @@ FAMILY = ("in_channels", "cross_attention_dim", "addition_embed_type")  # what a
 
 
 def main(argv=None):
-    import unet as U
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sd15", help="the base: alias (sd15, sdxl), Hub id, folder or .safetensors")
     p.add_argument("--unet", default=None, help="a tuned UNet folder (OUT/unet of diffdpo.py) to sample with")
@@ -350,14 +387,14 @@ def main(argv=None):
         fail("--steps and --batch-size must be at least 1")
     if a.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA device is available (use --device cpu)")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    dtype = DTYPES[a.dtype]
     try:
-        sd = U.load_sd(a.model, device=a.device, dtype=dtype)
-        tuned = U.load_component(a.unet, "unet", device=a.device, dtype=dtype) if a.unet else None
+        sd = load_sd(a.model, device=a.device, dtype=dtype)
+        tuned = load_component(a.unet, "unet", device=a.device, dtype=dtype) if a.unet else None
         if a.lora:  # merged into the base UNet, or into a copy of it for --compare
-            tuned = U.merge_lora(U.load_lora(copy.deepcopy(sd.unet) if a.compare else sd.unet, a.lora))
-    except (U.LoadError, OSError) as e:
-        fail(str(e).splitlines()[0] if str(e) else repr(e))
+            tuned = merge_lora(load_lora(copy.deepcopy(sd.unet) if a.compare else sd.unet, a.lora))
+    except (UserError, OSError) as e:
+        fail(first_line(e))
     if tuned and any(getattr(tuned.cfg, k) != getattr(sd.unet.cfg, k) for k in FAMILY):
         fail(f"--unet {a.unet}: a UNet of another model family than --model {a.model} ({FAMILY} differ)")
     rows = [("base", sd.unet), ("tuned", tuned)] if a.compare else [("tuned" if tuned else "base", tuned or sd.unet)]

@@ -4,30 +4,62 @@ papers' formulas) on the same inputs, plus small end-to-end runs. CPU only, offl
 
     pytest test_all.py
 
-The tests build their own "hub": random-weight models written by diffusers/transformers `save_pretrained` in the
-exact Hub layout, at small configs that exercise every code path, loaded through the same `load_sd` users call.
+The tests build their own "hub" (reference.py): random-weight models written by diffusers/transformers
+`save_pretrained` in the exact Hub layout, at small configs that exercise every code path, loaded through the same
+`load_sd` users call.
 """
-import gzip
+import importlib.util
+import io
+import itertools
 import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
+import threading
+import time
+import types
 import warnings
 from pathlib import Path
 
-import importlib.util
-import types
-
+import huggingface_hub as hh
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       StableDiffusionPipeline, UNet2DConditionModel)
+from huggingface_hub.errors import RepositoryNotFoundError
+from peft import LoraConfig
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+from transformers import CLIPTokenizer as HFCLIPTokenizer
+from transformers.optimization import Adafactor as HFAdafactor
 
-import eval as E
-import unet as U
+import bench
+import convert
+import data
+import diffdpo
+import eval
+import lora
+import reference
+import rpo
+import sample
+import shards
+import tokenizer
+import toy
+import unet
+from reference import (SCHEDULER, SD15_TEST, SDXL_TEST, clip_vocab_source, make_hub, reference_pipe, tokenizer_cases,
+                       write_clip_tokenizer_folder)
 
 warnings.filterwarnings("ignore")
 torch.set_num_threads(min(4, os.cpu_count() or 1))
@@ -44,136 +76,11 @@ def rel_err(a, b):
 # The test hub
 
 
-def clip_vocab_source():
-    """The real CLIP BPE merges ship in the open-clip-torch wheel (installed --no-deps by .ci/run, never imported)."""
-    import importlib.util
-    spec = importlib.util.find_spec("open_clip")
-    assert spec is not None, "open-clip-torch must be installed (pip install --no-deps open-clip-torch==3.3.0)"
-    return Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
-
-
-def write_clip_tokenizer_folder(folder, pad_token="<|endoftext|>", style="sd15"):
-    """vocab.json + merges.txt built from OpenAI's BPE file exactly as Hugging Face built theirs, and the special-token
-    files as the Hub's folders spell them: style "sd15" (SD1.5's and SDXL's `tokenizer/`: bos/eos/unk as normalized
-    AddedToken dicts, the pad a plain string) or "decoder" (SDXL's `tokenizer_2/`: plain strings plus an
-    `added_tokens_decoder`). Which special tokens transformers matches before normalization depends on that."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    merges = gzip.open(clip_vocab_source()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    byte_chars = list(U.bytes_to_unicode().values())
-    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = lambda c, norm=True: dict(content=c, lstrip=False, normalized=norm, rstrip=False, single_word=False)  # noqa
-    if style == "decoder":
-        special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token=pad_token,
-                       unk_token="<|endoftext|>")
-        decoder = {"49406": {**tok("<|startoftext|>"), "special": False},
-                   "49407": {**tok("<|endoftext|>", False), "special": False}}
-        if pad_token in vocab[:256]:
-            decoder[str(vocab.index(pad_token))] = {**tok(pad_token, False), "special": True}
-        config = {**special, "added_tokens_decoder": decoder}
-    else:
-        special = dict(bos_token=tok("<|startoftext|>"), eos_token=tok("<|endoftext|>"), pad_token=pad_token,
-                       unk_token=tok("<|endoftext|>"))
-        config = {k: ({"__type": "AddedToken", **v} if isinstance(v, dict) else v) for k, v in special.items()}
-    config.update(add_prefix_space=False, do_lower_case=True, errors="replace", model_max_length=77,
-                  tokenizer_class="CLIPTokenizer")
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return folder
-
-
-SD15_TEST = dict(
-    unet=dict(block_out_channels=[32, 64, 64], layers_per_block=2, attention_head_dim=4, cross_attention_dim=32,
-              norm_num_groups=8, sample_size=8,
-              down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-              up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
-    vae=dict(block_out_channels=[16, 32, 32], layers_per_block=1, norm_num_groups=8, latent_channels=4,
-             down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
-             scaling_factor=0.18215, sample_size=32),
-    text=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32, eos_token_id=2))
-
-SDXL_TEST = dict(
-    unet=dict(block_out_channels=[32, 64, 96], layers_per_block=2, attention_head_dim=[2, 4, 6],
-              transformer_layers_per_block=[1, 2, 3], use_linear_projection=True, cross_attention_dim=64,
-              norm_num_groups=8, sample_size=8, addition_embed_type="text_time", addition_time_embed_dim=8,
-              projection_class_embeddings_input_dim=32 + 6 * 8,
-              down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-              up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
-    vae=dict(SD15_TEST["vae"], scaling_factor=0.13025),
-    text=SD15_TEST["text"],
-    text2=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               max_position_embeddings=77, hidden_act="gelu", projection_dim=32, eos_token_id=49407))
-
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 steps_offset=1, set_alpha_to_one=False, clip_sample=False, timestep_spacing="leading")
-
-
-def make_hub(folder, kind="sd15", variant=None, seed=0):
-    """A random-weight SD1.5-like or SDXL-like pipeline saved by diffusers in the Hub's diffusers layout."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-    folder = Path(folder)
-    cfg = SD15_TEST if kind == "sd15" else SDXL_TEST
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**cfg["unet"])
-    vae = AutoencoderKL(**cfg["vae"])
-    text = CLIPTextModel(CLIPTextConfig(**cfg["text"]))
-    for m in (unet, vae, text):  # random non-trivial norms and biases, so every parameter matters
-        for n, p in m.named_parameters():
-            if p.ndim == 1:
-                p.data.normal_(1.0 if n.endswith("norm.weight") or "norm" in n and n.endswith("weight") else 0.0,
-                               0.1)
-    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer_folder(folder.parent / f"_tok_{folder.name}"))
-    if kind == "sd15":
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
-                                       scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    else:
-        text2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text2"]))
-        tok2 = CLIPTokenizer.from_pretrained(
-            write_clip_tokenizer_folder(folder.parent / f"_tok2_{folder.name}", pad_token="!"))
-        sched = EulerDiscreteScheduler(**{k: v for k, v in SCHEDULER.items() if k not in ("set_alpha_to_one",
-                                                                                              "clip_sample")})
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=tok,
-                                         tokenizer_2=tok2, unet=unet, scheduler=sched)
-    if variant == "fp16":
-        pipe.to(torch.float16)
-    pipe.save_pretrained(folder, variant=variant, safe_serialization=True)
-    # the Hub's scheduler configs carry keys of other schedulers too (SDXL's Euler config: clip_sample False, ...)
-    cls = "DDIMScheduler" if kind == "sd15" else "EulerDiscreteScheduler"
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": cls, **SCHEDULER, "interpolation_type": "linear", "prediction_type": "epsilon",
-         "skip_prk_steps": True, "use_karras_sigmas": False, "trained_betas": None, "sample_max_value": 1.0}))
-    # The Hub's tokenizer folders hold vocab.json + merges.txt + the special-token files (no tokenizer.json)
-    for name, pad, style in [("tokenizer", "<|endoftext|>", "sd15"), ("tokenizer_2", "!", "decoder")]:
-        if (folder / name).is_dir():
-            shutil.rmtree(folder / name)
-            write_clip_tokenizer_folder(folder / name, pad_token=pad, style=style)
-    # The Hub's text encoders were saved by transformers 4 with a `text_model.` prefix that transformers 5 drops
-    # for CLIPTextModel: write the Hub's real key names (transformers 5 still reads them).
-    from safetensors.torch import load_file, save_file
-    f = folder / "text_encoder" / (f"model.{variant}.safetensors" if variant else "model.safetensors")
-    save_file({k if k.startswith("text_model.") else "text_model." + k: v for k, v in load_file(f).items()}, f,
-              metadata={"format": "pt"})
-    return folder
-
-
 @pytest.fixture(scope="session")
 def hub(tmp_path_factory):
     """{"sd15": folder, "sdxl": folder} built once per test session."""
     root = tmp_path_factory.mktemp("hub")
     return {k: make_hub(root / k, k) for k in ("sd15", "sdxl")}
-
-
-def reference_pipe(folder, kind):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    cls = StableDiffusionPipeline if kind == "sd15" else StableDiffusionXLPipeline
-    return cls.from_pretrained(folder, safety_checker=None) if kind == "sd15" else cls.from_pretrained(folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,7 +89,7 @@ def reference_pipe(folder, kind):
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_networks_match_reference(hub, kind):
-    sd = U.load_sd(str(hub[kind]))
+    sd = unet.load_sd(str(hub[kind]))
     ref = reference_pipe(hub[kind], kind)
     assert sd.kind == kind and len(sd.tokenizers) == len(sd.text_encoders) == (2 if kind == "sdxl" else 1)
     g = torch.Generator().manual_seed(0)
@@ -221,8 +128,7 @@ def test_networks_match_reference(hub, kind):
 
 def test_unet_gradients_match_reference(hub):
     """Training differentiates the UNet: the gradients must match too (with gradient checkpointing on)."""
-    from diffusers import UNet2DConditionModel
-    sd = U.load_sd(str(hub["sd15"]))
+    sd = unet.load_sd(str(hub["sd15"]))
     ref = UNet2DConditionModel.from_pretrained(hub["sd15"], subfolder="unet")
     sd.unet.set_grad_checkpointing(True)
     g = torch.Generator().manual_seed(1)
@@ -237,9 +143,8 @@ def test_unet_gradients_match_reference(hub):
 
 def test_fp16_variant_and_sharded_weights(tmp_path, hub):
     """A folder with only *.fp16.safetensors loads (cast to the asked dtype); sharded weights load via their index."""
-    from diffusers import UNet2DConditionModel
     folder = make_hub(tmp_path / "fp16", "sd15", variant="fp16", seed=3)
-    sd = U.load_sd(str(folder))
+    sd = unet.load_sd(str(folder))
     ref = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", variant="fp16", torch_dtype=torch.float32)
     x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
     with torch.no_grad():
@@ -247,9 +152,9 @@ def test_fp16_variant_and_sharded_weights(tmp_path, hub):
     sharded = tmp_path / "sharded"
     UNet2DConditionModel.from_pretrained(hub["sd15"], subfolder="unet").save_pretrained(sharded, max_shard_size="200KB")
     assert (sharded / "diffusion_pytorch_model.safetensors.index.json").is_file()
-    unet = U.load_component(sharded, "unet")
-    base = U.load_sd(str(hub["sd15"])).unet
-    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), base.state_dict().values()))
+    model = unet.load_component(sharded, "unet")
+    base = unet.load_sd(str(hub["sd15"])).unet
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
 
 
 def test_hub_cache_offline(tmp_path, hub):
@@ -266,7 +171,7 @@ def test_hub_cache_offline(tmp_path, hub):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "hf"))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    n = sum(p.numel() for p in U.load_sd(str(hub["sd15"])).unet.parameters())
+    n = sum(p.numel() for p in unet.load_sd(str(hub["sd15"])).unet.parameters())
     assert out.stdout.split() == ["sd15", str(n)]
     # a repo that is not cached, offline: a one-line error that says so
     out = subprocess.run([sys.executable, "-c", "import unet; unet.load_sd('test-org/missing')"], cwd=ROOT, env=env,
@@ -276,36 +181,35 @@ def test_hub_cache_offline(tmp_path, hub):
 
 def test_load_errors_name_the_problem(tmp_path, hub):
     with pytest.raises(ValueError, match="not an alias"):
-        U.load_sd("no such model")
+        unet.load_sd("no such model")
     with pytest.raises(ValueError, match="model_index.json"):
-        U.load_sd(str(tmp_path))
+        unet.load_sd(str(tmp_path))
     bad = tmp_path / "bad"
     shutil.copytree(hub["sd15"], bad)
     (bad / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="vae/diffusion_pytorch_model.safetensors: not a readable safetensors"):
-        U.load_sd(str(bad))
+        unet.load_sd(str(bad))
     # a tensor of the wrong shape is named
-    from safetensors.torch import load_file, save_file
     f = hub["sd15"] / "unet" / "diffusion_pytorch_model.safetensors"
     w = load_file(f)
     w["conv_in.weight"] = w["conv_in.weight"][:, :3].contiguous()
     save_file(w, tmp_path / "w.safetensors")
     with torch.device("meta"):
-        model = U.UNet(U.UNetConfig.from_dict(json.loads((f.parent / "config.json").read_text())))
+        model = unet.UNet(unet.UNetConfig.from_dict(json.loads((f.parent / "config.json").read_text())))
     with pytest.raises(ValueError, match=r"conv_in.weight has shape \(32, 3, 3, 3\), expected \(32, 4, 3, 3\)"):
-        U.load_weights(model, load_file(tmp_path / "w.safetensors"))
+        unet.load_weights(model, load_file(tmp_path / "w.safetensors"))
     del w["conv_out.bias"]
     with pytest.raises(ValueError, match="1 missing keys.*conv_out.bias"):
-        U.load_weights(model, w)
+        unet.load_weights(model, w)
 
 
 def test_presets_build_at_real_sizes():
     """The named presets are the real architectures: parameter and tensor counts of SD1.5's and SDXL's UNets
     (FACTS.md) and of the text encoders, built on the meta device (no memory)."""
     with torch.device("meta"):
-        sd15, sdxl = U.UNet(U.UNetConfig.sd15()), U.UNet(U.UNetConfig.sdxl())
-        clip_l, big_g = U.CLIPText(U.CLIPTextConfig.sd15()), U.CLIPText(U.CLIPTextConfig.sdxl())
-        vae = U.VAE(U.VAEConfig.sd15())
+        sd15, sdxl = unet.UNet(unet.UNetConfig.sd15()), unet.UNet(unet.UNetConfig.sdxl())
+        clip_l, big_g = unet.CLIPText(unet.CLIPTextConfig.sd15()), unet.CLIPText(unet.CLIPTextConfig.sdxl())
+        vae = unet.VAE(unet.VAEConfig.sd15())
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert (count(sd15), len(sd15.state_dict())) == (859_520_964, 686)
     assert (count(sdxl), len(sdxl.state_dict())) == (2_567_463_684, 1680)
@@ -315,9 +219,8 @@ def test_presets_build_at_real_sizes():
 def test_real_sd15_architecture(tmp_path):
     """The real SD1.5 UNet (860M parameters, random weights stored as the fp16 variant, as on the Hub) loads and
     matches diffusers; the load is timed and its peak memory measured in a fresh process."""
-    from diffusers import UNet2DConditionModel
     torch.manual_seed(0)
-    ref = UNet2DConditionModel(**{k: v for k, v in U.SD15_UNET.items() if k != "_class_name"})
+    ref = UNet2DConditionModel(**{k: v for k, v in unet.SD15_UNET.items() if k != "_class_name"})
     ref.half().save_pretrained(tmp_path / "unet", variant="fp16")
     ref.float()
     g = torch.Generator().manual_seed(0)
@@ -347,29 +250,25 @@ print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 
 def test_schedule_matches_diffusers():
-    from diffusers import DDPMScheduler
-    import diffdpo
     for cfg in [SCHEDULER, dict(SCHEDULER, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)]:
         ref = DDPMScheduler(**{k: v for k, v in cfg.items() if k in ("num_train_timesteps", "beta_start", "beta_end",
                                                                      "beta_schedule")})
-        abar = diffdpo.alphas_cumprod(cfg)
+        abar = sample.alphas_cumprod(cfg)
         assert torch.equal(abar, ref.alphas_cumprod)
         x0, eps = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
         t = torch.tensor([0, 1, 500, 999])
-        assert rel_err(diffdpo.add_noise(x0, eps, t, abar), ref.add_noise(x0, eps, t)) < 1e-6
+        assert rel_err(sample.add_noise(x0, eps, t, abar), ref.add_noise(x0, eps, t)) < 1e-6
         assert rel_err(diffdpo.prediction_target(x0, eps, t, abar, "v_prediction"), ref.get_velocity(x0, eps, t)) < 1e-6
         assert torch.equal(diffdpo.prediction_target(x0, eps, t, abar), eps)
 
 
 def test_dpo_loss_formula():
-    import diffdpo
     g = torch.Generator().manual_seed(0)
     mw, ml, rw, rl = (torch.rand(16, generator=g, dtype=torch.float64).requires_grad_() for _ in range(4))
     beta = 5000.0
     loss, acc = diffdpo.dpo_loss(mw, ml, rw, rl, beta)
     # the official code, written out by hand: inside = -0.5 beta ((mw - ml) - (rw - rl)), loss = mean softplus(-inside)
     inside = [-0.5 * beta * ((mw[i] - ml[i]) - (rw[i] - rl[i])).item() for i in range(16)]
-    import math
     expected = sum(math.log1p(math.exp(-x)) if x > -30 else -x for x in inside) / 16
     assert abs(loss.item() - expected) < 1e-9
     assert acc.item() == sum(x > 0 for x in inside) / 16
@@ -390,9 +289,6 @@ def test_dpo_loss_formula():
 
 
 def jpeg(color, size=(40, 32), noise_seed=0):
-    import io
-    import numpy as np
-    from PIL import Image
     rng = np.random.default_rng(noise_seed)
     arr = np.clip(np.array(color)[None, None] + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype("uint8")
     buf = io.BytesIO()
@@ -403,8 +299,6 @@ def jpeg(color, size=(40, 32), noise_seed=0):
 def make_pickapic_shard(path, n=24, ties=3, corrupt=1, seed=0):
     """A Pick-a-Pic v2 shard: the preferred image is reddish, the other bluish, on either side; some ties and an
     undecodable JPEG, plus a few of the dataset's other columns."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     rows = []
     for i in range(n):
         red, blue = jpeg((200, 40, 40), noise_seed=seed * 1000 + 2 * i), jpeg((40, 40, 200), noise_seed=seed * 1000 + 2 * i + 1)
@@ -423,33 +317,10 @@ def make_pickapic_shard(path, n=24, ties=3, corrupt=1, seed=0):
 # The tokenizer against transformers' CLIPTokenizer
 
 
-def tokenizer_cases(n_random=300, seed=0):
-    import random
-    fixed = [
-        "a photo of a cat", "", " ", "   \t\n ", "A Photo Of A CAT", "café crème brûlée", "cafe\u0301 (combining)",
-        "naïve señor über Ærø", "日本語のテキスト", "中文 提示词 测试", "한국어", "Привет, мир!", "مرحبا بالعالم", "ΟΔΟΣ σοφία",
-        "emoji 😀🐱‍👤👍🏽 🇯🇵", "&amp; &lt;b&gt; &#39; &quot;", "12345 3.14 1,000,000 2nd 1st 4k 1080p",
-        "don't it's I'M we'll they'd you've she's 'quoted' O'Neil rock'n'roll", "!!! ??? ... --- ,,, ;;; ***",
-        "hello!world", "wow!", "a ! b", "tabs\tand\nnewlines\r\nand  spaces", "  leading and trailing  ",
-        "control\x00\x01\x1c\x7f chars", "zero\u200bwidth\u200djoiner\ufeffbom", "non\xa0breaking\u3000ideographic",
-        "<|endoftext|>", "a <|endoftext|> b", "<|startoftext|>x<|endoftext|>", "<|ENDOFTEXT|> upper", "<|endoftext", "<|STARTOFTEXT|>",
-        "<|StartOfText|>x", "<|endoftext|>>", "wow!!", "ends with a bang!",
-        "İstanbul ß ﬁ ﬀ Å Ω K", "x" * 300, " ".join(["word"] * 100), "supercalifragilisticexpialidocious " * 10,
-        "a photo of an astronaut riding a horse on the moon, highly detailed, 8k, trending on artstation",
-        "$100 @user #hashtag https://example.com/a?b=c&d=e user@mail.com", "½ ² ³ ① Ⅻ ٣ ߁", "x\u0301y \u0301 \u20dd",
-    ]
-    rng = random.Random(seed)
-    alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 !?.,;:'\"-_()[]{}<>|/\\&#@$%^*+=~`"
-                    "\t\n") + list("éèêëñüöäçßæøåαβγδЖжшщ中文日本語한국😀🐱👍🏽‍\u0301\u200b\xa0") + ["'s", "'ll", "<|endoftext|>"]
-    rand = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(n_random)]
-    return fixed + rand
-
-
 @pytest.mark.parametrize("pad,style", [("<|endoftext|>", "sd15"), ("!", "sd15"), ("!", "decoder")])
 def test_tokenizer_matches_transformers(tmp_path, pad, style):
-    from transformers import CLIPTokenizer
     folder = write_clip_tokenizer_folder(tmp_path / "tok", pad_token=pad, style=style)
-    ours, ref = U.CLIPTokenizer.from_folder(folder), CLIPTokenizer.from_pretrained(folder)
+    ours, ref = tokenizer.CLIPTokenizer.from_folder(folder), HFCLIPTokenizer.from_pretrained(folder)
     cases = tokenizer_cases()
     expected = ref(cases, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     got = ours(cases)
@@ -472,7 +343,6 @@ def read_metrics(out):
 
 
 def unet_weights(out):
-    from safetensors.torch import load_file
     return load_file(Path(out) / "unet" / "diffusion_pytorch_model.safetensors")
 
 
@@ -495,8 +365,6 @@ def test_train_end_to_end_resume_and_ddp(tmp_path, hub, shard):
     """The CLI on a Hub-layout model and a Pick-a-Pic shard (ties, a corrupt JPEG): ln 2 at the start, output that
     diffusers loads and that differs from the base; 2 steps + resume to 4 == 4 straight steps; 2 processes (gloo)
     with batch 1 == 1 process with batch 2."""
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
     straight = tmp_path / "straight"
     r = run_cli(train_args(hub, shard, straight, "--max-steps", "4"))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -544,7 +412,6 @@ def test_train_end_to_end_resume_and_ddp(tmp_path, hub, shard):
 def test_channels_last_trains_the_same(tmp_path, hub, shard):
     """--channels-last (NHWC UNets) changes the memory layout, not the math: the same losses and gradient norms as
     the default layout, the same update up to float rounding, and a plain diffusers file at the end."""
-    from safetensors.torch import load_file
     for name, extra in (("nchw", ("--no-samples",)), ("nhwc", ("--channels-last", "--no-samples"))):
         r = run_cli(train_args(hub, shard, tmp_path / name, "--max-steps", "2", *extra))
         assert r.returncode == 0, r.stderr[-3000:]
@@ -566,7 +433,6 @@ def test_train_bad_data_is_one_line(tmp_path, hub):
     r = run_cli(train_args(hub, "pickapic", tmp_path / "o", "--max-steps", "1"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "2025" in r.stderr
     # errors found only when the data is first read (a missing column) and a bad --model: one line too
-    import pyarrow.parquet as pq
     pq.write_table(pq.read_table(make_pickapic_shard(tmp_path / "s.parquet", n=4)).drop_columns(["caption"]),
                    tmp_path / "nocaption.parquet")
     r = run_cli(train_args(hub, tmp_path / "nocaption.parquet", tmp_path / "o2", "--max-steps", "1"))
@@ -578,7 +444,6 @@ def test_train_bad_data_is_one_line(tmp_path, hub):
 def test_dpo_learns_the_preference(tmp_path, hub, shard):
     """A real signal: on the small model, 150 DPO steps on the red-preferred pairs drive the implicit accuracy on
     the training pairs from 0 (policy == reference) to well above 0.5, and the loss below ln 2."""
-    import diffdpo
     out = tmp_path / "learn"
     diffdpo.train(diffdpo.TrainConfig(model=str(hub["sd15"]), data=str(shard), out=str(out), resolution=32,
                                       batch_size=4, max_steps=150, lr=3e-4, warmup_steps=10, checkpoint_every=0,
@@ -593,17 +458,14 @@ def test_dpo_learns_the_preference(tmp_path, hub, shard):
 
 def test_pickapic_removed_message(monkeypatch):
     """`--data pickapic` when the Hub answers that the repo does not exist (as it does since 2025)."""
-    import huggingface_hub as hh
-    from huggingface_hub.errors import RepositoryNotFoundError
-    import data as D
 
     def gone(*a, **k):  # what huggingface_hub raises for a 404 on the repo
         err = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
         Exception.__init__(err, "404 Client Error: Repository Not Found")
         raise err
     monkeypatch.setattr(hh.HfApi, "list_repo_files", gone)
-    with pytest.raises(D.DataError) as e:
-        D.open_pairs("pickapic", resolution=32)
+    with pytest.raises(data.DataError) as e:
+        data.open_pairs("pickapic", resolution=32)
     msg = str(e.value)
     assert "taken off the Hub in 2025" in msg and "hub:OWNER/NAME" in msg and "pairs.jsonl" in msg
     assert "pickapic_v2_no_images" in msg and "\n" not in msg
@@ -611,7 +473,6 @@ def test_pickapic_removed_message(monkeypatch):
 
 def test_cache_is_exact_and_reused(tmp_path, hub, shard):
     """--cache: the same weights as without it (both flips are stored), and a second run reads the cache."""
-    import diffdpo
     common = dict(model=str(hub["sd15"]), data=str(shard), resolution=32, batch_size=2, grad_accum=2, lr=1e-4,
                   warmup_steps=2, max_steps=4, checkpoint_every=0, device="cpu")
     diffdpo.train(diffdpo.TrainConfig(out=str(tmp_path / "plain"), **common))
@@ -641,8 +502,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, hub, shard):
 
 
 def test_pickapic_pairs_preferred_first_ties_dropped(shard):
-    import data as D
-    src = D.open_pairs(str(shard), resolution=16, flip=False)
+    src = data.open_pairs(str(shard), resolution=16, flip=False)
     assert len(src) == 21  # 24 rows - 3 ties
     b = next(src.batches(20))
     assert b["chosen"].shape == (20, 3, 16, 16) and b["chosen"].min() >= -1 and b["chosen"].max() <= 1
@@ -651,8 +511,8 @@ def test_pickapic_pairs_preferred_first_ties_dropped(shard):
     assert (b["rejected"][:, 2].mean((1, 2)) > b["rejected"][:, 0].mean((1, 2))).all()
     assert src.num_corrupt == 1 and len(set(b["prompts"])) == 19  # the corrupt pair was replaced by a neighbour
     # augmentation is a function of (seed, stream index): flips and dropout reproduce, and differ between items
-    a1 = next(D.open_pairs(str(shard), resolution=16, caption_dropout=0.5, seed=3).batches(8, start=40))
-    a2 = next(D.open_pairs(str(shard), resolution=16, caption_dropout=0.5, seed=3).batches(8, start=40))
+    a1 = next(data.open_pairs(str(shard), resolution=16, caption_dropout=0.5, seed=3).batches(8, start=40))
+    a2 = next(data.open_pairs(str(shard), resolution=16, caption_dropout=0.5, seed=3).batches(8, start=40))
     assert torch.equal(a1["chosen"], a2["chosen"]) and a1["prompts"] == a2["prompts"] and "" in a1["prompts"]
 
 
@@ -660,13 +520,9 @@ def test_prefetch_gives_the_same_batches_and_raises_data_errors(shard):
     """The trainer reads batches through data.prefetch (a background thread decodes the next ones): the same
     batches in the same order as reading them directly, a data error raised at its batch, and close() ends the
     thread."""
-    import itertools
-    import threading
-    import time
-    import data as D
     others = set(threading.enumerate())
-    direct = list(itertools.islice(D.open_pairs(str(shard), resolution=16, seed=1).batches(4), 9))
-    ahead = D.prefetch(D.open_pairs(str(shard), resolution=16, seed=1).batches(4), depth=3)
+    direct = list(itertools.islice(data.open_pairs(str(shard), resolution=16, seed=1).batches(4), 9))
+    ahead = shards.prefetch(data.open_pairs(str(shard), resolution=16, seed=1).batches(4), depth=3)
     for a, b in zip(direct, ahead):
         assert a["prompts"] == b["prompts"] and a["position"] == b["position"] and a["corrupt"] == b["corrupt"]
         assert torch.equal(a["chosen"], b["chosen"]) and torch.equal(a["rejected"], b["rejected"])
@@ -674,12 +530,12 @@ def test_prefetch_gives_the_same_batches_and_raises_data_errors(shard):
 
     def broken():
         yield 1
-        raise D.DataError("shard-3.parquet: column 'jpg_0' is missing")
-    stream = D.prefetch(broken())
+        raise data.DataError("shard-3.parquet: column 'jpg_0' is missing")
+    stream = shards.prefetch(broken())
     assert next(stream) == 1
-    with pytest.raises(D.DataError, match="jpg_0"):
+    with pytest.raises(data.DataError, match="jpg_0"):
         next(stream)
-    endless = D.prefetch(itertools.count())
+    endless = shards.prefetch(itertools.count())
     assert next(endless) == 0
     endless.close()
     time.sleep(0.5)
@@ -687,31 +543,26 @@ def test_prefetch_gives_the_same_batches_and_raises_data_errors(shard):
 
 
 def test_jsonl_pairs_and_errors(tmp_path, shard):
-    import pyarrow.parquet as pq
-    from PIL import Image
-    import data as D
     Image.new("RGB", (20, 30), (255, 0, 0)).save(tmp_path / "w.png")
     Image.new("RGB", (30, 20), (0, 0, 255)).save(tmp_path / "l.png")
     (tmp_path / "pairs.jsonl").write_text(json.dumps(dict(prompt="red", chosen="w.png", rejected="l.png")) + "\n")
-    b = next(D.open_pairs(str(tmp_path), resolution=8, flip=False).batches(2))
+    b = next(data.open_pairs(str(tmp_path), resolution=8, flip=False).batches(2))
     assert b["prompts"] == ["red", "red"] and b["chosen"][0, 0].min() > 0.9 and b["rejected"][0, 2].min() > 0.9
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "chosen": "w.png"}\n')
-    with pytest.raises(D.DataError, match=r"bad.jsonl:1: expected a JSON object with keys prompt, chosen, rejected"):
-        D.open_pairs(str(tmp_path / "bad.jsonl"), resolution=8)
+    with pytest.raises(data.DataError, match=r"bad.jsonl:1: expected a JSON object with keys prompt, chosen, rejected"):
+        data.open_pairs(str(tmp_path / "bad.jsonl"), resolution=8)
     (tmp_path / "missing.jsonl").write_text('{"prompt": "x", "chosen": "w.png", "rejected": "nope.png"}\n')
-    with pytest.raises(D.DataError, match="nope.png not found"):
-        next(D.open_pairs(str(tmp_path / "missing.jsonl"), resolution=8).batches(1))
+    with pytest.raises(data.DataError, match="nope.png not found"):
+        next(data.open_pairs(str(tmp_path / "missing.jsonl"), resolution=8).batches(1))
     pq.write_table(pq.read_table(shard).drop_columns(["label_1"]), tmp_path / "nolabel.parquet")
-    with pytest.raises(D.DataError, match="nolabel.parquet: missing column.s. label_1"):
-        len(D.open_pairs(str(tmp_path / "nolabel.parquet"), resolution=8))
-    with pytest.raises(D.DataError, match="no such file or folder"):
-        D.open_pairs(str(tmp_path / "nothing.parquet"), resolution=8)
+    with pytest.raises(data.DataError, match="nolabel.parquet: missing column.s. label_1"):
+        len(data.open_pairs(str(tmp_path / "nolabel.parquet"), resolution=8))
+    with pytest.raises(data.DataError, match="no such file or folder"):
+        data.open_pairs(str(tmp_path / "nothing.parquet"), resolution=8)
 
 
 def test_hub_dataset_is_fetched_shard_by_shard(tmp_path, monkeypatch):
     """A Hub dataset's parquet shards are downloaded one at a time, as training reaches them."""
-    import huggingface_hub as hh
-    import data as D
     names = [f"data/train-0000{i}-of-00003.parquet" for i in range(3)]
     for i, n in enumerate(names):
         (tmp_path / n).parent.mkdir(parents=True, exist_ok=True)
@@ -723,7 +574,7 @@ def test_hub_dataset_is_fetched_shard_by_shard(tmp_path, monkeypatch):
         fetched.append(filename)
         return str(tmp_path / filename)
     monkeypatch.setattr(hh, "hf_hub_download", download)
-    src = D.open_pairs("hub:someone/pairs", resolution=8)
+    src = data.open_pairs("hub:someone/pairs", resolution=8)
     next(src.batches(4))
     assert len(set(fetched)) == 1
 
@@ -736,16 +587,15 @@ def test_hub_dataset_is_fetched_shard_by_shard(tmp_path, monkeypatch):
 def test_single_file_checkpoint(tmp_path, hub, kind):
     """Write the test model as one original-format .safetensors (our rules inverted), load it back through load_sd
     with the folder's configs: every tensor identical."""
-    from safetensors.torch import save_file
-    sd = U.load_sd(str(hub[kind]))
+    sd = unet.load_sd(str(hub[kind]))
     comps = {"unet": sd.unet, "vae": sd.vae, "text_encoder": sd.text_encoders[0]}
     if kind == "sdxl":
         comps["text_encoder_2"] = sd.text_encoders[1]
-    flat = U.convert_to_ldm({n: m.state_dict() for n, m in comps.items()}, kind, sd.unet.cfg, sd.vae.cfg)
+    flat = convert.convert_to_ldm({n: m.state_dict() for n, m in comps.items()}, kind, sd.unet.cfg, sd.vae.cfg)
     flat["model_ema.decay"] = torch.tensor(0.9999)  # keys a single file carries that we do not use
     save_file(flat, tmp_path / "model.safetensors")
-    assert U.detect_family(flat) == kind
-    loaded = U.load_sd(str(tmp_path / "model.safetensors"), config=str(hub[kind]))
+    assert convert.detect_family(flat) == kind
+    loaded = unet.load_sd(str(tmp_path / "model.safetensors"), config=str(hub[kind]))
     assert loaded.kind == kind
     for a, b in zip([loaded.unet, loaded.vae, *loaded.text_encoders], comps.values()):
         sa, sb = a.state_dict(), b.state_dict()
@@ -753,17 +603,17 @@ def test_single_file_checkpoint(tmp_path, hub, kind):
     del flat["model.diffusion_model.out.2.bias"]
     save_file(flat, tmp_path / "broken.safetensors")
     with pytest.raises(ValueError, match="key model.diffusion_model.out.2.bias not found"):
-        U.load_sd(str(tmp_path / "broken.safetensors"), config=str(hub[kind]))
+        unet.load_sd(str(tmp_path / "broken.safetensors"), config=str(hub[kind]))
 
 
 def test_single_file_names_are_the_real_ones():
     """At the real SD1.5 / SDXL configs, our rules produce the key names (and shapes) the released single files use."""
     with torch.device("meta"):
-        models = {"sd15": {"unet": U.UNet(U.UNetConfig.sd15()), "vae": U.VAE(U.VAEConfig.sd15()),
-                           "text_encoder": U.CLIPText(U.CLIPTextConfig.sd15())},
-                  "sdxl": {"unet": U.UNet(U.UNetConfig.sdxl()), "vae": U.VAE(U.VAEConfig.sdxl()),
-                           "text_encoder": U.CLIPText(U.CLIPTextConfig.sd15()),
-                           "text_encoder_2": U.CLIPText(U.CLIPTextConfig.sdxl())}}
+        models = {"sd15": {"unet": unet.UNet(unet.UNetConfig.sd15()), "vae": unet.VAE(unet.VAEConfig.sd15()),
+                           "text_encoder": unet.CLIPText(unet.CLIPTextConfig.sd15())},
+                  "sdxl": {"unet": unet.UNet(unet.UNetConfig.sdxl()), "vae": unet.VAE(unet.VAEConfig.sdxl()),
+                           "text_encoder": unet.CLIPText(unet.CLIPTextConfig.sd15()),
+                           "text_encoder_2": unet.CLIPText(unet.CLIPTextConfig.sdxl())}}
     real = {"sd15": {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": (320, 320),
                      "model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
                      "model.diffusion_model.input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
@@ -795,7 +645,7 @@ def test_single_file_names_are_the_real_ones():
                      "conditioner.embedders.1.model.ln_final.weight": (1280,)}}
     for family in ("sd15", "sdxl"):
         m = models[family]
-        flat = U.convert_to_ldm({n: mod.state_dict() for n, mod in m.items()}, family, m["unet"].cfg, m["vae"].cfg)
+        flat = convert.convert_to_ldm({n: mod.state_dict() for n, mod in m.items()}, family, m["unet"].cfg, m["vae"].cfg)
         for k, shape in real[family].items():
             assert k in flat and tuple(flat[k].shape) == shape, (k, tuple(flat[k].shape) if k in flat else None)
         n_unet = sum(k.startswith("model.diffusion_model.") for k in flat)
@@ -804,14 +654,12 @@ def test_single_file_names_are_the_real_ones():
 
 def test_adafactor_matches_transformers():
     """Our few-line Adafactor against transformers' with the official SDXL settings, on matrices, convs and vectors."""
-    from transformers.optimization import Adafactor
-    import diffdpo
     torch.manual_seed(0)
     shapes = [(8, 6), (4, 3, 3, 3), (5,)]
     ours, theirs = [torch.randn(s).requires_grad_() for s in shapes], []
     theirs = [p.detach().clone().requires_grad_() for p in ours]
     o1 = diffdpo.Adafactor(ours, lr=1e-2, weight_decay=1e-2)
-    o2 = Adafactor(theirs, lr=1e-2, weight_decay=1e-2, scale_parameter=False, relative_step=False, clip_threshold=1.0,
+    o2 = HFAdafactor(theirs, lr=1e-2, weight_decay=1e-2, scale_parameter=False, relative_step=False, clip_threshold=1.0,
                    warmup_init=False)
     for step in range(5):
         grads = [torch.randn(s) for s in shapes]
@@ -827,8 +675,6 @@ def test_adafactor_matches_transformers():
 
 
 def test_rpo_loss_reduces_to_dpo_and_uses_other_pairs():
-    import diffdpo
-    import rpo
     g = torch.Generator().manual_seed(0)
     mw, ml, rw, rl = (torch.rand(1, generator=g, dtype=torch.float64) for _ in range(4))
     emb = torch.randn(1, 8, generator=g)
@@ -874,8 +720,6 @@ def test_rpo_cli_two_processes_equal_one(tmp_path, hub, shard):
 
 
 def test_inference_timesteps_match_diffusers():
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler
-    import sample
     for spacing in ("leading", "trailing", "linspace"):
         cfg = dict(SCHEDULER, timestep_spacing=spacing)
         for n in (1, 7, 20, 50):
@@ -890,10 +734,7 @@ def test_inference_timesteps_match_diffusers():
                                          ("sdxl", "euler"), ("sdxl", "dpm")])
 def test_generate_matches_pipelines(hub, kind, sampler):
     """Same initial latents, same images as the diffusers pipeline with the matching scheduler (within 2/255)."""
-    import numpy as np
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-    import sample
-    sd = U.load_sd(str(hub[kind]))
+    sd = unet.load_sd(str(hub[kind]))
     pipe = reference_pipe(hub[kind], kind)
     pipe.scheduler = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
                       "dpm": DPMSolverMultistepScheduler}[sampler].from_config(pipe.scheduler.config)
@@ -916,13 +757,11 @@ def test_generate_matches_pipelines(hub, kind, sampler):
 
 def test_sample_cli_compare_grid(tmp_path, hub):
     """--compare renders base and tuned rows from the same seeds; the tuned row differs."""
-    from PIL import Image
-    import numpy as np
-    sd = U.load_sd(str(hub["sd15"]))
+    sd = unet.load_sd(str(hub["sd15"]))
     with torch.no_grad():
         for p in sd.unet.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    U.save_unet(sd.unet, tmp_path / "tuned" / "unet")
+    unet.save_unet(sd.unet, tmp_path / "tuned" / "unet")
     (tmp_path / "prompts.txt").write_text("a red cube\n\na blue ball\n")
     r = run_cli(["sample.py", "--model", str(hub["sd15"]), "--unet", str(tmp_path / "tuned" / "unet"), "--prompts",
                  str(tmp_path / "prompts.txt"), "--compare", "--out", str(tmp_path / "grid.png"), "--steps", "4",
@@ -942,43 +781,36 @@ def test_sample_cli_compare_grid(tmp_path, hub):
 def test_judge_scores_the_caption_color_area():
     """The judge's known answers: an image all of the shape's color scores 1, all background 0; on a drawn shape it
     is the shape's share of the pixels (here recomputed from the drawing itself); bigger shapes score higher."""
-    import data as D
-    from PIL import Image
     p = "a red circle on a blue background"
-    assert D.judge(Image.new("RGB", (32, 32), D.COLORS["red"]), p) == 1.0
-    assert D.judge(Image.new("RGB", (32, 32), D.COLORS["blue"]), p) == 0.0
-    assert D.judge(torch.ones(3, 8, 8) * (torch.tensor(D.COLORS["red"]) / 127.5 - 1).view(3, 1, 1), p) == 1.0
+    assert toy.judge(Image.new("RGB", (32, 32), toy.COLORS["red"]), p) == 1.0
+    assert toy.judge(Image.new("RGB", (32, 32), toy.COLORS["blue"]), p) == 0.0
+    assert toy.judge(torch.ones(3, 8, 8) * (torch.tensor(toy.COLORS["red"]) / 127.5 - 1).view(3, 1, 1), p) == 1.0
     scores = []
     for seed in range(20):
-        img = D.render_shape(p, torch.Generator().manual_seed(seed))
+        img = toy.render_shape(p, torch.Generator().manual_seed(seed))
         a = np.asarray(img, dtype=np.float64).reshape(-1, 1, 3)                          # (HW, 1, 3)
-        nearest = np.linalg.norm(a - np.array(list(D.COLORS.values()))[None], axis=-1).argmin(-1)
-        pure_red = (a[:, 0] == D.COLORS["red"]).all(-1).mean()
-        assert D.judge(img, p) == pytest.approx((nearest == 0).mean(), abs=1e-6) and D.judge(img, p) >= pure_red
-        scores.append(D.judge(img, p))
+        nearest = np.linalg.norm(a - np.array(list(toy.COLORS.values()))[None], axis=-1).argmin(-1)
+        pure_red = (a[:, 0] == toy.COLORS["red"]).all(-1).mean()
+        assert toy.judge(img, p) == pytest.approx((nearest == 0).mean(), abs=1e-6) and toy.judge(img, p) >= pure_red
+        scores.append(toy.judge(img, p))
     assert 0.02 < min(scores) < max(scores) < 0.5
-    assert D.judge(img, p) == D.judge(img.copy(), p)                                      # deterministic
+    assert toy.judge(img, p) == toy.judge(img.copy(), p)                                      # deterministic
     with pytest.raises(ValueError, match="not of the form"):
-        D.judge(img, "a photo of a cat")
-    assert len(D.shape_prompts("train")) == 72 and len(D.shape_prompts("test")) == 18
-    assert not set(D.shape_prompts("train")) & set(D.shape_prompts("test"))
+        toy.judge(img, "a photo of a cat")
+    assert len(toy.shape_prompts("train")) == 72 and len(toy.shape_prompts("test")) == 18
+    assert not set(toy.shape_prompts("train")) & set(toy.shape_prompts("test"))
 
 
 def test_tiny_model_is_a_diffusers_pipeline():
     """The committed tiny/ folder is SD1.5's layout: diffusers and transformers load it, its tokenizer gives
     transformers' ids, and our sampler gives the pipeline's images (DDIM, guidance 4, 12 steps, same latents)."""
-    import numpy as np
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-    import data as D
-    import sample
-    sd = U.load_sd("tiny")
-    prompts = D.shape_prompts()[:30:7] + ["a red circle", "", "A GREEN Triangle!! on 2 backgrounds"]
-    ref_tok = CLIPTokenizer.from_pretrained(U.TINY_FOLDER / "tokenizer")
+    sd = unet.load_sd("tiny")
+    prompts = toy.shape_prompts()[:30:7] + ["a red circle", "", "A GREEN Triangle!! on 2 backgrounds"]
+    ref_tok = HFCLIPTokenizer.from_pretrained(unet.TINY_FOLDER / "tokenizer")
     ref_ids = ref_tok(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
     assert torch.equal(sd.tokenizers[0](prompts), ref_ids)
     assert all(len(sd.tokenizers[0].bpe(w)) == 1 for w in "a red circle on blue background".split())  # whole words
-    pipe = StableDiffusionPipeline.from_pretrained(U.TINY_FOLDER, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(unet.TINY_FOLDER, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     latents = sample.initial_latents(sd, 4, 32, 32, seed=0)
     ours = sample.generate(sd, prompts[:4], steps=12, guidance=4.0, latents=latents)
@@ -992,43 +824,37 @@ def test_tiny_model_is_a_diffusers_pipeline():
 def test_toy_run_end_to_end(tmp_path, monkeypatch):
     """A shortened `python diffdpo.py --model tiny --data shapes` (64 pairs, 4 steps, 1 seed per held-out caption):
     the pairs file in Pick-a-Pic's schema, ln 2 at step 0, summary.json with its fields, compare.png, the grid."""
-    import pyarrow.parquet as pq
-    import diffdpo
-    import data as D
-    monkeypatch.setattr(diffdpo, "TOY_PAIRS", 64)
-    monkeypatch.setattr(diffdpo, "TOY_SEEDS", 1)
+    monkeypatch.setattr(toy, "TOY_PAIRS", 64)
+    monkeypatch.setattr(eval, "TOY_SEEDS", 1)
     cfg = diffdpo.TrainConfig.from_args(["--out", str(tmp_path / "toy"), "--max-steps", "4", "--device", "cpu"])
     assert (cfg.model, cfg.data, cfg.resolution) == ("tiny", "shapes", 32)
-    diffdpo.train(cfg)
+    diffdpo.main(cfg)
     out = tmp_path / "toy"
     table = pq.read_table(out / "shapes_pairs.parquet")
-    assert table.num_rows == 64 and set(D.COLUMNS) <= set(table.column_names)
-    assert set(table.column("caption").to_pylist()) <= set(D.shape_prompts("train"))
+    assert table.num_rows == 64 and set(shards.COLUMNS) <= set(table.column_names)
+    assert set(table.column("caption").to_pylist()) <= set(toy.shape_prompts("train"))
     rows = read_metrics(out)
     assert len(rows) == 4 and abs(rows[0]["loss"] - math.log(2)) < 1e-6
     s = json.loads((out / "summary.json").read_text())
     assert s["steps"] == 4 and s["num_images"] == 18 and 0 <= s["win_rate_vs_base"] <= 1
     assert 0 < s["judge_score_base"] < 1 and s["seconds"] > 0 and s["loss"] == "dpo"
-    from PIL import Image
     assert Image.open(out / "compare.png").size[1] >= 128 and (out / "samples" / "step000004.png").is_file()
     # eval.py on the toy world: the judge as a scorer, the held-out captions as the prompt set
-    E.main(["--model", "tiny", "--unet", str(out / "unet"), "--prompts", "shapes", "--num", "3", "--scorers", "judge",
+    eval.main(["--model", "tiny", "--unet", str(out / "unet"), "--prompts", "shapes", "--num", "3", "--scorers", "judge",
             "--steps", "4", "--guidance", "4", "--out", str(tmp_path / "eval"), "--device", "cpu"])
     r = json.loads((tmp_path / "eval" / "report.json").read_text())["scorers"]["judge"]
     ims = [Image.open(tmp_path / "eval" / "images" / "tuned" / f"{i:05d}.png") for i in range(3)]
-    assert r["tuned"] == pytest.approx([D.judge(im, p) for im, p in zip(ims, D.shape_prompts("test"))], abs=1e-6)
+    assert r["tuned"] == pytest.approx([toy.judge(im, p) for im, p in zip(ims, toy.shape_prompts("test"))], abs=1e-6)
 
 
 def test_style_pairs_and_rpo_on_them(tmp_path):
     """`rpo.py --data style:FOLDER`: each style image (with its caption file) is preferred over the base model's own
     generation for its caption; the pairs file says so and the RPO run trains on it (ln 2 at step 0)."""
-    import pyarrow.parquet as pq
-    import data as D
     style = tmp_path / "style"
     style.mkdir()
-    prompts = D.shape_prompts("train")[:6]
+    prompts = toy.shape_prompts("train")[:6]
     for i, p in enumerate(prompts):
-        img = D.render_shape(p, torch.Generator().manual_seed(i))
+        img = toy.render_shape(p, torch.Generator().manual_seed(i))
         img.save(style / f"{i:02d}.png")
         (style / f"{i:02d}.txt").write_text(p + "\n")
     out = tmp_path / "rpo"
@@ -1041,18 +867,18 @@ def test_style_pairs_and_rpo_on_them(tmp_path):
     assert abs(read_metrics(out)[0]["loss"] - math.log(2)) < 1e-6
     (style / "03.txt").unlink()
     with pytest.raises(ValueError, match="03.png has no caption file 03.txt"):
-        D.style_items(style)
+        data.style_items(style)
 # ----------------------------------------------------------------------------------------------------------------
 # LoRA: our adapters against diffusers + peft, and the trainer's --lora-rank
 
 LORA_ALL = "to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2"
 
 
-def unet_inputs(unet, seed=0):
+def unet_inputs(model, seed=0):
     g = torch.Generator().manual_seed(seed)
-    cfg = unet.cfg
+    cfg = model.cfg
     x = torch.randn(2, 4, 8, 8, generator=g)
-    ctx = torch.randn(2, 7, cfg.cross_attention_dim, generator=g)
+    ctx = torch.randn(2, 7, cfg.cross_attention_dim[0], generator=g)
     added = {}
     if cfg.addition_embed_type == "text_time":
         added = dict(text_embeds=torch.randn(2, 32, generator=g), time_ids=torch.tensor([[32., 32, 0, 0, 32, 32]] * 2))
@@ -1069,29 +895,28 @@ def test_lora_file_matches_diffusers(tmp_path, hub, kind, targets):
     """Adapters with random non-zero B and alpha = 2 r, written by save_lora: diffusers (pipeline.load_lora_weights
     for SD1.5, UNet2DConditionModel.load_lora_adapter for SDXL) computes the same UNet output as ours, unmerged and
     merged (load_sd(lora=)); the adapters' own contribution agrees too, so a wrong alpha / r would fail."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     torch.manual_seed(0)
-    unet = U.load_sd(str(hub[kind])).unet
-    names = U.add_lora(unet, 4, 8, targets)
+    model = unet.load_sd(str(hub[kind])).unet
+    names = lora.add_lora(model, 4, 8, targets)
     with torch.no_grad():
-        for m in unet.modules():
-            if isinstance(m, U.LoRALinear):
+        for m in model.modules():
+            if isinstance(m, lora.LoRALinear):
                 m.lora_B.weight.normal_(0.0, 0.05)
-    assert all(p.requires_grad == (".lora_" in n) for n, p in unet.named_parameters())
-    U.save_lora(unet, tmp_path / U.LORA_FILE)
-    x, t, ctx, added = unet_inputs(unet)
+    assert all(p.requires_grad == (".lora_" in n) for n, p in model.named_parameters())
+    lora.save_lora(model, tmp_path / lora.LORA_FILE)
+    x, t, ctx, added = unet_inputs(model)
     with torch.no_grad():
-        ours = unet(x, t, ctx, **added)
-        with U.lora_disabled(unet):
-            base = unet(x, t, ctx, **added)
-        merged = U.load_sd(str(hub[kind]), lora=tmp_path).unet(x, t, ctx, **added)
+        ours = model(x, t, ctx, **added)
+        with lora.lora_disabled(model):
+            base = model(x, t, ctx, **added)
+        merged = unet.load_sd(str(hub[kind]), lora=tmp_path).unet(x, t, ctx, **added)
         if kind == "sd15":
             pipe = StableDiffusionPipeline.from_pretrained(hub[kind], safety_checker=None)
             pipe.load_lora_weights(tmp_path)
             ref = pipe.unet
         else:
             ref = UNet2DConditionModel.from_pretrained(hub[kind], subfolder="unet")
-            ref.load_lora_adapter(str(tmp_path / U.LORA_FILE), prefix="unet")
+            ref.load_lora_adapter(str(tmp_path / lora.LORA_FILE), prefix="unet")
         theirs = ref_eps(ref, x, t, ctx, added)
     n_ref = sum(1 for n, _ in ref.named_modules() if n.endswith(".lora_A.default_0") or n.endswith(".lora_A.default"))
     print(f"{kind}: {len(names)} layers; ours vs diffusers {rel_err(ours, theirs):.1e}, adapter contribution "
@@ -1104,17 +929,16 @@ def test_lora_file_matches_diffusers(tmp_path, hub, kind, targets):
 
 
 def test_lora_targets_and_file_errors(tmp_path, hub):
-    unet = U.load_sd(str(hub["sd15"])).unet
-    with pytest.raises(U.LoadError, match="1x1 convolutions"):
-        U.add_lora(unet, 4, targets="proj_in")
-    with pytest.raises(U.LoadError, match="'to_z'"):
-        U.add_lora(unet, 4, targets="to_q,to_z")
-    with pytest.raises(U.LoadError, match="LoRA file not found"):
-        U.load_lora(unet, tmp_path)
-    from safetensors.torch import save_file
+    model = unet.load_sd(str(hub["sd15"])).unet
+    with pytest.raises(unet.LoadError, match="1x1 convolutions"):
+        lora.add_lora(model, 4, targets="proj_in")
+    with pytest.raises(unet.LoadError, match="'to_z'"):
+        lora.add_lora(model, 4, targets="to_q,to_z")
+    with pytest.raises(unet.LoadError, match="LoRA file not found"):
+        lora.load_lora(model, tmp_path)
     save_file({"text_encoder.x.lora_A.weight": torch.zeros(1, 1)}, str(tmp_path / "te.safetensors"))
-    with pytest.raises(U.LoadError, match="text_encoder.x"):
-        U.load_lora(unet, tmp_path / "te.safetensors")
+    with pytest.raises(unet.LoadError, match="text_encoder.x"):
+        lora.load_lora(model, tmp_path / "te.safetensors")
 
 
 def lora_args(hub, shard, out, *extra):
@@ -1127,9 +951,6 @@ def test_train_lora_end_to_end(tmp_path, hub, shard):
     OUT/pytorch_lora_weights.safetensors loads in diffusers and gives the adapters-applied output; checkpoint.pt
     holds only the adapters; 2 steps + resume to 4 == 4 straight (exactly); --merge-lora's OUT/unet/ (at the last
     step, or on a finished run) equals the adapters applied."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from peft import LoraConfig
-    from safetensors.torch import load_file
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     r = run_cli(lora_args(hub, shard, straight, "--max-steps", "4"))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -1143,17 +964,17 @@ def test_train_lora_end_to_end(tmp_path, hub, shard):
     n_peft = sum(p.numel() for n, p in ref.named_parameters() if ".lora_" in n)
     assert f"{n_peft} trainable parameters" in r.stdout, r.stdout[-2000:]
 
-    lora = load_file(straight / U.LORA_FILE)
+    adapters = load_file(straight / lora.LORA_FILE)
     ckpt = torch.load(straight / "checkpoint.pt", weights_only=False)
     n_layers = sum(1 for n, _ in ref.named_modules() if n.endswith(".lora_A.default"))
-    assert set(ckpt["unet"]) == {k[len("unet."):] for k in lora} and len(lora) == 2 * n_layers
-    assert min(v.abs().max().item() for k, v in lora.items() if "lora_B" in k) > 0
+    assert set(ckpt["unet"]) == {k[len("unet."):] for k in adapters} and len(adapters) == 2 * n_layers
+    assert min(v.abs().max().item() for k, v in adapters.items() if "lora_B" in k) > 0
     assert not (straight / "unet").exists()
 
     assert run_cli(lora_args(hub, shard, resumed, "--max-steps", "2")).returncode == 0
     r = run_cli(lora_args(hub, shard, resumed, "--max-steps", "4", "--merge-lora"))
     assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-3000:]
-    assert max_diff(load_file(resumed / U.LORA_FILE), lora) == 0.0
+    assert max_diff(load_file(resumed / lora.LORA_FILE), adapters) == 0.0
     r = run_cli(lora_args(hub, shard, straight, "--max-steps", "4", "--merge-lora"))  # a finished run: merge only
     assert r.returncode == 0 and "already at step 4" in r.stdout, r.stderr[-3000:]
     assert max_diff(unet_weights(straight), unet_weights(resumed)) == 0.0
@@ -1165,14 +986,14 @@ def test_train_lora_end_to_end(tmp_path, hub, shard):
     for a, b in zip(read_metrics(tmp_path / "ddp"), rows, strict=True):
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * b["grad_norm"] and abs(a["loss"] - b["loss"]) < 1e-3
 
-    sd = U.load_sd(str(hub["sd15"]))
-    U.load_lora(sd.unet, straight)
+    sd = unet.load_sd(str(hub["sd15"]))
+    lora.load_lora(sd.unet, straight)
     x, t, ctx, added = unet_inputs(sd.unet, seed=1)
     with torch.no_grad():
         ours = sd.unet(x, t, ctx)
-        with U.lora_disabled(sd.unet):
+        with lora.lora_disabled(sd.unet):
             base = sd.unet(x, t, ctx)
-        merged = U.load_component(straight / "unet", "unet")(x, t, ctx)
+        merged = unet.load_component(straight / "unet", "unet")(x, t, ctx)
         merged_diffusers = ref_eps(UNet2DConditionModel.from_pretrained(straight, subfolder="unet"), x, t, ctx, {})
         pipe = StableDiffusionPipeline.from_pretrained(hub["sd15"], safety_checker=None)
         pipe.load_lora_weights(straight)
@@ -1187,15 +1008,13 @@ def test_train_lora_end_to_end(tmp_path, hub, shard):
 
 def test_sample_cli_lora(tmp_path, hub):
     """sample.py --lora FILE --compare: base and adapters-merged rows from the same seeds; the second differs."""
-    from PIL import Image
-    import numpy as np
-    unet = U.load_sd(str(hub["sd15"])).unet
-    U.add_lora(unet, 4)
+    model = unet.load_sd(str(hub["sd15"])).unet
+    lora.add_lora(model, 4)
     with torch.no_grad():
-        for m in unet.modules():
-            if isinstance(m, U.LoRALinear):
+        for m in model.modules():
+            if isinstance(m, lora.LoRALinear):
                 m.lora_B.weight.normal_(0.0, 0.2)
-    U.save_lora(unet, tmp_path / "mine.safetensors")
+    lora.save_lora(model, tmp_path / "mine.safetensors")
     r = run_cli(["sample.py", "--model", str(hub["sd15"]), "--lora", str(tmp_path / "mine.safetensors"), "--prompt",
                  "a red cube", "--compare", "--out", str(tmp_path / "grid.png"), "--steps", "2", "--height", "32",
                  "--width", "32", "--device", "cpu"])
@@ -1221,7 +1040,6 @@ PROMPTS = ["a photo of a cat", "A RED cube on a  blue table!", "an astronaut rid
 
 def random_clip_model(act="quick_gelu", seed=0):
     """A transformers CLIPModel at a tiny config with non-trivial norms, biases and temperature."""
-    from transformers import CLIPConfig, CLIPModel
     torch.manual_seed(seed)
     cfg = CLIPConfig(text_config=dict(TINY_CLIP["text_config"], hidden_act=act),
                      vision_config=dict(TINY_CLIP["vision_config"], hidden_act=act),
@@ -1245,7 +1063,6 @@ def sample_images(seed=0, sizes=((40, 32), (32, 50), (64, 64), (29, 71), (100, 3
 def clip_folder(tmp_path_factory):
     """A transformers CLIPModel folder as on the Hub: config.json, model.safetensors, tokenizer files and
     preprocessor_config.json (shortest edge 28, crop 28) beside them."""
-    from transformers import CLIPImageProcessorPil
     folder = tmp_path_factory.mktemp("clip") / "clip"
     random_clip_model().save_pretrained(folder, safe_serialization=True)
     write_clip_tokenizer_folder(folder)
@@ -1254,37 +1071,35 @@ def clip_folder(tmp_path_factory):
 
 
 def test_clip_preprocess_matches_transformers():
-    from transformers import CLIPImageProcessorPil
     images = sample_images(sizes=((300, 217), (217, 300), (512, 512), (225, 640), (640, 225), (224, 224), (100, 90)))
-    ours = E.clip_preprocess(images)
+    ours = eval.clip_preprocess(images)
     ref = CLIPImageProcessorPil()(images, return_tensors="pt").pixel_values
     print(f"CLIP preprocessing: max abs difference {(ours - ref).abs().max().item():.2e}")
     assert ours.shape == ref.shape == (7, 3, 224, 224) and (ours - ref).abs().max() < 1e-6
 
 
 def test_pickscore_and_clip_score_match_transformers(clip_folder):
-    from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
     images = sample_images()
     ref = CLIPModel.from_pretrained(clip_folder).eval()
     pixels = CLIPImageProcessorPil.from_pretrained(clip_folder)(images, return_tensors="pt").pixel_values
-    ids = CLIPTokenizer.from_pretrained(clip_folder)(PROMPTS, padding=True, truncation=True, max_length=77,
+    ids = HFCLIPTokenizer.from_pretrained(clip_folder)(PROMPTS, padding=True, truncation=True, max_length=77,
                                                       return_tensors="pt")
     with torch.no_grad():
         img = F.normalize(ref.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
         txt = F.normalize(ref.get_text_features(**ids).pooler_output, dim=-1)
     cos = (img * txt).sum(-1)
     for name, want in [("pickscore", ref.logit_scale.exp() * cos), ("clip", 100 * cos.clamp(min=0))]:
-        got = E.load_scorer(name, model=str(clip_folder), batch_size=4)(images, PROMPTS)
+        got = eval.load_scorer(name, model=str(clip_folder), batch_size=4)(images, PROMPTS)
         print(f"{name}: relative error {rel_err(got, want):.2e}")
         assert got.shape == (6,) and rel_err(got, want) < 1e-5
     e = F.normalize(torch.randn(3, 8), dim=-1)
-    assert torch.allclose(E.clip_score(e, e), torch.full((3,), 100.0)) and E.clip_score(e, -e).eq(0).all()
+    assert torch.allclose(eval.clip_score(e, e), torch.full((3,), 100.0)) and eval.clip_score(e, -e).eq(0).all()
 
 
 def openclip_state_dict(model):
     """A transformers CLIPModel's weights under OpenCLIP's names (the inverse of eval.openclip_to_ours): q, k, v
     fused into attn.in_proj_*, the projections transposed."""
-    inverse = [(b, a) for a, b in E.OPENCLIP_RULES]
+    inverse = [(b, a) for a, b in convert.OPENCLIP_RULES]
     inverse = [r for r in inverse if not r[0].startswith(".")] + [r for r in inverse if r[0].startswith(".")]
     out = {}
     for k, v in model.state_dict().items():
@@ -1292,7 +1107,7 @@ def openclip_state_dict(model):
             continue
         for a, b in inverse:
             k = k.replace(a, b) if k.startswith(a) or a.startswith(".") else k
-        if k in E.TRANSPOSED:
+        if k in convert.TRANSPOSED:
             v = v.t()
         out[k] = v.clone()
     for k in [k for k in out if ".self_attn.q_proj." in k]:
@@ -1331,11 +1146,11 @@ def test_hps_matches_reference(hps_folder):
     folder, ref = hps_folder
     images = sample_images(seed=2)
     ids = openclip_tokenizer_module().tokenize(PROMPTS)
-    scorer = E.load_scorer("hps", model=str(folder / "HPS_v2.1_compressed.pt"), batch_size=4)
+    scorer = eval.load_scorer("hps", model=str(folder / "HPS_v2.1_compressed.pt"), batch_size=4)
     assert torch.equal(scorer.tokenizer(PROMPTS), ids)
     assert ids[1, 7:11].tolist() == [2175, 256, 49407, 0]  # "!" is the symbol "!</w>"; after eot pad 0
     with torch.no_grad():
-        img = F.normalize(ref.get_image_features(pixel_values=E.hps_preprocess(images, 28)).pooler_output, dim=-1)
+        img = F.normalize(ref.get_image_features(pixel_values=eval.hps_preprocess(images, 28)).pooler_output, dim=-1)
         txt = F.normalize(ref.get_text_features(input_ids=ids).pooler_output, dim=-1)
     want, got = (img * txt).sum(-1), scorer(images, PROMPTS)
     print(f"hps: relative error {rel_err(got, want):.2e}")
@@ -1349,14 +1164,14 @@ def test_hps_pad_to_square_transform():
     x = torch.from_numpy(np.asarray(img).astype(np.float32) / 255).permute(2, 0, 1)[None]
     canvas = torch.zeros(1, 3, 28, 28)
     canvas[:, :, 8:19, :] = F.interpolate(x, size=(11, 28), mode="bicubic", antialias=True)  # round(20 * 28 / 50) = 11
-    mean, std = torch.tensor(E.OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(E.OPENAI_STD).view(1, 3, 1, 1)
-    got = E.hps_preprocess([img], 28)
+    mean, std = torch.tensor(eval.OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(eval.OPENAI_STD).view(1, 3, 1, 1)
+    got = eval.hps_preprocess([img], 28)
     assert got.shape == (1, 3, 28, 28) and (got - (canvas - mean) / std).abs().max() < 1e-6
     assert torch.allclose(got[0, :, :8], (-mean / std)[0].expand(3, 8, 28)) and got[0, :, 19:].shape[1] == 9
     square = sample_images(sizes=((64, 64),))[0]
     x = torch.from_numpy(np.asarray(square).astype(np.float32) / 255).permute(2, 0, 1)[None]
     want = (F.interpolate(x, size=(28, 28), mode="bicubic", antialias=True) - mean) / std
-    assert (E.hps_preprocess([square], 28) - want).abs().max() < 1e-6
+    assert (eval.hps_preprocess([square], 28) - want).abs().max() < 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -1372,7 +1187,6 @@ def aesthetic_folder(tmp_path_factory, clip_folder):
 
 def nn_mlp(dim):
     """improved-aesthetic-predictor's MLP class: self.layers = Sequential(Linear, Dropout, ..., Linear)."""
-    import torch.nn as nn
     m = nn.Module()
     m.layers = nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
                              nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
@@ -1380,7 +1194,6 @@ def nn_mlp(dim):
 
 
 def test_aesthetic_matches_reference(aesthetic_folder):
-    from transformers import CLIPImageProcessorPil, CLIPModel
     folder, mlp = aesthetic_folder
     images = sample_images(seed=4)
     ref = CLIPModel.from_pretrained(folder).eval()
@@ -1389,10 +1202,10 @@ def test_aesthetic_matches_reference(aesthetic_folder):
         emb = F.normalize(ref.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
         want = mlp.layers(emb).squeeze(-1)
         known = torch.randn(5, TINY_CLIP["projection_dim"])
-        head = E.AestheticMLP(TINY_CLIP["projection_dim"])
+        head = eval.AestheticMLP(TINY_CLIP["projection_dim"])
         head.load_state_dict(mlp.state_dict())
         assert rel_err(head(known), mlp.layers(known).squeeze(-1)) < 1e-6   # the head alone, on known inputs
-    got = E.load_scorer("aesthetic", model=str(folder))(images, PROMPTS)
+    got = eval.load_scorer("aesthetic", model=str(folder))(images, PROMPTS)
     print(f"aesthetic: relative error {rel_err(got, want):.2e}")
     assert got.shape == (6,) and rel_err(got, want) < 1e-5
 
@@ -1400,41 +1213,40 @@ def test_aesthetic_matches_reference(aesthetic_folder):
 def test_clip_towers_at_real_sizes():
     """The presets are the real towers: the key names and shapes of transformers' CLIPModel at PickScore's (ViT-H/14)
     and OpenAI's ViT-L/14 configs, built on the meta device; OpenCLIP's ViT-H-14 names map onto ours (986M)."""
-    from transformers import CLIPConfig, CLIPModel
-    h14 = dict(text_config=dict(E.TEXT_H14, eos_token_id=49407), vision_config=E.CLIPVisionConfig.vit_h14().__dict__,
+    h14 = dict(text_config=dict(eval.TEXT_H14, eos_token_id=49407), vision_config=eval.CLIPVisionConfig.vit_h14().__dict__,
                projection_dim=1024)
-    l14 = dict(text_config=E.TEXT_L14, vision_config=E.CLIPVisionConfig.vit_l14().__dict__, projection_dim=768)
+    l14 = dict(text_config=eval.TEXT_L14, vision_config=eval.CLIPVisionConfig.vit_l14().__dict__, projection_dim=768)
     for d, n in [(h14, 986_109_441), (l14, 427_616_513)]:
         d["vision_config"] = {k: v for k, v in d["vision_config"].items() if k != "raw"}
         with torch.device("meta"):
             ref = CLIPModel(CLIPConfig(**d))
-            ours = E.CLIP(*E.CLIP.from_dict(d))
+            ours = eval.CLIP(*eval.CLIP.from_dict(d))
         want = {k: tuple(v.shape) for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
         assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == want
         assert sum(p.numel() for p in ours.parameters()) == n
-    text, vision = E.openclip_configs(E.VIT_H_14)
+    text, vision = eval.openclip_configs(eval.VIT_H_14)
     with torch.device("meta"):
-        ours, ref = E.CLIP(text, vision), CLIPModel(CLIPConfig(**h14))
-    mapped = E.openclip_to_ours(openclip_state_dict(ref))
+        ours, ref = eval.CLIP(text, vision), CLIPModel(CLIPConfig(**h14))
+    mapped = convert.openclip_to_ours(openclip_state_dict(ref))
     assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
 
 
 def test_bootstrap_win_rate_known_answers():
-    assert E.bootstrap_win_rate([2, 3, 4], [1, 1, 1]) == (1.0, 1.0, 1.0)
-    assert E.bootstrap_win_rate([1, 1, 1, 1], [1, 1, 1, 1]) == (0.5, 0.5, 0.5)
-    rate, lo, hi = E.bootstrap_win_rate([2, 1] * 50, [1, 1] * 50, n=2000)      # half wins, half ties: 0.75
+    assert eval.bootstrap_win_rate([2, 3, 4], [1, 1, 1]) == (1.0, 1.0, 1.0)
+    assert eval.bootstrap_win_rate([1, 1, 1, 1], [1, 1, 1, 1]) == (0.5, 0.5, 0.5)
+    rate, lo, hi = eval.bootstrap_win_rate([2, 1] * 50, [1, 1] * 50, n=2000)      # half wins, half ties: 0.75
     # the bootstrap of a mean of 100 outcomes in {1, 0.5}: sd = 0.25 / sqrt(100) = 0.025, so about +-0.049
     assert rate == 0.75 and 0.69 < lo < 0.72 and 0.78 < hi < 0.81
-    assert E.bootstrap_win_rate([0, 1, 2], [1, 1, 1], seed=5) == E.bootstrap_win_rate([0, 1, 2], [1, 1, 1], seed=5)
+    assert eval.bootstrap_win_rate([0, 1, 2], [1, 1, 1], seed=5) == eval.bootstrap_win_rate([0, 1, 2], [1, 1, 1], seed=5)
     with pytest.raises(ValueError):
-        E.bootstrap_win_rate([1, 2], [1])
+        eval.bootstrap_win_rate([1, 2], [1])
 
 
 def test_prompt_sets_txt_and_offline_error(tmp_path):
     (tmp_path / "p.txt").write_text("a red cube\n\n  a blue ball  \n")
-    assert E.prompt_set(str(tmp_path / "p.txt")) == ["a red cube", "a blue ball"]
+    assert eval.prompt_set(str(tmp_path / "p.txt")) == ["a red cube", "a blue ball"]
     with pytest.raises(ValueError, match="expected one of parti"):
-        E.prompt_set("nonsense")
+        eval.prompt_set("nonsense")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hf"), HF_HOME=str(tmp_path / "hf"))
     r = subprocess.run([sys.executable, "eval.py", "--model", "tiny", "--unet", "nowhere", "--prompts", "parti",
                         "--out", str(tmp_path / "o")], cwd=ROOT, env=env, capture_output=True, text=True)
@@ -1446,12 +1258,12 @@ def test_eval_cli_end_to_end(tmp_path, clip_folder, hps_folder, aesthetic_folder
     """Base and tuned images from the same seeds, all four scorers on tiny local models; the report's scores are
     the scorers' on the saved images, the win rates are the bootstrap's."""
     base = make_hub(tmp_path / "sd15", "sd15")
-    sd = U.load_sd(str(base))
+    sd = unet.load_sd(str(base))
     torch.manual_seed(0)
     with torch.no_grad():
         for p in sd.unet.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    U.save_unet(sd.unet, tmp_path / "tuned" / "unet")
+    unet.save_unet(sd.unet, tmp_path / "tuned" / "unet")
     (tmp_path / "prompts.txt").write_text("a red circle on a blue background\na green square on a white background\n"
                                           "a blue triangle on a red background\na white circle on a green background\n")
     out = tmp_path / "eval"
@@ -1465,11 +1277,11 @@ def test_eval_cli_end_to_end(tmp_path, clip_folder, hps_folder, aesthetic_folder
     report = json.loads((out / "report.json").read_text())
     assert report["n"] == 3 and list(report["scorers"]) == ["pickscore", "hps", "aesthetic", "clip"]
     for name, s in report["scorers"].items():
-        scorer = E.load_scorer(name, {"hps": hps_folder[0], "aesthetic": aesthetic_folder[0]}.get(name, clip_folder))
+        scorer = eval.load_scorer(name, {"hps": hps_folder[0], "aesthetic": aesthetic_folder[0]}.get(name, clip_folder))
         for label in ("base", "tuned"):
             ims = [Image.open(out / "images" / label / f"{i:05d}.png") for i in range(3)]
             assert rel_err(torch.tensor(s[label]), scorer(ims, report["prompts"])) < 1e-5
-        assert (s["win_rate"], s["win_lo"], s["win_hi"]) == E.bootstrap_win_rate(s["tuned"], s["base"])
+        assert (s["win_rate"], s["win_lo"], s["win_hi"]) == eval.bootstrap_win_rate(s["tuned"], s["base"])
         assert s["base"] != s["tuned"]
     md = (out / "report.md").read_text()
     assert "| PickScore |" in md and "| HPSv2.1 (x100) |" in md and md.count("\n|") == 6
@@ -1479,14 +1291,14 @@ def test_eval_cli_end_to_end(tmp_path, clip_folder, hps_folder, aesthetic_folder
                    str(tmp_path / "prompts.txt"), "--out", str(out), "--scorers", "pickscore,nope"])
     assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
     # --lora: the tuned model as adapters on --model's UNet (non-zero B), scored the same way
-    lora = U.load_sd(str(base)).unet
-    U.add_lora(lora, 4)
+    adapted = unet.load_sd(str(base)).unet
+    lora.add_lora(adapted, 4)
     with torch.no_grad():
-        for m in lora.modules():
-            if isinstance(m, U.LoRALinear):
+        for m in adapted.modules():
+            if isinstance(m, lora.LoRALinear):
                 m.lora_B.weight.normal_(0, 0.5)
     (tmp_path / "lora").mkdir()
-    U.save_lora(lora, tmp_path / "lora" / U.LORA_FILE)
+    lora.save_lora(adapted, tmp_path / "lora" / lora.LORA_FILE)
     r = run_cli(["eval.py", "--model", str(base), "--lora", str(tmp_path / "lora"), "--prompts",
                  str(tmp_path / "prompts.txt"), "--num", "2", "--steps", "2", "--out", str(tmp_path / "eval-lora"),
                  "--scorers", "clip", "--scorer-model", f"clip={clip_folder}", "--device", "cpu"])
@@ -1498,13 +1310,11 @@ def test_eval_cli_end_to_end(tmp_path, clip_folder, hps_folder, aesthetic_folder
 def test_choice_model_relabels_pairs(tmp_path, hub, shard, clip_folder):
     """--choice-model (AI feedback): each pair is put in the reward model's order (here CLIP score with a random-weight
     CLIP), the same images either way; the trainer runs on the relabelled stream and starts at ln 2."""
-    import data as D
-    import diffdpo
-    scorer = E.load_scorer("clip", str(clip_folder))
+    scorer = eval.load_scorer("clip", str(clip_folder))
     pil = lambda x: Image.fromarray(((x + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())  # noqa: E731
-    plain = D.open_pairs(str(shard), resolution=32, flip=False)
-    relabelled = D.open_pairs(str(shard), resolution=32, flip=False, relabel=E.relabeller(f"clip={clip_folder}"))
-    reversed_ = D.open_pairs(str(shard), resolution=32, flip=False, relabel=lambda caption, x: x[::-1])
+    plain = data.open_pairs(str(shard), resolution=32, flip=False)
+    relabelled = data.open_pairs(str(shard), resolution=32, flip=False, relabel=eval.relabeller(f"clip={clip_folder}"))
+    reversed_ = data.open_pairs(str(shard), resolution=32, flip=False, relabel=lambda caption, x: x[::-1])
     for s in range(10):
         a, b, r = plain.item(s), relabelled.item(s), reversed_.item(s)
         assert a["key"] == b["key"] == r["key"]
@@ -1525,19 +1335,15 @@ def test_rpo_image_embeddings(tmp_path, hub, shard, clip_folder):
     """rpo.py --rpo-embed image|both: each training image's CLIP embedding (eval.py's vision tower) rides in the batch,
     equal to transformers' get_image_features (normalized) on the same 8-bit image; the weights from images differ from the text
     ones; with --cache the embeddings are stored with the latents and the run is identical to the uncached one."""
-    from transformers import CLIPImageProcessorPil, CLIPModel
-    import data as D
-    import diffdpo
-    import rpo
     embed = rpo.image_embedder(str(clip_folder))("cpu")
-    batch = next(D.open_pairs(str(shard), resolution=32, embed=embed, flip=False).batches(4))
+    batch = next(data.open_pairs(str(shard), resolution=32, embed=embed, flip=False).batches(4))
     ref, proc = CLIPModel.from_pretrained(clip_folder).eval(), CLIPImageProcessorPil.from_pretrained(clip_folder)
-    images = [E.to_pil(x) for x in batch["chosen"]]
+    images = [eval.to_pil(x) for x in batch["chosen"]]
     with torch.no_grad():
         want = ref.get_image_features(**proc(images, return_tensors="pt"))
     want = F.normalize(want.pooler_output, dim=-1)                      # ours are unit-norm
     assert rel_err(batch["chosen_emb"], want) < 1e-5
-    sd = U.load_sd(str(hub["sd15"]))
+    sd = unet.load_sd(str(hub["sd15"]))
     w = {k: rpo.rpo_weights(*rpo.pair_embeddings(k, sd, batch), 0.5) for k in ("text", "image", "both")}
     assert not torch.allclose(w["text"], w["image"], atol=1e-3) and not torch.allclose(w["both"], w["image"], atol=1e-3)
     runs = {}
@@ -1549,7 +1355,6 @@ def test_rpo_image_embeddings(tmp_path, hub, shard, clip_folder):
         runs[name] = unet_weights(tmp_path / name)
         assert abs(read_metrics(tmp_path / name)[0]["loss"] - math.log(2)) < 1e-6
     assert max_diff(runs["plain"], runs["cached"]) == 0.0
-    from safetensors import safe_open
     stored = next((tmp_path / "cache").rglob("pairs/*/*.safetensors"))
     with safe_open(str(stored), framework="pt") as f:
         assert {"chosen_emb", "rejected_emb"} <= set(f.keys())
@@ -1558,18 +1363,16 @@ def test_rpo_image_embeddings(tmp_path, hub, shard, clip_folder):
 def test_pretrain_tiny_writes_the_committed_layout(tmp_path):
     """`python diffdpo.py --pretrain-tiny DIR` (here 3 + 3 steps) writes what load_sd("tiny") reads: the same files,
     configs and tensor names and shapes as the committed tiny/, a tokenizer with the same vocabulary and merges."""
-    import diffdpo
-    from safetensors import safe_open
-    folder = diffdpo.pretrain_tiny(tmp_path / "tiny", vae_steps=3, unet_steps=3, batch_size=4, vae_batch_size=2)
-    new, old = (sorted(p.relative_to(f).as_posix() for p in f.rglob("*") if p.is_file()) for f in (folder, U.TINY_FOLDER))
+    folder = toy.pretrain_tiny(tmp_path / "tiny", vae_steps=3, unet_steps=3, batch_size=4, vae_batch_size=2)
+    new, old = (sorted(p.relative_to(f).as_posix() for p in f.rglob("*") if p.is_file()) for f in (folder, unet.TINY_FOLDER))
     assert new == old
     for f in old:
         if f.endswith(".safetensors"):
-            with safe_open(str(folder / f), "pt") as a, safe_open(str(U.TINY_FOLDER / f), "pt") as b:
+            with safe_open(str(folder / f), "pt") as a, safe_open(str(unet.TINY_FOLDER / f), "pt") as b:
                 assert {k: a.get_slice(k).get_shape() for k in a.keys()} == {k: b.get_slice(k).get_shape() for k in b.keys()}
         elif not f.endswith("vae/config.json"):  # the VAE's scaling_factor is measured
-            assert (folder / f).read_text() == (U.TINY_FOLDER / f).read_text(), f
-    sd = U.load_sd(str(folder))
+            assert (folder / f).read_text() == (unet.TINY_FOLDER / f).read_text(), f
+    sd = unet.load_sd(str(folder))
     assert sd.kind == "sd15" and 0.1 < sd.vae.scaling_factor < 10
 
 
@@ -1580,12 +1383,10 @@ def test_pretrain_tiny_writes_the_committed_layout(tmp_path):
 def bench_steps(sd, ref, optimizer, checkpointing, pairs=3):
     """Three DPO steps of ours and of the diffusers-written reference on the same batch, noise and timesteps (fp32,
     the VAE posterior mean on both sides): their losses and the total weight change."""
-    import bench
-    import sample
-    batch = bench.make_batch(pairs, sample.default_size(sd))
-    ids, noise, t = bench.reference_inputs(ref, batch, torch.device("cpu"))
+    batch = reference.make_batch(pairs, sample.default_size(sd))
+    ids, noise, t = reference.reference_inputs(ref, batch, torch.device("cpu"))
     ours = bench.our_dpo_step(sd, torch.float32, optimizer=optimizer, checkpointing=checkpointing, lr=1e-4)
-    theirs = bench.reference_dpo_step(ref, torch.float32, optimizer=optimizer, checkpointing=checkpointing, lr=1e-4,
+    theirs = reference.reference_dpo_step(ref, torch.float32, optimizer=optimizer, checkpointing=checkpointing, lr=1e-4,
                                       posterior="mean")
     before = {k: v.clone() for k, v in theirs.policy.state_dict().items()}
     losses = [(ours(batch).item(), theirs(batch, ids, noise, t).item()) for _ in range(3)]
@@ -1599,8 +1400,7 @@ def test_bench_dpo_step_equals_the_reference_step(hub, kind):
     """bench.py times diffdpo.py's step against a step written with diffusers as the official train.py: on the toy
     model (AdamW) and an SDXL-like hub (Adafactor, gradient checkpointing on both sides) they give the same losses
     over three steps (the first is ln 2 up to float32 rounding x beta 5000) and the same weight change."""
-    import bench
-    sd, ref = bench.folder_models("tiny" if kind == "tiny" else hub["sdxl"], torch.device("cpu"))
+    sd, ref = reference.folder_models("tiny" if kind == "tiny" else hub["sdxl"], torch.device("cpu"))
     losses, ours, theirs, _ = bench_steps(sd, ref, "adamw" if kind == "tiny" else "adafactor", kind == "sdxl")
     assert abs(losses[0][0] - math.log(2)) < 1e-3 and abs(losses[0][1] - math.log(2)) < 1e-3
     assert losses[1][0] < 0.6 and losses[2][0] < losses[1][0]  # the steps do train
@@ -1613,22 +1413,18 @@ def test_bench_flops_and_real_architecture_models(monkeypatch, tmp_path):
     """step_flops (counted on the meta device) equals what torch.utils.flop_counter counts in a real step of ours
     and of the reference; random_models builds both sides with the same weights (same UNet output), at sizes
     shrunk here to the test configs; and the full benchmark driver runs end to end on the CPU."""
-    import bench
-    import sample
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-    for a, b in [(dict(bench.SD_VAE, _class_name="AutoencoderKL"), U.VAEConfig.sd15()),
-                 (dict(bench.CLIP_L, architectures=["CLIPTextModel"]), U.CLIPTextConfig.sd15()),
-                 (dict(bench.CLIP_BIGG, architectures=["CLIPTextModelWithProjection"]), U.CLIPTextConfig.sdxl())]:
+    for a, b in [(dict(reference.SD_VAE, _class_name="AutoencoderKL"), unet.VAEConfig.sd15()),
+                 (dict(reference.CLIP_L, architectures=["CLIPTextModel"]), unet.CLIPTextConfig.sd15()),
+                 (dict(reference.CLIP_BIGG, architectures=["CLIPTextModelWithProjection"]), unet.CLIPTextConfig.sdxl())]:
         norm = lambda c: {k: tuple(v) if isinstance(v, list) else v for k, v in vars(c).items() if k != "raw"}  # noqa
         assert norm(type(b).from_dict(a)) == norm(b)  # the bench's real sizes are our presets
     names = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H200": 989, "NVIDIA A100-SXM4-80GB": 312,
              "NVIDIA L40S": 362, "NVIDIA L4": 121, "NVIDIA GeForce RTX 4090": 165, "Tesla T4": None}
     assert {n: bench.peak_tflops(n) for n in names} == names
     for kind, cfg in (("sd15", SD15_TEST), ("sdxl", SDXL_TEST)):
-        monkeypatch.setitem(bench.REAL, kind, dict(unet=cfg["unet"], vae=cfg["vae"],
+        monkeypatch.setitem(reference.REAL, kind, dict(unet=cfg["unet"], vae=cfg["vae"],
                                                    text=[cfg["text"]] + ([cfg["text2"]] if kind == "sdxl" else [])))
-        sd, ref = bench.random_models(kind, torch.device("cpu"), str(tmp_path / kind))
+        sd, ref = reference.random_models(kind, torch.device("cpu"), str(tmp_path / kind))
         x, t, ctx, added = unet_inputs(sd.unet)
         assert rel_err(sd.unet(x, t, ctx, **added), ref_eps(ref.unet, x, t, ctx, added)) < 1e-5
         context, _ = sd.encode_prompt(["a red cube"])
@@ -1640,13 +1436,13 @@ def test_bench_flops_and_real_architecture_models(monkeypatch, tmp_path):
         # the CPU's fused attention kernel has no FLOP formula in torch.utils.flop_counter (CUDA's have): the math
         # backend spells attention out as matmuls, so every FLOP of the step is counted
         with sdpa_kernel(SDPBackend.MATH):
-            for step in (bench.our_dpo_step(sd, torch.float32), bench.reference_dpo_step(ref, torch.float32)):
-                batch = bench.make_batch(pairs, R)
-                args = bench.reference_inputs(ref, batch, torch.device("cpu")) if step.policy is ref.unet else ()
+            for step in (bench.our_dpo_step(sd, torch.float32), reference.reference_dpo_step(ref, torch.float32)):
+                batch = reference.make_batch(pairs, R)
+                args = reference.reference_inputs(ref, batch, torch.device("cpu")) if step.policy is ref.unet else ()
                 with FlopCounterMode(display=False) as fc:
                     step(batch, *args)
                 counted.append(fc.get_total_flops())
-            step, batch = bench.our_dpo_step(sd, torch.float32), bench.make_batch(pairs, R)
+            step, batch = bench.our_dpo_step(sd, torch.float32), reference.make_batch(pairs, R)
             cached = bench.cached_batch(sd, batch, R, torch.float32)
             with FlopCounterMode(display=False) as fc:
                 step(cached)

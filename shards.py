@@ -1,0 +1,296 @@
+"""
+The machinery under data.py (a tutorial reader can skip it): the files pairs are read from (Pick-a-Pic-schema
+parquet shards, local or on the Hub fetched shard by shard as the stream reaches them; JSONL pair lists) and the
+parquet writer, the --cache store of VAE latents and text embeddings, and the thread that prefetches batches.
+"""
+import atexit
+import hashlib
+import io
+import json
+import os
+import queue
+import re
+import threading
+from pathlib import Path
+
+import huggingface_hub as hh
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from huggingface_hub.errors import RepositoryNotFoundError
+from safetensors import safe_open
+
+from files import DataError, first_line, hub_download, offline, save_safetensors, write_atomic
+
+COLUMNS = ("jpg_0", "jpg_1", "label_0", "label_1", "caption")
+PICKAPIC = "yuvalkirstain/pickapic_v2"
+SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")
+ALTERNATIVES = (" Use a local copy (--data /path/to/parquet_dir), a mirror in the same schema (--data hub:OWNER/NAME), "
+                "or your own pairs (--data pairs.jsonl with prompt/chosen/rejected); "
+                "yuvalkirstain/pickapic_v2_no_images still has captions, labels and URLs, but no images.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shards: a local parquet file, a Hub parquet file (downloaded when first needed), or a JSONL file. Each has
+# groups() (per row group, the indices of its usable rows), load(group) (that group's data, held by PairSource)
+# and pair(loaded, row) -> (prompt, preferred image, rejected image) as bytes or paths.
+
+
+class ParquetShard:
+    def __init__(self, name, path=None, fetch=None):  # a Hub shard: `fetch()` downloads it, giving its path
+        self.name, self.fetch, self.path, self._groups = name, fetch, path or (None if fetch else name), None
+
+    def file(self):
+        if self.path is None:
+            self.path = self.fetch()
+        try:
+            return pq.ParquetFile(self.path)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{self.name}: not a readable parquet file ({first_line(e)})") from None
+
+    def check(self, f=None):
+        names = (f or self.file()).schema_arrow.names
+        missing = [c for c in COLUMNS if c not in names]
+        if missing:
+            raise DataError(f"{self.name}: missing column(s) {', '.join(missing)}; expected the Pick-a-Pic v2 "
+                            f"schema ({', '.join(COLUMNS)})")
+
+    def groups(self):
+        """Reads only label_0: a row is used if label_0 is 1 (jpg_0 preferred) or 0 (jpg_1); 0.5 is a tie."""
+        if self._groups is None:
+            f = self.file()
+            self.check(f)
+            self._groups = []
+            for g in range(f.num_row_groups):
+                lab = f.read_row_group(g, columns=["label_0"]).column(0).to_numpy()
+                self._groups.append(np.flatnonzero((lab == 0) | (lab == 1)))
+        return self._groups
+
+    def load(self, group):
+        return self.file().read_row_group(group, columns=["caption", "label_0", "jpg_0", "jpg_1"])
+
+    def pair(self, table, i):
+        caption, label_0, a, b = (table.column(c)[i].as_py() for c in ("caption", "label_0", "jpg_0", "jpg_1"))
+        a, b = (x.get("bytes") if isinstance(x, dict) else x for x in (a, b))  # a `datasets` Image struct
+        return caption or "", *((a, b) if label_0 == 1 else (b, a))
+
+
+class JsonlShard:
+    def __init__(self, path):
+        self.name = self.path = str(path)
+        self.rows = []
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                self.rows.append((r["prompt"] or "", *(str(Path(path).parent / r[k]) for k in ("chosen", "rejected"))))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{path}:{n}: expected a JSON object with keys prompt, chosen, rejected "
+                                f"({type(e).__name__}: {e})") from None
+
+    def groups(self):
+        return [np.arange(len(self.rows))]
+
+    def load(self, group):
+        return self.rows
+
+    def pair(self, rows, i):
+        for p in rows[i][1:]:
+            if not os.path.isfile(p):
+                raise DataError(f"{self.name}: image file {p} not found")
+        return rows[i]
+
+
+def _split_of(path):
+    """'train' for data/train-00000-of-00645-<hash>.parquet or train/x.parquet; None for other names."""
+    m = re.match(r"([A-Za-z_]+)-\d+-of-\d+", Path(path).name)
+    return m[1] if m else next((p for p in reversed(Path(path).parts[:-1]) if p in SPLITS), None)
+
+
+def select_split(files, split, where):
+    """The files of `split`; all files if none is named after a split (so a folder of any shards works)."""
+    found = {_split_of(f) for f in files} - {None}
+    if split in found:
+        return [f for f in files if _split_of(f) == split]
+    if found & set(SPLITS):
+        raise DataError(f"{where}: no parquet shards of split {split!r} (found {', '.join(sorted(found))})")
+    return files
+
+
+def hub_shards(repo, split, bare=False):
+    """The parquet shards of a Hub dataset, each downloaded (into the HF cache) only when the stream reaches it.
+    Offline, or when the Hub cannot list the repo, a complete copy in the local HF cache is used instead."""
+    try:
+        files = hh.HfApi().list_repo_files(repo, repo_type="dataset")
+    except Exception as e:  # not found, offline, or no network (httpx errors, which are not OSErrors)
+        cached = _cached_shards(repo, split)
+        if cached:
+            return cached
+        if isinstance(e, RepositoryNotFoundError):
+            why = "was not found on the Hugging Face Hub (or is private or gated: `hf auth login`)"
+        elif offline():
+            why = "is not (completely) in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+        else:
+            why = f"could not be listed ({first_line(e)}) and is not (completely) in the local Hugging Face cache"
+        msg = f"dataset {repo!r} {why}."
+        if bare:
+            msg = f"--data {repo}: no such local file or folder, and the Hub {msg}"
+        if repo == PICKAPIC:
+            msg += f" The official Pick-a-Pic v2 ({PICKAPIC}) was taken off the Hub in 2025."
+        raise DataError(msg + ALTERNATIVES) from None
+
+    def fetch(f):
+        return lambda: hub_download(repo, filename=f, repo_type="dataset", error=DataError)
+    files = select_split(sorted(f for f in files if f.endswith(".parquet")), split, f"dataset {repo!r}")
+    if not files:
+        raise DataError(f"dataset {repo!r} has no parquet files")
+    return [ParquetShard(f"{repo}/{f}", fetch=fetch(f)) for f in files]
+
+
+def _cached_shards(repo, split):
+    """The split's shards from the HF cache's snapshot of `repo`, if all are there (by their -of-N numbering)."""
+    try:
+        folder = hub_download(repo, [f"*{split}-*.parquet", f"*{split}/*.parquet"], repo_type="dataset",
+                              local_only=True, error=DataError)
+        files = select_split(sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.parquet")), split, repo)
+    except DataError:
+        return None
+    have = [re.search(r"-(\d+)-of-(\d+)", Path(f).name) for f in files]
+    if not files or any(m and len(files) != int(m[2]) for m in have):
+        return None
+    return [ParquetShard(f"{repo}/{f}", path=str(folder / f)) for f in files]
+
+
+def find_shards(spec, split="train"):
+    if spec == "pickapic":
+        return hub_shards(PICKAPIC, split)
+    if spec.startswith("hub:"):
+        return hub_shards(spec[4:], split)
+    p = Path(spec).expanduser()
+    if p.is_file():
+        return [JsonlShard(p)] if p.suffix == ".jsonl" else [ParquetShard(str(p))]
+    if p.is_dir():
+        if (p / "pairs.jsonl").is_file():
+            return [JsonlShard(p / "pairs.jsonl")]
+        files = select_split(sorted(f.relative_to(p).as_posix() for f in p.rglob("*.parquet")), split, str(p))
+        if not files:
+            raise DataError(f"{p}: no *.parquet files and no pairs.jsonl in this folder")
+        return [ParquetShard(str(p / f)) for f in files]
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and p.suffix not in (".parquet", ".jsonl"):
+        return hub_shards(spec, split, bare=True)
+    raise DataError(f"--data {spec}: no such file or folder (expected pickapic, hub:OWNER/NAME, parquet shards "
+                    f"or a pairs.jsonl)")
+
+
+def png_bytes(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_pairs(path, captions, images_0, images_1, label_0):
+    """Pairs to one parquet file in the Pick-a-Pic v2 schema (images as PNG/JPEG bytes; label_0 1, 0, or 0.5 for a
+    tie, which the reader skips), written atomically."""
+    table = pa.table(dict(caption=list(captions), jpg_0=list(images_0), jpg_1=list(images_1),
+                          label_0=[float(v) for v in label_0], label_1=[1.0 - float(v) for v in label_0]))
+    return write_atomic(path, lambda tmp: pq.write_table(table, str(tmp), row_group_size=256))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --cache: VAE latents and text embeddings computed once, kept on disk, reused across epochs and runs
+
+
+class LatentCache:
+    """Per pair: the VAE latents of both images, unflipped and flipped (so flips stay exact: the VAE is not
+    flip-equivariant), in one safetensors file; a corrupt pair gets an empty marker file. Per prompt: its text
+    embeddings. `encode_images(list of (3,R,R)) -> (N,4,R/8,R/8)` and `encode_text(prompt) -> dict` are the
+    trainer's frozen VAE and text encoders. Random crops are not cached (they change every epoch)."""
+
+    def __init__(self, folder, encode_images, encode_text):
+        self.folder, self.encode_images, self.encode_text = Path(folder), encode_images, encode_text
+
+    def _path(self, kind, key):
+        h = hashlib.sha256(key.encode()).hexdigest()
+        return self.folder / kind / h[:2] / f"{h}.safetensors"
+
+    @staticmethod
+    def _save(path, tensors, **metadata):
+        save_safetensors(tensors, path, metadata)  # atomic: a killed run never leaves half a file
+
+    @staticmethod
+    def _load(path):
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+
+    def pair(self, key, read):
+        """(caption, {chosen, chosen_flip, rejected, rejected_flip} latents [+ chosen_emb, rejected_emb]), or None
+        for a corrupt pair."""
+        path = self._path("pairs", key)
+        if path.with_suffix(".corrupt").exists():
+            return None
+        if not path.is_file():
+            got = read()
+            if got is None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.with_suffix(".corrupt").touch()
+                return None
+            caption, (w, l), emb = got
+            lat = self.encode_images([w, w.flip(-1), l, l.flip(-1)])
+            extra = {} if emb is None else dict(chosen_emb=emb[0], rejected_emb=emb[1])
+            self._save(path, dict(chosen=lat[0], chosen_flip=lat[1], rejected=lat[2], rejected_flip=lat[3], **extra),
+                       caption=caption)
+        meta, latents = self._load(path)
+        return meta["caption"], latents
+
+    def text(self, prompt):
+        path = self._path("text", prompt)
+        if not path.is_file():
+            self._save(path, self.encode_text(prompt))
+        return self._load(path)[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prefetching: the next batches are decoded in a thread while the GPU trains
+
+
+def prefetch(batches, depth=2):
+    """Yield the batches of the iterator `batches`, in order, while a background thread makes the next `depth`: JPEG
+    decoding and resizing (which release the GIL) overlap the training step on the GPU instead of stalling it. The
+    batches are the same as without it (all randomness is per pair); an error in the data is raised here, at the
+    batch where it happened. Closing the generator, or the program's exit, stops the thread and waits for it (a
+    thread still inside torch when the interpreter exits aborts the process)."""
+    ready, stop = queue.Queue(maxsize=depth), threading.Event()
+
+    def hand(item):  # -> False once the consumer has gone
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work():
+        try:
+            for batch in batches:
+                if not hand((batch, None)):
+                    return
+        except BaseException as e:  # noqa: BLE001 (raised in the consumer)
+            hand((None, e))
+
+    def finish():
+        stop.set()
+        worker.join()
+    worker = threading.Thread(target=work, daemon=True, name="prefetch")
+    worker.start()
+    atexit.register(finish)  # also when an exception ends the program with the generator still open
+    try:
+        while True:
+            batch, error = ready.get()
+            if error is not None:
+                raise error
+            yield batch
+    finally:
+        finish()
+        atexit.unregister(finish)
