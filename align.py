@@ -104,6 +104,9 @@ class WordPiece:
 
     def __init__(self, vocab, specials=BERT_SPECIALS, max_length=512,
                  lowercase=True, strip_accents=None, chinese=True, max_word=100, cleanup=False):
+        missing = [t for t in BERT_SPECIALS[:4] if t not in vocab]
+        if missing:
+            raise files.LoadError(f"WordPiece vocabulary: no {', '.join(missing)} (a BERT vocabulary expected)")
         self.vocab, self.max_length, self.max_word, self.cleanup = vocab, max_length, max_word, cleanup
         self.flags = dict(lowercase=lowercase, strip_accents=strip_accents, chinese=chinese)
         self.inverse = {i: t for t, i in vocab.items()}
@@ -119,6 +122,8 @@ class WordPiece:
         read = lambda n: files.read_json(folder / n) if (folder / n).is_file() else {}  # noqa: E731
         fast, conf = read("tokenizer.json"), read("tokenizer_config.json")
         if fast:
+            if (fast.get("model") or {}).get("type") != "WordPiece":
+                raise files.LoadError(f"{folder / 'tokenizer.json'}: expected a WordPiece (BERT) tokenizer")
             vocab, norm = dict(fast["model"]["vocab"]), fast.get("normalizer") or {}
             flags = dict(lowercase=norm.get("lowercase", True), strip_accents=norm.get("strip_accents"),
                          chinese=norm.get("handle_chinese_chars", True),
@@ -133,11 +138,14 @@ class WordPiece:
         added = fast.get("added_tokens") or [{"content": t, "id": int(i), "special": True}
                                              for t, i in read("added_tokens.json").items()]
         vocab.update({t["content"]: t["id"] for t in added})
-        named = [v for d in (read("special_tokens_map.json"), conf) for k, v in d.items()
-                 if k.endswith("_token") or k in ("additional_special_tokens", "extra_special_tokens")]
-        named = [t for v in named for t in (v if isinstance(v, list) else [v])]
-        specials = {t["content"] for t in added if t.get("special")} | {t.get("content") if isinstance(t, dict)
-                                                                         else t for t in named} | set(BERT_SPECIALS)
+        named = []  # bos_token, ..., additional_special_tokens: strings, AddedToken dicts, lists or name -> token
+        for d in (read("special_tokens_map.json"), conf):
+            for k, v in d.items():
+                if k.endswith("_token") or k in ("additional_special_tokens", "extra_special_tokens"):
+                    named += list(v.values()) if isinstance(v, dict) and "content" not in v else \
+                        v if isinstance(v, list) else [v]
+        specials = {t["content"] for t in added if t.get("special")} | set(BERT_SPECIALS) | {
+            t["content"] if isinstance(t, dict) else t for t in named if t}
         limit = max_length or conf.get("model_max_length", 512)
         return cls(vocab, specials, min(limit, 512), cleanup=conf.get("clean_up_tokenization_spaces", False),
                    **flags)
@@ -177,7 +185,7 @@ class WordPiece:
     def decode(self, ids):
         """The WordPiece decoder: special tokens skipped, "##x" glued to the word before, other tokens after a
         space, " ." " ?" " !" " ," glued back per token; the whole-text clean-up when the folder asks for it."""
-        tokens = [self.inverse[i] for i in ids if self.inverse.get(i) not in self.specials]
+        tokens = [t for t in map(self.inverse.get, ids) if t is not None and t not in self.specials]
         out = []
         for k, t in enumerate(tokens):
             t = t[2:] if k and t.startswith("##") else (" " + t if k else t)
@@ -222,10 +230,6 @@ class BertConfig:
     @classmethod
     def minilm_l6(cls):  # sentence-transformers/all-MiniLM-L6-v2
         return cls.from_dict(dict(hidden_size=384, num_hidden_layers=6, intermediate_size=1536))
-
-    @classmethod
-    def blip_text(cls, encoder_hidden_size=768):  # BLIP captioning's decoder (base: ViT-B 768, large: ViT-L 1024)
-        return cls.from_dict(dict(vocab_size=30524, type_vocab_size=0, encoder_hidden_size=encoder_hidden_size))
 
 
 def attend(q, k, v, heads, mask=None, causal=False):
@@ -304,7 +308,8 @@ class BertEmbeddings(nn.Module):
 
 class Bert(nn.Module):
     """transformers BertModel (embeddings.*, encoder.layer.N.*, pooler.* when the checkpoint has one).
-    forward(ids (B, L), mask (B, L) of 1/0, image (B, N, E) or None) -> last hidden states (B, L, D)."""
+    forward(ids (B, L), mask (B, L) of 1/0 or None, image_kv) -> last hidden states (B, L, D); image_kv: per layer
+    the (key, value) of the image states, (B, N, D) each, for BLIP's decoder (then causal), else None."""
 
     def __init__(self, cfg: BertConfig, pooler=False):
         super().__init__()

@@ -4,7 +4,7 @@ papers report, with win rates and bootstrap intervals.
 
     python eval.py --model sd15 --unet runs/dpo-sd15/unet --prompts parti --out eval/ \
                    --scorers pickscore,hps,aesthetic,clip
-    python eval.py --model sd15 --unet RUN/unet --prompts drawbench --scorers aesthetic,hps,text-alignment --out eval/
+    python eval.py --model sd15 --unet RUN/unet --prompts drawbench --scorers aesthetic,hps,text-alignment
                                                      # the seed's table, its published numbers in columns beside ours
 
 Scorers, each `load_scorer(name)(images, prompts) -> (N,) scores`, hand-written (no transformers, open_clip,
@@ -692,7 +692,7 @@ def main(argv=None):
                    help="where a scorer's weights come from (repeatable); see load_scorer")
     p.add_argument("--captioner", default=None, help=f"text-alignment's BLIP: a folder or Hub id (default {BLIP})")
     p.add_argument("--style-ref", default=None, help="a folder of style images: report.json gets each model's style_fd")
-    p.add_argument("--out", required=True, help="folder for report.json, report.md, wins_losses.png, images/")
+    p.add_argument("--out", default="runs/eval", help="folder for report.json, report.md, wins_losses.png, images/")
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i, for both models")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)

@@ -1748,8 +1748,9 @@ HARD_PROMPTS = [
     "Ω ohm sign and Å angstrom sign", "ｸﾞﾗﾌｨｯｸ", "quote at the end’"]
 
 
-def test_hps_text_equals_open_clip_tokenize(tmp_path):
-    """The HPS tokenizer == open_clip's tokenize with ftfy on hard prompts; without ftfy many would differ."""
+def test_hps_text_equals_open_clip_tokenize(tmp_path, monkeypatch):
+    """The HPS tokenizer == open_clip's tokenize with ftfy on hard prompts; without ftfy many would differ, so a
+    missing ftfy is a one-line error."""
     path = clip_vocab_source().parent / "tokenizer.py"
     spec = importlib.util.spec_from_file_location("_openclip_tokenizer_ftfy", path)
     open_clip_tokenizer = importlib.util.module_from_spec(spec)
@@ -1762,6 +1763,9 @@ def test_hps_text_equals_open_clip_tokenize(tmp_path):
     differ = sum(not torch.equal(a, b) for a, b in zip(no_ftfy, want))
     print(f"HPS text: {len(HARD_PROMPTS)} hard prompts equal to open_clip's; {differ} would differ without ftfy")
     assert differ >= 12
+    monkeypatch.setitem(sys.modules, "ftfy", None)
+    with pytest.raises(ValueError, match=r"ftfy.fix_text, which is not installed \(pip install ftfy\)$"):
+        E.openclip_tokenizer(tmp_path / "tok")
 
 
 BERT_WORDS = ("a an the of on in with and is photo cat dog red blue green cube table sign says hello world store front "
