@@ -764,8 +764,10 @@ def main(argv=None):
                                        win_rate=rate, win_lo=lo, win_hi=hi, base=s["base"], tuned=s["tuned"])
         print(f"{name}: base {np.mean(s['base']):.4f}  tuned {np.mean(s['tuned']):.4f}  "
               f"tuned wins {100 * rate:.1f}% ({100 * lo:.1f}-{100 * hi:.1f})")
-    if ref:
-        report["style_fd"] = style_fd(ref, images, a.model == "tiny", paths.get("clip"), a.device)
+    try:
+        report["style_fd"] = style_fd(ref, images, a.model == "tiny", paths.get("clip"), a.device) if ref else None
+    except (U.LoadError, files.UserError, OSError) as e:
+        fail(f"--style-ref: {e}")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(report_markdown(report))
     print(report_markdown(report))
