@@ -4,14 +4,18 @@ papers report, with win rates and bootstrap intervals.
 
     python eval.py --model sd15 --unet runs/dpo-sd15/unet --prompts parti --out eval/ \
                    --scorers pickscore,hps,aesthetic,clip
+    python eval.py --model sd15 --unet RUN/unet --prompts drawbench --scorers aesthetic,hps,text-alignment
+                                                     # the seed's table, its published numbers in columns beside ours
 
-Scorers, each `load_scorer(name)(images, prompts) -> (N,) scores`, all on one hand-written CLIP (no transformers,
-open_clip or the scorers' own packages):
+Scorers, each `load_scorer(name)(images, prompts) -> (N,) scores`, hand-written (no transformers, open_clip,
+sentence-transformers or the scorers' own packages):
     pickscore  PickScore v1 (Kirstain et al. 2023)      logit_scale.exp() * cos(image, text)   CLIP ViT-H/14
     hps        HPSv2.1 (Wu et al. 2023)                 cos(image, text)  (tables print x100)  OpenCLIP ViT-H/14
     aesthetic  LAION improved aesthetic predictor v2    MLP(normalized image embedding)        CLIP ViT-L/14
     clip       CLIP score (Hessel et al. 2021)          100 * max(cos(image, text), 0)         CLIP ViT-L/14
-Prompt sets: parti, drawbench, hps, pickapic, or a .txt file (one prompt per line).
+    text-alignment  the seed's "Text Alignment (SentenceBERT)": cos(SBERT(BLIP's caption), SBERT(prompt)) (align.py)
+Prompt sets: parti, drawbench, hps (hps:anime ...), pickapic, or a local file (.txt .tsv .csv .json .parquet).
+--style-ref FOLDER adds the style FD (align.frechet_distance) of base and tuned images to the reference images.
 
 Read top to bottom: the CLIP vision tower and CLIPModel, image preprocessing, the OpenCLIP names, the scorers and their
 loaders, prompt sets, the bootstrap, the CLI.
@@ -19,6 +23,7 @@ loaders, prompt sets, the bootstrap, the CLI.
 import argparse
 import csv
 import html
+import io
 import json
 import sys
 import time
@@ -40,6 +45,7 @@ from convert import openclip_to_ours
 from files import DTYPES, LoadError, UserError, first_line, hub_download, read_json, read_safetensors, weight_files, \
     write_text_atomic
 from tokenizer import CLIPTokenizer, read_merges
+from align import BLIP, SBERT, TextAlignment, frechet_distance, load_captioner, load_sentence_encoder
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLIP: the vision tower (transformers CLIPVisionTransformer) and the two towers with their projections (CLIPModel)
@@ -273,14 +279,22 @@ class Scorer:
         self.name, self.clip, self.preprocess, self.tokenizer, self.head = name, clip, preprocess, tokenizer, head
         self.device, self.batch_size = device, batch_size
 
+    def _embed(self, images):
+        return self.clip.encode_image(self.preprocess(images).to(self.device, next(self.clip.parameters()).dtype))
+
+    @torch.no_grad()
+    def image_features(self, images):
+        """(N, P) unit-norm image embeddings, in batches: the style FD's features."""
+        n = self.batch_size
+        return torch.cat([self._embed(images[i:i + n]).float().cpu() for i in range(0, len(images), n)])
+
     @torch.no_grad()
     def __call__(self, images, prompts):
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
-        dtype, out = next(self.clip.parameters()).dtype, []
+        out = []
         for i in range(0, len(images), self.batch_size):
-            pixels = self.preprocess(images[i:i + self.batch_size]).to(self.device, dtype)
-            img = self.clip.encode_image(pixels).float()
+            img = self._embed(images[i:i + self.batch_size]).float()
             if self.name == "aesthetic":
                 out.append(self.head(img))
                 continue
@@ -315,7 +329,7 @@ PICKSCORE, PICKSCORE_PROCESSOR = "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H
 HPS_REPO, HPS_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
 CLIP_L14 = "openai/clip-vit-large-patch14"
 AESTHETIC_REPO, AESTHETIC_FILE = "camenduru/improved-aesthetic-predictor", "sac+logos+ava1-l14-linearMSE.pth"
-SCORERS = ("pickscore", "hps", "aesthetic", "clip", "judge")  # judge: the toy world's (data.judge), no weights
+SCORERS = ("pickscore", "hps", "aesthetic", "clip", "text-alignment", "judge")  # judge: the toy's (data.judge)
 SMALL_FILES = ["*.json", "*.txt"]  # configs, tokenizer and preprocessor files
 CLIP_FILES = SMALL_FILES + ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
 
@@ -349,15 +363,25 @@ def _processor(folder, fallback=None):
 
 
 def openclip_tokenizer(folder):
-    """OpenCLIP's tokenizer (HPSv2's): the same BPE as CLIP, text html-unescaped twice, white space collapsed,
-    lower-cased, [sot] ids [eot], truncated to 77 keeping eot last, padded with 0 (the id of "!", a plain symbol
-    here, unlike transformers' tokenizers that pad with "!"). ftfy's mojibake repair is not applied."""
+    """OpenCLIP's `tokenize` (HPSv2's), exactly: ftfy.fix_text, html-unescaped twice, white space collapsed,
+    lower-cased, then the same BPE as CLIP: [sot] ids [eot], truncated to 77 keeping eot last, padded with 0 (the id
+    of "!", a plain symbol here, unlike transformers' tokenizers that pad with "!"). ftfy (HPS only) repairs curly
+    quotes, full-width forms and mojibake; without it the ids of some real prompts differ (12 of Parti's and
+    DrawBench's 1,832: curly apostrophes). open_clip spells its special tokens <start_of_text> and <end_of_text>:
+    a literal "<|endoftext|>" in a prompt is plain text."""
+    try:
+        import ftfy
+    except ImportError:
+        raise LoadError("hps: open_clip's tokenizer cleans prompts with ftfy.fix_text, which is not installed "
+                              "(pip install ftfy)") from None
     vocab, merges = read_json(Path(folder) / "vocab.json"), read_merges(Path(folder) / "merges.txt")
-    tok = CLIPTokenizer(vocab, merges, pad_token="!", specials={"<|startoftext|>": False, "<|endoftext|>": False})
-    return lambda prompts: tok([" ".join(html.unescape(html.unescape(p)).split()) for p in prompts])
+    vocab.update({"<start_of_text>": vocab["<|startoftext|>"], "<end_of_text>": vocab["<|endoftext|>"]})
+    tok = CLIPTokenizer(vocab, merges, pad_token="!", specials={"<start_of_text>": True, "<end_of_text>": True})
+    clean = lambda p: " ".join(html.unescape(html.unescape(ftfy.fix_text(p))).split()).lower()  # noqa: E731
+    return lambda prompts: tok([clean(p) for p in prompts])
 
 
-def load_scorer(name, model=None, device="cpu", dtype=torch.float32, batch_size=16):
+def load_scorer(name, model=None, device="cpu", dtype=torch.float32, batch_size=16, captioner=None):
     """A reward model by name (see the module docstring). `model` overrides where its weights come from:
       pickscore  a Hub id or a CLIPModel folder (config.json, model.safetensors; tokenizer and preprocessor files
                  beside them, else laion/CLIP-ViT-H-14-laion2B-s32B-b79K's).    default yuvalkirstain/PickScore_v1
@@ -366,9 +390,14 @@ def load_scorer(name, model=None, device="cpu", dtype=torch.float32, batch_size=
                  open_clip model config (open_clip_config.json or config.json; default ViT-H-14) and tokenizer files
                  (default laion's).                                   default xswu/HPSv2 file HPS_v2.1_compressed.pt
       aesthetic  a CLIPModel folder (ViT-L/14) with the MLP's .pth beside, or a Hub id of the CLIP.
-                 default openai/clip-vit-large-patch14 + camenduru/improved-aesthetic-predictor's MLP"""
+                 default openai/clip-vit-large-patch14 + camenduru/improved-aesthetic-predictor's MLP
+      text-alignment  a sentence-transformers folder or Hub id; `captioner`: a BLIP captioning folder or Hub id.
+                 default sentence-transformers/all-MiniLM-L6-v2 + Salesforce/blip-image-captioning-base"""
     if name not in SCORERS:
-        raise LoadError(f"unknown scorer {name!r}: expected one of {', '.join(SCORERS)}")
+        raise unet.LoadError(f"unknown scorer {name!r}: expected one of {', '.join(SCORERS)}")
+    if name == "text-alignment":  # the seed's: cos(SBERT(BLIP's caption), SBERT(prompt))
+        return TextAlignment(load_captioner(captioner or BLIP, device, dtype),
+                             load_sentence_encoder(model or SBERT, device, dtype))
     if name == "judge":  # the toy world's programmatic judge: captions of the shapes world only
         return lambda images, prompts: torch.tensor([toy.judge(i, p) for i, p in zip(images, prompts)])
     if name in ("pickscore", "clip"):
@@ -414,49 +443,101 @@ def _torch_load(path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Prompt sets
+# Prompt sets: the benchmark files in their own formats, parsed the same way from a local path or the HF cache
 
-PROMPT_SETS = {  # name: (dataset repo, files to fetch, column)
-    "parti": ("nateraw/parti-prompts", ["*.parquet", "*.tsv", "*.csv"], "Prompt"),          # 1,632
-    "drawbench": ("sayakpaul/drawbench", ["*.parquet", "*.tsv", "*.csv"], "Prompts"),       # 200
-    "pickapic": ("yuvalkirstain/pickapic_v2_no_images", ["*test_unique*.parquet", "*test_unique/*.parquet"],
-                 "caption"),                                                                # ~500, deduplicated
-    "hps": ("zhwang/HPDv2", [f"benchmark/{s}.json" for s in ("anime", "concept-art", "paintings", "photo")], None),
+HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
+PROMPT_SETS = {  # name: (dataset repo, files to fetch)
+    "parti": ("nateraw/parti-prompts", ["*.parquet", "*.tsv", "*.csv"]),                           # 1,632
+    "drawbench": ("sayakpaul/drawbench", ["*.parquet", "*.tsv", "*.csv"]),                        # 200
+    "pickapic": ("yuvalkirstain/pickapic_v2_no_images", ["*test_unique*.parquet", "*test_unique/*.parquet"]),
+    "hps": ("zhwang/HPDv2", [f"benchmark/{s}.json" for s in HPS_STYLES]),                        # 4 x 800
 }
+PROMPT_COLUMNS = ("Prompt", "Prompts", "prompt", "prompts", "caption", "text")
+PROMPT_FILES = (".txt", ".tsv", ".csv", ".json", ".parquet")
 
 
-def _read_column(path, column):
+def _column(path, names):
+    col = next((c for c in PROMPT_COLUMNS if c in names), None)
+    if col is None:
+        raise LoadError(f"{path}: expected a header with a prompt column ({', '.join(PROMPT_COLUMNS)}); "
+                              f"found: {', '.join(map(str, names)) or 'nothing'}")
+    return col
+
+
+def read_prompts(path):
+    """One prompt file in its own format:
+      .txt      one prompt per line, blank lines skipped
+      .tsv      PartiPrompts: a header, tab-separated fields, no quoting convention (prompt #1560 starts with a literal
+                "), so the raw lines are split on tabs
+      .csv      DrawBench (a Google Sheets export, every field quoted): standard CSV quoting
+      .json     the HPSv2 benchmark: a list of strings
+      .parquet  Hub datasets
+    tsv, csv and parquet files: the first column named Prompt, Prompts, prompt, prompts, caption or text."""
+    path = Path(path)
+    try:
+        if path.suffix == ".parquet":
+            table = pq.read_table(path)
+        else:
+            text = path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:  # missing, unreadable, not UTF-8, not parquet
+        raise LoadError(f"{path}: not a readable {path.suffix} prompt file ({first_line(e)})") from None
     if path.suffix == ".parquet":
-        return pq.read_table(path, columns=[column]).column(column).to_pylist()
-    with open(path, newline="", encoding="utf-8") as f:
-        return [row[column] for row in csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")]
-
-
-def prompt_set(name):
-    """A list of prompts: parti (PartiPrompts), drawbench, hps (HPSv2's benchmark: anime, concept-art, paintings,
-    photo, 800 each), pickapic (Pick-a-Pic v2 test_unique captions, deduplicated in order), shapes (the toy world's
-    held-out captions), or a .txt file (one prompt per line, blank lines skipped). Hub sets come from the HF cache
-    when HF_HUB_OFFLINE=1."""
-    if name == "shapes":  # the toy world's 18 held-out captions
-        return toy.shape_prompts("test")
-    if name not in PROMPT_SETS:
-        p = Path(name)
-        if p.suffix != ".txt":
-            raise LoadError(f"prompt set {name!r}: expected one of {', '.join(PROMPT_SETS)} or a .txt file")
+        return table.column(_column(path, table.column_names)).to_pylist()
+    if path.suffix == ".json":
         try:
-            return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise LoadError(f"{p}: {getattr(e, 'strerror', None) or e}") from None
-    repo, patterns, column = PROMPT_SETS[name]
-    folder = hub_download(repo, patterns, repo_type="dataset")
-    if column is None:  # HPSv2: JSON lists of strings
-        return [p for f in patterns for p in json.loads((folder / f).read_text(encoding="utf-8"))]
-    files = sorted(p for p in folder.rglob("*") if p.suffix in (".parquet", ".tsv", ".csv"))
-    files = [f for f in files if f.suffix == ".parquet"] or files
-    if not files:
-        raise LoadError(f"prompt set {name!r}: dataset {repo!r} has no parquet/tsv/csv files")
-    prompts = [p for f in files for p in _read_column(f, column)]
-    return list(dict.fromkeys(prompts)) if name == "pickapic" else prompts
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            data = e
+        if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
+            raise LoadError(f"{path}: expected a JSON list of prompt strings (the HPSv2 benchmark format)")
+        return data
+    if path.suffix == ".csv":
+        rows = csv.DictReader(io.StringIO(text))
+        col = _column(path, rows.fieldnames or [])
+        return [row[col] for row in rows]
+    lines = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+    if path.suffix == ".txt":
+        return [line.strip() for line in lines]
+    header = lines[0].split("\t") if lines else []
+    k = header.index(_column(path, header))
+    rows = [line.split("\t") for line in lines[1:]]
+    short = next((i for i, r in enumerate(rows) if len(r) <= k), None)
+    if short is not None:
+        raise LoadError(f"{path}: data line {short + 1} has {len(rows[short])} tab-separated fields, "
+                              f"expected at least {k + 1}")
+    return [r[k] for r in rows]
+
+
+def prompt_set(spec):
+    """A list of prompts. Names: parti (PartiPrompts, 1,632), drawbench (200), hps (HPSv2's benchmark: anime,
+    concept-art, paintings, photo, 800 each; hps:STYLE for one), pickapic (Pick-a-Pic v2 test_unique captions,
+    deduplicated in order), shapes (the toy world's held-out captions); from the HF cache when HF_HUB_OFFLINE=1, read
+    by read_prompts like local files. Or a path: a prompt file (read_prompts) or a folder of HPS style files."""
+    name, _, style = spec.partition(":")
+    if spec == "shapes":  # the toy world's 18 held-out captions
+        return toy.shape_prompts("test")
+    if name in PROMPT_SETS and (not style or name == "hps" and style in HPS_STYLES):
+        repo, patterns = PROMPT_SETS[name]
+        folder = hub_download(repo, [f"benchmark/{style}.json"] if style else patterns, repo_type="dataset")
+        if name == "hps":
+            return [p for s in ([style] if style else HPS_STYLES) for p in read_prompts(folder / f"benchmark/{s}.json")]
+        found = sorted(p for p in folder.rglob("*") if p.suffix in (".parquet", ".tsv", ".csv"))
+        found = [f for f in found if f.suffix == ".parquet"] or found
+        if not found:
+            raise LoadError(f"prompt set {name!r}: dataset {repo!r} has no parquet/tsv/csv files")
+        prompts = [p for f in found for p in read_prompts(f)]
+        return list(dict.fromkeys(prompts)) if name == "pickapic" else prompts
+    path = Path(spec)
+    if path.is_dir():
+        found = [f for s in HPS_STYLES for f in (path / f"{s}.json", path / "benchmark" / f"{s}.json") if f.is_file()]
+        if not found:
+            raise LoadError(f"{path}: no HPSv2 benchmark files here (expected {', '.join(HPS_STYLES)}.json)")
+        return [p for f in found for p in read_prompts(f)]
+    if path.suffix not in PROMPT_FILES:
+        raise LoadError(f"prompt set {spec!r}: expected one of {', '.join(PROMPT_SETS)}, hps:STYLE "
+                              f"({'|'.join(HPS_STYLES)}), shapes, a prompt file ({' '.join(PROMPT_FILES)}) or a "
+                              f"folder of HPS style .json files")
+    return read_prompts(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -514,20 +595,46 @@ def evaluate_toy(model, out, run, t_start):
 # CLI: generate base and tuned images from the same seeds, score both, report
 
 LABELS = {"pickscore": "PickScore", "hps": "HPSv2.1 (x100)", "aesthetic": "Aesthetic", "clip": "CLIP score",
-          "judge": "Toy judge"}
+          "text-alignment": "Text alignment (SBERT)", "judge": "Toy judge"}
+
+
+SEED_TABLE = {"aesthetic": (5.6205, 6.043), "hps": (0.2672, 0.2814), "text-alignment": (0.6075, 0.572)}
+# the seed's published DrawBench numbers for SD1.5 (DPO) and LCM (DPO), shown beside ours to compare
 
 
 def report_markdown(report):
-    """The paper's table shape: one row per scorer, the two models' mean scores and the tuned model's win rate."""
-    rows = ["| Scorer | Base | Tuned | Tuned wins (95% CI) |", "|---|---|---|---|"]
+    """The paper's table shape: one row per scorer, the two models' mean scores, the tuned model's win rate and the
+    seed's published numbers; the style FD below it when there is one."""
+    rows = ["| Scorer | Base | Tuned | Tuned wins (95% CI) | Seed: SD1.5 (DPO) | Seed: LCM (DPO) |", "|---" * 6 + "|"]
     for name, r in report["scorers"].items():
         k = 100 if name == "hps" else 1
+        seed = " | ".join(f"{k * v:.4f}" for v in SEED_TABLE.get(name, ())) or "- | -"
         rows.append(f"| {LABELS[name]} | {k * r['base_mean']:.4f} | {k * r['tuned_mean']:.4f} | "
-                    f"{100 * r['win_rate']:.1f}% ({100 * r['win_lo']:.1f}-{100 * r['win_hi']:.1f}) |")
-    a = report["args"]
+                    f"{100 * r['win_rate']:.1f}% ({100 * r['win_lo']:.1f}-{100 * r['win_hi']:.1f}) | {seed} |")
+    a, fd = report["args"], report.get("style_fd")
+    style = (f"\nStyle FD to `{a['style_ref']}` ({fd['images']} images, {fd['features']} features): base "
+             f"{fd['base']:.4f}, tuned {fd['tuned']:.4f} (lower is closer)\n" if fd else "")
     return (f"# {a['unet'] or a['lora']} vs {a['model']}\n\n{report['n']} prompts from `{a['prompts']}`, "
             f"seeds {a['seed']}.., "
-            f"{a['steps']} {a['sampler']} steps, guidance {a['guidance']}.\n\n" + "\n".join(rows) + "\n")
+            f"{a['steps']} {a['sampler']} steps, guidance {a['guidance']}.\n\n" + "\n".join(rows) + "\n" + style)
+
+
+def style_images(folder):
+    paths = sorted(p for p in Path(folder).glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if len(paths) < 2:
+        raise LoadError(f"--style-ref {folder}: expected a folder with at least 2 images (.png .jpg .jpeg .webp)")
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+def style_fd(ref, images, toy, clip=None, device="cpu"):
+    """Style alignment (Diffusion-RPO's task): the Fréchet distance of each model's images to the style images `ref`,
+    on the `clip` scorer's image embeddings; for the toy model (32 px flat shapes, whose style is colors and layout)
+    on 8 x 8 box-filtered RGB thumbnails (192 numbers), which need no download. At least 2 images per set."""
+    thumbs = lambda ims: torch.tensor(np.stack([np.asarray(im.resize((8, 8), Image.BOX)) for im in ims]) / 255)  # noqa
+    features = (lambda ims: thumbs(ims).flatten(1)) if toy else load_scorer("clip", clip, device=device).image_features
+    f = features(ref)
+    return dict(images=len(ref), features="8x8 RGB thumbnail" if toy else "CLIP image",
+                **{label: frechet_distance(f, features(ims)) for label, ims in images.items()})
 
 
 def wins_losses_grid(base, tuned, prompts, delta, k=4):
@@ -554,12 +661,14 @@ def main(argv=None):
     p.add_argument("--unet", default=None, help="the tuned UNet folder (OUT/unet of diffdpo.py)")
     p.add_argument("--lora", default=None, help="or: the tuned LoRA adapters (a run folder of diffdpo.py --lora-rank, "
                                                 "or the .safetensors file), applied to --model's UNet")
-    p.add_argument("--prompts", default="parti", help=f"{', '.join(PROMPT_SETS)}, shapes (toy) or a .txt file")
+    p.add_argument("--prompts", default="parti", help="a set (see prompt_set) or a .txt/.tsv/.csv/.json file")
     p.add_argument("--num", type=int, default=None, help="only the first N prompts")
     p.add_argument("--scorers", default="pickscore,hps,aesthetic,clip")
     p.add_argument("--scorer-model", action="append", default=[], metavar="NAME=PATH",
                    help="where a scorer's weights come from (repeatable); see load_scorer")
-    p.add_argument("--out", required=True, help="folder for report.json, report.md, wins_losses.png, images/")
+    p.add_argument("--captioner", default=None, help=f"text-alignment's BLIP: a folder or Hub id (default {BLIP})")
+    p.add_argument("--style-ref", default=None, help="a folder of style images: report.json gets each model's style_fd")
+    p.add_argument("--out", default="runs/eval", help="folder for report.json, report.md, wins_losses.png, images/")
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i, for both models")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
@@ -588,9 +697,10 @@ def main(argv=None):
     dtype = DTYPES[a.dtype]
     try:
         paths = parse_scorer_models(a.scorer_model)
+        ref = style_images(a.style_ref) if a.style_ref else None
         prompts = prompt_set(a.prompts)[:a.num]
-        if not prompts:
-            fail(f"--prompts {a.prompts}: no prompts")
+        if len(prompts) < (2 if ref else 1):
+            fail(f"--prompts {a.prompts}: {len(prompts)} prompts; expected at least 1 (2 with --style-ref)")
         sd = unet.load_sd(a.model, device=a.device, dtype=dtype)
         tuned = (unet.load_component(a.unet, "unet", device=a.device, dtype=dtype) if a.unet else
                  unet.load_sd(a.model, device=a.device, dtype=dtype, lora=a.lora).unet)
@@ -618,8 +728,8 @@ def main(argv=None):
     report = dict(args=vars(a), n=len(prompts), prompts=prompts, seeds=seeds, scorers={})
     for name in scorers:
         try:
-            scorer = load_scorer(name, paths.get(name), device=a.device)
-        except (LoadError, OSError) as e:
+            scorer = load_scorer(name, paths.get(name), device=a.device, captioner=a.captioner)
+        except (UserError, OSError) as e:
             fail(f"scorer {name}: {e}")
         s = {label: scorer(ims, prompts).tolist() for label, ims in images.items()}
         del scorer
@@ -628,8 +738,13 @@ def main(argv=None):
                                        win_rate=rate, win_lo=lo, win_hi=hi, base=s["base"], tuned=s["tuned"])
         print(f"{name}: base {np.mean(s['base']):.4f}  tuned {np.mean(s['tuned']):.4f}  "
               f"tuned wins {100 * rate:.1f}% ({100 * lo:.1f}-{100 * hi:.1f})")
+    try:
+        report["style_fd"] = style_fd(ref, images, a.model == "tiny", paths.get("clip"), a.device) if ref else None
+    except (UserError, OSError) as e:
+        fail(f"--style-ref: {e}")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(report_markdown(report))
+    print(report_markdown(report))
     first = report["scorers"][scorers[0]]
     delta = [t - b for t, b in zip(first["tuned"], first["base"])]
     wins_losses_grid(images["base"], images["tuned"], prompts, delta).save(out / "wins_losses.png")

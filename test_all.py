@@ -8,12 +8,14 @@ The tests build their own "hub" (reference.py): random-weight models written by 
 `save_pretrained` in the exact Hub layout, at small configs that exercise every code path, loaded through the same
 `load_sd` users call.
 """
+import csv
 import importlib.util
 import io
 import itertools
 import json
 import math
 import os
+import re
 import random
 import shutil
 import subprocess
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import huggingface_hub as hh
 import numpy as np
+import scipy.linalg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -34,20 +37,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        StableDiffusionPipeline, UNet2DConditionModel)
+from huggingface_hub import constants
 from huggingface_hub.errors import RepositoryNotFoundError
 from peft import LoraConfig
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+from transformers import (BertConfig, BertModel, BertTokenizer, BlipConfig, BlipForConditionalGeneration,
+                          BlipImageProcessorPil, BlipProcessor, CLIPConfig, CLIPImageProcessorPil, CLIPModel)
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 from transformers.optimization import Adafactor as HFAdafactor
 
 import bench
 import convert
 import data
+import align
 import diffdpo
 import eval
 import lora
@@ -1097,7 +1105,7 @@ def test_pickscore_and_clip_score_match_transformers(clip_folder):
 
 
 def openclip_state_dict(model):
-    """A transformers CLIPModel's weights under OpenCLIP's names (the inverse of eval.openclip_to_ours): q, k, v
+    """A transformers CLIPModel's weights under OpenCLIP's names (the inverse of convert.openclip_to_ours): q, k, v
     fused into attn.in_proj_*, the projections transposed."""
     inverse = [(b, a) for a, b in convert.OPENCLIP_RULES]
     inverse = [r for r in inverse if not r[0].startswith(".")] + [r for r in inverse if r[0].startswith(".")]
@@ -1452,3 +1460,349 @@ def test_bench_flops_and_real_architecture_models(monkeypatch, tmp_path):
     out = bench.step_table(torch.device("cpu"), ["tiny"], 1, 1, False, 2, str(tmp_path / "t"))["tiny"]
     assert set(out["step"]) == {"reference", "ours"} and out["step"]["ours"]["pairs_per_s"] > 0
     assert out["sampling"]["ours_images_per_s"] > 0 and out["sampling"]["reference_images_per_s"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 18, the seed's evaluation: prompt files in their real formats (locally and through the HF cache), HPS text
+# equal to open_clip's tokenize (ftfy included), text alignment (BLIP captions + Sentence-BERT) against transformers /
+# sentence-transformers on random-weight models in the Hub layouts, the Fréchet distance against scipy, and the CLI's
+# seed table and style FD.
+
+
+
+
+PARTI_TSV = ("Prompt\tCategory\tChallenge\tNote\n"
+             "bond\tAbstract\tBasic\tBiology-inspired concepts with multiple meanings\n"
+             "a corgi’s head\tAnimals\tImagination\t\n"
+             '"G I G G L E" painted in thick colorful lettering as graffiti on a faded red brick wall with a '
+             'splotch of exploding white paint.\tIllustrations\tWriting & Symbols\t\n'
+             'a sign that says "Hello, World"\tArtifacts\tWriting & Symbols\tquotes, a comma\n'
+             "a store front that has the word ‘openai’ written on it.\tOutdoor Scenes\tWriting & Symbols\t\n")
+DRAWBENCH_ROWS = [("A red colored car.", "Colors"), ("A sign that says 'Hello World'.", "Text"),
+                  ('A stack of 3 plates. A blue plate is on the top, sitting on a blue plate.', "DALL-E"),
+                  ('Painting of the orange cat Otto von Garfield, Count of Bismarck-Schönhausen, "quoted".', "Reddit"),
+                  ("Acersecomicke.", "Rare Words")]
+
+
+def write_hf_dataset(cache, repo, files_):
+    """A dataset snapshot in the HF cache layout (refs/main -> snapshots/<commit>/...), as a past download left it."""
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    root = cache / f"datasets--{repo.replace('/', '--')}"
+    for name, text in files_.items():
+        (root / "snapshots" / commit / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "snapshots" / commit / name).write_text(text, encoding="utf-8")
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+
+
+def test_prompt_files_in_their_real_formats(tmp_path, monkeypatch):
+    """Parti's TSV (raw lines, a literal leading quote kept), DrawBench's Google-Sheets CSV (every field quoted), the
+    HPS benchmark's JSON lists (a file, a folder, one style); the same text through the HF cache; one-line errors."""
+    (tmp_path / "PartiPrompts.tsv").write_text(PARTI_TSV, encoding="utf-8")
+    parti = [line.split("\t")[0] for line in PARTI_TSV.split("\n")[1:-1]]
+    assert eval.prompt_set(str(tmp_path / "PartiPrompts.tsv")) == parti and parti[2].startswith('"G I G G L E" painted')
+    quoted = [r["Prompt"] for r in csv.DictReader(PARTI_TSV.splitlines(), delimiter="\t")]
+    assert sum(a != b for a, b in zip(quoted, parti)) >= 1     # csv's default quoting loses the quotes of that row
+    with open(tmp_path / "DrawBench.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, quoting=csv.QUOTE_ALL)
+        writer.writerows([("Prompts", "Category")] + DRAWBENCH_ROWS)
+    assert (tmp_path / "DrawBench.csv").read_text().startswith('"Prompts","Category"\n"A red colored car.","Colors"')
+    assert eval.prompt_set(str(tmp_path / "DrawBench.csv")) == [p for p, _ in DRAWBENCH_ROWS]
+    styles = {s: [f"{s} prompt {i}: “curly” &amp; ｆｕｌｌ" for i in range(3)] for s in eval.HPS_STYLES}
+    hps = tmp_path / "hps"
+    hps.mkdir()
+    for s in eval.HPS_STYLES[::-1]:
+        (hps / f"{s}.json").write_text(json.dumps(styles[s], ensure_ascii=False), encoding="utf-8")
+    everything = [p for s in eval.HPS_STYLES for p in styles[s]]
+    assert eval.prompt_set(str(hps)) == everything and eval.prompt_set(str(hps / "photo.json")) == styles["photo"]
+    # the named sets, from the HF cache (offline), parsed by the same readers
+    cache = tmp_path / "hf"
+    write_hf_dataset(cache, "nateraw/parti-prompts", {"PartiPrompts.tsv": PARTI_TSV, "README.md": "# parti"})
+    write_hf_dataset(cache, "sayakpaul/drawbench", {"DrawBench.csv": (tmp_path / "DrawBench.csv").read_text()})
+    write_hf_dataset(cache, "zhwang/HPDv2", {f"benchmark/{s}.json": json.dumps(styles[s]) for s in eval.HPS_STYLES})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert eval.prompt_set("parti") == parti and eval.prompt_set("drawbench") == [p for p, _ in DRAWBENCH_ROWS]
+    assert eval.prompt_set("hps") == everything and eval.prompt_set("hps:concept-art") == styles["concept-art"]
+    # bad input: one line naming the file and what was expected
+    (tmp_path / "bad.tsv").write_text("Caption-less\tCategory\nx\ty\n")
+    (tmp_path / "bad.json").write_text('{"anime": ["a"]}')
+    for spec, expected in [(tmp_path / "bad.tsv", "bad.tsv: expected a header with a prompt column"),
+                           (tmp_path / "bad.json", "bad.json: expected a JSON list of prompt strings"),
+                           (tmp_path / "missing.csv", "missing.csv: not a readable .csv prompt file"),
+                           (tmp_path, "no HPSv2 benchmark files here"), ("hps:cubism", "expected one of parti"),
+                           (tmp_path / "p.xlsx", "expected one of parti")]:
+        with pytest.raises(ValueError, match=re.escape(expected)) as e:
+            eval.prompt_set(str(spec))
+        assert "\n" not in str(e.value)
+
+
+HARD_PROMPTS = [
+    "a corgi’s head", "the word ‘openai’ written on it", "“double quotes” and don’t", "ＦＵＬＬ－ＷＩＤＴＨ！ ｐｒｏｍｐｔ",
+    "ﬁne ﬂowers ligatures", "cafÃ© mojibake", "itâ€™s broken utf-8", "Tom &amp; Jerry &amp;amp; friends", "&lt;b&gt;",
+    "&#39;quoted&#39; and &quot;x&quot;", "no\u00a0break\u2009thin\u3000ideographic", "zero\u200bwidth",
+    "tabs\tand\nnewlines\r\nand\u2028separators", "ΟΔΟΣ ΣΟΦΟΣ final sigma", "İstanbul DŽEMAL", "emoji 😀🎨 ✨",
+    "中文字符 日本語 한국어", "e\u0301 combining accent", "<|endoftext|> inside <|startoftext|>", "ｶﾀｶﾅ half-width",
+    "\x1b[31mred\x1b[0m terminal escapes", "bell\x07 and nul", "em—dash … ellipsis ½ ™ ©", "‚low‘ „quotes“",
+    "  leading and trailing spaces  ", "UPPER lower MiXeD 123 4.5", "x" * 300, " ".join(["long prompt"] * 60),
+    "a photo of a cat", "“Hello, World!” said the sign", "naïve résumé façade", "¿Qué? ¡Sí!", "a\u00adsoft hyphen",
+    "Ω ohm sign and Å angstrom sign", "ｸﾞﾗﾌｨｯｸ", "quote at the end’"]
+
+
+def test_hps_text_equals_open_clip_tokenize(tmp_path, monkeypatch):
+    """The HPS tokenizer == open_clip's tokenize with ftfy on hard prompts; without ftfy many would differ, so a
+    missing ftfy is a one-line error."""
+    path = clip_vocab_source().parent / "tokenizer.py"
+    spec = importlib.util.spec_from_file_location("_openclip_tokenizer_ftfy", path)
+    open_clip_tokenizer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(open_clip_tokenizer)              # with the real ftfy installed
+    ours = eval.openclip_tokenizer(write_clip_tokenizer_folder(tmp_path / "tok"))(HARD_PROMPTS)
+    want = open_clip_tokenizer.tokenize(HARD_PROMPTS)
+    assert ours.shape == want.shape == (len(HARD_PROMPTS), 77)
+    assert [i for i in range(len(HARD_PROMPTS)) if not torch.equal(ours[i], want[i])] == []
+    no_ftfy = openclip_tokenizer_module().tokenize(HARD_PROMPTS)
+    differ = sum(not torch.equal(a, b) for a, b in zip(no_ftfy, want))
+    print(f"HPS text: {len(HARD_PROMPTS)} hard prompts equal to open_clip's; {differ} would differ without ftfy")
+    assert differ >= 12
+    monkeypatch.setitem(sys.modules, "ftfy", None)
+    with pytest.raises(ValueError, match=r"ftfy.fix_text, which is not installed \(pip install ftfy\)$"):
+        eval.openclip_tokenizer(tmp_path / "tok")
+
+
+BERT_WORDS = ("a an the of on in with and is photo cat dog red blue green cube table sign says hello world store front "
+              "word written painting oil astronaut riding horse ink sand very long prompt cafe creme cups two cat "
+              "garden house tree sky street car man woman black white yellow orange picture of image").split()
+
+
+def bert_vocab():
+    """A small uncased WordPiece vocabulary in bert-base-uncased's order: [PAD] 0, unused, [UNK] [CLS] [SEP] [MASK],
+    characters (also accented, CJK, Greek), words, ##pieces."""
+    chars = sorted(set("!\"#$%&'()*+,-./0123456789:;<=>?@[\\]^_`abcdefghijklmnopqrstuvwxyz{|}~¡¿éßçñ中文字日本語σςοφ€©°’"))
+    pieces = ["##" + c for c in chars if c.isalnum()] + ["##ing", "##ed", "##er", "##ly", "##es", "##tion"]
+    return ["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars \
+        + sorted(set(BERT_WORDS) - set(chars)) + pieces
+
+
+WORDPIECE_CASES = [
+    "A photo of a cat", "  A RED cube on a  blue table! ", "Café Crème brûlée, naïve résumé", "中文字 and 日本語 mixed",
+    "HELLO, World!!! (x) [y] {z}", "a" * 101, "b" * 100, "garden" * 3, "tab\there\nnewline\r\x0bvt\x0cff\x85nel\u2028",
+    "zero\u200bwidth\ufeffbom\x00nul\ufffdrepl", "emoji 😀🎨 and ©®™ € £ ° ±", "‘curly’ “double” — dash … ellipsis",
+    "ＦＵＬＬ ｗｉｄｔｈ！", "İstanbul ΣΟΦΟΣ straße ﬁ", "[CLS] [SEP] [MASK] [unk] [PAD]x", "don't it's we're",
+    "1,000.50 $5 #tag @user", "co-operate e-mail U.S.A.", "unknownword zzz qq", "", "   ", "a_b-c/d\\e",
+    "dogs painted writing streets reddest", "\U0002B830 \U0002B920 U+2B820 edges of the CJK table"] + PROMPTS
+
+
+def test_wordpiece_matches_bert_tokenizer(tmp_path):
+    """Our WordPiece == transformers' BertTokenizer: ids on hard text (accents, CJK, punctuation, [UNK] for long or
+    unknown words, case, control characters, literal special tokens), from vocab.txt alone and from the saved
+    tokenizer.json; truncation; decode(skip_special_tokens=True) with and without the clean-up."""
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "vocab.txt").write_text("\n".join(bert_vocab()) + "\n", encoding="utf-8")
+    ref = BertTokenizer.from_pretrained(tmp_path / "txt")
+    ref.save_pretrained(tmp_path / "json")
+    assert (tmp_path / "json" / "tokenizer.json").is_file()
+    for folder in ("txt", "json"):
+        ours = align.WordPiece.from_folder(tmp_path / folder)
+        for text in WORDPIECE_CASES:
+            assert ours.encode(text) == ref(text)["input_ids"], (folder, text)
+    ids, mask = align.WordPiece.from_folder(tmp_path / "json", max_length=12)(WORDPIECE_CASES)
+    want = ref(WORDPIECE_CASES, padding=True, truncation=True, max_length=12, return_tensors="pt")
+    assert torch.equal(ids, want["input_ids"]) and torch.equal(mask, want["attention_mask"])
+    unk = ref.convert_tokens_to_ids("[UNK]")
+    assert sum(row.count(unk) for row in map(ours.encode, WORDPIECE_CASES)) >= 5    # the [UNK] path is exercised
+    rng, n = random.Random(0), len(ours.vocab)
+    for cleanup in (False, True):
+        ours.cleanup = cleanup
+        for _ in range(200):
+            seq = [rng.randrange(n) for _ in range(rng.randrange(1, 16))] + [ours.vocab["."], ours.sep, ours.pad]
+            assert ours.decode(seq) == ref.decode(seq, skip_special_tokens=True, clean_up_tokenization_spaces=cleanup)
+
+
+@pytest.fixture(scope="module")
+def sbert_folder(tmp_path_factory):
+    """A Sentence-BERT folder as sentence-transformers saves it (all-MiniLM-L6-v2's modules: BERT, mean pooling,
+    normalization; max_seq_length 16 so truncation is exercised), random non-trivial weights."""
+    root = tmp_path_factory.mktemp("sbert")
+    (root / "vocab").mkdir()
+    (root / "vocab" / "vocab.txt").write_text("\n".join(bert_vocab()) + "\n", encoding="utf-8")
+    torch.manual_seed(5)
+    cfg = BertConfig(vocab_size=len(bert_vocab()), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    bert = BertModel(cfg).eval()
+    for n, p in bert.named_parameters():
+        if p.ndim == 1:
+            p.data.normal_(1.0 if n.endswith("LayerNorm.weight") else 0.0, 0.1)
+    bert.save_pretrained(root / "bert")
+    BertTokenizer.from_pretrained(root / "vocab").save_pretrained(root / "bert")
+    modules = [Transformer(str(root / "bert"), max_seq_length=16), Pooling(32, "mean"), Normalize()]
+    SentenceTransformer(modules=modules, device="cpu").save(str(root / "sbert"))
+    return root / "sbert"
+
+
+def test_sentence_encoder_matches_sentence_transformers(sbert_folder):
+    texts = PROMPTS + ["Café crème, 中文", "", "x " * 40]
+    want = SentenceTransformer(str(sbert_folder), device="cpu").encode(texts, convert_to_tensor=True)
+    enc = eval.load_sentence_encoder(str(sbert_folder), batch_size=3)
+    got = enc(texts)
+    print(f"Sentence-BERT: max abs difference {(got - want).abs().max().item():.2e}")
+    assert enc.tokenizer.max_length == 16 and got.shape == want.shape == (len(texts), 32)
+    assert (got - want).abs().max() < 1e-5 and (got.norm(dim=-1) - 1).abs().max() < 1e-6
+
+
+def random_blip(vocab_size, seed=0):
+    """A tiny BlipForConditionalGeneration whose greedy captions vary with the image: decoder weights larger than the
+    default init (so the image and context matter), and [SEP] favoured enough that some captions end early."""
+    torch.manual_seed(seed)
+    cfg = BlipConfig(text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=40, bos_token_id=vocab_size - 2,
+                                      sep_token_id=5, pad_token_id=0),
+                     vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, image_size=32, patch_size=8))
+    model = BlipForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            norm_weight = n.endswith("weight") and ("LayerNorm" in n or "layer_norm" in n or "layernorm" in n)
+            p.normal_(1.0 if norm_weight else 0.0, 0.1 if p.ndim == 1 or "vision" in n else 0.3)
+        model.text_decoder.cls.predictions.bias[5] += 3.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def blip_folder(tmp_path_factory):
+    """A BLIP captioning folder as save_pretrained writes it: config.json, model.safetensors (tied head keys left
+    out), tokenizer.json with [DEC] / [ENC] added, processor_config.json (384 -> 32 px)."""
+    root = tmp_path_factory.mktemp("blip")
+    (root / "vocab").mkdir()
+    (root / "vocab" / "vocab.txt").write_text("\n".join(bert_vocab()) + "\n", encoding="utf-8")
+    tok = BertTokenizer.from_pretrained(root / "vocab")
+    tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    assert tok.convert_tokens_to_ids(["[SEP]", "[PAD]", "[DEC]"]) == [5, 0, len(tok) - 2]
+    random_blip(len(tok)).save_pretrained(root / "blip")
+    BlipProcessor(BlipImageProcessorPil(size={"height": 32, "width": 32}), tok).save_pretrained(root / "blip")
+    return root / "blip"
+
+
+def test_blip_captions_match_transformers(blip_folder):
+    """Captions identical to generate(num_beams=1, do_sample=False, max_new_tokens=30) + decode(skip_special_tokens);
+    pixels, image states and next-token logits within 1e-5; the captions vary and some end before 30 tokens."""
+    images = sample_images(seed=6) + sample_images(seed=7, sizes=((48, 40), (40, 48)))
+    ref, processor = BlipForConditionalGeneration.from_pretrained(blip_folder).eval(), BlipProcessor.from_pretrained(
+        blip_folder)
+    pixels = processor(images=images, return_tensors="pt").pixel_values
+    out = ref.generate(pixel_values=pixels, num_beams=1, do_sample=False, max_new_tokens=30)
+    want = [processor.decode(row, skip_special_tokens=True) for row in out]
+    captioner = eval.load_captioner(str(blip_folder), batch_size=3)
+    assert (align.blip_preprocess(images, 32) - pixels).abs().max() < 1e-6
+    with torch.no_grad():
+        states = captioner.blip.vision_model(pixels)
+        assert rel_err(states, ref.vision_model(pixel_values=pixels).last_hidden_state) < 1e-5
+        kv = [(l.crossattention.self.key(states), l.crossattention.self.value(states))
+              for l in captioner.blip.text_decoder.bert.encoder.layer]
+        logits = captioner.blip.text_decoder.cls.predictions(captioner.blip.text_decoder.bert(out[:, :12], image_kv=kv))
+        assert rel_err(logits, ref(pixel_values=pixels, input_ids=out[:, :12]).logits) < 1e-5
+    got = captioner(images)
+    lengths = [(row != 0).sum().item() - 1 for row in out]
+    print(f"BLIP: {len(got)} captions identical; {len(set(got))} distinct; new tokens {lengths}")
+    assert got == want and len(set(got)) >= 6 and min(lengths) < 30 and max(lengths) == 30
+
+
+def test_text_alignment_scorer_matches_reference(blip_folder, sbert_folder):
+    """cos(SBERT(BLIP caption), SBERT(prompt)) == the same through transformers + sentence-transformers."""
+    images = sample_images(seed=8)
+    ref, processor = BlipForConditionalGeneration.from_pretrained(blip_folder).eval(), BlipProcessor.from_pretrained(
+        blip_folder)
+    out = ref.generate(pixel_values=processor(images=images, return_tensors="pt").pixel_values, max_new_tokens=30)
+    captions = [processor.decode(row, skip_special_tokens=True) for row in out]
+    sbert = SentenceTransformer(str(sbert_folder), device="cpu")
+    want = (sbert.encode(captions, convert_to_tensor=True) * sbert.encode(PROMPTS, convert_to_tensor=True)).sum(-1)
+    scorer = eval.load_scorer("text-alignment", model=str(sbert_folder), captioner=str(blip_folder))
+    got = scorer(images, PROMPTS)
+    print(f"text alignment: {got.tolist()}, max abs difference {(got - want).abs().max().item():.2e}")
+    assert scorer.captions == captions and got.shape == (6,) and (got - want).abs().max() < 1e-5
+    assert got.std() > 0.01
+
+
+def test_blip_and_sbert_at_real_sizes():
+    """The presets and config readers give transformers' key names and shapes at the real configs (meta device):
+    BLIP captioning base and large (vocabulary 30524, 12 decoder heads) and all-MiniLM-L6-v2."""
+    text = dict(vocab_size=30524, num_attention_heads=12, bos_token_id=30522, sep_token_id=102, pad_token_id=0)
+    counts = {}
+    for name, vision in [("base", align.BlipVisionConfig.base()), ("large", align.BlipVisionConfig.large())]:
+        d = dict(text_config=text, vision_config={k: v for k, v in vision.__dict__.items() if k != "raw"})
+        with torch.device("meta"):
+            ref = BlipForConditionalGeneration(BlipConfig(**d))
+            ours = align.Blip(*align.blip_configs(d))
+        want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+        assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == want
+        counts[name] = sum(p.numel() for p in ours.parameters())  # the tied head counted twice, as in the file
+    with torch.device("meta"):
+        ref = BertModel(BertConfig(hidden_size=384, num_hidden_layers=6, intermediate_size=1536))
+        ours = align.Bert(align.BertConfig.minilm_l6(), pooler=True)
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    counts["minilm"] = sum(p.numel() for p in ours.parameters())
+    print(counts)
+    assert counts["minilm"] == 22_713_216 and 240e6 < counts["base"] < 260e6 and 460e6 < counts["large"] < 480e6
+
+
+def test_frechet_distance_matches_scipy():
+    """FID's formula against scipy.linalg.sqrtm, with well-conditioned covariances (N > D); finite and >= 0 with
+    fewer images than dimensions; ~0 for a set against itself; at least 2 images per set."""
+    g = np.random.default_rng(0)
+    a = g.normal(size=(400, 12)) @ g.normal(size=(12, 12))
+    b = 0.7 * g.normal(size=(300, 12)) @ g.normal(size=(12, 12)) + 0.5
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    diff = a.mean(0) - b.mean(0)
+    want = diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+    got = eval.frechet_distance(a, b)
+    print(f"Fréchet distance: {got:.6f} vs scipy {want:.6f}, relative error {abs(got - want) / want:.1e}")
+    assert abs(got - want) / want < 1e-6
+    few = eval.frechet_distance(g.normal(size=(5, 40)), g.normal(size=(4, 40)) + 1)
+    assert np.isfinite(few) and few > 0 and abs(eval.frechet_distance(a, a)) < 1e-8 * want
+    with pytest.raises(ValueError, match="N, M >= 2"):
+        eval.frechet_distance(a[:1], b)
+
+
+def test_eval_cli_seed_table_text_alignment_and_style_fd(tmp_path, clip_folder, blip_folder, sbert_folder):
+    """The seed's table in one command (text alignment through the CLI, the seed's numbers in columns), and
+    --style-ref: report.json's style_fd for base and tuned, finite, equal to the FD of the saved images' CLIP
+    features; the toy's thumbnail features."""
+    base = make_hub(tmp_path / "sd15", "sd15")
+    sd = unet.load_sd(str(base))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in sd.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    unet.save_unet(sd.unet, tmp_path / "tuned" / "unet")
+    (tmp_path / "prompts.txt").write_text("a red cube on a blue table\na photo of a cat\na green dog in the garden\n")
+    (tmp_path / "style").mkdir()
+    for i, im in enumerate(sample_images(seed=9)):
+        im.save(tmp_path / "style" / f"{i}.png")
+    out = tmp_path / "eval"
+    r = run_cli(["eval.py", "--model", str(base), "--unet", str(tmp_path / "tuned" / "unet"), "--prompts",
+                 str(tmp_path / "prompts.txt"), "--steps", "2", "--guidance", "3", "--out", str(out),
+                 "--scorers", "text-alignment,clip", "--scorer-model", f"text-alignment={sbert_folder}",
+                 "--captioner", str(blip_folder), "--scorer-model", f"clip={clip_folder}",
+                 "--style-ref", str(tmp_path / "style"), "--device", "cpu"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(r.stdout[-1500:])
+    report = json.loads((out / "report.json").read_text())
+    ims = {label: [Image.open(out / "images" / label / f"{i:05d}.png") for i in range(3)]
+           for label in ("base", "tuned")}
+    s = report["scorers"]["text-alignment"]
+    scorer = eval.load_scorer("text-alignment", str(sbert_folder), captioner=str(blip_folder))
+    for label in ("base", "tuned"):
+        assert (torch.tensor(s[label]) - scorer(ims[label], report["prompts"])).abs().max() < 1e-5
+    fd, clip = report["style_fd"], eval.load_scorer("clip", str(clip_folder))
+    ref = [Image.open(tmp_path / "style" / f"{i}.png").convert("RGB") for i in range(6)]
+    for label in ("base", "tuned"):
+        want = eval.frechet_distance(clip.image_features(ref), clip.image_features(ims[label]))
+        assert np.isfinite(fd[label]) and abs(fd[label] - want) <= 1e-6 * want
+    assert fd["images"] == 6 and fd["base"] != fd["tuned"]
+    md = (out / "report.md").read_text()
+    assert "| Text alignment (SBERT) |" in md and "| 0.6075 | 0.5720 |" in md and "Style FD to" in md
+    assert "| Text alignment (SBERT) |" in r.stdout and "| CLIP score |" in r.stdout and "| - | - |" in md
+    toy = eval.style_fd(ref, {"base": ims["base"]}, toy=True)
+    thumbs = lambda xs: np.stack([np.asarray(x.convert("RGB").resize((8, 8), Image.BOX)) for x in xs]) / 255  # noqa
+    want = eval.frechet_distance(thumbs(ref).reshape(6, -1), thumbs(ims["base"]).reshape(3, -1))
+    assert toy["features"] == "8x8 RGB thumbnail" and abs(toy["base"] - want) <= 1e-9 * want

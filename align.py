@@ -1,0 +1,604 @@
+"""
+Alignment metrics for eval.py: text alignment as the seed's table reports it ("Text Alignment (SentenceBERT)"), and
+style alignment as a Fréchet distance between feature sets.
+
+    text alignment  cos(SBERT(BLIP's caption of the image), SBERT(prompt))     per image, in [-1, 1]
+    style FD        ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))       per image set, >= 0
+
+Hand-written like the rest of diffdpo (no transformers / sentence-transformers): BERT's WordPiece tokenizer; BERT,
+which is both Sentence-BERT's encoder (sentence-transformers/all-MiniLM-L6-v2) and BLIP's text decoder; BLIP's
+captioner (Salesforce/blip-image-captioning-base / -large: a ViT, then the BERT decoder cross-attending to it,
+greedy decoding from [DEC]). Modules are named after the checkpoints' keys, so weights load strictly.
+
+Read top to bottom: WordPiece, BERT, Sentence-BERT, BLIP, the text-alignment scorer, the Fréchet distance.
+"""
+import re
+import unicodedata
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import files
+import unet
+
+SBERT = "sentence-transformers/all-MiniLM-L6-v2"
+BLIP = "Salesforce/blip-image-captioning-base"   # or Salesforce/blip-image-captioning-large
+MODEL_FILES = ["*.json", "*.txt", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+
+
+def _folder(model, patterns=MODEL_FILES):
+    """A local folder as is, else a Hub id: a snapshot folder of its configs, tokenizer files and weights."""
+    return Path(model) if Path(model).is_dir() else files.hub_download(model, patterns)
+
+
+def _config(cls, d):
+    """A config dataclass from a config.json dict: known keys taken, the rest ignored, the dict kept as `raw`."""
+    names = {f.name for f in fields(cls)} - {"raw"}
+    return cls(**{k: v for k, v in d.items() if k in names}, raw=dict(d))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# WordPiece: BertTokenizer (transformers 5, the `tokenizers` backend) in plain Python, ids identical:
+#   1. special tokens ([CLS], [SEP], ...) are cut out of the raw text;
+#   2. normalize (BertNormalizer): drop NUL, U+FFFD and control characters (categories C*, but \t \n \r count as
+#      white space), white space -> " ", a space on each side of CJK ideographs, accents stripped (NFD, marks Mn
+#      dropped; by default when lower-casing), lower-case character by character;
+#   3. split on white space, and each punctuation character on its own (ASCII !-/ :-@ [-` {-~, Unicode P*);
+#   4. each word: longest vocabulary piece first, later pieces prefixed "##"; a word of more than 100 characters, or
+#      with a rest no piece matches, becomes one [UNK];
+#   5. [CLS] ids [SEP], truncated to max_length keeping [SEP] last; a batch is padded with [PAD] to its longest row.
+
+CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+       (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))   # the Rust normalizer's table (sic 0x2B920)
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")      # BertTokenizer's, whatever the files say
+WORD_CLEANUP = (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ",")   # the WordPiece decoder's, per token
+TEXT_CLEANUP = WORD_CLEANUP + ((" ' ", "'"), (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
+                               (" 're", "'re"))                  # clean_up_tokenization_spaces, on the whole text
+
+
+def _is_cjk(c):
+    return any(lo <= ord(c) <= hi for lo, hi in CJK)
+
+
+def _is_punct(c):
+    return (c.isascii() and not c.isalnum() and 32 < ord(c) < 127) or unicodedata.category(c).startswith("P")
+
+
+def bert_normalize(text, lowercase=True, strip_accents=None, chinese=True):
+    """Step 2 on one piece of text."""
+    out = []
+    for c in text:
+        if c in "\t\n\r" or c.isspace() and not unicodedata.category(c).startswith("C"):
+            out.append(" ")
+        elif c not in "\0\ufffd" and not unicodedata.category(c).startswith("C"):
+            out.append(f" {c} " if chinese and _is_cjk(c) else c)
+    text = "".join(out)
+    if lowercase if strip_accents is None else strip_accents:
+        text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+    return "".join(c.lower() for c in text) if lowercase else text
+
+
+def bert_words(text):
+    """Step 3: normalized text -> words."""
+    words = []
+    for chunk in text.split():
+        word = ""
+        for c in chunk:
+            if _is_punct(c):
+                words += [word, c] if word else [c]
+                word = ""
+            else:
+                word += c
+        words += [word] if word else []
+    return words
+
+
+class WordPiece:
+    """`tok(texts) -> (ids, mask)`, LongTensors (B, L) padded to the longest row; `tok.decode(ids) -> str` as
+    transformers' `decode(ids, skip_special_tokens=True)`. Built from a Hub tokenizer folder (from_folder)."""
+
+    def __init__(self, vocab, specials=BERT_SPECIALS, max_length=512,
+                 lowercase=True, strip_accents=None, chinese=True, max_word=100, cleanup=False):
+        missing = [t for t in BERT_SPECIALS[:4] if t not in vocab]
+        if missing:
+            raise files.LoadError(f"WordPiece vocabulary: no {', '.join(missing)} (a BERT vocabulary expected)")
+        self.vocab, self.max_length, self.max_word, self.cleanup = vocab, max_length, max_word, cleanup
+        self.flags = dict(lowercase=lowercase, strip_accents=strip_accents, chinese=chinese)
+        self.inverse = {i: t for t, i in vocab.items()}
+        self.specials = {t for t in specials if t in vocab}
+        self.special_re = re.compile("(" + "|".join(map(re.escape, sorted(self.specials, key=len)[::-1])) + ")")
+        self.pad, self.unk, self.cls, self.sep = (vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"))
+
+    @classmethod
+    def from_folder(cls, folder, max_length=None):
+        """tokenizer.json (vocabulary, added tokens, normalizer) when there is one, else vocab.txt and
+        tokenizer_config.json; special tokens from both config files; max_length from model_max_length."""
+        folder = Path(folder)
+        read = lambda n: files.read_json(folder / n) if (folder / n).is_file() else {}  # noqa: E731
+        fast, conf = read("tokenizer.json"), read("tokenizer_config.json")
+        if fast:
+            if (fast.get("model") or {}).get("type") != "WordPiece":
+                raise files.LoadError(f"{folder / 'tokenizer.json'}: expected a WordPiece (BERT) tokenizer")
+            vocab, norm = dict(fast["model"]["vocab"]), fast.get("normalizer") or {}
+            flags = dict(lowercase=norm.get("lowercase", True), strip_accents=norm.get("strip_accents"),
+                         chinese=norm.get("handle_chinese_chars", True),
+                         max_word=fast["model"].get("max_input_chars_per_word", 100))
+        elif (folder / "vocab.txt").is_file():
+            lines = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")
+            vocab = {t: i for i, t in enumerate(lines[:-1] if lines[-1] == "" else lines)}
+            flags = dict(lowercase=conf.get("do_lower_case", True), strip_accents=conf.get("strip_accents"),
+                         chinese=conf.get("tokenize_chinese_chars", True))
+        else:
+            raise files.LoadError(f"{folder}: no tokenizer.json or vocab.txt (a BERT WordPiece tokenizer expected)")
+        added = fast.get("added_tokens") or [{"content": t, "id": int(i), "special": True}
+                                             for t, i in read("added_tokens.json").items()]
+        vocab.update({t["content"]: t["id"] for t in added})
+        named = []  # bos_token, ..., additional_special_tokens: strings, AddedToken dicts, lists or name -> token
+        for d in (read("special_tokens_map.json"), conf):
+            for k, v in d.items():
+                if k.endswith("_token") or k in ("additional_special_tokens", "extra_special_tokens"):
+                    named += list(v.values()) if isinstance(v, dict) and "content" not in v else \
+                        v if isinstance(v, list) else [v]
+        specials = {t["content"] for t in added if t.get("special")} | set(BERT_SPECIALS) | {
+            t["content"] if isinstance(t, dict) else t for t in named if t}
+        limit = max_length or conf.get("model_max_length", 512)
+        return cls(vocab, specials, min(limit, 512), cleanup=conf.get("clean_up_tokenization_spaces", False),
+                   **flags)
+
+    def piece(self, word):
+        """Step 4 on one word."""
+        if len(word) > self.max_word:
+            return [self.unk]
+        ids, start = [], 0
+        while start < len(word):
+            end = len(word)
+            while end > start and (("##" if start else "") + word[start:end]) not in self.vocab:
+                end -= 1
+            if end == start:
+                return [self.unk]
+            ids.append(self.vocab[("##" if start else "") + word[start:end]])
+            start = end
+        return ids
+
+    def encode(self, text):
+        """One text -> [CLS] ... [SEP], not truncated."""
+        ids = []
+        for part in self.special_re.split(text) if self.specials else [text]:
+            if part in self.specials:
+                ids.append(self.vocab[part])
+            else:
+                ids += [i for w in bert_words(bert_normalize(part, **self.flags)) for i in self.piece(w)]
+        return [self.cls] + ids + [self.sep]
+
+    def __call__(self, texts):
+        rows = [ids[:self.max_length - 1] + [self.sep] if len(ids) > self.max_length else ids
+                for ids in map(self.encode, [texts] if isinstance(texts, str) else texts)]
+        n = max(map(len, rows))
+        ids = torch.tensor([r + [self.pad] * (n - len(r)) for r in rows])
+        return ids, torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows])
+
+    def decode(self, ids):
+        """The WordPiece decoder: special tokens skipped, "##x" glued to the word before, other tokens after a
+        space, " ." " ?" " !" " ," glued back per token; the whole-text clean-up when the folder asks for it."""
+        tokens = [t for t in map(self.inverse.get, ids) if t is not None and t not in self.specials]
+        out = []
+        for k, t in enumerate(tokens):
+            t = t[2:] if k and t.startswith("##") else (" " + t if k else t)
+            for a, b in WORD_CLEANUP:
+                t = t.replace(a, b)
+            out.append(t)
+        text = "".join(out)
+        for a, b in TEXT_CLEANUP if self.cleanup else ():
+            text = text.replace(a, b)
+        return text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BERT: post-LN layers (self-attention, then, in a decoder, cross-attention to image features, then the MLP), each
+# sublayer `LayerNorm(x + dense(f(x)))`. Sentence-BERT's encoder (bidirectional, padding masked) and BLIP's text
+# decoder (causal, cross-attending) are the same modules.
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2                 # token-type embeddings (BERT); 0: none (BLIP's decoder)
+    layer_norm_eps: float = 1e-12
+    encoder_hidden_size: int = 0             # > 0: decoder layers cross-attend to image features of this width
+    position_embedding_type: str = "absolute"
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, d):
+        cfg = _config(cls, d)
+        if cfg.hidden_act != "gelu" or cfg.position_embedding_type != "absolute":
+            raise files.LoadError(f"BERT config: hidden_act={cfg.hidden_act!r}, position_embedding_type="
+                                  f"{cfg.position_embedding_type!r}; expected 'gelu' and 'absolute'")
+        return cfg
+
+    @classmethod
+    def minilm_l6(cls):  # sentence-transformers/all-MiniLM-L6-v2
+        return cls.from_dict(dict(hidden_size=384, num_hidden_layers=6, intermediate_size=1536))
+
+
+def attend(q, k, v, heads, mask=None, causal=False):
+    """softmax(q k^T / sqrt(d)) v per head on (B, L, heads*d) tensors; mask (B, 1, 1, Lk) bool, True = attend."""
+    B, Lq, D = q.shape
+    q, k, v = (z.view(B, -1, heads, D // heads).transpose(1, 2) for z in (q, k, v))  # (B, heads, L, d)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    return o.transpose(1, 2).reshape(B, Lq, D)
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, d, heads, kv_dim=None):
+        super().__init__()
+        self.heads = heads
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(kv_dim or d, d), nn.Linear(kv_dim or d, d)
+
+    def forward(self, x, kv=None, mask=None, causal=False):
+        """kv: precomputed (key, value) of the image features (cross-attention), else self-attention on x."""
+        k, v = kv if kv is not None else (self.key(x), self.value(x))
+        return attend(self.query(x), k, v, self.heads, mask, causal)
+
+
+class DenseNorm(nn.Module):
+    """`LayerNorm(residual + dense(h))`: BERT's attention.output and output."""
+
+    def __init__(self, d_in, d, eps):
+        super().__init__()
+        self.dense, self.LayerNorm = nn.Linear(d_in, d), nn.LayerNorm(d, eps=eps)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(residual + self.dense(h))
+
+
+class BertAttention(nn.Module):
+    def __init__(self, cfg, kv_dim=None):
+        super().__init__()
+        self.self = BertSelfAttention(cfg.hidden_size, cfg.num_attention_heads, kv_dim)
+        self.output = DenseNorm(cfg.hidden_size, cfg.hidden_size, cfg.layer_norm_eps)
+
+    def forward(self, x, **kw):
+        return self.output(self.self(x, **kw), x)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attention = BertAttention(cfg)
+        if cfg.encoder_hidden_size:
+            self.crossattention = BertAttention(cfg, kv_dim=cfg.encoder_hidden_size)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.output = DenseNorm(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps)
+
+    def forward(self, x, mask=None, causal=False, image_kv=None):
+        x = self.attention(x, mask=mask, causal=causal)
+        if image_kv is not None:
+            x = self.crossattention(x, kv=image_kv)
+        return self.output(F.gelu(self.intermediate.dense(x)), x)
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        if cfg.type_vocab_size:
+            self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, ids):
+        h = self.word_embeddings(ids) + self.position_embeddings.weight[:ids.shape[1]]   # (B, L, D)
+        if hasattr(self, "token_type_embeddings"):
+            h = h + self.token_type_embeddings.weight[0]                                   # one segment: type 0
+        return self.LayerNorm(h)
+
+
+class Bert(nn.Module):
+    """transformers BertModel (embeddings.*, encoder.layer.N.*, pooler.* when the checkpoint has one).
+    forward(ids (B, L), mask (B, L) of 1/0 or None, image_kv) -> last hidden states (B, L, D); image_kv: per layer
+    the (key, value) of the image states, (B, N, D) each, for BLIP's decoder (then causal), else None."""
+
+    def __init__(self, cfg: BertConfig, pooler=False):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList([BertLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        if pooler:  # loaded for strictness, unused: Sentence-BERT pools by averaging
+            self.pooler = nn.Module()
+            self.pooler.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, ids, mask=None, image_kv=None):
+        keep = None if mask is None else mask.bool()[:, None, None, :]                 # (B, 1, 1, L)
+        h = self.embeddings(ids)
+        for layer, kv in zip(self.encoder.layer, image_kv or [None] * len(self.encoder.layer)):
+            h = layer(h, mask=keep, causal=image_kv is not None, image_kv=kv)
+        return h
+
+
+def read_weights(folder, rename=lambda k: k):
+    """The folder's model.safetensors (or its shards) as float32, keys renamed."""
+    return {rename(k): v for k, v in files.read_safetensors(files.weight_files(folder, "model"), torch.float32).items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sentence-BERT (Reimers & Gurevych 2019), the all-MiniLM-L6-v2 layout: BERT, then the mean of the token states over
+# the attention mask, then L2 normalization. e = normalize(sum_t m_t h_t / sum_t m_t).
+
+
+class SentenceEncoder:
+    """encoder(texts: list[str]) -> (N, D) float32 unit vectors, in batches."""
+
+    def __init__(self, bert, tokenizer, batch_size=32):
+        self.bert, self.tokenizer, self.batch_size = bert, tokenizer, batch_size
+
+    @torch.no_grad()
+    def __call__(self, texts):
+        device, out = next(self.bert.parameters()).device, []
+        for i in range(0, len(texts), self.batch_size):
+            ids, mask = (t.to(device) for t in self.tokenizer([t.strip() for t in texts[i:i + self.batch_size]]))
+            h = self.bert(ids, mask).float()                                             # (B, L, D)
+            m = mask[..., None].float()
+            out.append(F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1))  # (B, D)
+        return torch.cat(out).cpu() if out else torch.zeros(0, self.bert.cfg.hidden_size)
+
+
+def load_sentence_encoder(model=SBERT, device="cpu", dtype=torch.float32, batch_size=32):
+    """A sentence-transformers folder (or Hub id): config.json + model.safetensors (BertModel), tokenizer files,
+    sentence_bert_config.json (max_seq_length), a mean-pooling module (1_Pooling/config.json, or as modules.json
+    says). -> SentenceEncoder."""
+    folder = _folder(model)
+    modules = files.read_json(folder / "modules.json") if (folder / "modules.json").is_file() else []
+    pool = next((m["path"] for m in modules if m.get("type", "").endswith("Pooling")), "1_Pooling")
+    d = files.read_json(folder / pool / "config.json") if (folder / pool / "config.json").is_file() else {}
+    mode = {d["pooling_mode"]} if "pooling_mode" in d else {k for k, v in d.items() if k.startswith("pooling_mode_")
+                                                            and v is True}   # sentence-transformers >= 6 / older
+    if d and mode not in ({"mean"}, {"pooling_mode_mean_tokens"}):
+        raise files.LoadError(f"{folder / pool / 'config.json'}: pooling {sorted(mode)}; expected mean pooling only")
+    st = folder / "sentence_bert_config.json"
+    max_length = files.read_json(st).get("max_seq_length") if st.is_file() else None
+    cfg = BertConfig.from_dict(files.read_json(folder / "config.json"))
+    sd = read_weights(folder, lambda k: k[len("bert."):] if k.startswith("bert.") else k)
+    with torch.device("meta"):
+        bert = Bert(cfg, pooler=any(k.startswith("pooler.") for k in sd))
+    bert = unet.load_weights(bert, sd, str(folder)).to(device=device, dtype=dtype).eval()
+    return SentenceEncoder(bert, WordPiece.from_folder(folder, max_length), batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BLIP captioning (Li et al. 2022), transformers' BlipForConditionalGeneration: a ViT (pre-LN layers, fused qkv) turns
+# the 384 x 384 image into (1 + 24 * 24) states; the BERT decoder cross-attends to all of them and writes the caption
+# token by token, greedily, from [DEC] until [SEP].
+
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class BlipVisionConfig:
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    image_size: int = 384
+    patch_size: int = 16
+    layer_norm_eps: float = 1e-5
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def base(cls):  # blip-image-captioning-base: ViT-B/16
+        return _config(cls, {})
+
+    @classmethod
+    def large(cls):  # blip-image-captioning-large: ViT-L/16
+        return _config(cls, dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                 num_attention_heads=16))
+
+
+def blip_configs(d):
+    """A BlipConfig config.json -> (text, vision) configs, with transformers' defaults for keys left out (the text
+    decoder: 8 heads, vocabulary 30524); the decoder cross-attends at the ViT's width; no token types."""
+    vision = _config(BlipVisionConfig, d.get("vision_config") or {})
+    text = {"vocab_size": 30524, "num_attention_heads": 8, **(d.get("text_config") or {})}
+    return BertConfig.from_dict({**text, "type_vocab_size": 0, "encoder_hidden_size": vision.hidden_size}), vision
+
+
+class BlipVisionEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d, p = cfg.hidden_size, cfg.patch_size
+        self.class_embedding = nn.Parameter(torch.zeros(1, 1, d))
+        self.patch_embedding = nn.Conv2d(3, d, p, stride=p)
+        self.position_embedding = nn.Parameter(torch.zeros(1, (cfg.image_size // p) ** 2 + 1, d))
+
+    def forward(self, pixels):
+        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)                 # (B, N, D), N = (S / p)^2
+        cls = self.class_embedding.expand(len(x), -1, -1)                            # (B, 1, D)
+        return torch.cat([cls, x], dim=1) + self.position_embedding                  # (B, 1 + N, D)
+
+
+class BlipAttention(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads, self.qkv, self.projection = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)                                       # (B, L, D) each
+        return self.projection(attend(q, k, v, self.heads))
+
+
+class BlipEncoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d, eps = cfg.hidden_size, cfg.layer_norm_eps
+        self.self_attn = BlipAttention(d, cfg.num_attention_heads)
+        self.layer_norm1, self.layer_norm2 = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
+        self.mlp = unet.CLIPMLP(d, cfg.intermediate_size, "gelu")
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class BlipVisionModel(nn.Module):
+    """pixels (B, 3, S, S) -> states (B, 1 + N, D) after the final LayerNorm."""
+
+    def __init__(self, cfg: BlipVisionConfig):
+        super().__init__()
+        self.embeddings = BlipVisionEmbeddings(cfg)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList([BlipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixels):
+        h = self.embeddings(pixels)
+        for layer in self.encoder.layers:
+            h = layer(h)
+        return self.post_layernorm(h)
+
+
+class BlipLMHead(nn.Module):
+    """text_decoder.cls.predictions: next-token logits = decoder(LayerNorm(gelu(dense(h)))); decoder.weight is tied
+    to the word embeddings and decoder.bias to `bias` (see TIED)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.transform = nn.Module()
+        self.transform.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.transform.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, h):
+        return self.decoder(self.transform.LayerNorm(F.gelu(self.transform.dense(h))))   # (..., V)
+
+
+TIED = {"text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
+        "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
+        "text_decoder.cls.predictions.bias": "text_decoder.cls.predictions.decoder.bias"}  # key: where to find it
+
+
+class Blip(nn.Module):
+    """BlipForConditionalGeneration: vision_model.*, text_decoder.bert.*, text_decoder.cls.predictions.*."""
+
+    def __init__(self, text_cfg: BertConfig, vision_cfg: BlipVisionConfig):
+        super().__init__()
+        ids = {k: text_cfg.raw.get(k + "_token_id", v) for k, v in (("bos", 30522), ("sep", 102), ("pad", 0))}
+        self.bos, self.sep, self.pad = ids["bos"], ids["sep"], ids["pad"]   # [DEC] starts, [SEP] ends a caption
+        self.vision_model = BlipVisionModel(vision_cfg)
+        self.text_decoder = nn.Module()
+        self.text_decoder.bert = Bert(text_cfg)
+        self.text_decoder.cls = nn.Module()
+        self.text_decoder.cls.predictions = BlipLMHead(text_cfg)
+
+    @torch.no_grad()
+    def generate(self, pixels, max_new_tokens=30):
+        """Greedy decoding as `generate(num_beams=1, do_sample=False, max_new_tokens=...)`: from [DEC], the most
+        likely next token each step; a row that wrote [SEP] gets [PAD] from then on; stop once every row has.
+        The image's cross-attention keys and values are computed once. -> ids (B, 1 + T)."""
+        image = self.vision_model(pixels)                                            # (B, 1 + N, E)
+        layers = self.text_decoder.bert.encoder.layer
+        image_kv = [(l.crossattention.self.key(image), l.crossattention.self.value(image)) for l in layers]
+        ids = torch.full((len(pixels), 1), self.bos, device=pixels.device)
+        done = torch.zeros(len(pixels), dtype=torch.bool, device=pixels.device)
+        for _ in range(max_new_tokens):
+            h = self.text_decoder.bert(ids, image_kv=image_kv)[:, -1]                # (B, D)
+            token = self.text_decoder.cls.predictions(h).argmax(-1)                  # (B,)
+            token = torch.where(done, torch.full_like(token, self.pad), token)
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            done |= token == self.sep
+            if done.all():
+                break
+        return ids
+
+
+def blip_preprocess(images, size=384, mean=OPENAI_MEAN, std=OPENAI_STD):
+    """BlipImageProcessor (PIL backend): RGB; resized to size x size with PIL bicubic (the aspect ratio is not kept,
+    nothing is cropped); x / 255 (in float64, then float32); (x - mean) / std. -> (B, 3, size, size)."""
+    a = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)) for im in images])
+    x = torch.from_numpy((a.astype(np.float64) / 255).astype(np.float32))
+    return ((x - torch.tensor(mean)) / torch.tensor(std)).permute(0, 3, 1, 2).contiguous()
+
+
+class Captioner:
+    """captioner(images: list[PIL.Image]) -> list[str] in batches, decoded as decode(ids, skip_special_tokens=True)."""
+
+    def __init__(self, blip, tokenizer, processor, max_new_tokens=30, batch_size=8):
+        self.blip, self.tokenizer, self.processor = blip, tokenizer, processor
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+
+    def __call__(self, images):
+        p = next(self.blip.parameters())
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            pixels = blip_preprocess(images[i:i + self.batch_size], **self.processor).to(p.device, p.dtype)
+            out += [self.tokenizer.decode(row.tolist()) for row in self.blip.generate(pixels, self.max_new_tokens)]
+        return out
+
+
+def load_captioner(model=BLIP, device="cpu", dtype=torch.float32, max_new_tokens=30, batch_size=8):
+    """A BLIP captioning folder (or Hub id) as on the Hub: config.json, model.safetensors, tokenizer files,
+    preprocessor_config.json (size, image_mean, image_std). -> Captioner."""
+    folder = _folder(model)
+    text_cfg, vision_cfg = blip_configs(files.read_json(folder / "config.json"))
+    sd = read_weights(folder)
+    for key, source in TIED.items():
+        if key not in sd and source in sd:
+            sd[key] = sd[source]
+    with torch.device("meta"):
+        blip = Blip(text_cfg, vision_cfg)
+    blip = unet.load_weights(blip, sd, str(folder)).to(device=device, dtype=dtype).eval()
+    names = ("preprocessor_config.json", "processor_config.json")   # the Hub's / transformers 5 save_pretrained's
+    d = next((files.read_json(folder / n) for n in names if (folder / n).is_file()), {})
+    d = d.get("image_processor", d)
+    size = d.get("size", vision_cfg.image_size)
+    processor = dict(size=size["height"] if isinstance(size, dict) else size,
+                     mean=tuple(d.get("image_mean", OPENAI_MEAN)), std=tuple(d.get("image_std", OPENAI_STD)))
+    return Captioner(blip, WordPiece.from_folder(folder), processor, max_new_tokens, batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The text-alignment scorer and the Fréchet distance
+
+
+class TextAlignment:
+    """scorer(images, prompts) -> (N,) cos(SBERT(BLIP caption), SBERT(prompt)); the last captions in .captions."""
+
+    def __init__(self, captioner, encoder):
+        self.captioner, self.encoder, self.captions = captioner, encoder, []
+
+    def __call__(self, images, prompts):
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+        self.captions = self.captioner(images)
+        return (self.encoder(self.captions) * self.encoder(list(prompts))).sum(-1).cpu()
+
+
+def frechet_distance(a, b):
+    """Fréchet distance between Gaussians fitted to two feature sets a (N, D), b (M, D) (FID's formula, Heusel et al.
+    2017), in float64:
+        d = ||mu_a - mu_b||^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^(1/2))
+    S_a S_b is similar to sqrt(S_a) S_b sqrt(S_a), a symmetric PSD matrix, so the trace of its square root is the sum
+    of the square roots of that matrix's eigenvalues: no complex sqrtm, and finite for any N, M >= 2 (singular
+    covariances, N < D, included). Covariances are unbiased (1 / (N - 1)), as np.cov."""
+    a, b = (torch.as_tensor(np.asarray(x), dtype=torch.float64) for x in (a, b))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(f"need two feature sets (N, D), (M, D) with N, M >= 2, got {tuple(a.shape)}, {tuple(b.shape)}")
+    s_a, s_b = torch.cov(a.T), torch.cov(b.T)                                        # (D, D)
+    w, q = torch.linalg.eigh(s_a)
+    root_a = (q * w.clamp(min=0).sqrt()) @ q.T                                       # sqrt(S_a)
+    m = root_a @ s_b @ root_a
+    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + s_a.trace() + s_b.trace() - 2 * tr_sqrt)
