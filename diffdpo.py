@@ -195,6 +195,10 @@ class TrainConfig:
         """The method's name, in the default run folder and the toy's summary.json (rpo.py's config says "rpo")."""
         return self.loss
 
+    def draw_noise(self, batch, latent_shape, num_timesteps):
+        """eps (B, C, h, w) and t (B,) for the batch's pairs: pair_noise of each pair's stream index."""
+        return pair_noise(batch["index"], latent_shape, self.seed, num_timesteps)
+
     @classmethod
     def from_preset(cls, name, **overrides):
         """A config with a named preset's defaults (see PRESETS), then `overrides`."""
@@ -482,7 +486,7 @@ def train(cfg: TrainConfig, pair_loss=None, image_embedder=None):
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             latents, cond = unet_inputs(sd, batch, resolution, device, amp_dtype)
-            eps, t = (x.to(device) for x in pair_noise(batch["index"], latents.shape[1:], cfg.seed, len(abar)))
+            eps, t = (x.to(device) for x in cfg.draw_noise(batch, latents.shape[1:], len(abar)))
             last = micro == cfg.grad_accum - 1
             with model.no_sync() if world > 1 and not last else torch.enable_grad(), autocast:
                 if reference is None:  # SFT
@@ -599,7 +603,7 @@ def checkpoint(cfg, sd, out, policy, optimizer, scheduler, scaler, state, resolu
     if cfg.lora_rank and cfg.merge_lora and state["step"] == cfg.max_steps:
         save_unet(merge_lora(policy), out / "unet")
     if cfg.samples:
-        prompts = toy.shape_prompts("test")[:8] if cfg.data == "shapes" else SAMPLE_PROMPTS
+        prompts = toy.shape_prompts("test")[:8] if cfg.data in toy.WORLDS else SAMPLE_PROMPTS
         guidance = toy.TOY_SAMPLING["guidance"] if cfg.model == "tiny" else 7.5
         sample_grid(sd, policy, prompts, list(range(len(prompts))), out / "samples" / f"step{state['step']:06d}.png",
                     steps=cfg.sample_steps, height=resolution, width=resolution, guidance=guidance)
@@ -658,15 +662,15 @@ def build_style_pairs(sd, folder, path, resolution, steps, guidance, seed=0):
 
 
 def main(cfg, pair_loss=None, image_embedder=None):
-    """Train; for --data shapes, then evaluate (eval.evaluate_toy: OUT/summary.json, OUT/compare.png). A problem
+    """Train; for a toy world (--data shapes), then evaluate (eval.evaluate_toy: OUT/summary.json, compare.png). A problem
     the user can fix (UserError: a bad --model, --data, setting...) ends with a one-line error and exit code 2."""
     t_start = time.time()
     try:
         out = train(cfg, pair_loss, image_embedder)
-        if cfg.data == "shapes" and int(os.environ.get("RANK", 0)) == 0:
+        if cfg.data in toy.WORLDS and int(os.environ.get("RANK", 0)) == 0:
             pairs_per_step = cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", 1))
             run = dict(loss=getattr(pair_loss, "name", cfg.method), steps=cfg.max_steps, pairs_per_step=pairs_per_step)
-            summary = eval.evaluate_toy(cfg.model, out, run, t_start)
+            summary = eval.evaluate_toy(cfg.model, cfg.data, out, run, t_start)
             print(f"held-out judge score: base {summary['judge_score_base']:.4f}, tuned "
                   f"{summary['judge_score_tuned']:.4f}; win rate vs base {summary['win_rate_vs_base']:.3f} "
                   f"({out / 'summary.json'}, {out / 'compare.png'})")

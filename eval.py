@@ -568,9 +568,9 @@ def bootstrap_win_rate(tuned_scores, base_scores, n=1000, seed=0):
 TOY_SEEDS = 8             # held-out images per test caption, the same seeds for base and tuned
 
 
-def evaluate_toy(model, out, run, t_start):
-    """Base (`model`) vs tuned (OUT/unet, or OUT's LoRA) on the 18 held-out captions x TOY_SEEDS seeds under the
-    judge. Writes OUT/summary.json (`run` + the win rate of tuned over base, ties half; mean judge scores; seconds
+def evaluate_toy(model, world, out, run, t_start):
+    """Base (`model`) vs tuned (OUT/unet, or OUT's LoRA) on a toy world (`world`: shapes) on its 18 held-out captions
+    x TOY_SEEDS seeds under the judge. Writes OUT/summary.json (`run` + the win rate of tuned over base, ties half; mean judge scores; seconds
     since t_start, so the whole run) and OUT/compare.png (one image per held-out caption: base above, tuned below)."""
     out = Path(out)
     sd = unet.load_sd(model)

@@ -95,6 +95,7 @@ def judge(image, prompt):
 # ----------------------------------------------------------------------------------------------------------------
 # On-policy pairs, as Pick-a-Pic's: two samples of the base model for a training caption, the judge's favorite first
 
+WORLDS = ("shapes",)      # the toy worlds, as --data specs: the trainer builds their pairs and evaluates on them
 TOY_PAIRS = 1024          # on-policy pairs built for --data shapes (ties dropped)
 TOY_SAMPLING = dict(steps=20, guidance=4.0)                  # DDIM steps and classifier-free guidance
 
