@@ -1,6 +1,7 @@
 """
-Alignment metrics for eval.py: text alignment as the seed's table reports it ("Text Alignment (SentenceBERT)"), and
-style alignment as a Fréchet distance between feature sets.
+The networks behind eval.py's scores: CLIP's vision tower and CLIPModel (PickScore, HPSv2, the aesthetic predictor,
+CLIP score) with each one's image preprocessing; text alignment as the seed's table reports it ("Text Alignment
+(SentenceBERT)"); and style alignment as a Fréchet distance between feature sets.
 
     text alignment  cos(SBERT(BLIP's caption of the image), SBERT(prompt))     per image, in [-1, 1]
     style FD        ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))       per image set, >= 0
@@ -10,11 +11,12 @@ which is both Sentence-BERT's encoder (sentence-transformers/all-MiniLM-L6-v2) a
 captioner (Salesforce/blip-image-captioning-base / -large: a ViT, then the BERT decoder cross-attending to it,
 greedy decoding from [DEC]). Modules are named after the checkpoints' keys, so weights load strictly.
 
-Read top to bottom: WordPiece, BERT, Sentence-BERT, BLIP, the text-alignment scorer, the Fréchet distance.
+Read top to bottom: CLIP, image preprocessing, OpenCLIP configs, WordPiece, BERT, Sentence-BERT, BLIP, the
+text-alignment scorer, the Fréchet distance.
 """
 import re
 import unicodedata
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,197 @@ def _config(cls, d):
     """A config dataclass from a config.json dict: known keys taken, the rest ignored, the dict kept as `raw`."""
     names = {f.name for f in fields(cls)} - {"raw"}
     return cls(**{k: v for k, v in d.items() if k in names}, raw=dict(d))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLIP: the vision tower (transformers CLIPVisionTransformer) and the two towers with their projections (CLIPModel)
+
+
+@dataclass
+class CLIPVisionConfig:
+    hidden_size: int = 768                      # transformers' defaults, for config.json files that leave keys out
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"              # OpenCLIP ViT-H: "gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 512
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, d):
+        return files.config_from_dict(cls, d)
+
+    @classmethod
+    def vit_h14(cls):  # PickScore's and HPSv2's image tower (OpenCLIP ViT-H/14, laion2B)
+        return cls.from_dict(dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                  num_attention_heads=16, patch_size=14, hidden_act="gelu", projection_dim=1024))
+
+    @classmethod
+    def vit_l14(cls):  # OpenAI CLIP ViT-L/14 (the aesthetic predictor's and CLIP score's)
+        return cls.from_dict(dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, patch_size=14, projection_dim=768))
+
+    @classmethod
+    def tiny(cls):
+        return cls.from_dict(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=28, patch_size=14, projection_dim=16))
+
+
+# the text towers that go with them (CLIPTextConfig of unet.py; eos_token_id 2 = pool at the argmax id, as OpenCLIP)
+TEXT_H14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                hidden_act="gelu", projection_dim=1024, eos_token_id=2)
+TEXT_L14 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                projection_dim=768, eos_token_id=2)
+TEXT_DEFAULTS = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+                     projection_dim=512)        # transformers' CLIPTextConfig defaults (ours are ViT-L's)
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        p, n = cfg.patch_size, (cfg.image_size // cfg.patch_size) ** 2
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, p, stride=p, bias=False)
+        self.position_embedding = nn.Embedding(n + 1, cfg.hidden_size)
+
+    def forward(self, pixels):
+        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)                # (B, N, D), N = (S / p)^2
+        cls = self.class_embedding.to(x.dtype).expand(len(x), 1, -1)                # (B, 1, D)
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight          # (B, 1 + N, D)
+
+
+class CLIPVisionTransformer(nn.Module):
+    """pixels (B, 3, S, S) -> pooled (B, D): patches + class token, pre-LN, non-causal layers, LN of the class token."""
+
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.embeddings = CLIPVisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)   # sic: the checkpoints' spelling
+        self.encoder = unet.CLIPEncoder(cfg, causal=False)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixels):
+        h = self.pre_layrnorm(self.embeddings(pixels))
+        for layer in self.encoder.layers:
+            h = layer(h)
+        return self.post_layernorm(h[:, 0])                                         # (B, D)
+
+
+class CLIP(unet.CLIPText):
+    """transformers CLIPModel: unet.py's text tower with its projection (text_model.*, text_projection), the vision
+    tower (vision_model.*, visual_projection) and the learned temperature (logit_scale). Embeddings are unit-norm."""
+
+    def __init__(self, text_cfg: unet.CLIPTextConfig, vision_cfg: CLIPVisionConfig):
+        super().__init__(replace(text_cfg, with_projection=True))
+        self.vision_cfg = vision_cfg
+        self.vision_model = CLIPVisionTransformer(vision_cfg)
+        self.visual_projection = nn.Linear(vision_cfg.hidden_size, vision_cfg.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.zeros(()))
+
+    @classmethod
+    def from_dict(cls, d):
+        """A transformers CLIPModel config.json (older files put overrides in text_config_dict/vision_config_dict)."""
+        text = {**TEXT_DEFAULTS, **(d.get("text_config") or {}), **(d.get("text_config_dict") or {}),
+                "projection_dim": d.get("projection_dim", 512)}
+        vision = {**(d.get("vision_config") or {}), **(d.get("vision_config_dict") or {}),
+                  "projection_dim": d.get("projection_dim", 512)}
+        text.pop("architectures", None)  # null in sub-configs; CLIP sets the projection itself
+        return unet.CLIPTextConfig.from_dict(text), CLIPVisionConfig.from_dict(vision)
+
+    def encode_text(self, ids):
+        return F.normalize(self(ids)[2], dim=-1)                                    # (B, P)
+
+    def encode_image(self, pixels):
+        return F.normalize(self.visual_projection(self.vision_model(pixels)), dim=-1)  # (B, P)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image preprocessing, as each scorer was trained with
+
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _normalize(arrays, mean, std):
+    """uint8 (H, W, 3) arrays -> (B, 3, H, W) float32: x / 255 (in float64, then float32), then (x - mean) / std."""
+    x = torch.from_numpy(np.stack([(a.astype(np.float64) / 255).astype(np.float32) for a in arrays]))
+    x = (x - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std, dtype=torch.float32)
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+def clip_preprocess(images, size=224, crop=224, mean=OPENAI_MEAN, std=OPENAI_STD):
+    """transformers' CLIPImageProcessor (PIL backend): RGB; shortest side -> size with PIL bicubic, the long side
+    int(size * long / short) (truncated, not rounded); center crop at floor((H - crop) / 2); /255; normalize."""
+    out = []
+    for im in images:
+        im = im.convert("RGB")
+        w, h = im.size
+        short, long = min(w, h), max(w, h)
+        new = (size, int(size * long / short))
+        im = im.resize((new[0], new[1]) if w <= h else (new[1], new[0]), Image.BICUBIC)
+        a = np.asarray(im)
+        top, left = (a.shape[0] - crop) // 2, (a.shape[1] - crop) // 2
+        out.append(a[top:top + crop, left:left + crop])
+    return _normalize(out, mean, std)
+
+
+def hps_preprocess(images, size=224, mean=OPENAI_MEAN, std=OPENAI_STD):
+    """HPSv2's eval transform (open_clip `image_transform(..., resize_longest_max=True)`, its `light_augmentation`):
+    to tensor in [0, 1]; longest side -> size by torchvision's tensor resize (bicubic, antialiased, float, unclamped)
+    with the other side round(side * size / longest); zero-pad (black) to size x size, the extra pixel right/bottom;
+    normalize. No crop, so nothing of a non-square image is lost. (As open_clip: an image whose longest side already
+    equals `size` is neither resized nor padded.)"""
+    out = []
+    for im in images:
+        x = torch.from_numpy(np.asarray(im.convert("RGB")).astype(np.float32) / 255).permute(2, 0, 1)  # (3, H, W)
+        h, w = x.shape[1:]
+        scale = size / max(h, w)
+        if scale != 1.0:
+            nh, nw = round(h * scale), round(w * scale)
+            x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0]
+            ph, pw = size - nh, size - nw
+            x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        out.append(x)
+    x = torch.stack(out)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def read_processor_config(path):
+    """size / crop / mean / std of a preprocessor_config.json (old files: ints, new ones: dicts)."""
+    d = files.read_json(path)
+    size, crop = d.get("size", 224), d.get("crop_size", 224)
+    size = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
+    crop = crop.get("height") if isinstance(crop, dict) else crop
+    return dict(size=size, crop=crop, mean=tuple(d.get("image_mean", OPENAI_MEAN)),
+                std=tuple(d.get("image_std", OPENAI_STD)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OpenCLIP configs (HPSv2's checkpoint; its key names are mapped by convert.openclip_to_ours)
+
+
+def openclip_configs(d):
+    """An OpenCLIP model config (ViT-H-14.json, or open_clip_config.json's `model_cfg`) -> (text, vision) configs.
+    OpenCLIP ViTs use GELU unless `quick_gelu`; heads = width / head_width (64 by default) for the image tower."""
+    d = d.get("model_cfg", d)
+    v, t = d["vision_cfg"], d["text_cfg"]
+    act = "quick_gelu" if d.get("quick_gelu") else "gelu"
+    vision = CLIPVisionConfig.from_dict(dict(
+        hidden_size=v["width"], intermediate_size=int(v["width"] * v.get("mlp_ratio", 4.0)),
+        num_hidden_layers=v["layers"], num_attention_heads=v["width"] // v.get("head_width", 64),
+        image_size=v.get("image_size", 224), patch_size=v["patch_size"], hidden_act=act, projection_dim=d["embed_dim"]))
+    text = unet.CLIPTextConfig.from_dict(dict(
+        vocab_size=t.get("vocab_size", 49408), hidden_size=t["width"],
+        intermediate_size=int(t["width"] * t.get("mlp_ratio", 4.0)), num_hidden_layers=t["layers"],
+        num_attention_heads=t.get("heads", 8), max_position_embeddings=t.get("context_length", 77), hidden_act=act,
+        projection_dim=d["embed_dim"], eos_token_id=2))
+    return text, vision
+
+
+VIT_H_14 = dict(embed_dim=1024, vision_cfg=dict(image_size=224, layers=32, width=1280, head_width=80, patch_size=14),
+                text_cfg=dict(context_length=77, vocab_size=49408, width=1024, heads=16, layers=24))  # open_clip's
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -199,12 +199,16 @@ def memory_table():
 # reference even gets its prompts tokenized in advance; ours tokenizes in the step, as diffdpo.py does).
 
 def cached_batch(sd, batch, resolution, half):
-    """The same batch as --cache serves it: VAE latents and text embeddings (computed once, on the CPU side)."""
-    latents, cond = diffdpo.unet_inputs(sd, batch, resolution, sd.device, half)
+    """The same batch as --cache serves it: the VAE posteriors and text embeddings (computed once, on the CPU side)."""
+    with torch.no_grad():
+        images = torch.cat([batch["chosen"], batch["rejected"]]).to(sd.device, half)
+        mean, std = (x.float().cpu() * sd.vae.scaling_factor for x in sd.vae.posterior(images))
+        context, pooled = sd.encode_prompt(batch["prompts"])
     B = len(batch["prompts"])
-    out = dict(batch, chosen=latents[:B].cpu(), rejected=latents[B:].cpu(), context=cond["context"][:B].cpu())
-    if "text_embeds" in cond:
-        out["pooled"] = cond["text_embeds"][:B].cpu()
+    out = dict(batch, chosen=mean[:B], rejected=mean[B:], chosen_std=std[:B], rejected_std=std[B:],
+               context=context.float().cpu())
+    if pooled is not None:
+        out["pooled"] = pooled.float().cpu()
     return out
 
 

@@ -22,11 +22,13 @@ example: its pair, and its augmentation (flips, caption dropout, random crop) dr
 it. So one process with batch B W sees exactly what W processes with batch B see, and a run resumes exactly from
 a stream position (only the label columns of the shards before it are read; a Hub dataset's shards before it
 must be downloaded, or still be in the HF cache, for that). A pair whose image cannot be
-decoded is skipped and counted, and the next row of its row group in stream order takes its place (wrapping
-around): an item stays a pure function of s, so positions never shift between ranks and nothing waits on others.
+decoded (or is absurdly large) is skipped and counted, and the next row of its row group in stream order takes its
+place (wrapping around): an item stays a pure function of s, so positions never shift between ranks and nothing
+waits on others.
 The sizes of Hub shards are learnt when they are downloaded: len() of a Hub source is an error until then.
 The shard files themselves (parquet, JSONL, the Hub), the --cache store and the prefetch thread are in shards.py.
 """
+import copy
 import functools
 import hashlib
 import io
@@ -64,19 +66,32 @@ def preprocess(img, resolution, gen=None, random_crop=False):
     return x.float().div(255).sub(0.5).div(0.5)
 
 
-def load_images(sources, resolution, gen=None, random_crop=False):
-    """Image bytes or paths -> list of (3, R, R) tensors; None if any cannot be decoded (a corrupt pair)."""
+MAX_PIXELS = 40_000_000   # an image larger than this (e.g. 8000 x 5000) is skipped and counted, before it is decoded
+MAX_ASPECT = 8            # so is one longer than 8 times its width: resizing its short side to R would make it huge
+
+
+def open_image(x):
+    """Image bytes or a path -> a decoded PIL image in a mode preprocess() can take, or the reason it is skipped:
+    "too_large" (judged from the header alone, before decoding) or "corrupt" (unreadable, or a mode with no
+    meaningful 8-bit RGB, e.g. 32-bit float). 16-bit images are scaled to 8 bits (convert("RGB") would clip them)."""
     try:
-        imgs = []
-        for x in sources:
-            if x is None:
-                raise ValueError("no image")
-            img = Image.open(io.BytesIO(x) if isinstance(x, (bytes, bytearray)) else x)
-            img.load()
-            imgs.append(img)
-        return [preprocess(img, resolution, gen, random_crop) for img in imgs]
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
-        return None
+        img = Image.open(io.BytesIO(x) if isinstance(x, (bytes, bytearray)) else x)
+        w, h = img.size
+        if w * h > MAX_PIXELS or max(w, h) > MAX_ASPECT * min(w, h):
+            return "too_large"
+        img.load()
+    except (OSError, ValueError, TypeError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return "corrupt"
+    if img.mode.startswith("I;16") or img.mode == "I":   # 16-bit grayscale PNGs (and TIFFs)
+        return Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    return "corrupt" if img.mode == "F" else img
+
+
+def decode_pair(sources, resolution, gen=None, random_crop=False):
+    """A pair's two images (bytes or paths) -> list of two (3, R, R) tensors, or the reason the pair is skipped."""
+    images = [open_image(x) if x is not None else "corrupt" for x in sources]
+    reason = next((im for im in images if isinstance(im, str)), None)
+    return reason or [preprocess(im, resolution, gen, random_crop) for im in images]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,15 +113,21 @@ def _perm(n, *key):
 
 class PairSource:
     def __init__(self, shards, resolution, random_crop=False, flip=True, caption_dropout=0.0, seed=0, cache=None,
-                 name="pairs", relabel=None, embed=None):
+                 name="pairs", relabel=None, embed=None, rows=None):
         self.shards, self.resolution, self.seed, self.cache, self.name = shards, resolution, seed, cache, name
         self.relabel = relabel        # (caption, [a, b]) -> [preferred, rejected] or None (a tie): AI feedback
         self.embed = embed            # [preferred, rejected] -> (2, D) image embeddings (rpo.py --rpo-embed image)
         self.random_crop, self.flip, self.caption_dropout = random_crop, flip, caption_dropout
-        self.num_corrupt = 0          # pairs skipped: an image could not be decoded (or `relabel` tied them)
+        self.rows = rows              # (shard, group) -> the usable rows this source reads (holdout), else all
+        self.skipped = {reason: set() for reason in SKIPPED}  # the keys of the pairs skipped, by reason
         self._sizes = {}              # shard index -> number of usable pairs, once that shard was opened
         self._epoch_len = None
         self._loaded = (None, None)   # ((shard, row group), its data): one row group in memory at a time
+
+    def groups(self, k):
+        """Shard k's row groups as lists of the usable rows this source reads."""
+        groups = self.shards[k].groups()
+        return groups if self.rows is None else [self.rows(k, g, rows) for g, rows in enumerate(groups)]
 
     def __len__(self):
         """The number of usable pairs (ties dropped); reads the label columns of every shard."""
@@ -118,8 +139,17 @@ class PairSource:
 
     def _size(self, k):
         if k not in self._sizes:
-            self._sizes[k] = sum(len(g) for g in self.shards[k].groups())
+            self._sizes[k] = sum(len(g) for g in self.groups(k))
         return self._sizes[k]
+
+    def counts(self):
+        """Pairs left out so far, each counted once: unreadable ("corrupt"), too large, ties (in the labels, or to
+        the --choice-model), bad labels; and pairs with an empty caption (trained on the empty prompt)."""
+        out = {reason: len(keys) for reason, keys in self.skipped.items()}
+        for s in self.shards:
+            for k, v in s.counts.items():
+                out[k] = out.get(k, 0) + v
+        return out
 
     def locate(self, s):
         """Stream position s -> (epoch, shard index, row group, index in that group's stream order)."""
@@ -131,7 +161,7 @@ class PairSource:
                 if s >= self._size(k):
                     s -= self._size(k)
                     continue
-                groups = self.shards[k].groups()
+                groups = self.groups(k)
                 for g in _perm(len(groups), self.seed, e, k).tolist():
                     if s < len(groups[g]):
                         return e, k, g, s
@@ -143,34 +173,34 @@ class PairSource:
 
     def item(self, s):
         """Stream item s -> dict(prompt, caption, key, flips, chosen (3,R,R), rejected (3,R,R)) -- or, with a latent
-        cache, chosen/rejected latents and the prompt's text embeddings. A corrupt pair is replaced (see the top)."""
+        cache, the chosen/rejected posterior means (+ _std) and the prompt's text embeddings. A pair that cannot be
+        used is counted and replaced (see the top)."""
         e, k, g, j = self.locate(s)
-        shard, rows = self.shards[k], self.shards[k].groups()[g]
+        shard, rows = self.shards[k], self.groups(k)[g]
         order = _perm(len(rows), self.seed, e, k, g)
         gen = torch.Generator().manual_seed(_seed(self.seed, s))
         flips = [bool(torch.rand((), generator=gen) < 0.5) and self.flip for _ in range(2)]  # per image
         drop = bool(torch.rand((), generator=gen) < self.caption_dropout)
         for attempt in range(len(rows)):
             row = int(rows[order[(j + attempt) % len(rows)]])
-            key = f"{shard.name}:{g}:{row}"
-            if self.cache is not None:  # latents of both images, flipped and not, or None if the pair is corrupt
-                got = self.cache.pair(key, lambda: self._read(k, g, row, gen))
-                if got is not None:
-                    caption, x = got
-                    emb = [x[n] for n in ("chosen_emb", "rejected_emb") if n in x] or None
-                    x = [x[f"{n}_flip" if f else n] for n, f in zip(("chosen", "rejected"), flips)]
-                    break
-            else:
-                got = self._read(k, g, row, gen)
-                if got is not None:
-                    caption, x, emb = got
-                    x = [xi.flip(-1) if f else xi for xi, f in zip(x, flips)]
-                    break
-            self.num_corrupt += 1
+            key = shard.key(g, row)
+            got = self.cache.pair(key, lambda: self._read(k, g, row, gen)) if self.cache else self._read(k, g, row, gen)
+            if not isinstance(got, str):
+                break
+            self.skipped[got].add(key)
         else:
-            raise DataError(f"{shard.name}: no decodable image pair in row group {g}")
+            raise DataError(f"{shard.name}: no usable image pair in row group {g}")
+        if self.cache is not None:  # both images' posteriors, flipped and not
+            caption, x = got
+            names = [f"{n}_flip" if f else n for n, f in zip(("chosen", "rejected"), flips)]
+            out = dict(chosen=x[names[0]], rejected=x[names[1]], chosen_std=x[names[0] + "_std"],
+                       rejected_std=x[names[1] + "_std"])
+            emb = [x[n] for n in ("chosen_emb", "rejected_emb") if n in x] or None
+        else:
+            caption, x, emb = got
+            out = dict(zip(("chosen", "rejected"), (xi.flip(-1) if f else xi for xi, f in zip(x, flips))))
         prompt = "" if drop else caption
-        out = dict(prompt=prompt, caption=caption, key=key, flips=flips, chosen=x[0], rejected=x[1])
+        out.update(prompt=prompt, caption=caption, key=key, flips=flips)
         if emb is not None:  # of the unflipped images
             out.update(chosen_emb=emb[0], rejected_emb=emb[1])
         if self.cache is not None:
@@ -178,22 +208,22 @@ class PairSource:
         return out
 
     def _read(self, k, g, row, gen):
-        """(caption, [chosen, rejected] preprocessed, unflipped, their embeddings or None), or None if an image
-        cannot be decoded."""
+        """(caption, [chosen, rejected] preprocessed, unflipped, their embeddings or None), or the reason the pair is
+        skipped."""
         if self._loaded[0] != (k, g):
             self._loaded = (None, None)  # free the previous group first
             self._loaded = ((k, g), self.shards[k].load(g))
         caption, a, b = self.shards[k].pair(self._loaded[1], row)
-        x = load_images((a, b), self.resolution, gen, self.random_crop)
-        if x is not None and self.relabel is not None:
-            x = self.relabel(caption, x)
-        return None if x is None else (caption, x, self.embed(x) if self.embed else None)
+        x = decode_pair((a, b), self.resolution, gen, self.random_crop)
+        if not isinstance(x, str) and self.relabel is not None:
+            x = self.relabel(caption, x) or "ties"
+        return x if isinstance(x, str) else (caption, x, self.embed(x) if self.embed else None)
 
     def batches(self, batch_size, *, rank=0, world_size=1, start=0):
-        """Endless batches for this rank: {"prompts", "chosen" (B,3,R,R) [latents with a cache], "rejected",
-        "index" (B,) stream positions of the items, "keys" (the pairs' shard:group:row), "position" (where the
-        next global micro-batch starts: pass it as start= to resume), "corrupt" (pairs skipped so far)}; with a
-        cache also "context" (B, L, D) and, for SDXL, "pooled" (B, P)."""
+        """Endless batches for this rank: {"prompts", "chosen" (B,3,R,R) [posterior means with a cache, and
+        "chosen_std"], "rejected", "index" (B,) stream positions of the items, "keys" (the pairs' names), "position"
+        (where the next global micro-batch starts: pass it as start= to resume)}; with a cache also "context"
+        (B, L, D) and, for SDXL, "pooled" (B, P)."""
         if not (batch_size >= 1 and 0 <= rank < world_size and start >= 0):
             raise ValueError("batches: need batch_size >= 1, 0 <= rank < world_size, start >= 0")
         pos = start
@@ -202,11 +232,35 @@ class PairSource:
             items = [self.item(s) for s in idx]
             pos += batch_size * world_size
             batch = dict(prompts=[it["prompt"] for it in items], keys=[it["key"] for it in items],
-                         index=torch.tensor(idx), position=pos, corrupt=self.num_corrupt)
-            for k in ("chosen", "rejected", "context", "pooled", "chosen_emb", "rejected_emb"):
+                         index=torch.tensor(idx), position=pos)
+            for k in ("chosen", "rejected", "chosen_std", "rejected_std", "context", "pooled", "chosen_emb",
+                      "rejected_emb"):
                 if k in items[0]:
                     batch[k] = torch.stack([it[k] for it in items])
             yield batch
+
+    def holdout(self, n):
+        """(training source, held-out source): the first n usable pairs in file order (shard by shard, row group by
+        row group) form a fixed validation set, read without augmentation; the training stream never sees them."""
+        held, left = {}, n
+        for k in range(len(self.shards)):
+            for g, rows in enumerate(self.shards[k].groups()):
+                held[k, g] = rows[:left]
+                left -= len(held[k, g])
+            if not left:
+                break
+        if left:
+            raise DataError(f"{self.name}: --val-pairs {n} but there are only {n - left} usable pairs")
+        train, val = copy.copy(self), copy.copy(self)
+        train.rows = lambda k, g, rows: np.setdiff1d(rows, held.get((k, g), []))
+        val.rows = lambda k, g, rows: held.get((k, g), rows[:0])
+        val.flip, val.caption_dropout, val.random_crop = False, 0.0, False
+        for src in (train, val):
+            src._sizes, src._epoch_len, src.skipped = {}, None, self.skipped
+        return train, val
+
+
+SKIPPED = ("corrupt", "too_large", "ties")    # why a pair is skipped when it is read (see PairSource.counts)
 
 
 def open_pairs(spec, *, resolution, random_crop=False, flip=True, caption_dropout=0.0, seed=0, split="train",

@@ -24,16 +24,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
+from PIL import Image
 
 import eval
+import runs
 import toy
 from data import open_pairs, style_items
-from files import DTYPES, UserError, read_json, write_text_atomic
+from files import DTYPE_NAMES, DTYPES, UserError, read_json, write_atomic, write_text_atomic
 from lora import LORA_FILE, LORA_TARGETS, add_lora, lora_disabled, merge_lora, save_lora
-from sample import add_noise, alphas_cumprod, default_size, render, sample_grid
+from sample import add_noise, alphas_cumprod, default_size, image_grid, render, sampling_defaults, vae_factor
 from shards import LatentCache, png_bytes, prefetch, write_pairs
-from unet import load_sd, save_unet
+from unet import ALIASES, load_sd, save_unet
 
 # ----------------------------------------------------------------------------------------------------------------
 # The ELBO surrogate and the DPO objective
@@ -117,15 +118,27 @@ def sft_errors(policy, latents, cond, eps, t, abar, prediction_type):
     return err_w, zeros, zeros, zeros
 
 
+def pair_generator(seed, index, stream=0):
+    """A CPU generator that is a pure function of (seed, a pair's index in the data stream, which draw): the same
+    pair gets the same numbers whatever the number of GPUs and across resumes."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + int(index) + stream * 2 ** 60)
+
+
 def pair_noise(indices, latent_shape, seed, num_timesteps):
-    """eps (B, C, h, w) and t (B,) for each pair, a pure function of (seed, the pair's index in the data stream):
-    the same pair gets the same draw whatever the number of GPUs and across resumes. t ~ U{0..T-1}."""
+    """eps (B, C, h, w) and t (B,) for each pair: t ~ U{0..T-1}, eps ~ N(0, I)."""
     eps, ts = [], []
     for i in indices:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + int(i))
+        g = pair_generator(seed, i)
         eps.append(torch.randn(latent_shape, generator=g))
         ts.append(torch.randint(0, num_timesteps, (1,), generator=g))
     return torch.stack(eps), torch.cat(ts)
+
+
+def posterior_noise(indices, latent_shape, seed):
+    """z (2B, C, h, w) = [z_winners; z_losers] ~ N(0, I), which turn the VAE's posteriors into latents:
+    mean + std * z, the official code's `vae.encode(x).latent_dist.sample()`, drawn per pair like pair_noise."""
+    z = torch.stack([torch.randn((2, *latent_shape), generator=pair_generator(seed, i, stream=1)) for i in indices])
+    return torch.cat([z[:, 0], z[:, 1]])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,21 +159,22 @@ class TrainConfig:
     data: str = flag("shapes", "shapes (the toy world) | pickapic | hub:OWNER/NAME | parquet file/folder | "
                                "pairs.jsonl | style:FOLDER")
     preset: str = flag("auto", "the defaults of: toy | sd15 | sdxl | auto (toy for --model tiny, sdxl for SDXL "
-                               "models, else sd15); flags given on the command line win")
-    out: str = flag("", "run directory (re-running resumes from its checkpoint); default runs/PRESET[-METHOD]")
+                               "models, else sd15); flags given on the command line win", resume="new")
+    out: str = flag("", "run directory (re-running resumes from its checkpoint); default runs/PRESET[-METHOD]",
+                    resume="new")
     loss: str = flag("dpo", "dpo | sft (plain diffusion loss on the preferred image)")
     beta: float = flag(2000.0, "KL strength, with the official code's 0.5 factor")
     max_steps: int = flag(200, "optimizer steps", resume="new")
     batch_size: int = flag(16, "pairs per device per micro-step")
     grad_accum: int = flag(1, "micro-steps per optimizer step")
     resolution: int = flag(32, "image side in pixels; 0 = the model's (512 SD1.5, 1024 SDXL)")
-    lr: float = flag(3e-5, "learning rate actually used (official: 1e-8 x 2048 pairs)")
-    scale_lr: bool = flag(False, "multiply --lr by the effective batch (pairs per step)")
-    warmup_steps: int = flag(10, "linear warmup, then constant")
+    lr: float = flag(3e-5, "learning rate actually used (official: 1e-8 x 2048 pairs)", resume="new")
+    scale_lr: bool = flag(False, "multiply --lr by the effective batch (pairs per step)", resume="new")
+    warmup_steps: int = flag(10, "linear warmup, then constant", resume="new")
     optimizer: str = flag("adamw", "adamw | adafactor")
-    weight_decay: float = flag(1e-2, "decoupled weight decay of the optimizer")
-    grad_clip: float = flag(1.0, "clip the gradient's global norm at this value")
-    mixed_precision: str = flag("auto", "no | fp16 | bf16 | auto (bf16 on GPU, no on CPU)")
+    weight_decay: float = flag(1e-2, "decoupled weight decay of the optimizer", resume="new")
+    grad_clip: float = flag(1.0, "clip the gradient's global norm at this value", resume="new")
+    mixed_precision: str = flag("auto", "no | fp16 | bf16 | auto (bf16 on GPU, no on CPU)", resume="new")
     grad_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory)", resume="new")
     channels_last: bool = flag(False, "the UNets in channels-last (NHWC) memory format: faster convolutions with "
                                       "oneDNN / cuDNN", resume="new")
@@ -174,6 +188,8 @@ class TrainConfig:
                                  "pickscore|hps|aesthetic|clip[=PATH] (ties dropped)")
     caption_dropout: float = flag(0.0, "probability of training on the empty prompt")
     random_crop: bool = flag(False, "random crops instead of center crops")
+    vae_latents: str = flag("sample", "sample (a draw from the VAE posterior, as the official code) | mean")
+    val_pairs: int = flag(0, "hold out the first N pairs; each checkpoint logs val_loss, val_implicit_acc on them")
     cache: bool = flag(False, "keep VAE latents + text embeddings on disk (exact: both flips are stored), so steps "
                               "run only the UNets", resume="new")
     cache_dir: str = flag("", "where --cache keeps them (default ~/.cache/diffdpo)", resume="new")
@@ -185,6 +201,10 @@ class TrainConfig:
     sample_steps: int = flag(20, "DDIM steps for those grids (and for pairs the run builds itself)", resume="new")
     max_bad_steps: int = flag(20, "stop after this many non-finite steps in a row", resume="new")
     device: str = flag("auto", "auto | cpu | cuda", resume="new")
+    threads: int = flag(1, "CPU threads for torch's operators (0: torch's default)", resume="new")
+    report_to: str = flag("", "also log to tensorboard | wandb (needs that package)", resume="new")
+    push_to_hub: str = flag("", "at the end, upload the weights and a model card to this Hub repo (OWNER/NAME)",
+                            resume="new")
 
     def __post_init__(self):
         self.preset = auto_preset(self.model) if self.preset == "auto" else self.preset
@@ -211,7 +231,7 @@ class TrainConfig:
         """One flag per field (defaults and help from the dataclass); the preset chosen by --preset (or by --model
         when auto) replaces the defaults, and the flags given on the command line replace those."""
         help_format = type("Help", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
-        p = argparse.ArgumentParser(description=description, formatter_class=help_format, epilog=presets_help())
+        p = argparse.ArgumentParser(description=description, formatter_class=help_format, epilog=presets_help(cls))
         for f in fields(cls):
             name, kw = "--" + f.name.replace("_", "-"), dict(default=f.default, help=f.metadata["help"])
             if f.type in (bool, "bool"):
@@ -227,7 +247,7 @@ class TrainConfig:
 
 
 PAPER = dict(beta=5000.0, max_steps=2000, batch_size=1, resolution=0, lr=2.048e-5, warmup_steps=500,
-             checkpoint_every=500, sample_steps=25)
+             checkpoint_every=500, sample_steps=25, threads=0)
 PRESETS = {
     # the toy world: the field defaults above (200 steps of batch 16 on on-policy shapes pairs, ~1.5 minutes)
     "toy": {f.name: f.default for f in fields(TrainConfig) if f.name not in ("preset", "out")},
@@ -249,20 +269,30 @@ def auto_preset(model):
     return "sdxl" if "xl" in model.lower() else "sd15"
 
 
-def presets_help():
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
+def presets_help(cls=None):
+    """--help's epilog: each preset's defaults, and what a resumed run does with each setting."""
+    cls = cls or TrainConfig
+    defaults = {f.name: f.default for f in fields(cls)}
+    shown = ("beta", "max_steps", "batch_size", "lr", "warmup_steps", "resolution", "threads")
     rows = [f"  {name:5} " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items()
-                                       if k not in ("model", "data") and v != defaults[k] or name == "toy" and
-                                       k in ("beta", "max_steps", "batch_size", "lr", "warmup_steps", "resolution"))
+                                       if k not in ("model", "data") and (v != defaults[k] or name == "toy" and
+                                                                          k in shown))
             for name, values in PRESETS.items()]
-    return "presets (the defaults shown above are the toy's):\n" + "\n".join(rows)
+    policy = {r: [f"--{f.name.replace('_', '-')}" for f in fields(cls) if f.metadata["resume"] == r]
+              for r in ("fixed", "new")}
+    return ("presets (the defaults shown above are the toy's):\n" + "\n".join(rows) + "\n\nresuming (the same --out "
+            "again): these must not change, else the run refuses to start: " + " ".join(policy["fixed"]) +
+            "\nthese take the new value (recorded in OUT/config.json): " + " ".join(policy["new"]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python` is a world of one
 
 
-def setup_distributed(device_flag):
+def setup_distributed(device_flag, threads=0):
+    """(rank, world size, device); `threads` > 0 sets torch's CPU threads."""
+    if threads:
+        torch.set_num_threads(threads)
     cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag == "cuda"
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
@@ -288,40 +318,7 @@ def print0(*args, rank=0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Optimizers: AdamW from torch, Adafactor (Shazeer & Stern 2018) in a few lines for SDXL's memory budget
-
-
-class Adafactor(torch.optim.Optimizer):
-    """Adafactor (Shazeer & Stern 2018) as the official SDXL run configures transformers' one: factored second moments
-    (row and column means of g^2 over the last two dims), no first moment, update RMS clipped at 1, weight decay,
-    a fixed learning rate (scale_parameter=False, relative_step=False)."""
-
-    def __init__(self, params, lr, weight_decay=0.0, beta2_decay=-0.8, eps=1e-30, clip=1.0):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, beta2_decay=beta2_decay, eps=eps, clip=clip))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g, state = p.grad.float(), self.state[p]
-                state["step"] = state.get("step", 0) + 1
-                beta2 = 1.0 - state["step"] ** group["beta2_decay"]      # 1 - t^-0.8: grows towards 1
-                g2 = g.square() + group["eps"]
-                if g.ndim >= 2:  # factored over the last two dims: v ~ outer(row means, column means) / mean
-                    r = state.setdefault("row", torch.zeros_like(g2.mean(-1)))
-                    c = state.setdefault("col", torch.zeros_like(g2.mean(-2)))
-                    r.lerp_(g2.mean(-1), 1 - beta2)
-                    c.lerp_(g2.mean(-2), 1 - beta2)
-                    v = (r / r.mean(-1, keepdim=True)).unsqueeze(-1) * c.unsqueeze(-2)
-                else:
-                    v = state.setdefault("v", torch.zeros_like(g)).lerp_(g2, 1 - beta2)
-                u = g / v.sqrt()
-                u /= (u.square().mean().sqrt() / group["clip"]).clamp_min(1.0)
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(u.to(p.dtype), alpha=-group["lr"])
+# Optimizers: AdamW from torch, Adafactor (Shazeer & Stern 2018; runs.py) for SDXL's memory budget
 
 
 def make_optimizer(cfg, params, lr, device):
@@ -329,7 +326,7 @@ def make_optimizer(cfg, params, lr, device):
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                                  fused=device.type == "cuda")
     if cfg.optimizer == "adafactor":
-        return Adafactor(params, lr=lr, weight_decay=cfg.weight_decay)
+        return runs.Adafactor(params, lr=lr, weight_decay=cfg.weight_decay)
     raise UserError(f"--optimizer {cfg.optimizer!r}: expected adamw or adafactor")
 
 
@@ -367,18 +364,20 @@ def load_models(cfg, device, amp_dtype):
 
 
 @torch.no_grad()
-def unet_inputs(sd, batch, resolution, device, dtype):
+def unet_inputs(sd, batch, resolution, device, dtype, z=None):
     """Images and prompts to the UNet's inputs, for the batch [winners; losers] (2B):
-    latents (2B, 4, R/8, R/8) = vae.encode(x) * scaling_factor, and cond = dict(context (2B, 77, D)) plus for SDXL
-    text_embeds (2B, 1280) and time_ids (2B, 6) with original = target = (R, R), crop (0, 0).
-    With --cache the batch already holds the latents and text embeddings."""
+    latents (2B, 4, R/8, R/8) = (mean + std * z) * scaling_factor from the VAE's posterior (its mean when z is None),
+    and cond = dict(context (2B, 77, D)) plus for SDXL text_embeds (2B, 1280) and time_ids (2B, 6) with original =
+    target = (R, R), crop (0, 0). With --cache the batch already holds the posteriors and text embeddings."""
     if "context" in batch:
-        latents = torch.cat([batch["chosen"], batch["rejected"]]).to(device).float()
+        mean = torch.cat([batch["chosen"], batch["rejected"]]).to(device).float()
+        std = torch.cat([batch["chosen_std"], batch["rejected_std"]]).to(device).float()
         context, pooled = batch["context"].to(device), batch.get("pooled")
     else:
         images = torch.cat([batch["chosen"], batch["rejected"]]).to(device, dtype)
-        latents = sd.vae.encode(images).float() * sd.vae.scaling_factor
+        mean, std = (x.float() * sd.vae.scaling_factor for x in sd.vae.posterior(images))
         context, pooled = sd.encode_prompt(batch["prompts"])
+    latents = mean if z is None else mean + std * z.to(device)
     cond = dict(context=context.float().repeat(2, 1, 1))
     if sd.kind == "sdxl":
         cond.update(text_embeds=pooled.to(device).float().repeat(2, 1),
@@ -388,14 +387,14 @@ def unet_inputs(sd, batch, resolution, device, dtype):
 
 def latent_cache(cfg, sd, resolution, device, dtype, embed_key=None):
     """The --cache store for this model, data and resolution (and reward / embedding models, if any), filled by the
-    frozen VAE and text encoders."""
-    key = [sd.source, cfg.data, resolution, sd.vae.scaling_factor]
+    frozen VAE and text encoders: per image the posterior's mean and std, scaled."""
+    key = ["posterior", sd.source, cfg.data, resolution, sd.vae.scaling_factor]
     key = json.dumps(key + [x for x in (cfg.choice_model, embed_key) if x])
     folder = Path(cfg.cache_dir or Path.home() / ".cache" / "diffdpo") / hashlib.sha256(key.encode()).hexdigest()[:16]
 
     @torch.no_grad()
     def encode_images(xs):
-        return sd.vae.encode(torch.stack(xs).to(device, dtype)).float() * sd.vae.scaling_factor
+        return (x.float() * sd.vae.scaling_factor for x in sd.vae.posterior(torch.stack(xs).to(device, dtype)))
 
     @torch.no_grad()
     def encode_text(prompt):
@@ -404,35 +403,48 @@ def latent_cache(cfg, sd, resolution, device, dtype, embed_key=None):
     return LatentCache(folder, encode_images, encode_text)
 
 
-def save_checkpoint(cfg, out, policy, optimizer, scheduler, scaler, state):
+def save_checkpoint(cfg, out, policy, optimizer, scheduler, scaler, state, pairs):
     """OUT/unet/ (or the LoRA file) for users, and OUT/checkpoint.pt to resume from: the trainable weights, the
-    optimizer, scheduler and scaler states, the stream position and RNG. Each file is written atomically."""
+    optimizer, scheduler and scaler states, the stream position, the RNG and the pairs skipped so far."""
     if cfg.lora_rank:  # the adapters alone (the base is --model's), also as diffusers' load_lora_weights reads
         weights = {k: v for k, v in policy.state_dict().items() if ".lora_" in k}
         save_lora(policy, out / LORA_FILE)
     else:
         weights = policy.state_dict()
         save_unet(policy, out / "unet")
-    ckpt = dict(unet=weights, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict(), rng=torch.get_rng_state(), **state)
-    tmp = out / f"checkpoint.pt.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, out / "checkpoint.pt")
+    runs.save_checkpoint(out / "checkpoint.pt", dict(
+        unet=weights, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+        rng=torch.get_rng_state(), skipped_pairs={k: sorted(v) for k, v in pairs.skipped.items()}, **state))
 
 
-def load_checkpoint(out, run_cfg):
-    """OUT/checkpoint.pt, or None; refuses a run whose "fixed" settings (see TrainConfig) differ from it."""
-    path = Path(out) / "checkpoint.pt"
-    if not path.exists():
-        return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    defaults = {f.name: f.default for f in fields(TrainConfig)}  # a key older runs did not record has its default
-    fixed = [k for k in run_cfg["fixed"] if k in ckpt["config"] or k in defaults]
-    for k in fixed + ["world_size"]:
-        if ckpt["config"].get(k, defaults.get(k)) != run_cfg.get(k):
-            raise UserError(f"{path} was made with {k}={ckpt['config'].get(k)!r}, this command has "
-                            f"{k}={run_cfg.get(k)!r}; use another --out or the same settings to resume")
-    return ckpt
+def resume(cfg, out, run_cfg, policy, optimizer, scheduler, scaler, pairs, rank):
+    """Load OUT/checkpoint.pt into the models, optimizer and data stream if there is one (refusing a changed "fixed"
+    setting; applying the new learning rate, warmup and weight decay), write OUT/config.json and trim
+    OUT/metrics.jsonl to the checkpoint's step. Returns the loop's state: step, position, skipped (steps)."""
+    state = dict(step=0, position=0, skipped=0)
+    ckpt = runs.load_checkpoint(out / "checkpoint.pt")
+    if ckpt is not None:
+        for k in run_cfg["fixed"] + ["world_size"]:
+            if k in ckpt["config"] and ckpt["config"][k] != run_cfg[k]:
+                raise UserError(f"{out / 'checkpoint.pt'} was made with {k}={ckpt['config'][k]!r}, this command has "
+                                f"{k}={run_cfg[k]!r}; use another --out or the same settings to resume")
+        policy.load_state_dict(ckpt["unet"], strict=not cfg.lora_rank)  # with LoRA: the adapters only
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler.is_enabled() and ckpt["scaler"]:                        # fp16's loss scale (none for fp32, bf16)
+            scaler.load_state_dict(ckpt["scaler"])
+        scheduler.base_lrs = [run_cfg["lr_used"]] * len(optimizer.param_groups)
+        for group in optimizer.param_groups:                              # "new" settings take effect now
+            group.update(initial_lr=run_cfg["lr_used"], weight_decay=cfg.weight_decay,
+                         lr=run_cfg["lr_used"] * warmup_constant(cfg.warmup_steps)(scheduler.last_epoch))
+        state = {k: ckpt[k] for k in state}
+        pairs.skipped.update({k: set(v) for k, v in ckpt["skipped_pairs"].items()})
+        torch.set_rng_state(ckpt["rng"])
+        print0(f"resuming {out} from step {state['step']}", rank=rank)
+    if rank == 0:
+        write_text_atomic(out / "config.json", json.dumps(dict(run_cfg, command=" ".join(sys.argv)), indent=2))
+        runs.trim_metrics(out / "metrics.jsonl", state["step"])
+    return state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -445,12 +457,16 @@ def train(cfg: TrainConfig, pair_loss=None, image_embedder=None):
     the same. `image_embedder(device)` -> embed([preferred, rejected]) -> (2, D), with a `.key` naming it: image
     embeddings computed once per pair in the data path (and kept by --cache), as batch["chosen_emb"] / ["rejected_emb"].
     Returns the run folder."""
-    rank, world, device = setup_distributed(cfg.device)
+    rank, world, device = setup_distributed(cfg.device, cfg.threads)
+    out = Path(cfg.out)
+    runs.validate(cfg, device, built=built_pairs_path(cfg, out) is not None)
+    lock = runs.lock(out) if rank == 0 else None                  # one run per --out, held until this one ends
     torch.manual_seed(cfg.seed)
     precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
-    amp_dtype, out = DTYPES[precision], Path(cfg.out)
+    amp_dtype = DTYPES[precision]
     sd, policy, reference = load_models(cfg, device, amp_dtype)
     resolution = cfg.resolution or default_size(sd)
+    latent_shape = (sd.unet.cfg.in_channels, resolution // vae_factor(sd), resolution // vae_factor(sd))
     abar = alphas_cumprod(sd.scheduler_config).to(device)
     ptype = sd.scheduler_config.get("prediction_type", "epsilon")
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=precision != "no")
@@ -464,29 +480,30 @@ def train(cfg: TrainConfig, pair_loss=None, image_embedder=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(cfg.warmup_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     pair_loss = method_loss(cfg, pair_loss)
-    pairs = open_training_pairs(cfg, sd, out, resolution, device, amp_dtype, image_embedder, rank, world)
-
+    pairs, val = open_training_pairs(cfg, sd, out, resolution, device, amp_dtype, image_embedder, rank, world)
     fixed = [f.name for f in fields(cfg) if f.metadata["resume"] == "fixed"]
     run_cfg = dict(asdict(cfg), world_size=world, resolution=resolution, lr_used=lr, mixed_precision=precision,
                    pairs_per_step=pairs_per_step, fixed=fixed)
-    state = resume(cfg, out, run_cfg, policy, optimizer, scheduler, scaler, rank)
+    state = resume(cfg, out, run_cfg, policy, optimizer, scheduler, scaler, pairs, rank)
     if state["step"] >= cfg.max_steps:                                       # past the last checkpoint
         print0(f"{out} is already at step {state['step']} >= --max-steps {cfg.max_steps}", rank=rank)
         if rank == 0 and cfg.lora_rank and cfg.merge_lora:
             save_unet(merge_lora(policy), out / "unet")
-        return finish(world, out)
+        return finish(world, out, lock)
 
-    print0(f"{cfg.loss} on {sd.kind} ({sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params), "
-           f"{pairs_per_step} pairs/step on {world} x {device.type}, lr {lr:.3g}, {precision} precision", rank=rank)
+    n_params = sum(p.numel() for p in policy.parameters()) / 1e6
+    print0(f"{cfg.method} on {model_name(cfg.model)} ({sd.kind}, UNet {n_params:.1f}M params), {pairs_per_step} "
+           f"pairs/step on {world} x {device.type}, lr {lr:.3g}, {DTYPE_NAMES[amp_dtype]} precision", rank=rank)
     batches = prefetch(pairs.batches(cfg.batch_size, rank=rank, world_size=world, start=state["position"]))
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=rank != 0, dynamic_ncols=True)
+    log = runs.Log(out, run_cfg, cfg.report_to, cfg.max_steps, state["step"]) if rank == 0 else None
     bad_in_a_row = 0
     while state["step"] < cfg.max_steps:
         t0, logs = time.time(), []
         for micro in range(cfg.grad_accum):
             batch = next(batches)
-            latents, cond = unet_inputs(sd, batch, resolution, device, amp_dtype)
-            eps, t = (x.to(device) for x in cfg.draw_noise(batch, latents.shape[1:], len(abar)))
+            z = posterior_noise(batch["index"], latent_shape, cfg.seed) if cfg.vae_latents == "sample" else None
+            latents, cond = unet_inputs(sd, batch, resolution, device, amp_dtype, z)
+            eps, t = (x.to(device) for x in cfg.draw_noise(batch, latent_shape, len(abar)))
             last = micro == cfg.grad_accum - 1
             with model.no_sync() if world > 1 and not last else torch.enable_grad(), autocast:
                 if reference is None:  # SFT
@@ -503,26 +520,63 @@ def train(cfg: TrainConfig, pair_loss=None, image_embedder=None):
         state["skipped"] += not finite
         bad_in_a_row = 0 if finite else bad_in_a_row + 1
         state["step"] += 1
-
-        m = all_mean(torch.stack(logs).mean(0), world).tolist()              # over micro-steps and ranks
-        row = dict(step=state["step"], loss=m[0], implicit_acc=m[1], lr=lr_now, grad_norm=float(grad_norm),
-                   pairs_per_s=pairs_per_step / (time.time() - t0), mse_w=m[2], mse_l=m[3], ref_mse_w=m[4],
-                   ref_mse_l=m[5], skipped=state["skipped"], corrupt=batch["corrupt"], seconds=time.time() - t0)
+        row = metrics_row(state, logs, world, pairs, grad_norm, lr_now, pairs_per_step, time.time() - t0)
         if rank == 0:
-            log_row(out, row, bar)
+            log.row(row)
         if bad_in_a_row >= cfg.max_bad_steps:
-            if rank == 0:
-                save_checkpoint(cfg, out, policy, optimizer, scheduler, scaler, dict(state, config=run_cfg))
-            raise UserError(f"{bad_in_a_row} optimizer steps in a row had a non-finite loss/gradient; stopping "
-                            f"(last good state saved in {out}); try a lower --lr or --mixed-precision bf16")
-        if state["step"] == cfg.max_steps or (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0):
-            if rank == 0:
-                checkpoint(cfg, sd, out, policy, optimizer, scheduler, scaler, dict(state, config=run_cfg), resolution)
-    bar.close()
+            raise diverged(out, bad_in_a_row)
+        if rank == 0 and (state["step"] == cfg.max_steps or cfg.checkpoint_every and
+                          state["step"] % cfg.checkpoint_every == 0):
+            checkpoint(cfg, sd, out, policy, optimizer, scheduler, scaler, dict(state, config=run_cfg), pairs)
+            if val is not None:
+                log.row(dict(step=state["step"], **validation(cfg, sd, policy, reference, val, pair_loss,
+                                                              latent_shape, resolution, abar, ptype, autocast)))
+            log.grid(samples(cfg, sd, out, policy, reference, state["step"], resolution), state["step"])
     batches.close()
-    print0(f"done: {state['step']} steps, {state['skipped']} skipped, {batch['corrupt']} corrupt pairs skipped; "
-           f"weights in {out / (LORA_FILE if cfg.lora_rank else 'unet')}", rank=rank)
-    return finish(world, out)
+    if rank == 0:
+        log.close()
+        counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in row.items() if k in SKIP_COUNTS)
+        print(f"done: {state['step']} steps ({state['skipped']} skipped); pairs left out: {counts}; weights in "
+              f"{out / (LORA_FILE if cfg.lora_rank else 'unet')}")
+    return finish(world, out, lock)
+
+
+SKIP_COUNTS = ("corrupt", "too_large", "ties", "bad_labels", "empty_captions")
+
+
+def metrics_row(state, logs, world, pairs, grad_norm, lr, pairs_per_step, seconds):
+    """metrics.jsonl's row of one optimizer step: the loss terms averaged over micro-steps and ranks, the optimizer's
+    numbers, and the counts of steps and pairs left out so far."""
+    m = all_mean(torch.stack(logs).mean(0), world).tolist()
+    return dict(step=state["step"], loss=m[0], implicit_acc=m[1], lr=lr, grad_norm=float(grad_norm),
+                pairs_per_s=pairs_per_step / seconds, mse_w=m[2], mse_l=m[3], ref_mse_w=m[4], ref_mse_l=m[5],
+                skipped=state["skipped"], **gathered_counts(pairs, world), seconds=seconds)
+
+
+def diverged(out, bad_in_a_row):
+    """The error that stops a run after --max-bad-steps non-finite steps in a row, naming the step its last
+    checkpoint holds (checkpoints are written only with finite weights)."""
+    held = runs.load_checkpoint(out / "checkpoint.pt")
+    where = (f"{out / 'checkpoint.pt'} holds step {held['step']}, the last checkpoint (its weights are finite)" if held
+             else "no checkpoint was written yet")
+    return UserError(f"{bad_in_a_row} optimizer steps in a row had a non-finite loss/gradient; stopping: {where}; try "
+                     f"a lower --lr or --mixed-precision bf16 and re-run the command to resume")
+
+
+def gathered_counts(pairs, world):
+    """The stream's counts of pairs left out, each pair once (data.PairSource.counts): every rank's skipped pairs are
+    merged, so each rank counts the union."""
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, pairs.skipped)
+        for other in everyone:
+            for reason, keys in other.items():
+                pairs.skipped[reason] |= keys
+    return {k: pairs.counts().get(k, 0) for k in SKIP_COUNTS}
+
+
+def model_name(model):
+    return "tiny (the toy model)" if model == "tiny" else model
 
 
 def optimizer_step(policy, optimizer, scheduler, scaler, grad_clip):
@@ -534,7 +588,7 @@ def optimizer_step(policy, optimizer, scheduler, scaler, grad_clip):
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    lr = scheduler.get_last_lr()[0]
+    lr = optimizer.param_groups[0]["lr"]
     scheduler.step()
     return grad_norm, lr
 
@@ -550,69 +604,87 @@ def method_loss(cfg, pair_loss=None):
 
 
 def open_training_pairs(cfg, sd, out, resolution, device, amp_dtype, image_embedder, rank, world):
-    """The training stream (data.open_pairs) for --data, with pairs the run builds itself first (rank 0 only, kept
-    under OUT), the --cache store, image embeddings and --choice-model relabelling as configured."""
+    """(training stream, validation pairs or None): data.open_pairs for --data, with pairs the run builds itself
+    first (rank 0 only, kept under OUT), the --cache store, image embeddings, --choice-model relabelling and
+    --val-pairs held out, as configured."""
     spec = build_pairs(cfg, sd, out, resolution) if rank == 0 else built_pairs_path(cfg, out)
     if world > 1:
         dist.barrier()
     embed = image_embedder(device) if image_embedder else None
     cache = latent_cache(cfg, sd, resolution, device, amp_dtype, getattr(embed, "key", None)) if cfg.cache else None
     relabel = eval.relabeller(cfg.choice_model, device) if cfg.choice_model else None
-    return open_pairs(spec or cfg.data, resolution=resolution, random_crop=cfg.random_crop, flip=cfg.flip,
-                      caption_dropout=cfg.caption_dropout, seed=cfg.seed, cache=cache, relabel=relabel, embed=embed)
+    pairs = open_pairs(spec or cfg.data, resolution=resolution, random_crop=cfg.random_crop, flip=cfg.flip,
+                       caption_dropout=cfg.caption_dropout, seed=cfg.seed, cache=cache, relabel=relabel, embed=embed)
+    return pairs.holdout(cfg.val_pairs) if cfg.val_pairs else (pairs, None)
 
 
-def resume(cfg, out, run_cfg, policy, optimizer, scheduler, scaler, rank):
-    """Load OUT/checkpoint.pt into the models and optimizer if there is one, write OUT/config.json and trim
-    OUT/metrics.jsonl to the checkpoint's step. Returns the loop's state: step, position, skipped."""
-    state = dict(step=0, position=0, skipped=0)
-    ckpt = load_checkpoint(out, run_cfg)
-    if ckpt is not None:
-        policy.load_state_dict(ckpt["unet"], strict=not cfg.lora_rank)  # with LoRA: the adapters only
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        state = {k: ckpt[k] for k in state}
-        torch.set_rng_state(ckpt["rng"])
-        print0(f"resuming {out} from step {state['step']}", rank=rank)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.json", json.dumps(dict(run_cfg, command=" ".join(sys.argv)), indent=2))
-        metrics = out / "metrics.jsonl"
-        rows = metrics.read_text().splitlines() if metrics.exists() else []
-        metrics.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= state["step"]))
-    return state
-
-
-def log_row(out, row, bar):
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_acc']:.2f}", lr=f"{row['lr']:.2e}",
-                    pairs_s=f"{row['pairs_per_s']:.2f}")
-    bar.update(1)
+@torch.no_grad()
+def validation(cfg, sd, policy, reference, val, pair_loss, latent_shape, resolution, abar, ptype, autocast):
+    """The loss and implicit accuracy on the held-out pairs (--val-pairs), each with its own fixed noise, timestep
+    and posterior draw (pair_noise of its index + 2^40), so the values are comparable across checkpoints."""
+    n, totals = cfg.val_pairs, torch.zeros(2)
+    for start in range(0, n, cfg.batch_size):
+        idx = list(range(start, min(n, start + cfg.batch_size)))
+        items = [val.item(i) for i in idx]
+        batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if isinstance(items[0][k], torch.Tensor)}
+        batch.update(prompts=[it["prompt"] for it in items], index=torch.tensor(idx))
+        held_out = [i + 2 ** 40 for i in idx]                       # noise draws of their own, not training pairs'
+        z = posterior_noise(held_out, latent_shape, cfg.seed) if cfg.vae_latents == "sample" else None
+        latents, cond = unet_inputs(sd, batch, resolution, sd.device, next(sd.vae.parameters()).dtype, z)
+        eps, t = (x.to(sd.device) for x in pair_noise(held_out, latent_shape, cfg.seed, len(abar)))
+        with autocast:
+            if reference is None:
+                errors = sft_errors(policy, latents, cond, eps, t, abar, ptype)
+            else:
+                errors = dpo_errors(policy, reference, latents, cond, eps, t, abar, ptype)
+            loss, acc = pair_loss(*errors, batch, sd, 1)
+        totals += torch.stack([loss.float(), acc.float()]).cpu() * len(idx)
+    return dict(val_loss=(totals[0] / n).item(), val_implicit_acc=(totals[1] / n).item(), val_pairs=n)
 
 
 SAMPLE_PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a red cube on top of a blue sphere",
                   "a watercolor painting of a fox in the snow", "a close-up portrait of an old fisherman"]
 
 
-def checkpoint(cfg, sd, out, policy, optimizer, scheduler, scaler, state, resolution):
-    """Save the checkpoint; at the last step, fold LoRA adapters into OUT/unet/ if asked; then the sample grid
-    (fixed prompts and seeds, so grids across checkpoints are comparable)."""
-    save_checkpoint(cfg, out, policy, optimizer, scheduler, scaler, state)
+def checkpoint(cfg, sd, out, policy, optimizer, scheduler, scaler, state, pairs):
+    """Save the checkpoint (unless a weight is not finite: then the last one, which is, stays); at the last step,
+    fold LoRA adapters into OUT/unet/ if asked."""
+    if not all(torch.isfinite(p).all() for p in policy.parameters() if p.requires_grad):
+        print0(f"step {state['step']}: non-finite weights, {out / 'checkpoint.pt'} is not overwritten")
+        return
+    save_checkpoint(cfg, out, policy, optimizer, scheduler, scaler, state, pairs)
     if cfg.lora_rank and cfg.merge_lora and state["step"] == cfg.max_steps:
         save_unet(merge_lora(policy), out / "unet")
-    if cfg.samples:
-        prompts = toy.shape_prompts("test")[:8] if cfg.data in toy.WORLDS else SAMPLE_PROMPTS
-        guidance = toy.TOY_SAMPLING["guidance"] if cfg.model == "tiny" else 7.5
-        sample_grid(sd, policy, prompts, list(range(len(prompts))), out / "samples" / f"step{state['step']:06d}.png",
-                    steps=cfg.sample_steps, height=resolution, width=resolution, guidance=guidance)
 
 
-def finish(world, out):
+def samples(cfg, sd, out, policy, reference, step, resolution):
+    """OUT/samples/stepNNNNNN.png: the base model's images (row 1, rendered once and kept in OUT/samples/base/) and
+    the policy's at this step (row 2), for fixed prompts and seeds, so grids across checkpoints are comparable."""
+    if not cfg.samples:
+        return None
+    prompts = toy.shape_prompts("test")[:8] if cfg.data in toy.WORLDS else SAMPLE_PROMPTS
+    kw = dict(steps=cfg.sample_steps, height=resolution, width=resolution,
+              guidance=sampling_defaults(cfg.model)[1])
+    seeds, folder = list(range(len(prompts))), out / "samples" / "base"
+    base = [folder / f"{i:02d}.png" for i in seeds]
+    if not all(p.is_file() for p in base):
+        base_unet = reference if reference is not None else load_sd(cfg.model, device=sd.device).unet
+        with lora_disabled(base_unet):
+            for path, image in zip(base, render(sd, base_unet, prompts, seeds, **kw)):
+                write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    tuned = render(sd, policy, prompts, seeds, **kw)
+    grid = image_grid([[Image.open(p).convert("RGB") for p in base], tuned], ["base", f"step {step}"], prompts)
+    path = out / "samples" / f"step{step:06d}.png"
+    write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
+    return path
+
+
+def finish(world, out, lock):
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+    if lock is not None:
+        lock.close()
     return out
 
 
@@ -636,7 +708,7 @@ def build_pairs(cfg, sd, out, resolution):
     path = built_pairs_path(cfg, out)
     if path is None or path.exists():
         return path
-    t0, guidance = time.time(), toy.TOY_SAMPLING["guidance"] if cfg.model == "tiny" else 7.5
+    t0, guidance = time.time(), sampling_defaults(cfg.model)[1]
     if cfg.data == "shapes":
         n = toy.build_shape_pairs(sd, path, toy.TOY_PAIRS, cfg.seed)
     else:
@@ -662,18 +734,22 @@ def build_style_pairs(sd, folder, path, resolution, steps, guidance, seed=0):
 
 
 def main(cfg, pair_loss=None, image_embedder=None):
-    """Train; for a toy world (--data shapes), then evaluate (eval.evaluate_toy: OUT/summary.json, compare.png). A problem
-    the user can fix (UserError: a bad --model, --data, setting...) ends with a one-line error and exit code 2."""
-    t_start = time.time()
+    """Train; for a toy world, then evaluate base vs tuned on its held-out captions (eval.evaluate_toy:
+    OUT/summary.json, OUT/compare.png); with --push-to-hub, upload the result. A problem the user can fix (a bad
+    --model, --data or setting, a busy or unwritable --out, ...) ends with a one-line error and exit code 2."""
+    t_start, rank = time.time(), int(os.environ.get("RANK", 0))
+    print0(f"diffdpo: {cfg.method} on {model_name(cfg.model)}, --data {cfg.data}, writing {cfg.out}/", rank=rank)
     try:
         out = train(cfg, pair_loss, image_embedder)
-        if cfg.data in toy.WORLDS and int(os.environ.get("RANK", 0)) == 0:
+        if rank == 0 and cfg.data in toy.WORLDS:
             pairs_per_step = cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", 1))
             run = dict(loss=getattr(pair_loss, "name", cfg.method), steps=cfg.max_steps, pairs_per_step=pairs_per_step)
-            summary = eval.evaluate_toy(cfg.model, cfg.data, out, run, t_start)
-            print(f"held-out judge score: base {summary['judge_score_base']:.4f}, tuned "
-                  f"{summary['judge_score_tuned']:.4f}; win rate vs base {summary['win_rate_vs_base']:.3f} "
-                  f"({out / 'summary.json'}, {out / 'compare.png'})")
+            eval.evaluate_toy(cfg.model, cfg.data, out, run, t_start)
+        if rank == 0 and cfg.push_to_hub:
+            config = dict(read_json(out / "config.json"), method=getattr(pair_loss, "name", cfg.method))
+            weights = LORA_FILE if cfg.lora_rank and not cfg.merge_lora else "unet"
+            card = runs.model_card(config, ALIASES.get(cfg.model, cfg.model), cfg.push_to_hub, out, weights)
+            runs.push_to_hub(cfg.push_to_hub, out, card)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -17,8 +17,8 @@ sentence-transformers or the scorers' own packages):
 Prompt sets: parti, drawbench, hps (hps:anime ...), pickapic, or a local file (.txt .tsv .csv .json .parquet).
 --style-ref FOLDER adds the style FD (align.frechet_distance) of base and tuned images to the reference images.
 
-Read top to bottom: the CLIP vision tower and CLIPModel, image preprocessing, the OpenCLIP names, the scorers and their
-loaders, prompt sets, the bootstrap, the CLI.
+Read top to bottom: the scores' formulas and the scorer, their loaders, prompt sets, win rates with the bootstrap, the
+toy world's evaluation, the report and the CLI. The networks (CLIP, BLIP, BERT) are in align.py.
 """
 import argparse
 import csv
@@ -27,216 +27,24 @@ import io
 import json
 import sys
 import time
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
 import sample
 import toy
 import unet
+from align import (BLIP, CLIP, SBERT, VIT_H_14, TextAlignment, clip_preprocess, frechet_distance, hps_preprocess,
+                   load_captioner, load_sentence_encoder, openclip_configs, read_processor_config)
 from convert import openclip_to_ours
-from files import DTYPES, LoadError, UserError, first_line, hub_download, read_json, read_safetensors, weight_files, \
-    write_text_atomic
+from files import DTYPES, LoadError, UserError, first_line, hub_download, read_json, \
+    read_safetensors, weight_files, write_text_atomic
 from tokenizer import CLIPTokenizer, read_merges
-from align import BLIP, SBERT, TextAlignment, frechet_distance, load_captioner, load_sentence_encoder
-
-# ----------------------------------------------------------------------------------------------------------------
-# CLIP: the vision tower (transformers CLIPVisionTransformer) and the two towers with their projections (CLIPModel)
-
-
-@dataclass
-class CLIPVisionConfig:
-    hidden_size: int = 768                      # transformers' defaults, for config.json files that leave keys out
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    image_size: int = 224
-    patch_size: int = 32
-    hidden_act: str = "quick_gelu"              # OpenCLIP ViT-H: "gelu"
-    layer_norm_eps: float = 1e-5
-    projection_dim: int = 512
-    raw: dict = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def from_dict(cls, d):
-        return unet.config_from_dict(cls, d)
-
-    @classmethod
-    def vit_h14(cls):  # PickScore's and HPSv2's image tower (OpenCLIP ViT-H/14, laion2B)
-        return cls.from_dict(dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                  num_attention_heads=16, patch_size=14, hidden_act="gelu", projection_dim=1024))
-
-    @classmethod
-    def vit_l14(cls):  # OpenAI CLIP ViT-L/14 (the aesthetic predictor's and CLIP score's)
-        return cls.from_dict(dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                  num_attention_heads=16, patch_size=14, projection_dim=768))
-
-    @classmethod
-    def tiny(cls):
-        return cls.from_dict(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  image_size=28, patch_size=14, projection_dim=16))
-
-
-# the text towers that go with them (CLIPTextConfig of unet.py; eos_token_id 2 = pool at the argmax id, as OpenCLIP)
-TEXT_H14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                hidden_act="gelu", projection_dim=1024, eos_token_id=2)
-TEXT_L14 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                projection_dim=768, eos_token_id=2)
-TEXT_DEFAULTS = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
-                     projection_dim=512)        # transformers' CLIPTextConfig defaults (ours are ViT-L's)
-
-
-class CLIPVisionEmbeddings(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        p, n = cfg.patch_size, (cfg.image_size // cfg.patch_size) ** 2
-        self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
-        self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, p, stride=p, bias=False)
-        self.position_embedding = nn.Embedding(n + 1, cfg.hidden_size)
-
-    def forward(self, pixels):
-        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)                # (B, N, D), N = (S / p)^2
-        cls = self.class_embedding.to(x.dtype).expand(len(x), 1, -1)                # (B, 1, D)
-        return torch.cat([cls, x], dim=1) + self.position_embedding.weight          # (B, 1 + N, D)
-
-
-class CLIPVisionTransformer(nn.Module):
-    """pixels (B, 3, S, S) -> pooled (B, D): patches + class token, pre-LN, non-causal layers, LN of the class token."""
-
-    def __init__(self, cfg: CLIPVisionConfig):
-        super().__init__()
-        self.embeddings = CLIPVisionEmbeddings(cfg)
-        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)   # sic: the checkpoints' spelling
-        self.encoder = unet.CLIPEncoder(cfg, causal=False)
-        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-    def forward(self, pixels):
-        h = self.pre_layrnorm(self.embeddings(pixels))
-        for layer in self.encoder.layers:
-            h = layer(h)
-        return self.post_layernorm(h[:, 0])                                         # (B, D)
-
-
-class CLIP(unet.CLIPText):
-    """transformers CLIPModel: unet.py's text tower with its projection (text_model.*, text_projection), the vision
-    tower (vision_model.*, visual_projection) and the learned temperature (logit_scale). Embeddings are unit-norm."""
-
-    def __init__(self, text_cfg: unet.CLIPTextConfig, vision_cfg: CLIPVisionConfig):
-        super().__init__(replace(text_cfg, with_projection=True))
-        self.vision_cfg = vision_cfg
-        self.vision_model = CLIPVisionTransformer(vision_cfg)
-        self.visual_projection = nn.Linear(vision_cfg.hidden_size, vision_cfg.projection_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.zeros(()))
-
-    @classmethod
-    def from_dict(cls, d):
-        """A transformers CLIPModel config.json (older files put overrides in text_config_dict/vision_config_dict)."""
-        text = {**TEXT_DEFAULTS, **(d.get("text_config") or {}), **(d.get("text_config_dict") or {}),
-                "projection_dim": d.get("projection_dim", 512)}
-        vision = {**(d.get("vision_config") or {}), **(d.get("vision_config_dict") or {}),
-                  "projection_dim": d.get("projection_dim", 512)}
-        text.pop("architectures", None)  # null in sub-configs; CLIP sets the projection itself
-        return unet.CLIPTextConfig.from_dict(text), CLIPVisionConfig.from_dict(vision)
-
-    def encode_text(self, ids):
-        return F.normalize(self(ids)[2], dim=-1)                                    # (B, P)
-
-    def encode_image(self, pixels):
-        return F.normalize(self.visual_projection(self.vision_model(pixels)), dim=-1)  # (B, P)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Image preprocessing, as each scorer was trained with
-
-OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-
-def _normalize(arrays, mean, std):
-    """uint8 (H, W, 3) arrays -> (B, 3, H, W) float32: x / 255 (in float64, then float32), then (x - mean) / std."""
-    x = torch.from_numpy(np.stack([(a.astype(np.float64) / 255).astype(np.float32) for a in arrays]))
-    x = (x - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std, dtype=torch.float32)
-    return x.permute(0, 3, 1, 2).contiguous()
-
-
-def clip_preprocess(images, size=224, crop=224, mean=OPENAI_MEAN, std=OPENAI_STD):
-    """transformers' CLIPImageProcessor (PIL backend): RGB; shortest side -> size with PIL bicubic, the long side
-    int(size * long / short) (truncated, not rounded); center crop at floor((H - crop) / 2); /255; normalize."""
-    out = []
-    for im in images:
-        im = im.convert("RGB")
-        w, h = im.size
-        short, long = min(w, h), max(w, h)
-        new = (size, int(size * long / short))
-        im = im.resize((new[0], new[1]) if w <= h else (new[1], new[0]), Image.BICUBIC)
-        a = np.asarray(im)
-        top, left = (a.shape[0] - crop) // 2, (a.shape[1] - crop) // 2
-        out.append(a[top:top + crop, left:left + crop])
-    return _normalize(out, mean, std)
-
-
-def hps_preprocess(images, size=224, mean=OPENAI_MEAN, std=OPENAI_STD):
-    """HPSv2's eval transform (open_clip `image_transform(..., resize_longest_max=True)`, its `light_augmentation`):
-    to tensor in [0, 1]; longest side -> size by torchvision's tensor resize (bicubic, antialiased, float, unclamped)
-    with the other side round(side * size / longest); zero-pad (black) to size x size, the extra pixel right/bottom;
-    normalize. No crop, so nothing of a non-square image is lost. (As open_clip: an image whose longest side already
-    equals `size` is neither resized nor padded.)"""
-    out = []
-    for im in images:
-        x = torch.from_numpy(np.asarray(im.convert("RGB")).astype(np.float32) / 255).permute(2, 0, 1)  # (3, H, W)
-        h, w = x.shape[1:]
-        scale = size / max(h, w)
-        if scale != 1.0:
-            nh, nw = round(h * scale), round(w * scale)
-            x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0]
-            ph, pw = size - nh, size - nw
-            x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
-        out.append(x)
-    x = torch.stack(out)
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-
-
-def read_processor_config(path):
-    """size / crop / mean / std of a preprocessor_config.json (old files: ints, new ones: dicts)."""
-    d = read_json(path)
-    size, crop = d.get("size", 224), d.get("crop_size", 224)
-    size = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
-    crop = crop.get("height") if isinstance(crop, dict) else crop
-    return dict(size=size, crop=crop, mean=tuple(d.get("image_mean", OPENAI_MEAN)),
-                std=tuple(d.get("image_std", OPENAI_STD)))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# OpenCLIP configs (HPSv2's checkpoint; its key names are mapped by convert.openclip_to_ours)
-
-
-def openclip_configs(d):
-    """An OpenCLIP model config (ViT-H-14.json, or open_clip_config.json's `model_cfg`) -> (text, vision) configs.
-    OpenCLIP ViTs use GELU unless `quick_gelu`; heads = width / head_width (64 by default) for the image tower."""
-    d = d.get("model_cfg", d)
-    v, t = d["vision_cfg"], d["text_cfg"]
-    act = "quick_gelu" if d.get("quick_gelu") else "gelu"
-    vision = CLIPVisionConfig.from_dict(dict(
-        hidden_size=v["width"], intermediate_size=int(v["width"] * v.get("mlp_ratio", 4.0)),
-        num_hidden_layers=v["layers"], num_attention_heads=v["width"] // v.get("head_width", 64),
-        image_size=v.get("image_size", 224), patch_size=v["patch_size"], hidden_act=act, projection_dim=d["embed_dim"]))
-    text = unet.CLIPTextConfig.from_dict(dict(
-        vocab_size=t.get("vocab_size", 49408), hidden_size=t["width"],
-        intermediate_size=int(t["width"] * t.get("mlp_ratio", 4.0)), num_hidden_layers=t["layers"],
-        num_attention_heads=t.get("heads", 8), max_position_embeddings=t.get("context_length", 77), hidden_act=act,
-        projection_dim=d["embed_dim"], eos_token_id=2))
-    return text, vision
-
-
-VIT_H_14 = dict(embed_dim=1024, vision_cfg=dict(image_size=224, layers=32, width=1280, head_width=80, patch_size=14),
-                text_cfg=dict(context_length=77, vocab_size=49408, width=1024, heads=16, layers=24))  # open_clip's
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Scores: the formulas, then the scorer that runs them in batches
@@ -570,24 +378,31 @@ TOY_SEEDS = 8             # held-out images per test caption, the same seeds for
 
 def evaluate_toy(model, world, out, run, t_start):
     """Base (`model`) vs tuned (OUT/unet, or OUT's LoRA) on a toy world (`world`: shapes) on its 18 held-out captions
-    x TOY_SEEDS seeds under the judge. Writes OUT/summary.json (`run` + the win rate of tuned over base, ties half; mean judge scores; seconds
-    since t_start, so the whole run) and OUT/compare.png (one image per held-out caption: base above, tuned below)."""
+    x TOY_SEEDS seeds under the judge. Writes OUT/summary.json (`run` + the win rate of tuned over base, ties half;
+    mean judge scores; seconds since t_start, so the whole run) and OUT/compare.png (one image per held-out caption:
+    base above, tuned below); a run evaluated at these steps already is not evaluated again."""
     out = Path(out)
+    if (out / "summary.json").is_file() and read_json(out / "summary.json").get("steps") == run["steps"]:
+        print(f"{out / 'summary.json'} already evaluates step {run['steps']}")
+        return read_json(out / "summary.json")
     sd = unet.load_sd(model)
     tuned = (unet.load_component(out / "unet", "unet") if (out / "unet").is_dir() else
              unet.load_sd(model, lora=out).unet)
     prompts = [p for p in toy.shape_prompts("test") for _ in range(TOY_SEEDS)]
     seeds = list(range(len(prompts)))
-    images = {label: sample.render(sd, net, prompts, seeds, batch_size=256, **toy.TOY_SAMPLING)
-              for label, net in (("base", sd.unet), ("tuned", tuned))}
+    images = {label: sample.render(sd, net, prompts, seeds, batch_size=256, desc=f"evaluating {label}",
+                                   **sample.TOY_SAMPLING) for label, net in (("base", sd.unet), ("tuned", tuned))}
     scores = {label: [toy.judge(i, p) for i, p in zip(ims, prompts)] for label, ims in images.items()}
     summary = dict(run, win_rate_vs_base=float(win_outcomes(scores["tuned"], scores["base"]).mean()),
                    judge_score_base=float(np.mean(scores["base"])), judge_score_tuned=float(np.mean(scores["tuned"])),
                    num_images=len(prompts), seconds=round(time.time() - t_start, 1))
-    big = {label: [im.resize((64, 64), Image.NEAREST) for im in ims[::TOY_SEEDS]] for label, ims in images.items()}
-    labels = [f"{label} {summary[f'judge_score_{label}']:.3f}" for label in big]
-    sample.image_grid(list(big.values()), row_labels=labels).save(out / "compare.png")
+    labels = [f"{label} {summary[f'judge_score_{label}']:.3f}" for label in images]
+    sample.image_grid([ims[::TOY_SEEDS] for ims in images.values()], labels).save(out / "compare.png")
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    print(f"held-out judge score (the share of the image in the caption's shape color; higher is better): base "
+          f"{summary['judge_score_base']:.3f}, tuned {summary['judge_score_tuned']:.3f}\ntuned beats base on "
+          f"{100 * summary['win_rate_vs_base']:.1f}% of {len(prompts)} held-out images (50% would be no change); "
+          f"see {out / 'compare.png'} (base above, tuned below) and {out / 'summary.json'}")
     return summary
 
 
@@ -605,18 +420,24 @@ SEED_TABLE = {"aesthetic": (5.6205, 6.043), "hps": (0.2672, 0.2814), "text-align
 def report_markdown(report):
     """The paper's table shape: one row per scorer, the two models' mean scores, the tuned model's win rate and the
     seed's published numbers; the style FD below it when there is one."""
-    rows = ["| Scorer | Base | Tuned | Tuned wins (95% CI) | Seed: SD1.5 (DPO) | Seed: LCM (DPO) |", "|---" * 6 + "|"]
+    rows = ["| Scorer | Base | Tuned | Tuned wins (95% bootstrap CI) | Seed: SD1.5 (DPO) | Seed: LCM (DPO) |",
+            "|---" * 6 + "|"]
     for name, r in report["scorers"].items():
         k = 100 if name == "hps" else 1
         seed = " | ".join(f"{k * v:.4f}" for v in SEED_TABLE.get(name, ())) or "- | -"
         rows.append(f"| {LABELS[name]} | {k * r['base_mean']:.4f} | {k * r['tuned_mean']:.4f} | "
-                    f"{100 * r['win_rate']:.1f}% ({100 * r['win_lo']:.1f}-{100 * r['win_hi']:.1f}) | {seed} |")
+                    f"{win_text(r['win_rate'], r['win_lo'], r['win_hi'], report['n'])} | {seed} |")
     a, fd = report["args"], report.get("style_fd")
     style = (f"\nStyle FD to `{a['style_ref']}` ({fd['images']} images, {fd['features']} features): base "
              f"{fd['base']:.4f}, tuned {fd['tuned']:.4f} (lower is closer)\n" if fd else "")
     return (f"# {a['unet'] or a['lora']} vs {a['model']}\n\n{report['n']} prompts from `{a['prompts']}`, "
             f"seeds {a['seed']}.., "
             f"{a['steps']} {a['sampler']} steps, guidance {a['guidance']}.\n\n" + "\n".join(rows) + "\n" + style)
+
+
+def win_text(rate, lo, hi, n):
+    """"62.5% of 200 prompts (95% CI 55.0-69.5)"; with no interval when every resample agrees (e.g. 18 wins of 18)."""
+    return f"{100 * rate:.1f}% of {n} prompts" + (f" (95% CI {100 * lo:.1f}-{100 * hi:.1f})" if hi > lo else "")
 
 
 def style_images(folder):
@@ -641,8 +462,27 @@ def wins_losses_grid(base, tuned, prompts, delta, k=4):
     """Base (top row) and tuned (bottom row) for the k largest wins (left) and k largest losses (right)."""
     order = np.argsort(-np.asarray(delta))
     idx = list(order[:k]) + [i for i in order[::-1][:k] if i not in order[:k]]
-    labels = [f"{delta[i]:+.3g} {prompts[i]}" for i in idx]
+    labels = [f"{delta[i]:+.3g}: {prompts[i]}" for i in idx]
     return sample.image_grid([[base[i] for i in idx], [tuned[i] for i in idx]], ["base", "tuned"], labels)
+
+
+def score(images, prompts, names, paths, a):
+    """Each scorer on both models' images ({"base": [...], "tuned": [...]}): the means, the tuned model's win rate
+    with its bootstrap interval, and every score."""
+    out = {}
+    for name in names:
+        try:
+            scorer = load_scorer(name, paths.get(name), device=a.device, captioner=a.captioner)
+        except (UserError, OSError) as e:
+            raise LoadError(f"scorer {name}: {first_line(e)}") from None
+        s = {label: scorer(ims, prompts).tolist() for label, ims in images.items()}
+        del scorer
+        rate, lo, hi = bootstrap_win_rate(s["tuned"], s["base"], n=a.bootstrap, seed=a.seed)
+        out[name] = dict(base_mean=float(np.mean(s["base"])), tuned_mean=float(np.mean(s["tuned"])), win_rate=rate,
+                         win_lo=lo, win_hi=hi, base=s["base"], tuned=s["tuned"])
+        print(f"{name}: base {np.mean(s['base']):.4f}  tuned {np.mean(s['tuned']):.4f}  "
+              f"tuned wins {win_text(rate, lo, hi, len(prompts))}")
+    return out
 
 
 def parse_scorer_models(items):
@@ -657,29 +497,37 @@ def parse_scorer_models(items):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="sd15", help="the base: alias (sd15, sdxl, tiny), Hub id, folder or .safetensors")
+    p.add_argument("--model", default="tiny", help="the base: tiny (the toy model), an alias (sd15, sdxl), Hub id, "
+                                                 "folder or .safetensors")
     p.add_argument("--unet", default=None, help="the tuned UNet folder (OUT/unet of diffdpo.py)")
     p.add_argument("--lora", default=None, help="or: the tuned LoRA adapters (a run folder of diffdpo.py --lora-rank, "
                                                 "or the .safetensors file), applied to --model's UNet")
-    p.add_argument("--prompts", default="parti", help="a set (see prompt_set) or a .txt/.tsv/.csv/.json file")
+    p.add_argument("--prompts", default=None, help="a set (see prompt_set) or a .txt/.tsv/.csv/.json file "
+                                                   "(default: parti; the toy model's held-out captions, shapes)")
     p.add_argument("--num", type=int, default=None, help="only the first N prompts")
-    p.add_argument("--scorers", default="pickscore,hps,aesthetic,clip")
+    p.add_argument("--scorers", default=None, help=f"comma-separated: {', '.join(SCORERS)} (default: pickscore, "
+                                                   f"hps, aesthetic, clip; the toy model's judge)")
     p.add_argument("--scorer-model", action="append", default=[], metavar="NAME=PATH",
                    help="where a scorer's weights come from (repeatable); see load_scorer")
     p.add_argument("--captioner", default=None, help=f"text-alignment's BLIP: a folder or Hub id (default {BLIP})")
     p.add_argument("--style-ref", default=None, help="a folder of style images: report.json gets each model's style_fd")
     p.add_argument("--out", default="runs/eval", help="folder for report.json, report.md, wins_losses.png, images/")
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i, for both models")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "euler", "dpm"])
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; the toy model's 20)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default 7.5; the toy's 4)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "euler", "dpm"], help="sample.py's samplers")
     p.add_argument("--height", type=int, default=None, help="default: the model's (512 SD1.5, 1024 SDXL)")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--width", type=int, default=None, help="default: the model's")
+    p.add_argument("--batch-size", type=int, default=4, help="images per UNet call")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the win rates' intervals")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="the networks' precision")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                   help="default: cuda when available")
     a = p.parse_args(argv)
+    toy_model = a.model == "tiny"
+    a.steps, a.guidance = sample.sampling_defaults(a.model, a.steps, a.guidance)
+    a.prompts = a.prompts or ("shapes" if toy_model else "parti")
+    a.scorers = a.scorers or ("judge" if toy_model else "pickscore,hps,aesthetic,clip")
 
     def fail(msg):
         print("error: " + (str(msg).splitlines() or [repr(msg)])[0], file=sys.stderr)
@@ -708,6 +556,8 @@ def main(argv=None):
         fail(e)
     if any(getattr(tuned.cfg, k) != getattr(sd.unet.cfg, k) for k in sample.FAMILY):
         fail(f"--unet {a.unet}: a UNet of another model family than --model {a.model}")
+    if toy_model:
+        sample.warn_unknown_words(sd, prompts)
 
     out = Path(a.out)
     seeds = [a.seed + i for i in range(len(prompts))]
@@ -725,25 +575,14 @@ def main(argv=None):
         for i, im in enumerate(ims):
             im.save(out / "images" / label / f"{i:05d}.png")
 
-    report = dict(args=vars(a), n=len(prompts), prompts=prompts, seeds=seeds, scorers={})
-    for name in scorers:
-        try:
-            scorer = load_scorer(name, paths.get(name), device=a.device, captioner=a.captioner)
-        except (UserError, OSError) as e:
-            fail(f"scorer {name}: {e}")
-        s = {label: scorer(ims, prompts).tolist() for label, ims in images.items()}
-        del scorer
-        rate, lo, hi = bootstrap_win_rate(s["tuned"], s["base"], n=a.bootstrap, seed=a.seed)
-        report["scorers"][name] = dict(base_mean=float(np.mean(s["base"])), tuned_mean=float(np.mean(s["tuned"])),
-                                       win_rate=rate, win_lo=lo, win_hi=hi, base=s["base"], tuned=s["tuned"])
-        print(f"{name}: base {np.mean(s['base']):.4f}  tuned {np.mean(s['tuned']):.4f}  "
-              f"tuned wins {100 * rate:.1f}% ({100 * lo:.1f}-{100 * hi:.1f})")
+    report = dict(args=vars(a), n=len(prompts), prompts=prompts, seeds=seeds)
     try:
-        report["style_fd"] = style_fd(ref, images, a.model == "tiny", paths.get("clip"), a.device) if ref else None
+        report["scorers"] = score(images, prompts, scorers, paths, a)
+        report["style_fd"] = style_fd(ref, images, toy_model, paths.get("clip"), a.device) if ref else None
     except (UserError, OSError) as e:
-        fail(f"--style-ref: {e}")
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(report_markdown(report))
+        fail(e)
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
+    write_text_atomic(out / "report.md", report_markdown(report))
     print(report_markdown(report))
     first = report["scorers"][scorers[0]]
     delta = [t - b for t, b in zip(first["tuned"], first["base"])]

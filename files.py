@@ -5,6 +5,7 @@ names of precisions.
 """
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -33,6 +34,33 @@ def first_line(e):
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config files: a config.json read into a config dataclass (unet.py's UNetConfig, VAEConfig, ...), types checked
+
+
+def config_from_dict(cls, d):
+    """Build a config dataclass from a diffusers/transformers config dict, keeping the dict itself as `raw`
+    (so a saved model carries exactly the config it was loaded with). Unknown fields are ignored; a known field of
+    the wrong type (e.g. a string where a number belongs) is a LoadError."""
+    if not isinstance(d, dict):
+        raise LoadError(f"{cls.__name__}: expected a JSON object, got {type(d).__name__}")
+    known = {f.name: f.type for f in fields(cls) if f.name != "raw"}
+    for k, v in d.items():
+        if k in known and not fits(v, known[k]):
+            raise LoadError(f"{cls.__name__}: {k}={v!r} is not of type {known[k].__name__}")
+    cfg = cls(**{k: v for k, v in d.items() if k in known})
+    cfg.raw = dict(d)
+    return cfg
+
+
+def fits(value, kind):
+    """Whether a JSON value can stand for a config field of type `kind` (an int is a float; a bool is no number)."""
+    if kind is object or kind is bool:
+        return kind is object or type(value) is bool
+    kinds = {float: (int, float), tuple: (list, tuple)}.get(kind, kind)
+    return not isinstance(value, bool) and isinstance(value, kinds)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import argparse
 import copy
 import json
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from files import DTYPES, UserError, first_line
 from lora import load_lora, merge_lora
+from tokenizer import split_words
 from unet import load_component, load_sd
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -41,7 +41,7 @@ def betas(scheduler_config):
         return torch.linspace(b0 ** 0.5, b1 ** 0.5, T, dtype=torch.float32) ** 2
     if kind == "linear":
         return torch.linspace(b0, b1, T, dtype=torch.float32)
-    raise ValueError(f"scheduler config: beta_schedule={kind!r} is not supported (scaled_linear or linear)")
+    raise UserError(f"scheduler config: beta_schedule={kind!r} is not supported (scaled_linear or linear)")
 
 
 def alphas_cumprod(scheduler_config):
@@ -74,7 +74,7 @@ def scheduler_config(cfg, sampler):
     bad = [k for k in UNSUPPORTED if cfg.get(k)] + [f"{k}={cfg[k]!r}" for k, ok in [
         ("interpolation_type", "linear"), ("final_sigmas_type", "zero")] if cfg.get(k, ok) != ok]
     if bad:
-        raise ValueError(f"scheduler config: {', '.join(bad)} is not supported by these samplers")
+        raise UserError(f"scheduler config: {', '.join(bad)} is not supported by these samplers")
     return cfg
 
 
@@ -86,7 +86,7 @@ def inference_timesteps(cfg, n, fractional=False, dpm=False):
     DPM-Solver (`dpm`) lays n + 1 points for leading/linspace and drops the last one (t = 0)."""
     T, spacing, m = cfg.get("num_train_timesteps", 1000), cfg.get("timestep_spacing", "leading"), n + dpm
     if not 1 <= n <= T:
-        raise ValueError(f"steps must be in 1..{T}, got {n}")
+        raise UserError(f"steps must be in 1..{T}, got {n}")
     if spacing == "leading":
         t = np.arange(dpm, m) * (T // m) + cfg.get("steps_offset", 0)
     elif spacing == "trailing":
@@ -95,7 +95,7 @@ def inference_timesteps(cfg, n, fractional=False, dpm=False):
         t = np.linspace(0, T - 1, m)[dpm:]
         t = t if fractional else t.round()
     else:
-        raise ValueError(f"scheduler config: timestep_spacing={spacing!r} is not supported")
+        raise UserError(f"scheduler config: timestep_spacing={spacing!r} is not supported")
     t = np.ascontiguousarray(t[::-1])
     return torch.from_numpy(t.astype(np.float32)) if fractional else torch.from_numpy(t.astype(np.int64))
 
@@ -116,7 +116,7 @@ def predict_x0(x, out, alpha, sigma, prediction_type):
         return (x - sigma * out) / alpha, out
     if prediction_type == "v_prediction":
         return alpha * x - sigma * out, alpha * out + sigma * x
-    raise ValueError(f"scheduler config: prediction_type={prediction_type!r} is not supported")
+    raise UserError(f"scheduler config: prediction_type={prediction_type!r} is not supported")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def conditioning(sd, prompts, negative_prompt, guided, height, width, dtype):
         else:
             negs = [negative_prompt or ""] * B if isinstance(negative_prompt, (str, type(None))) else negative_prompt
             if len(negs) != B:
-                raise ValueError(f"{len(negs)} negative prompts for {B} prompts")
+                raise UserError(f"{len(negs)} negative prompts for {B} prompts")
             neg = sd.encode_prompt(list(negs))
         context = torch.cat([neg[0], context])
         pooled = torch.cat([neg[1], pooled]) if pooled is not None else None
@@ -272,17 +272,17 @@ def generate(sd, prompts, *, steps=50, guidance=7.5, latents=None, seed=0, heigh
     guidance > 1. The sampler's arithmetic is fp32 whatever the models' dtype."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
+        raise UserError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
     cfg, unet, f = scheduler_config(sd.scheduler_config, sampler), unet or sd.unet, vae_factor(sd)
     height, width = height or default_size(sd), width or default_size(sd)
     if height % f or width % f or height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive multiples of {f}, got {height} x {width}")
+        raise UserError(f"height and width must be positive multiples of {f}, got {height} x {width}")
     dtype, device, guided = next(unet.parameters()).dtype, sd.device, guidance > 1
     kw = conditioning(sd, prompts, negative_prompt, guided, height, width, dtype)
     if latents is None:
         latents = initial_latents(sd, len(prompts), height, width, seed)
     if tuple(latents.shape) != (len(prompts), unet.cfg.in_channels, height // f, width // f):
-        raise ValueError(f"latents of shape {tuple(latents.shape)} for {len(prompts)} prompts at {height} x {width}")
+        raise UserError(f"latents of shape {tuple(latents.shape)} for {len(prompts)} prompts at {height} x {width}")
     bar = tqdm(total=steps, desc="sampling", leave=False) if progress is True else None
     bar = progress if hasattr(progress, "update") else bar
 
@@ -298,49 +298,94 @@ def generate(sd, prompts, *, steps=50, guidance=7.5, latents=None, seed=0, heigh
     return decode(sd, x)
 
 
-def render(sd, unet, prompts, seeds, batch_size=4, **kw):
-    """generate() in batches, image i from seed seeds[i]: batching changes no image (beyond float rounding)."""
+def render(sd, unet, prompts, seeds, batch_size=4, desc=None, **kw):
+    """generate() in batches, image i from seed seeds[i]: batching changes no image (beyond float rounding).
+    desc: show a progress bar of the sampling steps with this title."""
     h, w = kw.pop("height", None) or default_size(sd), kw.pop("width", None) or default_size(sd)
+    steps = kw.get("steps", 50)
+    bar = kw.pop("progress", None)
+    if desc:
+        bar = tqdm(total=-(-len(prompts) // batch_size) * steps, desc=desc, unit="step")
     images = []
     for i in range(0, len(prompts), batch_size):
         noise = torch.cat([initial_latents(sd, 1, h, w, s) for s in seeds[i:i + batch_size]])
-        images += generate(sd, prompts[i:i + batch_size], latents=noise, unet=unet, height=h, width=w, **kw)
+        images += generate(sd, prompts[i:i + batch_size], latents=noise, unet=unet, height=h, width=w, progress=bar,
+                           **kw)
+    if desc:
+        bar.close()
     return images
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Grids: base vs tuned rows, same seeds
 
+MIN_CELL = 128        # grids show each image at least this large (scaled by nearest neighbour: toy images are 32 px)
+
+
+def grid_layout(size, row_labels=None, col_labels=None):
+    """Where image_grid puts things, for images of `size`: (cell width, cell height, label column width, caption
+    band height, each column's caption lines), in PIL's default font."""
+    font, scale = ImageFont.load_default(), max(1, -(-MIN_CELL // min(size)))
+    w, h = size[0] * scale, size[1] * scale
+    left = 10 + int(max((font.getlength(str(t)) for t in row_labels or []), default=-10))
+    lines = [wrap(str(t), w - 6, font) for t in col_labels or []]
+    top = 4 + 12 * max(map(len, lines), default=0) if col_labels else 0
+    return w, h, left, top, lines
+
+
+def wrap(text, width, font):
+    """Words into lines no wider than `width` pixels (a longer word gets a line of its own)."""
+    out, line = [], ""
+    for word in text.split():
+        if line and font.getlength(f"{line} {word}") > width:
+            out.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return out + [line] if line else out
+
 
 def image_grid(rows, row_labels=None, col_labels=None):
-    """rows of equal-size PIL images -> one image: an 80 px label column on the left (row_labels), and a 30 px band
-    of captions (col_labels, wrapped to two lines) above the columns, in PIL's default font."""
-    w, h = rows[0][0].size
-    left, top = (80 if row_labels else 0), (30 if col_labels else 0)
+    """rows of equal-size PIL images -> one image: each at least MIN_CELL px, row labels in a column on the left,
+    and above the columns their captions, wrapped in full (grid_layout)."""
+    w, h, left, top, lines = grid_layout(rows[0][0].size, row_labels, col_labels)
     grid = Image.new("RGB", (left + w * max(map(len, rows)), top + h * len(rows)), "white")
     draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
-            grid.paste(img, (left + c * w, top + r * h))
+            grid.paste(img.resize((w, h), Image.NEAREST), (left + c * w, top + r * h))
         if row_labels:
-            draw.text((5, top + r * h + h // 2 - 6), str(row_labels[r])[:13], fill="black", font=font)
-    for c, text in enumerate(col_labels or []):
-        lines = textwrap.wrap(str(text), max(4, w // 6))[:2]
-        draw.text((left + c * w + 3, 2), "\n".join(lines), fill="black", font=font, spacing=2)
+            draw.text((5, top + r * h + h // 2 - 6), str(row_labels[r]), fill="black", font=font)
+    for c, column in enumerate(lines):
+        draw.text((left + c * w + 3, 2), "\n".join(column), fill="black", font=font, spacing=2)
     return grid
-
-
-def sample_grid(sd, unet, prompts, seeds, path, **kw):
-    """One row of `unet`'s images for fixed prompts and seeds, saved as a captioned PNG at `path` (diffdpo.py
-    writes one at each checkpoint, so grids across checkpoints are comparable). Returns the images."""
-    images = render(sd, unet, list(prompts), list(seeds), **kw)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    image_grid([images], col_labels=prompts).save(path)
-    return images
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
+
+TOY_SAMPLING = dict(steps=20, guidance=4.0)     # how the toy model (--model tiny) is sampled: DDIM steps, guidance
+
+
+def sampling_defaults(model, steps=None, guidance=None):
+    """--steps and --guidance when not given: the toy model's for tiny, else 50 and 7.5 (the pipelines' defaults)."""
+    toy = model == "tiny"
+    return steps or (TOY_SAMPLING["steps"] if toy else 50), guidance or (TOY_SAMPLING["guidance"] if toy else 7.5)
+
+
+_warned = set()
+
+
+def warn_unknown_words(sd, prompts):
+    """The toy model knows only its captions' words (each one token); warn once about any other word, which it can
+    only read letter by letter (it will not draw "white": white is no color of its world)."""
+    tok = sd.tokenizers[0]
+    unknown = sorted({w for p in prompts for w in split_words(p.lower()) if len(tok.bpe(w)) > 1} - _warned)
+    if unknown:
+        _warned.update(unknown)
+        print(f"warning: the toy model has never seen the word(s) {', '.join(unknown)}; its captions are "
+              f"'a COLOR SHAPE on a COLOR background' with the colors red, green, blue, yellow, purple, orange and "
+              f"the shapes circle, square, triangle", file=sys.stderr)
 
 
 FAMILY = ("in_channels", "cross_attention_dim", "addition_embed_type")  # what a --unet must share with --model
@@ -348,7 +393,8 @@ FAMILY = ("in_channels", "cross_attention_dim", "addition_embed_type")  # what a
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="sd15", help="the base: alias (sd15, sdxl), Hub id, folder or .safetensors")
+    p.add_argument("--model", default="tiny", help="the base: tiny (the toy model), an alias (sd15, sdxl), Hub id, "
+                                                 "folder or .safetensors")
     p.add_argument("--unet", default=None, help="a tuned UNet folder (OUT/unet of diffdpo.py) to sample with")
     p.add_argument("--lora", default=None, help="or LoRA adapters to merge into the base UNet: a run folder "
                                                 "(OUT of diffdpo.py --lora-rank) or a .safetensors file")
@@ -356,17 +402,20 @@ def main(argv=None):
     p.add_argument("--prompts", default=None, help="a text file, one prompt per line")
     p.add_argument("--out", default="samples.png", help="the grid PNG to write")
     p.add_argument("--compare", action="store_true", help="two rows, base and tuned, same seeds (needs --unet)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; the toy model's 20)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, 1 = none (default "
+                                                                "7.5; the toy model's 4)")
+    p.add_argument("--negative-prompt", default=None, help="what the guidance steers away from (default: none)")
+    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="how to integrate the denoising ODE")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--height", type=int, default=None, help="default: the model's (512 SD1.5, 1024 SDXL)")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--width", type=int, default=None, help="default: the model's")
+    p.add_argument("--batch-size", type=int, default=4, help="images per UNet call")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="the networks' precision")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                   help="default: cuda when available")
     a = p.parse_args(argv)
+    a.steps, a.guidance = sampling_defaults(a.model, a.steps, a.guidance)
 
     def fail(msg):
         sys.exit(f"error: {msg}")
@@ -397,6 +446,8 @@ def main(argv=None):
         fail(first_line(e))
     if tuned and any(getattr(tuned.cfg, k) != getattr(sd.unet.cfg, k) for k in FAMILY):
         fail(f"--unet {a.unet}: a UNet of another model family than --model {a.model} ({FAMILY} differ)")
+    if a.model == "tiny":
+        warn_unknown_words(sd, prompts)
     rows = [("base", sd.unet), ("tuned", tuned)] if a.compare else [("tuned" if tuned else "base", tuned or sd.unet)]
     seeds = [a.seed + i for i in range(len(prompts))]
     bar = tqdm(total=len(rows) * -(-len(prompts) // a.batch_size) * a.steps, unit="step", desc="sampling")

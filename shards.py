@@ -36,9 +36,19 @@ ALTERNATIVES = (" Use a local copy (--data /path/to/parquet_dir), a mirror in th
 # and pair(loaded, row) -> (prompt, preferred image, rejected image) as bytes or paths.
 
 
+def arrow_kind(t):
+    """What an arrow column type holds, in the words of the error messages."""
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_struct(t) and "bytes" in [f.name for f in t]:
+        return "image bytes"                                            # a `datasets` Image struct: {bytes, path}
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "text"
+    return "numbers" if pa.types.is_integer(t) or pa.types.is_floating(t) else str(t)
+
+
 class ParquetShard:
     def __init__(self, name, path=None, fetch=None):  # a Hub shard: `fetch()` downloads it, giving its path
         self.name, self.fetch, self.path, self._groups = name, fetch, path or (None if fetch else name), None
+        self.counts = dict(ties=0, bad_labels=0, empty_captions=0)   # of its pairs, once groups() has read it
 
     def file(self):
         if self.path is None:
@@ -49,22 +59,45 @@ class ParquetShard:
             raise DataError(f"{self.name}: not a readable parquet file ({first_line(e)})") from None
 
     def check(self, f=None):
-        names = (f or self.file()).schema_arrow.names
-        missing = [c for c in COLUMNS if c not in names]
+        """The Pick-a-Pic columns, with image bytes (or `datasets` Image structs), text and numbers in them."""
+        schema = (f or self.file()).schema_arrow
+        missing = [c for c in COLUMNS if c not in schema.names]
         if missing:
             raise DataError(f"{self.name}: missing column(s) {', '.join(missing)}; expected the Pick-a-Pic v2 "
                             f"schema ({', '.join(COLUMNS)})")
+        for c in COLUMNS:
+            want = "image bytes" if c.startswith("jpg") else "text" if c == "caption" else "numbers"
+            t = schema.field(c).type
+            if arrow_kind(t) != want and not (c == "caption" and pa.types.is_null(t)):  # an all-empty caption column
+                raise DataError(f"{self.name}: column {c} holds {t}; expected {want}" +
+                                (" (file paths are not read from parquet)" if c.startswith("jpg") else ""))
 
     def groups(self):
-        """Reads only label_0: a row is used if label_0 is 1 (jpg_0 preferred) or 0 (jpg_1); 0.5 is a tie."""
+        """Per row group, the indices of its usable rows, reading only the labels and captions: label_0 1 (jpg_0
+        preferred) or 0 (jpg_1), and label_1 = 1 - label_0. A tie (0.5 / 0.5) is dropped and counted, as is any other
+        label (missing, NaN, out of range, the two not summing to 1); empty captions are counted (they train as the
+        empty prompt)."""
         if self._groups is None:
             f = self.file()
             self.check(f)
-            self._groups = []
+            groups = []
             for g in range(f.num_row_groups):
-                lab = f.read_row_group(g, columns=["label_0"]).column(0).to_numpy()
-                self._groups.append(np.flatnonzero((lab == 0) | (lab == 1)))
+                t = f.read_row_group(g, columns=["label_0", "label_1", "caption"])
+                l0, l1 = (t.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in ("label_0", "label_1"))
+                ok = ((l0 == 0) | (l0 == 1)) & (l1 == 1 - l0)
+                tie = (l0 == 0.5) & (l1 == 0.5)
+                captions = t.column("caption").to_pylist()
+                self.counts["ties"] += int(tie.sum())
+                self.counts["bad_labels"] += int((~ok & ~tie).sum())
+                self.counts["empty_captions"] += sum(not captions[i] for i in np.flatnonzero(ok))
+                groups.append(np.flatnonzero(ok))
+            self._groups = groups
         return self._groups
+
+    def key(self, group, row):
+        """The pair's name in the --cache: shard, size and modification time (a rewritten file is a new one), place."""
+        st = os.stat(self.path)
+        return f"{self.name}@{st.st_size}-{st.st_mtime_ns}:{group}:{row}"
 
     def load(self, group):
         return self.file().read_row_group(group, columns=["caption", "label_0", "jpg_0", "jpg_1"])
@@ -84,21 +117,28 @@ class JsonlShard:
                 continue
             try:
                 r = json.loads(line)
+                if not isinstance(r["prompt"] or "", str):
+                    raise TypeError(f"prompt is {type(r['prompt']).__name__}")
                 self.rows.append((r["prompt"] or "", *(str(Path(path).parent / r[k]) for k in ("chosen", "rejected"))))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise DataError(f"{path}:{n}: expected a JSON object with keys prompt, chosen, rejected "
                                 f"({type(e).__name__}: {e})") from None
+        self.counts = dict(ties=0, bad_labels=0, empty_captions=sum(not r[0] for r in self.rows))
 
     def groups(self):
         return [np.arange(len(self.rows))]
+
+    def key(self, group, row):
+        stats = [os.stat(p) for p in self.rows[row][1:]] if all(map(os.path.isfile, self.rows[row][1:])) else []
+        return f"{self.name}:{row}:" + ",".join(f"{st.st_size}-{st.st_mtime_ns}" for st in stats)
 
     def load(self, group):
         return self.rows
 
     def pair(self, rows, i):
         for p in rows[i][1:]:
-            if not os.path.isfile(p):
-                raise DataError(f"{self.name}: image file {p} not found")
+            if not os.path.isfile(p):  # also refuses FIFOs and devices, which would block the run
+                raise DataError(f"{self.name}: image file {p} not found (or not a regular file)")
         return rows[i]
 
 
@@ -202,10 +242,11 @@ def write_pairs(path, captions, images_0, images_1, label_0):
 
 
 class LatentCache:
-    """Per pair: the VAE latents of both images, unflipped and flipped (so flips stay exact: the VAE is not
-    flip-equivariant), in one safetensors file; a corrupt pair gets an empty marker file. Per prompt: its text
-    embeddings. `encode_images(list of (3,R,R)) -> (N,4,R/8,R/8)` and `encode_text(prompt) -> dict` are the
-    trainer's frozen VAE and text encoders. Random crops are not cached (they change every epoch)."""
+    """Per pair: the VAE posterior of both images (mean and std, scaled), unflipped and flipped (so flips stay exact:
+    the VAE is not flip-equivariant), in one safetensors file; a pair that was skipped gets a marker file naming why.
+    Per prompt: its text embeddings. `encode_images(list of (3,R,R)) -> (mean, std)` each (N, 4, R/8, R/8) and
+    `encode_text(prompt) -> dict` are the trainer's frozen VAE and text encoders. Random crops are not cached (they
+    change every epoch). Keys name the shard's size and modification time, so a rewritten file is never served."""
 
     def __init__(self, folder, encode_images, encode_text):
         self.folder, self.encode_images, self.encode_text = Path(folder), encode_images, encode_text
@@ -215,38 +256,37 @@ class LatentCache:
         return self.folder / kind / h[:2] / f"{h}.safetensors"
 
     @staticmethod
-    def _save(path, tensors, **metadata):
-        save_safetensors(tensors, path, metadata)  # atomic: a killed run never leaves half a file
-
-    @staticmethod
     def _load(path):
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
 
     def pair(self, key, read):
-        """(caption, {chosen, chosen_flip, rejected, rejected_flip} latents [+ chosen_emb, rejected_emb]), or None
-        for a corrupt pair."""
+        """(caption, {chosen, chosen_flip, rejected, rejected_flip} posterior means, the same names + "_std" for the
+        stds [+ chosen_emb, rejected_emb]), or the reason the pair is skipped ("corrupt", "too_large", "ties").
+        `read()` gives (caption, [chosen, rejected] pixels, embeddings or None) or such a reason."""
         path = self._path("pairs", key)
-        if path.with_suffix(".corrupt").exists():
-            return None
+        skipped = path.with_suffix(".skipped")
+        if skipped.exists():
+            return skipped.read_text() or "corrupt"
         if not path.is_file():
             got = read()
-            if got is None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.with_suffix(".corrupt").touch()
-                return None
+            if isinstance(got, str):
+                write_atomic(skipped, lambda tmp: tmp.write_text(got))
+                return got
             caption, (w, l), emb = got
-            lat = self.encode_images([w, w.flip(-1), l, l.flip(-1)])
-            extra = {} if emb is None else dict(chosen_emb=emb[0], rejected_emb=emb[1])
-            self._save(path, dict(chosen=lat[0], chosen_flip=lat[1], rejected=lat[2], rejected_flip=lat[3], **extra),
-                       caption=caption)
+            mean, std = self.encode_images([w, w.flip(-1), l, l.flip(-1)])
+            names = ["chosen", "chosen_flip", "rejected", "rejected_flip"]
+            tensors = {**dict(zip(names, mean)), **{n + "_std": s for n, s in zip(names, std)}}
+            if emb is not None:
+                tensors.update(chosen_emb=emb[0], rejected_emb=emb[1])
+            save_safetensors(tensors, path, dict(caption=caption))
         meta, latents = self._load(path)
         return meta["caption"], latents
 
     def text(self, prompt):
         path = self._path("text", prompt)
         if not path.is_file():
-            self._save(path, self.encode_text(prompt))
+            save_safetensors(self.encode_text(prompt), path)
         return self._load(path)[1]
 
 

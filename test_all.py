@@ -9,14 +9,16 @@ The tests build their own "hub" (reference.py): random-weight models written by 
 `load_sd` users call.
 """
 import csv
+import dataclasses
 import importlib.util
 import io
 import itertools
 import json
 import math
 import os
-import re
 import random
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -61,17 +63,23 @@ import eval
 import lora
 import reference
 import rpo
+import runs
 import sample
 import shards
 import tokenizer
 import toy
 import unet
+from files import UserError
 from reference import (SCHEDULER, SD15_TEST, SDXL_TEST, clip_vocab_source, make_hub, reference_pipe, tokenizer_cases,
                        write_clip_tokenizer_folder)
 
 warnings.filterwarnings("ignore")
 torch.set_num_threads(min(4, os.cpu_count() or 1))
 ROOT = Path(__file__).resolve().parent
+
+
+# this process's peak resident memory in GiB (VmHWM: unlike ru_maxrss it does not carry the parent's over an exec)
+PEAK_RSS_GIB = '[int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM")][0] / 2**20'
 
 
 def rel_err(a, b):
@@ -238,11 +246,11 @@ def test_real_sd15_architecture(tmp_path):
         expected = ref(x, 321, encoder_hidden_states=ctx).sample
     del ref
     code = f"""
-import resource, time, torch, unet
+import time, torch, unet
 t0 = time.time(); m = unet.load_component({str(tmp_path / 'unet')!r}, 'unet'); dt = time.time() - t0
 x, ctx = torch.load({str(tmp_path / 'inputs.pt')!r})
 with torch.no_grad(): torch.save(m(x, 321, ctx), {str(tmp_path / 'out.pt')!r})
-print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+print(dt, {PEAK_RSS_GIB})
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -346,6 +354,15 @@ def run_cli(args, env=None, torchrun=0):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+def grid_rows(path, row_labels, col_labels, size=(32, 32)):
+    """The rows of a sample.image_grid PNG as int arrays (cell height, columns x cell width, 3), placed by
+    sample.grid_layout; checks the grid's height."""
+    w, h, left, top, _ = sample.grid_layout(size, row_labels, col_labels)
+    grid = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert grid.shape[0] == top + h * len(row_labels), (grid.shape, top, h)
+    return [grid[top + r * h: top + (r + 1) * h, left:] for r in range(len(row_labels))]
+
+
 def read_metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
@@ -380,7 +397,8 @@ def test_train_end_to_end_resume_and_ddp(tmp_path, hub, shard):
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     assert abs(rows[0]["loss"] - math.log(2)) < 1e-6 and rows[0]["implicit_acc"] == 0.0
     assert rows[-1]["corrupt"] >= 1 and "pairs_per_s" in rows[0] and rows[0]["lr"] > 0
-    assert sorted(p.name for p in (straight / "samples").iterdir()) == ["step000002.png", "step000004.png"]
+    assert sorted(p.name for p in (straight / "samples").glob("step*.png")) == ["step000002.png", "step000004.png"]
+    assert len(list((straight / "samples" / "base").glob("*.png"))) == len(diffdpo.SAMPLE_PROMPTS)
     cfg = json.loads((straight / "config.json").read_text())
     assert cfg["command"].startswith("diffdpo.py") and cfg["pairs_per_step"] == 4
     tuned = UNet2DConditionModel.from_pretrained(straight, subfolder="unet")
@@ -489,7 +507,7 @@ def test_cache_is_exact_and_reused(tmp_path, hub, shard):
                                           **common))
         if run == "c1":
             files = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
-            assert any(f.endswith(".corrupt") for f in files) and len(files) > 12
+            assert any(f.endswith(".skipped") for f in files) and len(files) > 12
             stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.safetensors")}
     assert max_diff(unet_weights(tmp_path / "plain"), unet_weights(tmp_path / "c1")) == 0.0
     assert max_diff(unet_weights(tmp_path / "c2"), unet_weights(tmp_path / "c1")) == 0.0
@@ -498,11 +516,214 @@ def test_cache_is_exact_and_reused(tmp_path, hub, shard):
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, hub, shard):
     """An absurd learning rate blows the weights up: the non-finite steps are skipped and counted, and the run
-    stops with a one-line message after --max-bad-steps of them in a row, its state saved."""
+    stops with a one-line message after --max-bad-steps of them in a row. It does not overwrite the last checkpoint
+    with diverged weights: the checkpoint it names holds finite weights."""
     r = run_cli(train_args(hub, shard, tmp_path / "nan", "--max-steps", "20", "--lr", "1e30", "--max-bad-steps", "3"))
-    assert r.returncode != 0 and "non-finite" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and "non-finite" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     rows = read_metrics(tmp_path / "nan")
-    assert rows[-1]["skipped"] == 3 and len(rows) < 20 and (tmp_path / "nan" / "checkpoint.pt").is_file()
+    assert rows[-1]["skipped"] == 3 and len(rows) < 20
+    ckpt = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
+    assert f"holds step {ckpt['step']}" in r.stderr and ckpt["step"] < rows[-1]["step"]
+    assert all(torch.isfinite(v).all() for v in ckpt["unet"].values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reliability: checkpoints that cannot run code, resumes that never wedge, bounded inputs, one-line errors
+
+
+class Evil:
+    """Unpickling this runs a command (what a crafted checkpoint.pt could do to a weights_only=False load)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoints_run_no_code_and_damage_is_one_line(tmp_path, hub, shard, monkeypatch):
+    """checkpoint.pt loads with weights_only=True: a crafted one runs nothing and stops the run with one line; so do a
+    truncated, an empty and a foreign one. A full disk while saving leaves the previous checkpoint intact."""
+    out = tmp_path / "evil"
+    out.mkdir()
+    torch.save({"unet": {}, "step": Evil(tmp_path / "pwned")}, out / "checkpoint.pt")
+    r = run_cli(train_args(hub, shard, out, "--max-steps", "1"))
+    assert r.returncode == 2 and "not a readable diffdpo checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "pwned").exists()
+    good = tmp_path / "good"
+    assert run_cli(train_args(hub, shard, good, "--max-steps", "2", "--no-samples")).returncode == 0
+    blob = (good / "checkpoint.pt").read_bytes()
+    for name, damaged in [("truncated", blob[: len(blob) // 2]), ("empty", b"")]:
+        (tmp_path / name).write_bytes(damaged)
+        with pytest.raises(UserError, match=f"{name}: not a readable diffdpo checkpoint .*delete it"):
+            runs.load_checkpoint(tmp_path / name)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign")
+    with pytest.raises(UserError, match="foreign: not a diffdpo checkpoint .no unet, optimizer"):
+        runs.load_checkpoint(tmp_path / "foreign")
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(UserError, match="No space left on device.*previous checkpoint is intact"):
+        runs.save_checkpoint(good / "checkpoint.pt", {"step": 3})
+    assert (good / "checkpoint.pt").read_bytes() == blob and not list(good.glob("*.tmp*"))
+
+
+def test_resume_policy_lock_and_torn_metrics(tmp_path, hub, shard):
+    """Resuming: a "new" setting (--lr) takes effect and is recorded, a "fixed" one (--optimizer) is refused in one
+    line; a torn last line in metrics.jsonl is dropped; a second run on a busy --out is refused, and a lock left by a
+    process that died does not block."""
+    out = tmp_path / "run"
+    assert run_cli(train_args(hub, shard, out, "--max-steps", "2", "--no-samples")).returncode == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.6')                            # a disk that filled up mid-line
+    r = run_cli(train_args(hub, shard, out, "--max-steps", "3", "--no-samples", "--lr", "3e-4"))
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-2000:]
+    rows = read_metrics(out)
+    assert [row["step"] for row in rows] == [1, 2, 3] and rows[-1]["lr"] == pytest.approx(3e-4)
+    assert json.loads((out / "config.json").read_text())["lr_used"] == 3e-4
+    r = run_cli(train_args(hub, shard, out, "--max-steps", "4", "--optimizer", "adafactor"))
+    assert r.returncode == 2 and "optimizer='adamw'" in r.stderr and r.stderr.count("\n") == 1
+    lock = runs.lock(out)                                         # another run holds --out
+    r = run_cli(train_args(hub, shard, out, "--max-steps", "4"))
+    assert r.returncode == 2 and "in use by another run (pid" in r.stderr and "Traceback" not in r.stderr
+    lock.close()
+    (out / ".lock").write_text("pid 999999")                       # what a killed run leaves: no lock is held
+    assert run_cli(train_args(hub, shard, out, "--max-steps", "4", "--no-samples")).returncode == 0
+
+
+def test_arguments_are_checked_before_any_work(tmp_path):
+    """Bad settings end in one line, exit 2, within seconds, before pairs are built (the toy's --data shapes would
+    sample 2,048 images first), and a run that stopped there leaves no half-made folder behind."""
+    (tmp_path / "file").write_text("")
+    cases = [(["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+             (["--resolution", "33"], "--resolution 33: must be a multiple of 8"),
+             (["--loss", "ipo"], "--loss ipo: expected one of dpo, sft"),
+             (["--out", str(tmp_path / "file" / "run")], "cannot be created or written"),
+             (["--data", str(tmp_path / "nothing.parquet")], "no such file or folder")]
+    for args, message in cases:
+        t0 = time.time()
+        r = run_cli(["diffdpo.py", "--device", "cpu", "--out", str(tmp_path / "o"), *args])
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-1000:])
+        assert r.stderr.count("\n") == 1 and time.time() - t0 < 20
+    assert not (tmp_path / "o").exists()
+
+
+def png_bytes(array, mode=None):
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_images_and_columns_are_bounded_and_counted(tmp_path, shard):
+    """A 1x6000 PNG is skipped and counted before it is decoded (peak memory < 2.5 GB; it took 6.7 GB); a 16-bit PNG
+    keeps its gray levels (it came out white); image columns of strings (file paths: a FIFO would hang the run),
+    captions that are not text and labels that do not sum to 1 are one-line errors or counted, never trained on."""
+    thin = png_bytes(np.zeros((1, 6000, 3), np.uint8))
+    rows = [dict(caption="thin", jpg_0=thin, jpg_1=jpeg((200, 40, 40)), label_0=1.0, label_1=0.0),
+            dict(caption="ok", jpg_0=jpeg((200, 40, 40)), jpg_1=jpeg((40, 40, 200)), label_0=1.0, label_1=0.0),
+            dict(caption="both", jpg_0=jpeg((1, 2, 3)), jpg_1=jpeg((3, 2, 1)), label_0=1.0, label_1=1.0)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "thin.parquet")
+    code = (f"import data; src = data.open_pairs({str(tmp_path / 'thin.parquet')!r}, resolution=512); "
+            f"b = next(src.batches(2)); print(b['prompts'], src.counts(), {PEAK_RSS_GIB})")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    prompts, counts, rss = r.stdout.rsplit(" ", 1)[0], r.stdout, float(r.stdout.split()[-1])
+    assert "'thin'" not in prompts and "'too_large': 1" in counts and "'bad_labels': 1" in counts and rss < 2.5
+
+    gray = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)          # 16-bit, 0 .. 65520
+    x = data.decode_pair([png_bytes(gray), png_bytes(gray)], 16)[0]
+    assert abs(((x + 1) * 127.5).mean().item() - (gray / 257).mean()) < 1.0    # not 255 (white)
+
+    for column, value, message in [("jpg_0", "/tmp/fifo", "column jpg_0 holds string; expected image bytes"),
+                                   ("caption", 7, "column caption holds int64; expected text")]:
+        table = pq.read_table(shard).drop_columns([column]).append_column(column, pa.array([value] * 24))
+        pq.write_table(table, tmp_path / f"{column}.parquet")
+        with pytest.raises(data.DataError, match=message):
+            data.open_pairs(str(tmp_path / f"{column}.parquet"), resolution=16)
+    os.mkfifo(tmp_path / "fifo.png")                                   # JSONL pairs name image files: not a FIFO
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(dict(prompt="x", chosen="fifo.png", rejected="fifo.png")))
+    with pytest.raises(data.DataError, match="not a regular file"):
+        next(data.open_pairs(str(tmp_path / "pairs.jsonl"), resolution=16).batches(1))
+
+
+def test_cache_keys_follow_the_file(tmp_path, hub, shard):
+    """--cache keys name the shard's size and modification time: rewriting the parquet at the same path (here with
+    the labels swapped) trains on the new pairs, exactly as an uncached run on them does."""
+    path = tmp_path / "pairs.parquet"
+    shutil.copy(shard, path)
+    common = dict(model=str(hub["sd15"]), data=str(path), resolution=32, batch_size=2, lr=1e-4, warmup_steps=1,
+                  max_steps=2, device="cpu", samples=False, cache_dir=str(tmp_path / "cache"))
+    diffdpo.train(diffdpo.TrainConfig(out=str(tmp_path / "before"), cache=True, **common))
+    table = pq.read_table(shard)
+    swapped = table.set_column(table.column_names.index("label_0"), "label_0", table.column("label_1"))
+    swapped = swapped.set_column(swapped.column_names.index("label_1"), "label_1", table.column("label_0"))
+    time.sleep(0.01)
+    pq.write_table(swapped, path)
+    diffdpo.train(diffdpo.TrainConfig(out=str(tmp_path / "cached"), cache=True, **common))
+    diffdpo.train(diffdpo.TrainConfig(out=str(tmp_path / "plain"), **common))
+    assert max_diff(unet_weights(tmp_path / "cached"), unet_weights(tmp_path / "plain")) == 0.0
+    assert max_diff(unet_weights(tmp_path / "cached"), unet_weights(tmp_path / "before")) > 0
+    assert read_metrics(tmp_path / "cached")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_vae_posterior_and_sampled_latents(hub):
+    """The trainer's latents are a draw from the VAE posterior, mean + std * z, as the official code's
+    latent_dist.sample(): mean and std equal diffusers', z is the pair's own (the same on any rank and resume),
+    and --vae-latents mean gives the mean."""
+    sd = unet.load_sd(str(hub["sd15"]))
+    ref = reference_pipe(hub["sd15"], "sd15").vae
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        mean, std = sd.vae.posterior(x)
+        dist = ref.encode(x).latent_dist
+    assert rel_err(mean, dist.mean) < 1e-5 and rel_err(std, dist.std) < 1e-5
+    batch = dict(chosen=x[:1], rejected=x[1:], prompts=["a red cube"], index=torch.tensor([7]))
+    z = diffdpo.posterior_noise([7], (4, 8, 8), seed=3)
+    assert torch.equal(z, diffdpo.posterior_noise([7], (4, 8, 8), seed=3)) and z.shape == (2, 4, 8, 8)
+    sampled, _ = diffdpo.unet_inputs(sd, batch, 32, torch.device("cpu"), torch.float32, z)
+    at_mean, _ = diffdpo.unet_inputs(sd, batch, 32, torch.device("cpu"), torch.float32)
+    f = sd.vae.scaling_factor
+    assert rel_err(sampled, (mean + std * z) * f) < 1e-6 and rel_err(at_mean, mean * f) < 1e-6
+
+
+def test_validation_logging_model_card_and_help(tmp_path, hub, shard, monkeypatch):
+    """--val-pairs N: N pairs held out of training, their loss and implicit accuracy logged as val_* rows at each
+    checkpoint (ln 2 and 0 at a step that has not moved yet); --report-to tensorboard writes event files; the model
+    card --push-to-hub uploads (the Hub mocked); --help shows the presets and the resume policy of every flag."""
+    src = data.open_pairs(str(shard), resolution=16)
+    train, val = src.holdout(4)
+    held = {val.item(i)["key"] for i in range(4)}        # the first usable pair is the corrupt JPEG: a neighbour's
+    seen = {train.item(s)["key"] for s in range(len(train))}
+    assert len(held) == 3 and not held & seen and len(seen) == len(src) - 4
+    out = tmp_path / "val"
+    diffdpo.train(diffdpo.TrainConfig(model=str(hub["sd15"]), data=str(shard), out=str(out), resolution=32,
+                                      batch_size=2, max_steps=2, checkpoint_every=1, lr=1e-4, device="cpu",
+                                      val_pairs=4, report_to="tensorboard", samples=False))
+    val_rows = [r for r in read_metrics(out) if "val_loss" in r]
+    assert [r["step"] for r in val_rows] == [1, 2] and all(r["val_pairs"] == 4 for r in val_rows)
+    assert 0 < val_rows[-1]["val_loss"] < 5 and 0 <= val_rows[-1]["val_implicit_acc"] <= 1
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+    calls = []
+    monkeypatch.setattr(hh.HfApi, "create_repo", lambda self, repo, **kw: calls.append(("create", repo)))
+    monkeypatch.setattr(hh.HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)) or "commit")
+    config = dict(json.loads((out / "config.json").read_text()), method="dpo")
+    card = runs.model_card(config, str(hub["sd15"]), "me/dpo-test", out, "unet")
+    runs.push_to_hub("me/dpo-test", out, card)
+    text = (out / "README.md").read_text()
+    assert text.startswith("---\nbase_model: ") and "- diffusion-dpo" in text and "| beta | 2000.0 |" in text
+    assert 'UNet2DConditionModel.from_pretrained("me/dpo-test", subfolder="unet")' in text
+    assert calls[0] == ("create", "me/dpo-test") and "unet/*" in calls[1][1]["allow_patterns"]
+
+    r = run_cli(["diffdpo.py", "--help"])
+    assert "toy   --beta 2000.0, --max-steps 200, --batch-size 16" in r.stdout and "resuming" in r.stdout
+    assert all(f.metadata["help"].strip() for f in dataclasses.fields(rpo.RPOConfig))
+    for script in ("sample.py", "eval.py"):                  # every option has help text, the toy model by default
+        lines = run_cli([script, "--help"]).stdout.split("\n")
+        bare = [line for line, after in zip(lines, lines[1:] + [""]) if re.fullmatch(r"  -[-\w]+( \S+)?", line)
+                and not after.startswith(" " * 20)]
+        assert not bare and "tiny" in "\n".join(lines), (script, bare)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -517,7 +738,8 @@ def test_pickapic_pairs_preferred_first_ties_dropped(shard):
     # the preferred image is the reddish one, whichever column it was in
     assert (b["chosen"][:, 0].mean((1, 2)) > b["chosen"][:, 2].mean((1, 2))).all()
     assert (b["rejected"][:, 2].mean((1, 2)) > b["rejected"][:, 0].mean((1, 2))).all()
-    assert src.num_corrupt == 1 and len(set(b["prompts"])) == 19  # the corrupt pair was replaced by a neighbour
+    assert src.counts()["corrupt"] == 1 and len(set(b["prompts"])) == 19  # the corrupt pair: replaced, counted
+    assert src.counts()["ties"] == 3 and src.counts()["bad_labels"] == 0
     # augmentation is a function of (seed, stream index): flips and dropout reproduce, and differ between items
     a1 = next(data.open_pairs(str(shard), resolution=16, caption_dropout=0.5, seed=3).batches(8, start=40))
     a2 = next(data.open_pairs(str(shard), resolution=16, caption_dropout=0.5, seed=3).batches(8, start=40))
@@ -532,7 +754,7 @@ def test_prefetch_gives_the_same_batches_and_raises_data_errors(shard):
     direct = list(itertools.islice(data.open_pairs(str(shard), resolution=16, seed=1).batches(4), 9))
     ahead = shards.prefetch(data.open_pairs(str(shard), resolution=16, seed=1).batches(4), depth=3)
     for a, b in zip(direct, ahead):
-        assert a["prompts"] == b["prompts"] and a["position"] == b["position"] and a["corrupt"] == b["corrupt"]
+        assert a["prompts"] == b["prompts"] and a["position"] == b["position"] and a["keys"] == b["keys"]
         assert torch.equal(a["chosen"], b["chosen"]) and torch.equal(a["rejected"], b["rejected"])
     ahead.close()
 
@@ -666,7 +888,7 @@ def test_adafactor_matches_transformers():
     shapes = [(8, 6), (4, 3, 3, 3), (5,)]
     ours, theirs = [torch.randn(s).requires_grad_() for s in shapes], []
     theirs = [p.detach().clone().requires_grad_() for p in ours]
-    o1 = diffdpo.Adafactor(ours, lr=1e-2, weight_decay=1e-2)
+    o1 = runs.Adafactor(ours, lr=1e-2, weight_decay=1e-2)
     o2 = HFAdafactor(theirs, lr=1e-2, weight_decay=1e-2, scale_parameter=False, relative_step=False, clip_threshold=1.0,
                    warmup_init=False)
     for step in range(5):
@@ -775,9 +997,8 @@ def test_sample_cli_compare_grid(tmp_path, hub):
                  str(tmp_path / "prompts.txt"), "--compare", "--out", str(tmp_path / "grid.png"), "--steps", "4",
                  "--height", "32", "--width", "32", "--device", "cpu"])
     assert r.returncode == 0, r.stderr[-2000:]
-    grid = np.asarray(Image.open(tmp_path / "grid.png"))
-    assert grid.shape == (30 + 2 * 32, 80 + 2 * 32, 3)
-    assert np.abs(grid[30:62, 80:].astype(int) - grid[62:, 80:].astype(int)).max() > 10
+    base, tuned = grid_rows(tmp_path / "grid.png", ["base", "tuned"], ["a red cube", "a blue ball"])
+    assert base.shape == tuned.shape == (128, 2 * 128, 3) and np.abs(base - tuned).max() > 10
     r = run_cli(["sample.py", "--model", str(hub["sd15"]), "--prompts", str(tmp_path / "nope.txt")])
     assert r.returncode != 0 and "nope.txt" in r.stderr and "Traceback" not in r.stderr
 
@@ -829,15 +1050,22 @@ def test_tiny_model_is_a_diffusers_pipeline():
     assert diff <= 2
 
 
-def test_toy_run_end_to_end(tmp_path, monkeypatch):
-    """A shortened `python diffdpo.py --model tiny --data shapes` (64 pairs, 4 steps, 1 seed per held-out caption):
-    the pairs file in Pick-a-Pic's schema, ln 2 at step 0, summary.json with its fields, compare.png, the grid."""
+def test_toy_run_end_to_end(tmp_path, monkeypatch, capsys):
+    """A shortened `python diffdpo.py` (64 pairs, 4 steps, 1 seed per held-out caption): the pairs file in
+    Pick-a-Pic's schema, ln 2 at step 0, summary.json with its fields, compare.png, the grids; the banner names the
+    toy model, method and precision, the last lines where the results are. A run whose summary.json went missing is
+    evaluated again on re-running (it is not finished without it). Then every README command that samples or
+    evaluates the toy model runs as printed, on this run as runs/toy."""
     monkeypatch.setattr(toy, "TOY_PAIRS", 64)
     monkeypatch.setattr(eval, "TOY_SEEDS", 1)
-    cfg = diffdpo.TrainConfig.from_args(["--out", str(tmp_path / "toy"), "--max-steps", "4", "--device", "cpu"])
-    assert (cfg.model, cfg.data, cfg.resolution) == ("tiny", "shapes", 32)
+    cfg = diffdpo.TrainConfig.from_args(["--out", str(tmp_path / "runs" / "toy"), "--max-steps", "4", "--device", "cpu"])
+    assert (cfg.model, cfg.data, cfg.resolution, cfg.threads) == ("tiny", "shapes", 32, 1)
+    assert diffdpo.TrainConfig(out=cfg.out, max_steps=4, device="cpu") == cfg     # Python callers get the same run
     diffdpo.main(cfg)
-    out = tmp_path / "toy"
+    printed = capsys.readouterr().out
+    assert "dpo on tiny (the toy model)" in printed and "fp32 precision" in printed
+    assert "held-out judge score" in printed and "compare.png (base above, tuned below)" in printed
+    out = tmp_path / "runs" / "toy"
     table = pq.read_table(out / "shapes_pairs.parquet")
     assert table.num_rows == 64 and set(shards.COLUMNS) <= set(table.column_names)
     assert set(table.column("caption").to_pylist()) <= set(toy.shape_prompts("train"))
@@ -846,13 +1074,26 @@ def test_toy_run_end_to_end(tmp_path, monkeypatch):
     s = json.loads((out / "summary.json").read_text())
     assert s["steps"] == 4 and s["num_images"] == 18 and 0 <= s["win_rate_vs_base"] <= 1
     assert 0 < s["judge_score_base"] < 1 and s["seconds"] > 0 and s["loss"] == "dpo"
-    assert Image.open(out / "compare.png").size[1] >= 128 and (out / "samples" / "step000004.png").is_file()
-    # eval.py on the toy world: the judge as a scorer, the held-out captions as the prompt set
-    eval.main(["--model", "tiny", "--unet", str(out / "unet"), "--prompts", "shapes", "--num", "3", "--scorers", "judge",
-            "--steps", "4", "--guidance", "4", "--out", str(tmp_path / "eval"), "--device", "cpu"])
-    r = json.loads((tmp_path / "eval" / "report.json").read_text())["scorers"]["judge"]
-    ims = [Image.open(tmp_path / "eval" / "images" / "tuned" / f"{i:05d}.png") for i in range(3)]
-    assert r["tuned"] == pytest.approx([toy.judge(im, p) for im, p in zip(ims, toy.shape_prompts("test"))], abs=1e-6)
+    assert Image.open(out / "compare.png").size[1] >= 2 * sample.MIN_CELL
+    base, tuned = grid_rows(out / "samples" / "step000004.png", ["base", "step 4"], toy.shape_prompts("test")[:8])
+    assert base.shape == (128, 8 * 128, 3)
+    (out / "summary.json").unlink()
+    diffdpo.main(cfg)
+    assert "already at step 4" in capsys.readouterr().out and (out / "summary.json").is_file()
+
+    text = (ROOT / "README.md").read_text()
+    commands = [c for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+                for c in block.replace("\\\n", " ").splitlines()
+                if c.startswith(("python sample.py", "python eval.py")) and ("runs/toy" in c or "--model" not in c)]
+    assert len(commands) >= 2, commands
+    for command in commands:
+        args = shlex.split(command.split("#")[0])
+        r = subprocess.run([sys.executable, str(ROOT / args[1]), *args[2:], "--device", "cpu"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (command, r.stderr[-2000:])
+    report = json.loads((out / "eval" / "report.json").read_text())["scorers"]["judge"]
+    ims = [Image.open(out / "eval" / "images" / "tuned" / f"{i:05d}.png") for i in range(3)]
+    assert report["tuned"][:3] == pytest.approx([toy.judge(im, p) for im, p in zip(ims, toy.shape_prompts("test"))])
 
 
 def test_style_pairs_and_rpo_on_them(tmp_path):
@@ -1027,8 +1268,8 @@ def test_sample_cli_lora(tmp_path, hub):
                  "a red cube", "--compare", "--out", str(tmp_path / "grid.png"), "--steps", "2", "--height", "32",
                  "--width", "32", "--device", "cpu"])
     assert r.returncode == 0, r.stderr[-2000:]
-    grid = np.asarray(Image.open(tmp_path / "grid.png")).astype(int)
-    assert np.abs(grid[30:62, 80:] - grid[62:, 80:]).max() > 10
+    base, tuned = grid_rows(tmp_path / "grid.png", ["base", "tuned"], ["a red cube"])
+    assert np.abs(base - tuned).max() > 10
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1080,7 +1321,7 @@ def clip_folder(tmp_path_factory):
 
 def test_clip_preprocess_matches_transformers():
     images = sample_images(sizes=((300, 217), (217, 300), (512, 512), (225, 640), (640, 225), (224, 224), (100, 90)))
-    ours = eval.clip_preprocess(images)
+    ours = align.clip_preprocess(images)
     ref = CLIPImageProcessorPil()(images, return_tensors="pt").pixel_values
     print(f"CLIP preprocessing: max abs difference {(ours - ref).abs().max().item():.2e}")
     assert ours.shape == ref.shape == (7, 3, 224, 224) and (ours - ref).abs().max() < 1e-6
@@ -1158,7 +1399,7 @@ def test_hps_matches_reference(hps_folder):
     assert torch.equal(scorer.tokenizer(PROMPTS), ids)
     assert ids[1, 7:11].tolist() == [2175, 256, 49407, 0]  # "!" is the symbol "!</w>"; after eot pad 0
     with torch.no_grad():
-        img = F.normalize(ref.get_image_features(pixel_values=eval.hps_preprocess(images, 28)).pooler_output, dim=-1)
+        img = F.normalize(ref.get_image_features(pixel_values=align.hps_preprocess(images, 28)).pooler_output, dim=-1)
         txt = F.normalize(ref.get_text_features(input_ids=ids).pooler_output, dim=-1)
     want, got = (img * txt).sum(-1), scorer(images, PROMPTS)
     print(f"hps: relative error {rel_err(got, want):.2e}")
@@ -1172,14 +1413,14 @@ def test_hps_pad_to_square_transform():
     x = torch.from_numpy(np.asarray(img).astype(np.float32) / 255).permute(2, 0, 1)[None]
     canvas = torch.zeros(1, 3, 28, 28)
     canvas[:, :, 8:19, :] = F.interpolate(x, size=(11, 28), mode="bicubic", antialias=True)  # round(20 * 28 / 50) = 11
-    mean, std = torch.tensor(eval.OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(eval.OPENAI_STD).view(1, 3, 1, 1)
-    got = eval.hps_preprocess([img], 28)
+    mean, std = torch.tensor(align.OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(align.OPENAI_STD).view(1, 3, 1, 1)
+    got = align.hps_preprocess([img], 28)
     assert got.shape == (1, 3, 28, 28) and (got - (canvas - mean) / std).abs().max() < 1e-6
     assert torch.allclose(got[0, :, :8], (-mean / std)[0].expand(3, 8, 28)) and got[0, :, 19:].shape[1] == 9
     square = sample_images(sizes=((64, 64),))[0]
     x = torch.from_numpy(np.asarray(square).astype(np.float32) / 255).permute(2, 0, 1)[None]
     want = (F.interpolate(x, size=(28, 28), mode="bicubic", antialias=True) - mean) / std
-    assert (eval.hps_preprocess([square], 28) - want).abs().max() < 1e-6
+    assert (align.hps_preprocess([square], 28) - want).abs().max() < 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -1221,20 +1462,20 @@ def test_aesthetic_matches_reference(aesthetic_folder):
 def test_clip_towers_at_real_sizes():
     """The presets are the real towers: the key names and shapes of transformers' CLIPModel at PickScore's (ViT-H/14)
     and OpenAI's ViT-L/14 configs, built on the meta device; OpenCLIP's ViT-H-14 names map onto ours (986M)."""
-    h14 = dict(text_config=dict(eval.TEXT_H14, eos_token_id=49407), vision_config=eval.CLIPVisionConfig.vit_h14().__dict__,
+    h14 = dict(text_config=dict(align.TEXT_H14, eos_token_id=49407), vision_config=align.CLIPVisionConfig.vit_h14().__dict__,
                projection_dim=1024)
-    l14 = dict(text_config=eval.TEXT_L14, vision_config=eval.CLIPVisionConfig.vit_l14().__dict__, projection_dim=768)
+    l14 = dict(text_config=align.TEXT_L14, vision_config=align.CLIPVisionConfig.vit_l14().__dict__, projection_dim=768)
     for d, n in [(h14, 986_109_441), (l14, 427_616_513)]:
         d["vision_config"] = {k: v for k, v in d["vision_config"].items() if k != "raw"}
         with torch.device("meta"):
             ref = CLIPModel(CLIPConfig(**d))
-            ours = eval.CLIP(*eval.CLIP.from_dict(d))
+            ours = align.CLIP(*align.CLIP.from_dict(d))
         want = {k: tuple(v.shape) for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
         assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == want
         assert sum(p.numel() for p in ours.parameters()) == n
-    text, vision = eval.openclip_configs(eval.VIT_H_14)
+    text, vision = align.openclip_configs(align.VIT_H_14)
     with torch.device("meta"):
-        ours, ref = eval.CLIP(text, vision), CLIPModel(CLIPConfig(**h14))
+        ours, ref = align.CLIP(text, vision), CLIPModel(CLIPConfig(**h14))
     mapped = convert.openclip_to_ours(openclip_state_dict(ref))
     assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
 
@@ -1293,8 +1534,9 @@ def test_eval_cli_end_to_end(tmp_path, clip_folder, hps_folder, aesthetic_folder
         assert s["base"] != s["tuned"]
     md = (out / "report.md").read_text()
     assert "| PickScore |" in md and "| HPSv2.1 (x100) |" in md and md.count("\n|") == 6
+    w, h, left, _, _ = sample.grid_layout((32, 32), ["base", "tuned"])
     grid = Image.open(out / "wins_losses.png")
-    assert grid.size == (80 + 3 * 32, 30 + 2 * 32)
+    assert grid.size[0] == left + 3 * w and grid.size[1] > 2 * h
     bad = run_cli(["eval.py", "--model", str(base), "--unet", str(tmp_path / "tuned" / "unet"), "--prompts",
                    str(tmp_path / "prompts.txt"), "--out", str(out), "--scorers", "pickscore,nope"])
     assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from files import DataError
-from sample import add_noise, alphas_cumprod, render
+from sample import TOY_SAMPLING, add_noise, alphas_cumprod, render
 from shards import png_bytes, write_pairs
 from tokenizer import CLIPTokenizer, bytes_to_unicode
 from unet import TINY_FOLDER, TINY_VOCAB, VAE, CLIPText, CLIPTextConfig, UNet, UNetConfig, VAEConfig, save_component
@@ -97,23 +97,23 @@ def judge(image, prompt):
 
 WORLDS = ("shapes",)      # the toy worlds, as --data specs: the trainer builds their pairs and evaluates on them
 TOY_PAIRS = 1024          # on-policy pairs built for --data shapes (ties dropped)
-TOY_SAMPLING = dict(steps=20, guidance=4.0)                  # DDIM steps and classifier-free guidance
 
 
 @torch.no_grad()
 def build_shape_pairs(sd, path, n=TOY_PAIRS, seed=0):
     """On-policy preference pairs, as Pick-a-Pic's: for pair k, two samples of the base model for training caption
-    k mod 72 (seeds 2k, 2k+1 offset by --seed), labelled by data.judge (label_0 = 1 if the first scores higher, 0.5
+    k mod 72 (seeds 2k, 2k+1 offset by --seed), labelled by judge (label_0 = 1 if the first scores higher, 0.5
     on a tie, which the reader skips). Returns the number of pairs without a tie."""
     train = shape_prompts("train")
     prompts = [train[k % len(train)] for k in range(n) for _ in range(2)]
     seeds = [1_000_000 * (seed + 1) + i for i in range(2 * n)]
-    images = render(sd, sd.unet, prompts, seeds, batch_size=256, **TOY_SAMPLING)
+    images = render(sd, sd.unet, prompts, seeds, batch_size=256, desc=f"sampling {n} pairs", **TOY_SAMPLING)
     scores = [judge(img, p) for img, p in zip(images, prompts)]
     label_0 = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(scores[0::2], scores[1::2])]
     png = [png_bytes(img) for img in images]
     write_pairs(path, prompts[0::2], png[0::2], png[1::2], label_0)
     return sum(v != 0.5 for v in label_0)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The tiny model: a tokenizer that knows the toy words, and pretraining from scratch

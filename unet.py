@@ -15,7 +15,7 @@ single-file key names in convert.py, LoRA in lora.py.
 """
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from convert import convert_ldm_checkpoint, detect_family, legacy_keys, per_block
-from files import STEMS, LoadError, hub_pipeline, read_json, read_safetensors, save_safetensors, weight_files, \
-    write_text_atomic
+from files import STEMS, LoadError, config_from_dict, hub_pipeline, read_json, read_safetensors, save_safetensors, \
+    weight_files, write_text_atomic
 from lora import load_lora, merge_lora
 from tokenizer import CLIPTokenizer
 
@@ -404,8 +404,9 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """AutoencoderKL. encode(x) returns the posterior MEAN (no sampling, before the scaling factor);
-    training multiplies by `scaling_factor` to get unit-variance latents, decode(z) expects z / scaling_factor."""
+    """AutoencoderKL. posterior(x) is the encoder's diagonal Gaussian q(z | x) as (mean, std) and encode(x) its mean
+    (both before the scaling factor); training multiplies by `scaling_factor` to get unit-variance latents,
+    decode(z) expects z / scaling_factor."""
 
     def __init__(self, cfg: "VAEConfig"):
         super().__init__()
@@ -415,11 +416,17 @@ class VAE(nn.Module):
         self.quant_conv = nn.Conv2d(c2, c2, 1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c2 // 2, c2 // 2, 1) if cfg.use_post_quant_conv else None
 
-    def encode(self, x):
+    def posterior(self, x):
+        """(mean, std) of q(z | x), the log-variance clamped to [-30, 20] as diffusers' DiagonalGaussianDistribution;
+        its `latent_dist.sample()` is mean + std * N(0, I)."""
         moments = self.encoder(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
-        return moments[:, : self.cfg.latent_channels]                          # mean; [latent:] is log-variance
+        mean, logvar = moments.chunk(2, dim=1)                                  # (B, latent, H/8, W/8) each
+        return mean, (0.5 * logvar.clamp(-30.0, 20.0)).exp()
+
+    def encode(self, x):
+        return self.posterior(x)[0]
 
     def decode(self, z):
         if self.post_quant_conv is not None:
@@ -525,15 +532,6 @@ class CLIPText(nn.Module):
 # Configs: one dataclass per network, built from the checkpoint's config.json, with named presets.
 
 
-def config_from_dict(cls, d):
-    """Build a config dataclass from a diffusers/transformers config dict, keeping the dict itself as `raw`
-    (so a saved model carries exactly the config it was loaded with). Unknown fields are ignored."""
-    names = {f.name for f in fields(cls)}
-    cfg = cls(**{k: v for k, v in d.items() if k in names and k != "raw"})
-    cfg.raw = dict(d)
-    return cfg
-
-
 # config.json fields whose other values this UNet does not implement: refused rather than computed differently
 UNET_FIXED = dict(center_input_sample=False, act_fn="silu", resnet_time_scale_shift="default",
                   time_embedding_type="positional", class_embed_type=None, num_class_embeds=None, encoder_hid_dim=None,
@@ -629,14 +627,9 @@ class VAEConfig:
     out_channels: int = 3
     latent_channels: int = 4
     block_out_channels: tuple = (128, 256, 512, 512)
-    down_block_types: tuple = ("DownEncoderBlock2D",) * 4
-    up_block_types: tuple = ("UpDecoderBlock2D",) * 4
     layers_per_block: int = 2
     norm_num_groups: int = 32
-    act_fn: str = "silu"
-    sample_size: int = 512
     scaling_factor: float = 0.18215             # 0.13025 for SDXL
-    shift_factor: object = None
     force_upcast: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
@@ -645,10 +638,9 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d):
-        cfg = config_from_dict(cls, d)
-        if cfg.shift_factor not in (None, 0, 0.0) or cfg.act_fn != "silu":
+        if d.get("shift_factor") not in (None, 0, 0.0) or d.get("act_fn", "silu") != "silu":
             raise LoadError("vae config: shift_factor / act_fn other than silu are not supported")
-        return cfg
+        return config_from_dict(cls, d)
 
     @classmethod
     def sd15(cls):
@@ -783,7 +775,10 @@ def load_component(folder, name, *, device="cpu", dtype=torch.float32, variant=N
     """Load one network folder of the diffusers layout (`unet/`, `vae/`, `text_encoder[_2]/`): config.json + weights."""
     stem, cls, cfg_cls = COMPONENTS[name]
     folder = Path(folder)
-    cfg = cfg_cls.from_dict(read_json(folder / "config.json"))
+    try:
+        cfg = cfg_cls.from_dict(read_json(folder / "config.json"))
+    except LoadError as e:
+        raise LoadError(f"{folder / 'config.json'}: {e}") if not str(e).startswith(str(folder)) else e from None
     weights = read_safetensors(weight_files(folder, stem, variant), dtype)
     with torch.device("meta"):  # no memory: the weights are assigned, not copied
         model = cls(cfg)

@@ -1,0 +1,276 @@
+"""
+The machinery under diffdpo.py's trainer (a tutorial reader can skip it): the settings checked before any work, the
+lock that keeps two runs out of one --out, checkpoints that hold tensors and plain data only (loaded with
+weights_only=True, so a checkpoint cannot run code), metrics.jsonl that survives a torn last line, optional
+TensorBoard / W&B logging, the model card pushed with the weights to the Hugging Face Hub, and Adafactor.
+"""
+import atexit
+import fcntl
+import importlib.util
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from files import UserError, first_line, write_atomic, write_text_atomic
+from shards import find_shards
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings
+
+
+def validate(cfg, device, built):
+    """Every setting of a TrainConfig, before any work: a bad one is a one-line error (the CLI exits with status 2).
+    `built`: the pairs are built by the run (--data shapes, style:...), else the data must be reachable now."""
+    choices = dict(loss=("dpo", "sft"), optimizer=("adamw", "adafactor"), device=("auto", "cpu", "cuda"),
+                   mixed_precision=("auto", "no", "fp16", "bf16"), vae_latents=("sample", "mean"),
+                   report_to=("", "tensorboard", "wandb"))
+    for k, ok in choices.items():
+        if getattr(cfg, k) not in ok:
+            raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: expected one of {', '.join(filter(None, ok))}")
+    at_least = dict(batch_size=1, grad_accum=1, max_steps=1, warmup_steps=0, lora_rank=0, checkpoint_every=0,
+                    sample_steps=1, max_bad_steps=1, val_pairs=0, threads=0)
+    for k, low in at_least.items():
+        if getattr(cfg, k) < low:
+            raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: must be at least {low}")
+    for k in ("lr", "beta", "grad_clip"):
+        if not getattr(cfg, k) > 0:
+            raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: must be positive")
+    if cfg.resolution < 0 or cfg.resolution % 8:
+        raise UserError(f"--resolution {cfg.resolution}: must be a multiple of 8 (0: the model's own)")
+    if not 0 <= cfg.caption_dropout <= 1:
+        raise UserError(f"--caption-dropout {cfg.caption_dropout}: must be a probability in [0, 1]")
+    if cfg.cache and cfg.random_crop:
+        raise UserError("--cache and --random-crop do not go together: a random crop changes every epoch")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
+    if cfg.report_to and importlib.util.find_spec(cfg.report_to) is None:
+        raise UserError(f"--report-to {cfg.report_to}: the {cfg.report_to} package is not installed "
+                        f"(pip install {cfg.report_to})")
+    if not built:
+        find_shards(cfg.data)                   # the data is there (a local path; a Hub dataset that can be listed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One run per folder: an exclusive lock on OUT/.lock, held for the run's life. The kernel drops it when the process
+# ends however it ends (exit, crash, kill -9), so a stale lock never blocks the next run.
+
+
+def lock(out):
+    """Create OUT if needed and lock it for this process (the lock file names its pid); a second run on the same
+    folder gets a one-line refusal. Also the check that --out is writable, before any work."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / ".lock", "a+")
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot be created or written ({e.strerror or first_line(e)})") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"--out {out} is in use by another run ({owner}); wait for it to finish or use another "
+                        f"--out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    atexit.register(handle.close)
+    return handle
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: written atomically; read with weights_only=True (tensors, numbers, strings, lists and dicts only)
+
+CHECKPOINT_KEYS = ("unet", "optimizer", "scheduler", "scaler", "rng", "step", "position", "skipped", "config")
+
+
+def save_checkpoint(path, ckpt):
+    """torch.save to a temporary file, then rename: a crash or a full disk leaves the previous checkpoint intact."""
+    try:
+        write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+    except OSError as e:
+        raise UserError(f"{path}: could not be written ({e.strerror or first_line(e)}); the previous checkpoint is "
+                        f"intact: free some disk space and re-run the same command to resume") from None
+
+
+def load_checkpoint(path):
+    """The checkpoint at `path`, or None if there is none. A damaged file, or one that is not a checkpoint of ours
+    (including one that would run code when unpickled), is a one-line error saying what to do."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    what = "delete it to start this run over, or use another --out"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a readable diffdpo checkpoint ({first_line(e)[:160]}); {what}") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"{path}: not a diffdpo checkpoint (no {', '.join(missing)}); {what}")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metrics.jsonl: one JSON row per optimizer step (and val_* rows), appended as the run goes
+
+
+def read_metrics(path, upto_step=None):
+    """The rows of a metrics file, skipping a torn last line (a disk that filled up, a kill mid-write) and any line
+    that is not a JSON object; with `upto_step`, only the rows of steps <= upto_step."""
+    rows = []
+    if Path(path).exists():
+        for line in Path(path).read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "step" in row and (upto_step is None or row["step"] <= upto_step):
+                rows.append(row)
+    return rows
+
+
+def trim_metrics(path, step):
+    """On resume: keep the rows up to the checkpoint's step (the steps after it will be run again), atomically."""
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in read_metrics(path, step)))
+
+
+def append_metrics(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+class Log:
+    """Rank 0's log of a run: the progress bar, OUT/metrics.jsonl, and (--report-to) TensorBoard's event files in
+    OUT/tensorboard/ or a Weights & Biases run, both with the metrics' numbers and the sample grids."""
+
+    def __init__(self, out, config, report_to, total, initial):
+        self.path, self.tensorboard, self.wandb = Path(out) / "metrics.jsonl", None, None
+        self.bar = tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(str(Path(out) / "tensorboard"))
+        elif report_to == "wandb":
+            import wandb
+            self.wandb = wandb.init(project="diffdpo", name=Path(out).name, dir=str(out), config=config)
+
+    def row(self, row):
+        append_metrics(self.path, row)
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tensorboard is not None:
+            for k, v in numbers.items():
+                self.tensorboard.add_scalar(k, v, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=row["step"])
+        if "loss" in row:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_acc']:.2f}", lr=f"{row['lr']:.2e}",
+                                 pairs_s=f"{row['pairs_per_s']:.2f}")
+            self.bar.update(1)
+
+    def grid(self, path, step):
+        if path is not None and self.tensorboard is not None:
+            self.tensorboard.add_image("samples", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+        if path is not None and self.wandb is not None:
+            import wandb
+            self.wandb.log({"samples": wandb.Image(str(path))}, step=step)
+
+    def close(self):
+        self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model card and the upload (--push-to-hub REPO)
+
+
+def model_card(config, base, repo, out, weights):
+    """OUT/README.md's text in the Hub's model-card format: YAML metadata, what was trained how, the results the run
+    folder holds (the toy's summary.json, an eval.py report in OUT/eval/), and how to load the weights."""
+    out, lora = Path(out), weights.endswith(".safetensors")
+    data = config["data"][len("hub:"):] if config["data"].startswith("hub:") else None
+    tags = ["text-to-image", "stable-diffusion", "diffusion-dpo", "diffdpo"] + ["lora"] * lora
+    meta = [f"base_model: {base}", "library_name: diffusers", "tags:", *[f"- {t}" for t in tags]]
+    meta += ["datasets:", f"- {data}"] if data else []
+    settings = ["method", "beta", "max_steps", "pairs_per_step", "lr_used", "optimizer", "mixed_precision",
+                "resolution", "lora_rank", "seed"]
+    table = "\n".join(f"| {k} | {config.get(k, config['loss'] if k == 'method' else '')} |" for k in settings)
+    results = ""
+    for name in ("summary.json", "eval/report.md"):
+        if (out / name).is_file():
+            text = (out / name).read_text()
+            results += f"\n`{name}`:\n\n" + (f"```json\n{text}\n```\n" if name.endswith(".json") else text)
+    load = (f'pipe = StableDiffusionPipeline.from_pretrained("{base}")\npipe.load_lora_weights("{repo}")' if lora else
+            f'unet = UNet2DConditionModel.from_pretrained("{repo}", subfolder="unet")\n'
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base}", unet=unet)')
+    return ("---\n" + "\n".join(meta) + f"\n---\n\n# {repo}\n\n{base} fine-tuned with "
+            f"{config.get('method', config['loss']).upper()} on preference pairs (`--data {config['data']}`) by "
+            f"[diffdpo](https://github.com/), a from-scratch implementation of Diffusion-DPO (Wallace et al., CVPR "
+            f"2024).\n\n| setting | value |\n| --- | --- |\n{table}\n\n## Results\n{results or chr(10) + 'None yet.'}\n"
+            f"\n## Use\n\n```python\nfrom diffusers import StableDiffusionPipeline, UNet2DConditionModel\n{load}\n"
+            f"image = pipe(\"a photo of a cat\").images[0]\n```\n")
+
+
+def push_to_hub(repo, out, card):
+    """Write OUT/README.md (the model card) and upload it with the weights (OUT/unet/ or the LoRA file), the config,
+    metrics, sample grids and results to the Hub model repo `repo` (created if needed; `hf auth login` first)."""
+    import huggingface_hub as hh
+    write_text_atomic(Path(out) / "README.md", card)
+    patterns = ["README.md", "unet/*", "pytorch_lora_weights.safetensors", "config.json", "metrics.jsonl",
+                "summary.json", "compare.png", "samples/step*.png", "eval/report.*"]
+    try:
+        api = hh.HfApi()
+        api.create_repo(repo, exist_ok=True)
+        url = api.upload_folder(repo_id=repo, folder_path=str(out), allow_patterns=patterns,
+                                commit_message=f"diffdpo: {Path(out).name}")
+    except Exception as e:  # auth, network, a bad repo id: one line
+        raise UserError(f"--push-to-hub {repo}: the upload failed ({first_line(e)}); the run itself is saved in "
+                        f"{out}") from None
+    print(f"pushed {out} to https://huggingface.co/{repo} ({url})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Adafactor (Shazeer & Stern 2018) in a few lines, for SDXL's memory budget
+
+
+class Adafactor(torch.optim.Optimizer):
+    """Adafactor (Shazeer & Stern 2018) as the official SDXL run configures transformers' one: factored second moments
+    (row and column means of g^2 over the last two dims), no first moment, update RMS clipped at 1, weight decay,
+    a fixed learning rate (scale_parameter=False, relative_step=False)."""
+
+    def __init__(self, params, lr, weight_decay=0.0, beta2_decay=-0.8, eps=1e-30, clip=1.0):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, beta2_decay=beta2_decay, eps=eps, clip=clip))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, state = p.grad.float(), self.state[p]
+                state["step"] = state.get("step", 0) + 1
+                beta2 = 1.0 - state["step"] ** group["beta2_decay"]      # 1 - t^-0.8: grows towards 1
+                g2 = g.square() + group["eps"]
+                if g.ndim >= 2:  # factored over the last two dims: v ~ outer(row means, column means) / mean
+                    r = state.setdefault("row", torch.zeros_like(g2.mean(-1)))
+                    c = state.setdefault("col", torch.zeros_like(g2.mean(-2)))
+                    r.lerp_(g2.mean(-1), 1 - beta2)
+                    c.lerp_(g2.mean(-2), 1 - beta2)
+                    v = (r / r.mean(-1, keepdim=True)).unsqueeze(-1) * c.unsqueeze(-2)
+                else:
+                    v = state.setdefault("v", torch.zeros_like(g)).lerp_(g2, 1 - beta2)
+                u = g / v.sqrt()
+                u /= (u.square().mean().sqrt() / group["clip"]).clamp_min(1.0)
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(u.to(p.dtype), alpha=-group["lr"])
