@@ -491,9 +491,9 @@ def train(cfg: TrainConfig, pair_loss=None, image_embedder=None):
             save_unet(merge_lora(policy), out / "unet")
         return finish(world, out, lock)
 
-    n_params = sum(p.numel() for p in policy.parameters()) / 1e6
-    print0(f"{cfg.method} on {model_name(cfg.model)} ({sd.kind}, UNet {n_params:.1f}M params), {pairs_per_step} "
-           f"pairs/step on {world} x {device.type}, lr {lr:.3g}, {DTYPE_NAMES[amp_dtype]} precision", rank=rank)
+    what = f"{LAYOUTS[sd.kind]}, UNet {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params"
+    print0(f"{cfg.method} on {model_name(cfg.model)} ({what}), {pairs_per_step} pairs/step on {world} x "
+           f"{device.type}, lr {lr:.3g}, {DTYPE_NAMES[amp_dtype]} precision", rank=rank)
     batches = prefetch(pairs.batches(cfg.batch_size, rank=rank, world_size=world, start=state["position"]))
     log = runs.Log(out, run_cfg, cfg.report_to, cfg.max_steps, state["step"]) if rank == 0 else None
     bad_in_a_row = 0
@@ -575,8 +575,11 @@ def gathered_counts(pairs, world):
     return {k: pairs.counts().get(k, 0) for k in SKIP_COUNTS}
 
 
+LAYOUTS = {"sd15": "SD1.5's layout", "sdxl": "SDXL's layout"}
+
+
 def model_name(model):
-    return "tiny (the toy model)" if model == "tiny" else model
+    return "tiny, the toy model" if model == "tiny" else model
 
 
 def optimizer_step(policy, optimizer, scheduler, scaler, grad_clip):

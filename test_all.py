@@ -1063,7 +1063,7 @@ def test_toy_run_end_to_end(tmp_path, monkeypatch, capsys):
     assert diffdpo.TrainConfig(out=cfg.out, max_steps=4, device="cpu") == cfg     # Python callers get the same run
     diffdpo.main(cfg)
     printed = capsys.readouterr().out
-    assert "dpo on tiny (the toy model)" in printed and "fp32 precision" in printed
+    assert "dpo on tiny, the toy model (SD1.5's layout" in printed and "fp32 precision" in printed
     assert "held-out judge score" in printed and "compare.png (base above, tuned below)" in printed
     out = tmp_path / "runs" / "toy"
     table = pq.read_table(out / "shapes_pairs.parquet")
