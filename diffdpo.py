@@ -31,7 +31,7 @@ import toy
 from data import open_pairs, style_items
 from files import DTYPES, UserError, read_json, write_text_atomic
 from lora import LORA_FILE, LORA_TARGETS, add_lora, lora_disabled, merge_lora, save_lora
-from sample import add_noise, alphas_cumprod, default_size, render, sample_grid
+from sample import add_noise, alphas_cumprod, default_size, guidance_embedding, render, sample_grid
 from shards import LatentCache, png_bytes, prefetch, write_pairs
 from unet import load_sd, save_unet
 
@@ -172,6 +172,8 @@ class TrainConfig:
     merge_lora: bool = flag(False, "at the last step, also write the merged OUT/unet/", resume="new")
     choice_model: str = flag("", "AI feedback: relabel every pair with a reward model, "
                                  "pickscore|hps|aesthetic|clip[=PATH] (ties dropped)")
+    lcm_guidance: float = flag(8.5, "an LCM UNet's (time_cond_proj_dim) guidance-scale input while training "
+                                    "(LatentConsistencyModelPipeline's default); other UNets ignore it")
     caption_dropout: float = flag(0.0, "probability of training on the empty prompt")
     random_crop: bool = flag(False, "random crops instead of center crops")
     cache: bool = flag(False, "keep VAE latents + text embeddings on disk (exact: both flips are stored), so steps "
@@ -367,10 +369,11 @@ def load_models(cfg, device, amp_dtype):
 
 
 @torch.no_grad()
-def unet_inputs(sd, batch, resolution, device, dtype):
+def unet_inputs(sd, batch, resolution, device, dtype, lcm_guidance=8.5):
     """Images and prompts to the UNet's inputs, for the batch [winners; losers] (2B):
     latents (2B, 4, R/8, R/8) = vae.encode(x) * scaling_factor, and cond = dict(context (2B, 77, D)) plus for SDXL
-    text_embeds (2B, 1280) and time_ids (2B, 6) with original = target = (R, R), crop (0, 0).
+    text_embeds (2B, 1280) and time_ids (2B, 6) with original = target = (R, R), crop (0, 0); for an LCM UNet
+    timestep_cond (2B, time_cond_proj_dim), its guidance input held at lcm_guidance (the loss is unchanged).
     With --cache the batch already holds the latents and text embeddings."""
     if "context" in batch:
         latents = torch.cat([batch["chosen"], batch["rejected"]]).to(device).float()
@@ -383,6 +386,9 @@ def unet_inputs(sd, batch, resolution, device, dtype):
     if sd.kind == "sdxl":
         cond.update(text_embeds=pooled.to(device).float().repeat(2, 1),
                     time_ids=sd.time_ids(len(latents), resolution, resolution, device=device))
+    if sd.unet.cfg.time_cond_proj_dim:
+        w = torch.full((len(latents),), lcm_guidance - 1.0)
+        cond.update(timestep_cond=guidance_embedding(w, sd.unet.cfg.time_cond_proj_dim).to(device))
     return latents, cond
 
 
@@ -485,7 +491,7 @@ def train(cfg: TrainConfig, pair_loss=None, image_embedder=None):
         t0, logs = time.time(), []
         for micro in range(cfg.grad_accum):
             batch = next(batches)
-            latents, cond = unet_inputs(sd, batch, resolution, device, amp_dtype)
+            latents, cond = unet_inputs(sd, batch, resolution, device, amp_dtype, cfg.lcm_guidance)
             eps, t = (x.to(device) for x in cfg.draw_noise(batch, latents.shape[1:], len(abar)))
             last = micro == cfg.grad_accum - 1
             with model.no_sync() if world > 1 and not last else torch.enable_grad(), autocast:

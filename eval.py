@@ -659,8 +659,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sd15", help="the base: alias (sd15, sdxl, tiny), Hub id, folder or .safetensors")
     p.add_argument("--unet", default=None, help="the tuned UNet folder (OUT/unet of diffdpo.py)")
-    p.add_argument("--lora", default=None, help="or: the tuned LoRA adapters (a run folder of diffdpo.py --lora-rank, "
-                                                "or the .safetensors file), applied to --model's UNet")
+    p.add_argument("--lora", action="append", default=None, help="or: the tuned LoRA adapters (a run folder of "
+                   "diffdpo.py --lora-rank, or the .safetensors file), applied to --model's UNet; a second and "
+                   "further --lora (e.g. LCM-LoRA) are stacked on base and tuned alike")
     p.add_argument("--prompts", default="parti", help="a set (see prompt_set) or a .txt/.tsv/.csv/.json file")
     p.add_argument("--num", type=int, default=None, help="only the first N prompts")
     p.add_argument("--scorers", default="pickscore,hps,aesthetic,clip")
@@ -672,7 +673,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i, for both models")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "euler", "dpm"])
+    p.add_argument("--sampler", default="ddim", choices=list(sample.SAMPLERS))
     p.add_argument("--height", type=int, default=None, help="default: the model's (512 SD1.5, 1024 SDXL)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=4)
@@ -701,7 +702,7 @@ def main(argv=None):
         prompts = prompt_set(a.prompts)[:a.num]
         if len(prompts) < (2 if ref else 1):
             fail(f"--prompts {a.prompts}: {len(prompts)} prompts; expected at least 1 (2 with --style-ref)")
-        sd = unet.load_sd(a.model, device=a.device, dtype=dtype)
+        sd = unet.load_sd(a.model, device=a.device, dtype=dtype, lora=a.lora[1:] if a.lora else None)
         tuned = (unet.load_component(a.unet, "unet", device=a.device, dtype=dtype) if a.unet else
                  unet.load_sd(a.model, device=a.device, dtype=dtype, lora=a.lora).unet)
     except (UserError, OSError) as e:

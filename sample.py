@@ -6,8 +6,8 @@ initial latents.
     python sample.py --model sd15 --unet runs/dpo-sd15/unet --prompts prompts.txt --compare --out compare.png
 
 Read top to bottom: the noise schedule (the forward process the trainer noises with), the inference timesteps, the
-samplers (DDIM, Euler, DPM-Solver++(2M)), classifier-free guidance and `generate` (SDXL's conditioning, decoding),
-the comparison grid and the CLI.
+samplers (DDIM, Euler, DPM-Solver++(2M), latent consistency), classifier-free guidance and `generate` (SDXL's
+conditioning, decoding), the comparison grid and the CLI.
 """
 import argparse
 import copy
@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from files import DTYPES, UserError, first_line
-from lora import load_lora, merge_lora
+from lora import merge_lora_files
 from unet import load_component, load_sd
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -62,7 +63,8 @@ def add_noise(x0, noise, t, abar):
 UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "rescale_betas_zero_snr",
                "thresholding")
 DEFAULTS = {"ddim": dict(timestep_spacing="leading", set_alpha_to_one=True, clip_sample=True),
-            "euler": dict(timestep_spacing="linspace"), "dpm": dict(timestep_spacing="linspace")}
+            "euler": dict(timestep_spacing="linspace"), "dpm": dict(timestep_spacing="linspace"),
+            "lcm": dict(original_inference_steps=50, timestep_scaling=10.0, clip_sample=False)}
 
 
 def scheduler_config(cfg, sampler):
@@ -183,7 +185,45 @@ def dpm_solver_2m(denoise, noise, cfg, steps):
     return x
 
 
-SAMPLERS = {"ddim": ddim, "euler": euler, "dpm": dpm_solver_2m}
+def lcm_timesteps(cfg, n):
+    """LCMScheduler's schedule: the distillation's m = original_inference_steps (50) steps t_j = j (T // m) - 1,
+    j = 1..m, noisiest first (999, 979, ..., 19), and n of them at the evenly spaced indices floor(k m / n):
+    999, 759, 499, 259 for n = 4."""
+    T, m = cfg.get("num_train_timesteps", 1000), cfg.get("original_inference_steps", 50)
+    if not 1 <= n <= m:
+        raise ValueError(f"LCM steps must be in 1..{m} (original_inference_steps), got {n}")
+    origin = (np.arange(1, m + 1) * (T // m) - 1)[::-1]
+    return torch.from_numpy(origin[np.floor(np.linspace(0, m, n, endpoint=False)).astype(np.int64)].copy())
+
+
+def consistency_scalings(t, cfg):
+    """The consistency function's boundary condition (Song et al. 2023, Eq. 7; LCM, Luo et al. 2023, Eq. 3) with
+    u = t * timestep_scaling (10) and sigma_data s = 0.5: c_skip = s^2 / (u^2 + s^2), c_out = u / sqrt(u^2 + s^2),
+    so f(x, 0) = x."""
+    u, s = t * cfg.get("timestep_scaling", 10.0), 0.5
+    return s ** 2 / (u ** 2 + s ** 2), u / (u ** 2 + s ** 2) ** 0.5
+
+
+def lcm(denoise, noise, cfg, steps, step_noise):
+    """Latent consistency multistep sampling (Luo et al. 2023, Alg. 3; diffusers' LCMScheduler). At each t_i:
+        z = c_skip(t_i) x + c_out(t_i) x0_hat(x, t_i)                              (the consistency function)
+        x = sqrt(abar_{t_{i+1}}) z + sqrt(1 - abar_{t_{i+1}}) eps_i                 (fresh noise eps_i = step_noise())
+    and the last z is the sample. x0_hat is clipped to [-r, r] if `clip_sample` (LCMScheduler's default: off).
+    Starts at the noise itself."""
+    ts, abar, ptype = lcm_timesteps(cfg, steps), alphas_cumprod(cfg), cfg.get("prediction_type", "epsilon")
+    x, r = noise, cfg.get("clip_sample_range", 1.0)
+    for i, t in enumerate(ts):
+        x0, _ = predict_x0(x, denoise(x, t), abar[t].sqrt(), (1 - abar[t]).sqrt(), ptype)
+        x0 = x0.clamp(-r, r) if cfg.get("clip_sample", False) else x0
+        c_skip, c_out = consistency_scalings(t, cfg)
+        z = c_skip * x + c_out * x0
+        if i == len(ts) - 1:
+            return z
+        a = abar[ts[i + 1]]
+        x = a.sqrt() * z + (1 - a).sqrt() * step_noise().to(x.device)
+
+
+SAMPLERS = {"ddim": ddim, "euler": euler, "dpm": dpm_solver_2m, "lcm": lcm}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Generation: classifier-free guidance, SDXL micro-conditioning, decoding
@@ -193,6 +233,16 @@ def classifier_free_guidance(uncond, cond, scale):
     """Classifier-free guidance (Ho & Salimans 2022, Eq. 6): eps = eps_uncond + w (eps_cond - eps_uncond), one UNet
     call on the batch [uncond; cond]; w = 1 is the conditional model alone."""
     return uncond + scale * (cond - uncond)
+
+
+def guidance_embedding(w, dim):
+    """An LCM-distilled UNet's guidance input, `timestep_cond` (diffusers' get_guidance_scale_embedding, after VDM):
+    with f_k = 10000^(-k / (dim/2 - 1)), emb = [sin(1000 w f), cos(1000 w f)] (B, dim); the pipelines embed
+    w = guidance - 1 (guidance 1: no guidance), as the LCM was distilled with w = CFG scale - 1."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    args = (w.float() * 1000.0)[:, None] * freqs[None]                        # (B, dim/2)
+    return F.pad(torch.cat([args.sin(), args.cos()], dim=-1), (0, dim % 2))
 
 
 def vae_factor(sd):
@@ -209,8 +259,20 @@ def initial_latents(sd, n, height, width, seed=0):
     depends on its seed only (not on its batch or the device). In diffusers this is the pipeline's
     generator=[torch.Generator().manual_seed(seed + i) for i in range(n)]."""
     f, c = vae_factor(sd), sd.unet.cfg.in_channels
-    return torch.stack([torch.randn(c, height // f, width // f, generator=torch.Generator().manual_seed(seed + i))
-                        for i in range(n)])
+    return seeded_noise(range(seed, seed + n), (c, height // f, width // f))[0]
+
+
+def seeded_noise(seeds, shape, latents=None):
+    """The initial latents (B, *shape) and `step_noise()`, the fresh noise the LCM sampler draws between steps (B, ...).
+    Without `latents`, image i's initial noise and then its step noise come from one CPU generator seeded with
+    seeds[i], so an image depends on its seed only: diffusers' pipeline(generator=[torch.Generator().manual_seed(s)
+    for s in seeds]). With `latents`, each step draws one randn of the whole batch's shape from ONE generator seeded
+    with seeds[0]: diffusers' pipeline(latents=..., generator=torch.Generator().manual_seed(seed))."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    if latents is not None:
+        return latents, lambda: torch.randn(latents.shape, generator=gens[0])
+    draw = lambda: torch.stack([torch.randn(shape, generator=g) for g in gens])  # noqa: E731
+    return draw(), draw
 
 
 def zeros_for_empty_negative(sd):
@@ -265,22 +327,31 @@ def decode(sd, latents):
 
 @torch.no_grad()
 def generate(sd, prompts, *, steps=50, guidance=7.5, latents=None, seed=0, height=None, width=None,
-             negative_prompt=None, sampler="ddim", unet=None, progress=False):
+             negative_prompt=None, sampler=None, unet=None, progress=False):
     """Text-to-image, as StableDiffusion(XL)Pipeline with the matching scheduler. prompts: str or list; latents:
-    (B, 4, H/8, W/8) unit noise (default: initial_latents(.., seed)); unet: a tuned UNet to use instead of sd.unet;
-    progress: True for a bar, or a tqdm bar to advance by one per step. Classifier-free guidance when
-    guidance > 1. The sampler's arithmetic is fp32 whatever the models' dtype."""
+    (B, 4, H/8, W/8) unit noise; seed: image i's seed is seed + i, or seed[i] for a list (see seeded_noise: without
+    latents, image i draws its initial and LCM step noise from its seed; with them, the LCM step noise is one draw
+    per step for the batch from `seed`); sampler: ddim | euler | dpm | lcm, default lcm for an LCM pipeline (its
+    scheduler config is an LCMScheduler's), else ddim; unet: a tuned UNet to use instead of sd.unet; progress: True
+    for a bar, or a tqdm bar to advance by one per step. Classifier-free guidance when guidance > 1, except for an
+    LCM-distilled UNet (time_cond_proj_dim): it takes guidance_embedding(guidance - 1) instead, as diffusers'
+    pipelines do. The sampler's arithmetic is fp32 whatever the models' dtype."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    sampler = sampler or ("lcm" if sd.scheduler_config.get("_class_name") == "LCMScheduler" else "ddim")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
     cfg, unet, f = scheduler_config(sd.scheduler_config, sampler), unet or sd.unet, vae_factor(sd)
     height, width = height or default_size(sd), width or default_size(sd)
     if height % f or width % f or height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive multiples of {f}, got {height} x {width}")
-    dtype, device, guided = next(unet.parameters()).dtype, sd.device, guidance > 1
+    dtype, device, lcm_dim = next(unet.parameters()).dtype, sd.device, unet.cfg.time_cond_proj_dim
+    guided = guidance > 1 and not lcm_dim
     kw = conditioning(sd, prompts, negative_prompt, guided, height, width, dtype)
-    if latents is None:
-        latents = initial_latents(sd, len(prompts), height, width, seed)
+    if lcm_dim:  # an LCM-distilled UNet: the guidance scale is an input, not CFG
+        w = torch.full((len(prompts),), guidance - 1.0)
+        kw["timestep_cond"] = guidance_embedding(w, lcm_dim).to(device, dtype)
+    seeds = list(seed) if isinstance(seed, (list, tuple, range)) else [seed + i for i in range(len(prompts))]
+    latents, step_noise = seeded_noise(seeds, (unet.cfg.in_channels, height // f, width // f), latents)
     if tuple(latents.shape) != (len(prompts), unet.cfg.in_channels, height // f, width // f):
         raise ValueError(f"latents of shape {tuple(latents.shape)} for {len(prompts)} prompts at {height} x {width}")
     bar = tqdm(total=steps, desc="sampling", leave=False) if progress is True else None
@@ -292,7 +363,8 @@ def generate(sd, prompts, *, steps=50, guidance=7.5, latents=None, seed=0, heigh
             bar.update(1)
         return classifier_free_guidance(*out.chunk(2), guidance) if guided else out
 
-    x = SAMPLERS[sampler](denoise, latents.to(device, torch.float32), cfg, steps)
+    extra = dict(step_noise=step_noise) if sampler == "lcm" else {}
+    x = SAMPLERS[sampler](denoise, latents.to(device, torch.float32), cfg, steps, **extra)
     if progress is True:
         bar.close()
     return decode(sd, x)
@@ -300,11 +372,9 @@ def generate(sd, prompts, *, steps=50, guidance=7.5, latents=None, seed=0, heigh
 
 def render(sd, unet, prompts, seeds, batch_size=4, **kw):
     """generate() in batches, image i from seed seeds[i]: batching changes no image (beyond float rounding)."""
-    h, w = kw.pop("height", None) or default_size(sd), kw.pop("width", None) or default_size(sd)
     images = []
     for i in range(0, len(prompts), batch_size):
-        noise = torch.cat([initial_latents(sd, 1, h, w, s) for s in seeds[i:i + batch_size]])
-        images += generate(sd, prompts[i:i + batch_size], latents=noise, unet=unet, height=h, width=w, **kw)
+        images += generate(sd, prompts[i:i + batch_size], seed=seeds[i:i + batch_size], unet=unet, **kw)
     return images
 
 
@@ -350,8 +420,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sd15", help="the base: alias (sd15, sdxl), Hub id, folder or .safetensors")
     p.add_argument("--unet", default=None, help="a tuned UNet folder (OUT/unet of diffdpo.py) to sample with")
-    p.add_argument("--lora", default=None, help="or LoRA adapters to merge into the base UNet: a run folder "
-                                                "(OUT of diffdpo.py --lora-rank) or a .safetensors file")
+    p.add_argument("--lora", action="append", default=None, help="or LoRA adapters to merge into the base UNet: a "
+                   "run folder (OUT of diffdpo.py --lora-rank) or a .safetensors file (peft or kohya format); "
+                   "repeatable, stacked (e.g. --lora RUN --lora lcm-lora.safetensors --sampler lcm --steps 4)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="a text file, one prompt per line")
     p.add_argument("--out", default="samples.png", help="the grid PNG to write")
@@ -359,7 +430,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="default: lcm for an LCM pipeline, "
+                   "else ddim")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--height", type=int, default=None, help="default: the model's (512 SD1.5, 1024 SDXL)")
     p.add_argument("--width", type=int, default=None)
@@ -392,7 +464,7 @@ def main(argv=None):
         sd = load_sd(a.model, device=a.device, dtype=dtype)
         tuned = load_component(a.unet, "unet", device=a.device, dtype=dtype) if a.unet else None
         if a.lora:  # merged into the base UNet, or into a copy of it for --compare
-            tuned = merge_lora(load_lora(copy.deepcopy(sd.unet) if a.compare else sd.unet, a.lora))
+            tuned = merge_lora_files(copy.deepcopy(sd.unet) if a.compare else sd.unet, a.lora)
     except (UserError, OSError) as e:
         fail(first_line(e))
     if tuned and any(getattr(tuned.cfg, k) != getattr(sd.unet.cfg, k) for k in FAMILY):
