@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
@@ -186,9 +185,8 @@ def dpm_solver_2m(denoise, noise, cfg, steps):
 
 
 def lcm_timesteps(cfg, n):
-    """LCMScheduler's schedule: the distillation's m = original_inference_steps (50) steps t_j = j (T // m) - 1,
-    j = 1..m, noisiest first (999, 979, ..., 19), and n of them at the evenly spaced indices floor(k m / n):
-    999, 759, 499, 259 for n = 4."""
+    """LCMScheduler's: of the distillation's m = original_inference_steps (50) steps t_j = j (T // m) - 1, noisiest
+    first (999, 979, ..., 19), the n at the indices floor(k m / n), k = 0..n-1: 999, 759, 499, 259 for n = 4."""
     T, m = cfg.get("num_train_timesteps", 1000), cfg.get("original_inference_steps", 50)
     if not 1 <= n <= m:
         raise ValueError(f"LCM steps must be in 1..{m} (original_inference_steps), got {n}")
@@ -197,9 +195,8 @@ def lcm_timesteps(cfg, n):
 
 
 def consistency_scalings(t, cfg):
-    """The consistency function's boundary condition (Song et al. 2023, Eq. 7; LCM, Luo et al. 2023, Eq. 3) with
-    u = t * timestep_scaling (10) and sigma_data s = 0.5: c_skip = s^2 / (u^2 + s^2), c_out = u / sqrt(u^2 + s^2),
-    so f(x, 0) = x."""
+    """The boundary condition f(x, 0) = x (Song et al. 2023, Eq. 7; Luo et al. 2023, Eq. 3): with sigma_data s = 0.5
+    and u = t * timestep_scaling (10), c_skip = s^2 / (u^2 + s^2) and c_out = u / sqrt(u^2 + s^2)."""
     u, s = t * cfg.get("timestep_scaling", 10.0), 0.5
     return s ** 2 / (u ** 2 + s ** 2), u / (u ** 2 + s ** 2) ** 0.5
 
@@ -208,8 +205,7 @@ def lcm(denoise, noise, cfg, steps, step_noise):
     """Latent consistency multistep sampling (Luo et al. 2023, Alg. 3; diffusers' LCMScheduler). At each t_i:
         z = c_skip(t_i) x + c_out(t_i) x0_hat(x, t_i)                              (the consistency function)
         x = sqrt(abar_{t_{i+1}}) z + sqrt(1 - abar_{t_{i+1}}) eps_i                 (fresh noise eps_i = step_noise())
-    and the last z is the sample. x0_hat is clipped to [-r, r] if `clip_sample` (LCMScheduler's default: off).
-    Starts at the noise itself."""
+    and the last z is the sample; x0_hat clipped to [-r, r] if `clip_sample` (default off). Starts at the noise."""
     ts, abar, ptype = lcm_timesteps(cfg, steps), alphas_cumprod(cfg), cfg.get("prediction_type", "epsilon")
     x, r = noise, cfg.get("clip_sample_range", 1.0)
     for i, t in enumerate(ts):
@@ -242,7 +238,7 @@ def guidance_embedding(w, dim):
     half = dim // 2
     freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
     args = (w.float() * 1000.0)[:, None] * freqs[None]                        # (B, dim/2)
-    return F.pad(torch.cat([args.sin(), args.cos()], dim=-1), (0, dim % 2))
+    return torch.cat([args.sin(), args.cos(), args.new_zeros(len(w), dim % 2)], dim=-1)
 
 
 def vae_factor(sd):
@@ -263,11 +259,10 @@ def initial_latents(sd, n, height, width, seed=0):
 
 
 def seeded_noise(seeds, shape, latents=None):
-    """The initial latents (B, *shape) and `step_noise()`, the fresh noise the LCM sampler draws between steps (B, ...).
-    Without `latents`, image i's initial noise and then its step noise come from one CPU generator seeded with
-    seeds[i], so an image depends on its seed only: diffusers' pipeline(generator=[torch.Generator().manual_seed(s)
-    for s in seeds]). With `latents`, each step draws one randn of the whole batch's shape from ONE generator seeded
-    with seeds[0]: diffusers' pipeline(latents=..., generator=torch.Generator().manual_seed(seed))."""
+    """The initial latents (B, *shape) and step_noise(), the LCM sampler's fresh noise. Without `latents`, image i's
+    initial and step noise come from one CPU generator seeded with seeds[i] (an image depends on its seed only), as
+    diffusers' pipeline(generator=[torch.Generator().manual_seed(s) for s in seeds]); with them, each step draws one
+    randn of the batch's shape from ONE generator seeded with seeds[0], as pipeline(latents, generator=<that one>)."""
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     if latents is not None:
         return latents, lambda: torch.randn(latents.shape, generator=gens[0])
@@ -329,13 +324,11 @@ def decode(sd, latents):
 def generate(sd, prompts, *, steps=50, guidance=7.5, latents=None, seed=0, height=None, width=None,
              negative_prompt=None, sampler=None, unet=None, progress=False):
     """Text-to-image, as StableDiffusion(XL)Pipeline with the matching scheduler. prompts: str or list; latents:
-    (B, 4, H/8, W/8) unit noise; seed: image i's seed is seed + i, or seed[i] for a list (see seeded_noise: without
-    latents, image i draws its initial and LCM step noise from its seed; with them, the LCM step noise is one draw
-    per step for the batch from `seed`); sampler: ddim | euler | dpm | lcm, default lcm for an LCM pipeline (its
-    scheduler config is an LCMScheduler's), else ddim; unet: a tuned UNet to use instead of sd.unet; progress: True
-    for a bar, or a tqdm bar to advance by one per step. Classifier-free guidance when guidance > 1, except for an
-    LCM-distilled UNet (time_cond_proj_dim): it takes guidance_embedding(guidance - 1) instead, as diffusers'
-    pipelines do. The sampler's arithmetic is fp32 whatever the models' dtype."""
+    (B, 4, H/8, W/8) unit noise; seed: image i's is seed + i, or seed[i] for a list (the noise rules: seeded_noise);
+    sampler: ddim | euler | dpm | lcm (default: lcm if the scheduler config is an LCMScheduler's, else ddim); unet:
+    a tuned UNet instead of sd.unet; progress: True for a bar, or a tqdm bar to advance per step. Classifier-free
+    guidance when guidance > 1, but an LCM-distilled UNet (time_cond_proj_dim) takes guidance_embedding(guidance - 1)
+    instead, as diffusers' pipelines do. The sampler's arithmetic is fp32 whatever the models' dtype."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     sampler = sampler or ("lcm" if sd.scheduler_config.get("_class_name") == "LCMScheduler" else "ddim")
     if sampler not in SAMPLERS:
@@ -420,9 +413,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sd15", help="the base: alias (sd15, sdxl), Hub id, folder or .safetensors")
     p.add_argument("--unet", default=None, help="a tuned UNet folder (OUT/unet of diffdpo.py) to sample with")
-    p.add_argument("--lora", action="append", default=None, help="or LoRA adapters to merge into the base UNet: a "
-                   "run folder (OUT of diffdpo.py --lora-rank) or a .safetensors file (peft or kohya format); "
-                   "repeatable, stacked (e.g. --lora RUN --lora lcm-lora.safetensors --sampler lcm --steps 4)")
+    p.add_argument("--lora", action="append", default=None, help="or LoRA adapters merged into the base UNet: a run "
+                   "folder (diffdpo.py --lora-rank) or .safetensors file (peft or kohya); repeat to stack (+ LCM-LoRA)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="a text file, one prompt per line")
     p.add_argument("--out", default="samples.png", help="the grid PNG to write")
@@ -430,8 +422,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="default: lcm for an LCM pipeline, "
-                   "else ddim")
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="default: lcm for LCM pipelines, else ddim")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--height", type=int, default=None, help="default: the model's (512 SD1.5, 1024 SDXL)")
     p.add_argument("--width", type=int, default=None)
