@@ -185,7 +185,8 @@ def kohya_adapters(sd, unet, path):
     """kohya / sd-scripts' format: per layer `lora_unet_<name>.lora_down.weight` (A), `.lora_up.weight` (B) and
     `.alpha` (scale alpha / r; 1 without it), where <name> is the UNet module's name with _ for . (our modules are
     named as diffusers', so spelling each of ours that way is the whole rule). Text-encoder adapters are refused."""
-    flat = {n.replace(".", "_"): n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    layers = (nn.Linear, nn.Conv2d, LoRALinear)
+    flat = {n.replace(".", "_"): n for n, m in unet.named_modules() if isinstance(m, layers)}
     adapters = {}
     for key in [k for k in sd if k.endswith(KOHYA[0])]:
         stem = key[: -len(KOHYA[0])]

@@ -2013,7 +2013,8 @@ def test_kohya_lora_with_convs_matches_diffusers(tmp_path, hub, kind):
 def test_stacked_loras_match_diffusers_and_sample_cli(tmp_path, hub):
     """A DPO LoRA in our peft format (save_lora) and an LCM-LoRA-like kohya file with convs, stacked: load_sd(lora=[a,
     b]) (merged in turn, in either order) equals diffusers with both adapters at weight 1.0, and neither alone does;
-    sample.py --lora a --lora b --sampler lcm --steps 4 draws the in-process images. Text-encoder keys are refused."""
+    sample.py --lora a --lora b --sampler lcm --steps 4 draws the in-process images. Files this loader cannot apply
+    (text-encoder keys, SGM names, DoRA, a shape that does not fit) are one-line errors naming the key or layer."""
     model = unet.load_sd(str(hub["sd15"])).unet
     save_file(kohya_lora(model, seed=2, attention_alpha=5.0), tmp_path / "lcm.safetensors")
     lora.add_lora(model, 4, 8, LORA_ALL)
@@ -2047,10 +2048,17 @@ def test_stacked_loras_match_diffusers_and_sample_cli(tmp_path, hub):
                          height=32, width=32, sampler="lcm")
     grid = np.asarray(Image.open(tmp_path / "grid.png")).astype(int)
     assert np.abs(grid[30:, 80:] - np.concatenate([np.asarray(im) for im in want], axis=1)).max() <= 2
-    save_file({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 1)},
-              tmp_path / "te.safetensors")
-    with pytest.raises(unet.LoadError, match="text-encoder adapters"):
-        lora.load_lora(sd.unet, tmp_path / "te.safetensors")
+    conv_in = dict(lora_down=torch.zeros(1, 4, 3, 3), lora_up=torch.zeros(32, 1, 1, 1))
+    for bad, match in [({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 1)},
+                        "text-encoder adapters"),
+                       ({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(1, 1)}, "SGM names"),
+                       ({**{f"lora_unet_conv_in.{k}.weight": v for k, v in conv_in.items()},
+                         "lora_unet_conv_in.dora_scale": torch.ones(32)}, "dora_scale.*not supported"),
+                       ({"lora_unet_conv_in.lora_down.weight": torch.zeros(1, 4), "lora_unet_conv_in.lora_up.weight":
+                         torch.zeros(32, 1)}, r"do not fit its Conv2d \(32, 4, 3, 3\)")]:
+        save_file(bad, tmp_path / "bad.safetensors")
+        with pytest.raises(unet.LoadError, match=match):
+            lora.load_lora(unet.load_component(hub["sd15"] / "unet", "unet"), tmp_path / "bad.safetensors")
 
 
 def test_dpo_on_an_lcm_unet(tmp_path, hub):
