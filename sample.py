@@ -195,14 +195,14 @@ def lcm_timesteps(cfg, n):
 
 
 def consistency_scalings(t, cfg):
-    """The boundary condition f(x, 0) = x (Song et al. 2023, Eq. 7; Luo et al. 2023, Eq. 3): with sigma_data s = 0.5
+    """The boundary condition f(x, 0) = x of consistency models (Song et al. 2023; LCM): with sigma_data s = 0.5
     and u = t * timestep_scaling (10), c_skip = s^2 / (u^2 + s^2) and c_out = u / sqrt(u^2 + s^2)."""
     u, s = t * cfg.get("timestep_scaling", 10.0), 0.5
     return s ** 2 / (u ** 2 + s ** 2), u / (u ** 2 + s ** 2) ** 0.5
 
 
 def lcm(denoise, noise, cfg, steps, step_noise):
-    """Latent consistency multistep sampling (Luo et al. 2023, Alg. 3; diffusers' LCMScheduler). At each t_i:
+    """Multistep latent consistency sampling (LCM, Luo et al. 2023; diffusers' LCMScheduler). At each t_i:
         z = c_skip(t_i) x + c_out(t_i) x0_hat(x, t_i)                              (the consistency function)
         x = sqrt(abar_{t_{i+1}}) z + sqrt(1 - abar_{t_{i+1}}) eps_i                 (fresh noise eps_i = step_noise())
     and the last z is the sample; x0_hat clipped to [-r, r] if `clip_sample` (default off). Starts at the noise."""
