@@ -32,7 +32,8 @@ import toy
 from data import open_pairs, style_items
 from files import DTYPE_NAMES, DTYPES, UserError, read_json, write_atomic, write_text_atomic
 from lora import LORA_FILE, LORA_TARGETS, add_lora, lora_disabled, merge_lora, save_lora
-from sample import add_noise, alphas_cumprod, default_size, image_grid, render, sampling_defaults, vae_factor
+from sample import (add_noise, alphas_cumprod, default_size, guidance_embedding, image_grid, render,
+                    sampling_defaults, vae_factor)
 from shards import LatentCache, png_bytes, prefetch, write_pairs
 from unet import ALIASES, load_sd, save_unet
 
@@ -186,6 +187,8 @@ class TrainConfig:
     merge_lora: bool = flag(False, "at the last step, also write the merged OUT/unet/", resume="new")
     choice_model: str = flag("", "AI feedback: relabel every pair with a reward model, "
                                  "pickscore|hps|aesthetic|clip[=PATH] (ties dropped)")
+    lcm_guidance: float = flag(8.5, "an LCM UNet's (time_cond_proj_dim) guidance-scale input while training "
+                                    "(LatentConsistencyModelPipeline's default); other UNets ignore it")
     caption_dropout: float = flag(0.0, "probability of training on the empty prompt")
     random_crop: bool = flag(False, "random crops instead of center crops")
     vae_latents: str = flag("sample", "sample (a draw from the VAE posterior, as the official code) | mean")
@@ -364,11 +367,12 @@ def load_models(cfg, device, amp_dtype):
 
 
 @torch.no_grad()
-def unet_inputs(sd, batch, resolution, device, dtype, z=None):
+def unet_inputs(sd, batch, resolution, device, dtype, z=None, lcm_guidance=8.5):
     """Images and prompts to the UNet's inputs, for the batch [winners; losers] (2B):
     latents (2B, 4, R/8, R/8) = (mean + std * z) * scaling_factor from the VAE's posterior (its mean when z is None),
     and cond = dict(context (2B, 77, D)) plus for SDXL text_embeds (2B, 1280) and time_ids (2B, 6) with original =
-    target = (R, R), crop (0, 0). With --cache the batch already holds the posteriors and text embeddings."""
+    target = (R, R), crop (0, 0); for an LCM UNet timestep_cond (2B, time_cond_proj_dim), its guidance input held at
+    lcm_guidance (the loss is unchanged). With --cache the batch already holds the posteriors and text embeddings."""
     if "context" in batch:
         mean = torch.cat([batch["chosen"], batch["rejected"]]).to(device).float()
         std = torch.cat([batch["chosen_std"], batch["rejected_std"]]).to(device).float()
@@ -382,6 +386,9 @@ def unet_inputs(sd, batch, resolution, device, dtype, z=None):
     if sd.kind == "sdxl":
         cond.update(text_embeds=pooled.to(device).float().repeat(2, 1),
                     time_ids=sd.time_ids(len(latents), resolution, resolution, device=device))
+    if sd.unet.cfg.time_cond_proj_dim:
+        w = torch.full((len(latents),), lcm_guidance - 1.0)
+        cond.update(timestep_cond=guidance_embedding(w, sd.unet.cfg.time_cond_proj_dim).to(device))
     return latents, cond
 
 
@@ -502,7 +509,7 @@ def train(cfg: TrainConfig, pair_loss=None, image_embedder=None):
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             z = posterior_noise(batch["index"], latent_shape, cfg.seed) if cfg.vae_latents == "sample" else None
-            latents, cond = unet_inputs(sd, batch, resolution, device, amp_dtype, z)
+            latents, cond = unet_inputs(sd, batch, resolution, device, amp_dtype, z, cfg.lcm_guidance)
             eps, t = (x.to(device) for x in cfg.draw_noise(batch, latent_shape, len(abar)))
             last = micro == cfg.grad_accum - 1
             with model.no_sync() if world > 1 and not last else torch.enable_grad(), autocast:
@@ -633,7 +640,8 @@ def validation(cfg, sd, policy, reference, val, pair_loss, latent_shape, resolut
         batch.update(prompts=[it["prompt"] for it in items], index=torch.tensor(idx))
         held_out = [i + 2 ** 40 for i in idx]                       # noise draws of their own, not training pairs'
         z = posterior_noise(held_out, latent_shape, cfg.seed) if cfg.vae_latents == "sample" else None
-        latents, cond = unet_inputs(sd, batch, resolution, sd.device, next(sd.vae.parameters()).dtype, z)
+        latents, cond = unet_inputs(sd, batch, resolution, sd.device, next(sd.vae.parameters()).dtype, z,
+                                    cfg.lcm_guidance)
         eps, t = (x.to(sd.device) for x in pair_noise(held_out, latent_shape, cfg.seed, len(abar)))
         with autocast:
             if reference is None:

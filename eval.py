@@ -430,7 +430,7 @@ def report_markdown(report):
     a, fd = report["args"], report.get("style_fd")
     style = (f"\nStyle FD to `{a['style_ref']}` ({fd['images']} images, {fd['features']} features): base "
              f"{fd['base']:.4f}, tuned {fd['tuned']:.4f} (lower is closer)\n" if fd else "")
-    return (f"# {a['unet'] or a['lora']} vs {a['model']}\n\n{report['n']} prompts from `{a['prompts']}`, "
+    return (f"# {a['unet'] or ' + '.join(a['lora'])} vs {a['model']}\n\n{report['n']} prompts from `{a['prompts']}`, "
             f"seeds {a['seed']}.., "
             f"{a['steps']} {a['sampler']} steps, guidance {a['guidance']}.\n\n" + "\n".join(rows) + "\n" + style)
 
@@ -500,8 +500,9 @@ def main(argv=None):
     p.add_argument("--model", default="tiny", help="the base: tiny (the toy model), an alias (sd15, sdxl), Hub id, "
                                                  "folder or .safetensors")
     p.add_argument("--unet", default=None, help="the tuned UNet folder (OUT/unet of diffdpo.py)")
-    p.add_argument("--lora", default=None, help="or: the tuned LoRA adapters (a run folder of diffdpo.py --lora-rank, "
-                                                "or the .safetensors file), applied to --model's UNet")
+    p.add_argument("--lora", action="append", default=None, help="or: the tuned LoRA adapters (a run folder of "
+                   "diffdpo.py --lora-rank, or the .safetensors file), applied to --model's UNet; a second and "
+                   "further --lora (e.g. LCM-LoRA) are stacked on base and tuned alike")
     p.add_argument("--prompts", default=None, help="a set (see prompt_set) or a .txt/.tsv/.csv/.json file "
                                                    "(default: parti; the toy model's held-out captions, shapes)")
     p.add_argument("--num", type=int, default=None, help="only the first N prompts")
@@ -515,7 +516,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i, for both models")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; the toy model's 20)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default 7.5; the toy's 4)")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "euler", "dpm"], help="sample.py's samplers")
+    p.add_argument("--sampler", default=None, choices=list(sample.SAMPLERS), help="default: lcm for LCM pipelines, "
+                                                                                  "else ddim")
     p.add_argument("--height", type=int, default=None, help="default: the model's (512 SD1.5, 1024 SDXL)")
     p.add_argument("--width", type=int, default=None, help="default: the model's")
     p.add_argument("--batch-size", type=int, default=4, help="images per UNet call")
@@ -549,7 +551,7 @@ def main(argv=None):
         prompts = prompt_set(a.prompts)[:a.num]
         if len(prompts) < (2 if ref else 1):
             fail(f"--prompts {a.prompts}: {len(prompts)} prompts; expected at least 1 (2 with --style-ref)")
-        sd = unet.load_sd(a.model, device=a.device, dtype=dtype)
+        sd = unet.load_sd(a.model, device=a.device, dtype=dtype, lora=a.lora[1:] if a.lora else None)
         tuned = (unet.load_component(a.unet, "unet", device=a.device, dtype=dtype) if a.unet else
                  unet.load_sd(a.model, device=a.device, dtype=dtype, lora=a.lora).unet)
     except (UserError, OSError) as e:

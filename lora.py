@@ -1,10 +1,12 @@
 """
 LoRA (Hu et al. 2021) for the UNet: adapters to train (diffdpo.py --lora-rank), the DPO reference as the same UNet
-with its adapters switched off, and LoRA files in the format diffusers' `load_lora_weights` reads.
+with its adapters switched off, LoRA files in the format diffusers' `load_lora_weights` reads, and the kohya /
+sd-scripts files many published LoRAs use (LCM-LoRA among them), with conv layers, several stacked.
 
     add_lora(unet, rank, alpha, targets)   wrap linear layers, freeze everything else
     lora_disabled(unet)                    `with` it, the UNet is its base model again (the DPO reference)
-    save_lora / load_lora / merge_lora     the peft-format file, and folding the adapters into the weights
+    save_lora / load_lora / merge_lora     the peft-format file (load_lora reads kohya's too), folding adapters in
+    merge_lora_files(unet, paths)          several LoRA files merged in turn (a DPO LoRA + LCM-LoRA)
 """
 import contextlib
 import json
@@ -31,28 +33,61 @@ class LoRALinear(nn.Module):
     peft draw it), B at zero, so adding an adapter leaves the output exactly unchanged; `enabled = False` runs the
     base layer alone."""
 
-    def __init__(self, base: nn.Linear, rank, alpha):
+    def __init__(self, base, rank, alpha):
         super().__init__()
         self.weight, self.bias = base.weight, base.bias
-        kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Linear(base.in_features, rank, **kw)
-        self.lora_B = nn.Linear(rank, base.out_features, **kw)
+        self.lora_A, self.lora_B = self.adapters(base, rank, dict(bias=False, device=base.weight.device,
+                                                                  dtype=base.weight.dtype))
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.scale, self.enabled = alpha / rank, True
 
+    def adapters(self, base, rank, kw):
+        """A (r, in) and B (out, r)."""
+        return nn.Linear(base.in_features, rank, **kw), nn.Linear(rank, base.out_features, **kw)
+
+    def base_forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base_forward(x)
         return y + self.scale * self.lora_B(self.lora_A(x)) if self.enabled else y
+
+    def delta(self):
+        """B A: the adapter as an update of the weight (fp32)."""
+        return self.lora_B.weight.float() @ self.lora_A.weight.float()
+
+    def empty_base(self):
+        return nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=self.bias is not None, device="meta")
 
     @torch.no_grad()
     def merged(self):
-        """The plain nn.Linear with weight W + (alpha / r) B A (summed in fp32)."""
-        W, A, B = self.weight, self.lora_A.weight.float(), self.lora_B.weight.float()
-        out = nn.Linear(W.shape[1], W.shape[0], bias=self.bias is not None, device="meta")
-        out.weight = nn.Parameter((W.float() + self.scale * (B @ A)).to(W.dtype), requires_grad=False)
+        """The plain layer with weight W + (alpha / r) B A (summed in fp32)."""
+        W, out = self.weight, self.empty_base()
+        out.weight = nn.Parameter((W.float() + self.scale * self.delta()).to(W.dtype), requires_grad=False)
         out.bias = self.bias
         return out
+
+
+class LoRAConv2d(LoRALinear):
+    """An nn.Conv2d with an adapter (kohya's conv LoRA, peft's Conv2d LoRA): A is a conv with the base's kernel, stride
+    and padding, (r, in, k, k), B a 1x1 conv (out, r, 1, 1). B applied after A is one k x k conv with the kernel
+    (B A)[o, i, :, :] = sum_r B[o, r] A[r, i, :, :], so the adapter merges exactly."""
+
+    def adapters(self, base, rank, kw):
+        self.conv = dict(stride=base.stride, padding=base.padding)
+        return (nn.Conv2d(base.in_channels, rank, base.kernel_size, **self.conv, **kw),
+                nn.Conv2d(rank, base.out_channels, 1, **kw))
+
+    def base_forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, **self.conv)
+
+    def delta(self):
+        return torch.einsum("or,rikl->oikl", self.lora_B.weight[:, :, 0, 0].float(), self.lora_A.weight.float())
+
+    def empty_base(self):
+        W = self.weight
+        return nn.Conv2d(W.shape[1], W.shape[0], W.shape[2:], bias=self.bias is not None, device="meta", **self.conv)
 
 
 def _replace(root, name, module):
@@ -107,46 +142,98 @@ def save_lora(unet, path):
     return save_safetensors(lora_state_dict(unet), path)
 
 
-def load_lora(unet, path):
-    """Add the adapters of a LoRA file to `unet`, unmerged. `path`: a run folder (its LORA_FILE) or a .safetensors
-    file in the peft format diffusers writes (`unet.<name>.lora_A.weight` / `.lora_B.weight`). The scale is 1 (alpha
-    folded into B, as save_lora writes), or lora_alpha / r from the file's diffusers metadata when it has some."""
+# ----------------------------------------------------------------------------------------------------------------
+# Reading LoRA files: the peft format diffusers writes, and kohya / sd-scripts' (LCM-LoRA's), to {layer: (A, B, scale)}
+
+KOHYA = (".lora_down.weight", ".lora_up.weight", ".alpha")  # A, B and alpha of layer lora_unet_<name with _ for .>
+
+
+def read_lora_file(path):
+    """A LoRA file's tensors and diffusers metadata. `path`: a run folder (its LORA_FILE) or a .safetensors file."""
     from safetensors import safe_open
     path = Path(path)
     path = path / LORA_FILE if path.is_dir() else path
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta, path
     except FileNotFoundError:
         raise LoadError(f"{path}: LoRA file not found (expected a run folder with {LORA_FILE}, or the file)") from None
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise LoadError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def peft_adapters(sd, meta, path):
+    """The peft format (`unet.<layer>.lora_A.weight` (r, in[, k, k]) / `.lora_B.weight` (out, r[, 1, 1])): scale 1
+    (alpha folded into B, as save_lora writes), or lora_alpha / r from the file's diffusers metadata."""
     if meta.get("unet.rank_pattern") or meta.get("unet.alpha_pattern"):
         raise LoadError(f"{path}: per-layer ranks or alphas (rank_pattern / alpha_pattern) are not supported")
     other = [k for k in sd if not k.startswith("unet.")]
     if other:
         raise LoadError(f"{path}: key {other[0]!r}: only UNet adapters (unet.<layer>.lora_A/B.weight) are supported")
-    names = list(dict.fromkeys(k[len("unet."):].rpartition(".lora_")[0] for k in sd))
-    for n in names:
+    adapters = {}
+    for n in dict.fromkeys(k[len("unet."):].rpartition(".lora_")[0] for k in sd):
         a, b = sd.pop(f"unet.{n}.lora_A.weight", None), sd.pop(f"unet.{n}.lora_B.weight", None)
         if a is None or b is None or not n:
             raise LoadError(f"{path}: layer {n!r}: expected exactly the pair unet.<layer>.lora_A.weight / "
                             f".lora_B.weight (UNet adapters in the peft format)")
-        try:
-            base = unet.get_submodule(n)
-        except AttributeError:
-            raise LoadError(f"{path}: key unet.{n}.lora_A.weight: this UNet has no layer {n}") from None
-        if not isinstance(base, nn.Linear) or a.shape != (a.shape[0], base.in_features) or \
-                b.shape != (base.out_features, a.shape[0]):
-            raise LoadError(f"{path}: key unet.{n}.lora_A/B.weight has shapes {tuple(a.shape)} / {tuple(b.shape)}, "
-                            f"which do not fit {n} ({type(base).__name__} {tuple(base.weight.shape)})")
-        layer = LoRALinear(base, a.shape[0], a.shape[0] * meta.get("unet.lora_alpha", 1) / meta.get("unet.r", 1))
-        layer.lora_A.weight.data.copy_(a)
-        layer.lora_B.weight.data.copy_(b)
-        _replace(unet, n, layer)
-    if sd:  # lora_B biases, DoRA magnitudes, ...
-        raise LoadError(f"{path}: key {next(iter(sd))!r} is not supported (plain lora_A / lora_B weights only)")
+        adapters[n] = a, b, meta.get("unet.lora_alpha", 1) / meta.get("unet.r", 1)
+    return adapters
+
+
+def kohya_adapters(sd, unet, path):
+    """kohya / sd-scripts' format: per layer `lora_unet_<name>.lora_down.weight` (A), `.lora_up.weight` (B) and
+    `.alpha` (scale alpha / r; 1 without it), where <name> is the UNet module's name with _ for . (our modules are
+    named as diffusers', so spelling each of ours that way is the whole rule). Text-encoder adapters are refused."""
+    layers = (nn.Linear, nn.Conv2d, LoRALinear)
+    flat = {n.replace(".", "_"): n for n, m in unet.named_modules() if isinstance(m, layers)}
+    adapters = {}
+    for key in [k for k in sd if k.endswith(KOHYA[0])]:
+        stem = key[: -len(KOHYA[0])]
+        if stem.startswith("lora_te"):
+            raise LoadError(f"{path}: key {key!r}: text-encoder adapters (lora_te*) are not supported, UNet only")
+        name = flat.get(stem.removeprefix("lora_unet_")) if stem.startswith("lora_unet_") else None
+        if name is None:
+            raise LoadError(f"{path}: key {key!r}: this UNet has no such layer (expected lora_unet_ + a diffusers "
+                            f"module name with _ for .; SGM names such as input_blocks_* are not supported)")
+        a, b, alpha = (sd.pop(stem + k, None) for k in KOHYA)
+        if b is None:
+            raise LoadError(f"{path}: key {key!r} has no {stem}{KOHYA[1]}")
+        adapters[name] = a, b, 1.0 if alpha is None else float(alpha) / a.shape[0]
+    return adapters
+
+
+def attach(unet, name, a, b, scale, path):
+    """Wrap the UNet's layer `name` in an adapter with weights A = a, B = b and scale (alpha / r)."""
+    try:
+        base = unet.get_submodule(name)
+    except AttributeError:
+        raise LoadError(f"{path}: layer {name}: this UNet has no such layer") from None
+    kind = LoRAConv2d if isinstance(base, nn.Conv2d) else LoRALinear if isinstance(base, nn.Linear) else None
+    if kind is None or isinstance(base, LoRALinear):
+        raise LoadError(f"{path}: layer {name} is a {type(base).__name__}: adapters go on plain Linear / Conv2d "
+                        f"layers (merge_lora a UNet's adapters before loading more)")
+    layer = kind(base, a.shape[0], scale * a.shape[0])
+    if layer.lora_A.weight.shape != a.shape or layer.lora_B.weight.shape != b.shape:
+        raise LoadError(f"{path}: layer {name}: adapter shapes {tuple(a.shape)} / {tuple(b.shape)} do not fit its "
+                        f"{type(base).__name__} {tuple(base.weight.shape)} (expected "
+                        f"{tuple(layer.lora_A.weight.shape)} / {tuple(layer.lora_B.weight.shape)})")
+    layer.lora_A.weight.data.copy_(a)
+    layer.lora_B.weight.data.copy_(b)
+    _replace(unet, name, layer)
+
+
+def load_lora(unet, path):
+    """Add the adapters of a LoRA file to `unet`, unmerged: linear layers and convolutions. `path`: a run folder (its
+    LORA_FILE) or a .safetensors file in the peft format diffusers writes (`unet.<name>.lora_A.weight`, see
+    peft_adapters) or in kohya's (`lora_unet_<name>.lora_down.weight`, see kohya_adapters)."""
+    sd, meta, path = read_lora_file(path)
+    kohya = any(k.startswith(("lora_unet_", "lora_te")) for k in sd)
+    adapters = kohya_adapters(sd, unet, path) if kohya else peft_adapters(sd, meta, path)
+    if sd:  # lora_B biases, DoRA magnitudes, LoHa / LoCon-CP factors, ...
+        raise LoadError(f"{path}: key {next(iter(sd))!r} is not supported (plain LoRA down / up weights only)")
+    for name, (a, b, scale) in adapters.items():
+        attach(unet, name, a, b, scale, path)
     return unet
 
 
@@ -155,4 +242,12 @@ def merge_lora(unet):
     for n, m in list(unet.named_modules()):
         if isinstance(m, LoRALinear):
             _replace(unet, n, m.merged())
+    return unet
+
+
+def merge_lora_files(unet, paths):
+    """One LoRA file or several, as users stack them (a DPO LoRA and LCM-LoRA): each loaded and merged in turn,
+    W <- W + sum_i (alpha_i / r_i) B_i A_i, which is what diffusers computes with every adapter at weight 1.0."""
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        merge_lora(load_lora(unet, path))
     return unet

@@ -6,8 +6,8 @@ initial latents.
     python sample.py --model sd15 --unet runs/dpo-sd15/unet --prompts prompts.txt --compare --out compare.png
 
 Read top to bottom: the noise schedule (the forward process the trainer noises with), the inference timesteps, the
-samplers (DDIM, Euler, DPM-Solver++(2M)), classifier-free guidance and `generate` (SDXL's conditioning, decoding),
-the comparison grid and the CLI.
+samplers (DDIM, Euler, DPM-Solver++(2M), latent consistency), classifier-free guidance and `generate` (SDXL's
+conditioning, decoding), the comparison grid and the CLI.
 """
 import argparse
 import copy
@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from files import DTYPES, UserError, first_line
-from lora import load_lora, merge_lora
+from lora import merge_lora_files
 from tokenizer import split_words
 from unet import load_component, load_sd
 
@@ -62,7 +62,8 @@ def add_noise(x0, noise, t, abar):
 UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "rescale_betas_zero_snr",
                "thresholding")
 DEFAULTS = {"ddim": dict(timestep_spacing="leading", set_alpha_to_one=True, clip_sample=True),
-            "euler": dict(timestep_spacing="linspace"), "dpm": dict(timestep_spacing="linspace")}
+            "euler": dict(timestep_spacing="linspace"), "dpm": dict(timestep_spacing="linspace"),
+            "lcm": dict(original_inference_steps=50, timestep_scaling=10.0, clip_sample=False)}
 
 
 def scheduler_config(cfg, sampler):
@@ -183,7 +184,42 @@ def dpm_solver_2m(denoise, noise, cfg, steps):
     return x
 
 
-SAMPLERS = {"ddim": ddim, "euler": euler, "dpm": dpm_solver_2m}
+def lcm_timesteps(cfg, n):
+    """LCMScheduler's: of the distillation's m = original_inference_steps (50) steps t_j = j (T // m) - 1, noisiest
+    first (999, 979, ..., 19), the n at the indices floor(k m / n), k = 0..n-1: 999, 759, 499, 259 for n = 4."""
+    T, m = cfg.get("num_train_timesteps", 1000), cfg.get("original_inference_steps", 50)
+    if not 1 <= n <= m:
+        raise UserError(f"LCM steps must be in 1..{m} (original_inference_steps), got {n}")
+    origin = (np.arange(1, m + 1) * (T // m) - 1)[::-1]
+    return torch.from_numpy(origin[np.floor(np.linspace(0, m, n, endpoint=False)).astype(np.int64)].copy())
+
+
+def consistency_scalings(t, cfg):
+    """The boundary condition f(x, 0) = x of consistency models (Song et al. 2023; LCM): with sigma_data s = 0.5
+    and u = t * timestep_scaling (10), c_skip = s^2 / (u^2 + s^2) and c_out = u / sqrt(u^2 + s^2)."""
+    u, s = t * cfg.get("timestep_scaling", 10.0), 0.5
+    return s ** 2 / (u ** 2 + s ** 2), u / (u ** 2 + s ** 2) ** 0.5
+
+
+def lcm(denoise, noise, cfg, steps, step_noise):
+    """Multistep latent consistency sampling (LCM, Luo et al. 2023; diffusers' LCMScheduler). At each t_i:
+        z = c_skip(t_i) x + c_out(t_i) x0_hat(x, t_i)                              (the consistency function)
+        x = sqrt(abar_{t_{i+1}}) z + sqrt(1 - abar_{t_{i+1}}) eps_i                 (fresh noise eps_i = step_noise())
+    and the last z is the sample; x0_hat clipped to [-r, r] if `clip_sample` (default off). Starts at the noise."""
+    ts, abar, ptype = lcm_timesteps(cfg, steps), alphas_cumprod(cfg), cfg.get("prediction_type", "epsilon")
+    x, r = noise, cfg.get("clip_sample_range", 1.0)
+    for i, t in enumerate(ts):
+        x0, _ = predict_x0(x, denoise(x, t), abar[t].sqrt(), (1 - abar[t]).sqrt(), ptype)
+        x0 = x0.clamp(-r, r) if cfg.get("clip_sample", False) else x0
+        c_skip, c_out = consistency_scalings(t, cfg)
+        z = c_skip * x + c_out * x0
+        if i == len(ts) - 1:
+            return z
+        a = abar[ts[i + 1]]
+        x = a.sqrt() * z + (1 - a).sqrt() * step_noise().to(x.device)
+
+
+SAMPLERS = {"ddim": ddim, "euler": euler, "dpm": dpm_solver_2m, "lcm": lcm}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Generation: classifier-free guidance, SDXL micro-conditioning, decoding
@@ -193,6 +229,16 @@ def classifier_free_guidance(uncond, cond, scale):
     """Classifier-free guidance (Ho & Salimans 2022, Eq. 6): eps = eps_uncond + w (eps_cond - eps_uncond), one UNet
     call on the batch [uncond; cond]; w = 1 is the conditional model alone."""
     return uncond + scale * (cond - uncond)
+
+
+def guidance_embedding(w, dim):
+    """An LCM-distilled UNet's guidance input, `timestep_cond` (diffusers' get_guidance_scale_embedding, after VDM):
+    with f_k = 10000^(-k / (dim/2 - 1)), emb = [sin(1000 w f), cos(1000 w f)] (B, dim); the pipelines embed
+    w = guidance - 1 (guidance 1: no guidance), as the LCM was distilled with w = CFG scale - 1."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    args = (w.float() * 1000.0)[:, None] * freqs[None]                        # (B, dim/2)
+    return torch.cat([args.sin(), args.cos(), args.new_zeros(len(w), dim % 2)], dim=-1)
 
 
 def vae_factor(sd):
@@ -209,8 +255,19 @@ def initial_latents(sd, n, height, width, seed=0):
     depends on its seed only (not on its batch or the device). In diffusers this is the pipeline's
     generator=[torch.Generator().manual_seed(seed + i) for i in range(n)]."""
     f, c = vae_factor(sd), sd.unet.cfg.in_channels
-    return torch.stack([torch.randn(c, height // f, width // f, generator=torch.Generator().manual_seed(seed + i))
-                        for i in range(n)])
+    return seeded_noise(range(seed, seed + n), (c, height // f, width // f))[0]
+
+
+def seeded_noise(seeds, shape, latents=None):
+    """The initial latents (B, *shape) and step_noise(), the LCM sampler's fresh noise. Without `latents`, image i's
+    initial and step noise come from one CPU generator seeded with seeds[i] (an image depends on its seed only), as
+    diffusers' pipeline(generator=[torch.Generator().manual_seed(s) for s in seeds]); with them, each step draws one
+    randn of the batch's shape from ONE generator seeded with seeds[0], as pipeline(latents, generator=<that one>)."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    if latents is not None:
+        return latents, lambda: torch.randn(latents.shape, generator=gens[0])
+    draw = lambda: torch.stack([torch.randn(shape, generator=g) for g in gens])  # noqa: E731
+    return draw(), draw
 
 
 def zeros_for_empty_negative(sd):
@@ -265,22 +322,29 @@ def decode(sd, latents):
 
 @torch.no_grad()
 def generate(sd, prompts, *, steps=50, guidance=7.5, latents=None, seed=0, height=None, width=None,
-             negative_prompt=None, sampler="ddim", unet=None, progress=False):
+             negative_prompt=None, sampler=None, unet=None, progress=False):
     """Text-to-image, as StableDiffusion(XL)Pipeline with the matching scheduler. prompts: str or list; latents:
-    (B, 4, H/8, W/8) unit noise (default: initial_latents(.., seed)); unet: a tuned UNet to use instead of sd.unet;
-    progress: True for a bar, or a tqdm bar to advance by one per step. Classifier-free guidance when
-    guidance > 1. The sampler's arithmetic is fp32 whatever the models' dtype."""
+    (B, 4, H/8, W/8) unit noise; seed: image i's is seed + i, or seed[i] for a list (the noise rules: seeded_noise);
+    sampler: ddim | euler | dpm | lcm (default: lcm if the scheduler config is an LCMScheduler's, else ddim); unet:
+    a tuned UNet instead of sd.unet; progress: True for a bar, or a tqdm bar to advance per step. Classifier-free
+    guidance when guidance > 1, but an LCM-distilled UNet (time_cond_proj_dim) takes guidance_embedding(guidance - 1)
+    instead, as diffusers' pipelines do. The sampler's arithmetic is fp32 whatever the models' dtype."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    sampler = sampler or ("lcm" if sd.scheduler_config.get("_class_name") == "LCMScheduler" else "ddim")
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
     cfg, unet, f = scheduler_config(sd.scheduler_config, sampler), unet or sd.unet, vae_factor(sd)
     height, width = height or default_size(sd), width or default_size(sd)
     if height % f or width % f or height <= 0 or width <= 0:
         raise UserError(f"height and width must be positive multiples of {f}, got {height} x {width}")
-    dtype, device, guided = next(unet.parameters()).dtype, sd.device, guidance > 1
+    dtype, device, lcm_dim = next(unet.parameters()).dtype, sd.device, unet.cfg.time_cond_proj_dim
+    guided = guidance > 1 and not lcm_dim
     kw = conditioning(sd, prompts, negative_prompt, guided, height, width, dtype)
-    if latents is None:
-        latents = initial_latents(sd, len(prompts), height, width, seed)
+    if lcm_dim:  # an LCM-distilled UNet: the guidance scale is an input, not CFG
+        w = torch.full((len(prompts),), guidance - 1.0)
+        kw["timestep_cond"] = guidance_embedding(w, lcm_dim).to(device, dtype)
+    seeds = list(seed) if isinstance(seed, (list, tuple, range)) else [seed + i for i in range(len(prompts))]
+    latents, step_noise = seeded_noise(seeds, (unet.cfg.in_channels, height // f, width // f), latents)
     if tuple(latents.shape) != (len(prompts), unet.cfg.in_channels, height // f, width // f):
         raise UserError(f"latents of shape {tuple(latents.shape)} for {len(prompts)} prompts at {height} x {width}")
     bar = tqdm(total=steps, desc="sampling", leave=False) if progress is True else None
@@ -292,7 +356,8 @@ def generate(sd, prompts, *, steps=50, guidance=7.5, latents=None, seed=0, heigh
             bar.update(1)
         return classifier_free_guidance(*out.chunk(2), guidance) if guided else out
 
-    x = SAMPLERS[sampler](denoise, latents.to(device, torch.float32), cfg, steps)
+    extra = dict(step_noise=step_noise) if sampler == "lcm" else {}
+    x = SAMPLERS[sampler](denoise, latents.to(device, torch.float32), cfg, steps, **extra)
     if progress is True:
         bar.close()
     return decode(sd, x)
@@ -301,18 +366,13 @@ def generate(sd, prompts, *, steps=50, guidance=7.5, latents=None, seed=0, heigh
 def render(sd, unet, prompts, seeds, batch_size=4, desc=None, **kw):
     """generate() in batches, image i from seed seeds[i]: batching changes no image (beyond float rounding).
     desc: show a progress bar of the sampling steps with this title."""
-    h, w = kw.pop("height", None) or default_size(sd), kw.pop("width", None) or default_size(sd)
-    steps = kw.get("steps", 50)
-    bar = kw.pop("progress", None)
     if desc:
-        bar = tqdm(total=-(-len(prompts) // batch_size) * steps, desc=desc, unit="step")
+        kw["progress"] = tqdm(total=-(-len(prompts) // batch_size) * kw.get("steps", 50), desc=desc, unit="step")
     images = []
     for i in range(0, len(prompts), batch_size):
-        noise = torch.cat([initial_latents(sd, 1, h, w, s) for s in seeds[i:i + batch_size]])
-        images += generate(sd, prompts[i:i + batch_size], latents=noise, unet=unet, height=h, width=w, progress=bar,
-                           **kw)
+        images += generate(sd, prompts[i:i + batch_size], seed=seeds[i:i + batch_size], unet=unet, **kw)
     if desc:
-        bar.close()
+        kw["progress"].close()
     return images
 
 
@@ -396,8 +456,8 @@ def main(argv=None):
     p.add_argument("--model", default="tiny", help="the base: tiny (the toy model), an alias (sd15, sdxl), Hub id, "
                                                  "folder or .safetensors")
     p.add_argument("--unet", default=None, help="a tuned UNet folder (OUT/unet of diffdpo.py) to sample with")
-    p.add_argument("--lora", default=None, help="or LoRA adapters to merge into the base UNet: a run folder "
-                                                "(OUT of diffdpo.py --lora-rank) or a .safetensors file")
+    p.add_argument("--lora", action="append", default=None, help="or LoRA adapters merged into the base UNet: a run "
+                   "folder (diffdpo.py --lora-rank) or .safetensors file (peft or kohya); repeat to stack (+ LCM-LoRA)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="a text file, one prompt per line")
     p.add_argument("--out", default="samples.png", help="the grid PNG to write")
@@ -406,7 +466,7 @@ def main(argv=None):
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, 1 = none (default "
                                                                 "7.5; the toy model's 4)")
     p.add_argument("--negative-prompt", default=None, help="what the guidance steers away from (default: none)")
-    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="how to integrate the denoising ODE")
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="default: lcm for LCM pipelines, else ddim")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--height", type=int, default=None, help="default: the model's (512 SD1.5, 1024 SDXL)")
     p.add_argument("--width", type=int, default=None, help="default: the model's")
@@ -441,7 +501,7 @@ def main(argv=None):
         sd = load_sd(a.model, device=a.device, dtype=dtype)
         tuned = load_component(a.unet, "unet", device=a.device, dtype=dtype) if a.unet else None
         if a.lora:  # merged into the base UNet, or into a copy of it for --compare
-            tuned = merge_lora(load_lora(copy.deepcopy(sd.unet) if a.compare else sd.unet, a.lora))
+            tuned = merge_lora_files(copy.deepcopy(sd.unet) if a.compare else sd.unet, a.lora)
     except (UserError, OSError) as e:
         fail(first_line(e))
     if tuned and any(getattr(tuned.cfg, k) != getattr(sd.unet.cfg, k) for k in FAMILY):

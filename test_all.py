@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       StableDiffusionPipeline, UNet2DConditionModel)
+                       LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
 from huggingface_hub import constants
 from huggingface_hub.errors import RepositoryNotFoundError
 from peft import LoraConfig
@@ -2048,3 +2048,283 @@ def test_eval_cli_seed_table_text_alignment_and_style_fd(tmp_path, clip_folder, 
     thumbs = lambda xs: np.stack([np.asarray(x.convert("RGB").resize((8, 8), Image.BOX)) for x in xs]) / 255  # noqa
     want = eval.frechet_distance(thumbs(ref).reshape(6, -1), thumbs(ims["base"]).reshape(3, -1))
     assert toy["features"] == "8x8 RGB thumbnail" and abs(toy["base"] - want) <= 1e-9 * want
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LCM (#19): the latent consistency sampler, LCM UNets (time_cond_proj_dim), kohya LoRA files with convs (LCM-LoRA's
+# format), stacked LoRAs (a DPO LoRA + LCM-LoRA), DPO on an LCM UNet
+
+# the layers the published LCM-LoRAs adapt: the target modules of diffusers' train_lcm_distill_lora_*.py
+LCM_LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                   "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+
+def kohya_lora(model, seed=None, rank=64, attention_alpha=None):
+    """A kohya-format LoRA on every LCM-LoRA layer of `model`, in fp16 as the published files: per layer
+    lora_unet_<name with _ for .>.lora_down.weight (r, in[, k, k]), .lora_up.weight (out, r[, 1, 1]) and .alpha.
+    With a seed: random weights, ranks 2..4 and alphas 1..8 (`attention_alpha` for every transformer-block layer, if
+    given); without: rank `rank` and alpha 8, A and B on the meta device."""
+    g = torch.Generator().manual_seed(seed or 0)
+    out = {}
+    for n, m in model.named_modules():
+        if not any(n == t or n.endswith("." + t) for t in LCM_LORA_LAYERS):
+            continue
+        r = rank if seed is None else int(torch.randint(2, 5, (1,), generator=g))
+        conv = isinstance(m, nn.Conv2d)
+        shapes = [(r, m.in_channels, *m.kernel_size), (m.out_channels, r, 1, 1)] if conv else \
+            [(r, m.in_features), (m.out_features, r)]
+        key = "lora_unet_" + n.replace(".", "_")
+        for part, shape, std in zip(("lora_down", "lora_up"), shapes, (math.prod(shapes[0][1:]) ** -0.5, 0.1)):
+            w = torch.empty(shape, device="meta") if seed is None else torch.randn(shape, generator=g) * std
+            out[f"{key}.{part}.weight"] = w.half()
+        alpha = 8.0 if seed is None else float(torch.randint(1, 9, (1,), generator=g))
+        alpha = attention_alpha if attention_alpha and ".transformer_blocks." in n else alpha
+        out[f"{key}.alpha"] = torch.tensor(alpha).half()
+    return out
+
+
+def safetensors_size(shapes, metadata=None):
+    """The byte size of a .safetensors file of fp16 tensors {name: shape}: 8 + its JSON header (tensors in name order,
+    padded with spaces to a multiple of 8) + the data."""
+    header, offset = {}, 0
+    for k in sorted(shapes):
+        n = 2 * math.prod(shapes[k])
+        header[k] = dict(dtype="F16", shape=list(shapes[k]), data_offsets=[offset, offset + n])
+        offset += n
+    text = json.dumps({**header, **({"__metadata__": metadata} if metadata else {})}, separators=(",", ":"))
+    return 8 + -(-len(text) // 8) * 8 + offset
+
+
+def lcm_pipeline(folder, hub):
+    """A tiny LCM pipeline in the Hub layout (as SimianLuo/LCM_Dreamshaper_v7): the sd15 test hub's VAE, text encoder
+    and tokenizer, an LCM UNet (time_cond_proj_dim 256) saved by diffusers, LCMScheduler's config, and
+    model_index.json naming LatentConsistencyModelPipeline."""
+    shutil.copytree(hub["sd15"], folder)
+    torch.manual_seed(4)
+    model = UNet2DConditionModel(**SD15_TEST["unet"], time_cond_proj_dim=256)
+    for n, p in model.named_parameters():
+        if p.ndim == 1:
+            p.data.normal_(1.0 if "norm" in n and n.endswith("weight") else 0.0, 0.1)
+    shutil.rmtree(folder / "unet")
+    model.save_pretrained(folder / "unet")
+    LCMScheduler(**{k: v for k, v in SCHEDULER.items() if k != "timestep_spacing"}).save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(_class_name="LatentConsistencyModelPipeline", scheduler=["diffusers", "LCMScheduler"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def pixel_diff(ours, theirs):
+    return max(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() for a, b in zip(ours, theirs))
+
+
+def test_lcm_sampler_matches_diffusers(hub):
+    """The LCM sampler on the SD1.5 test hub against StableDiffusionPipeline with LCMScheduler: the timesteps, and
+    images within 2/255 at guidance 1.0 (no CFG) and 1.5 (CFG) from the same latents and ONE generator for the step
+    noise; without latents, from per-image generators (ours: one seed per image). The step noise matters (another
+    seed moves pixels far more than 2/255)."""
+    for m in (50, 20):
+        for n in (1, 2, 3, 4, 8, m):
+            ref = LCMScheduler(original_inference_steps=m)
+            ref.set_timesteps(n)
+            assert torch.equal(sample.lcm_timesteps(dict(original_inference_steps=m), n), ref.timesteps), (m, n)
+    sd = unet.load_sd(str(hub["sd15"]))
+    pipe = reference_pipe(hub["sd15"], "sd15")
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    prompts = ["a red cube", "two blue spheres on grass"]
+    latents = sample.initial_latents(sd, 2, 32, 32, seed=5)
+    worst = {}
+    for guidance in (1.0, 1.5):
+        ours = sample.generate(sd, prompts, steps=4, guidance=guidance, latents=latents, seed=3, height=32, width=32,
+                               sampler="lcm")
+        theirs = pipe(prompts, num_inference_steps=4, guidance_scale=guidance, latents=latents.clone(), height=32,
+                      width=32, generator=torch.Generator().manual_seed(3)).images
+        worst[guidance] = pixel_diff(ours, theirs)
+    ours = sample.generate(sd, prompts, steps=3, guidance=1.5, seed=11, height=32, width=32, sampler="lcm")
+    theirs = pipe(prompts, num_inference_steps=3, guidance_scale=1.5, height=32, width=32,
+                  generator=[torch.Generator().manual_seed(11 + i) for i in range(2)]).images
+    other_seed = sample.generate(sd, prompts, steps=3, guidance=1.5, seed=12, height=32, width=32, sampler="lcm")
+    print(f"LCM vs diffusers: max pixel difference {worst} (guidance: /255), per-image seeds "
+          f"{pixel_diff(ours, theirs)}/255; another seed {pixel_diff(ours, other_seed)}/255")
+    assert max(worst.values()) <= 2 and pixel_diff(ours, theirs) <= 2 and pixel_diff(ours, other_seed) > 20
+    with pytest.raises(ValueError, match="original_inference_steps"):
+        sample.generate(sd, prompts, steps=51, height=32, width=32, sampler="lcm")
+
+
+def test_lcm_unet_and_pipeline_match_diffusers(tmp_path, hub):
+    """An LCM pipeline folder loads strictly (time_embedding.cond_proj); its UNet with timestep_cond equals diffusers'
+    and needs it; the guidance embedding is get_guidance_scale_embedding; generate() takes the LCM sampler from the
+    scheduler config and matches LatentConsistencyModelPipeline (no CFG, w - 1 embedded) within 2/255."""
+    folder = lcm_pipeline(tmp_path / "lcm", hub)
+    sd = unet.load_sd(str(folder))
+    ref = LatentConsistencyModelPipeline.from_pretrained(folder, safety_checker=None)
+    assert tuple(sd.unet.state_dict()["time_embedding.cond_proj.weight"].shape) == (32, 256)
+    w = torch.tensor([7.5, 0.0, 2.25])
+    for dim in (256, 33):
+        assert rel_err(sample.guidance_embedding(w, dim), ref.get_guidance_scale_embedding(w, dim)) < 1e-6
+    x, t, ctx, _ = unet_inputs(sd.unet)
+    emb = sample.guidance_embedding(w[:2], 256)
+    with torch.no_grad():
+        ours = sd.unet(x, t, ctx, timestep_cond=emb)
+        theirs = ref.unet(x, t, encoder_hidden_states=ctx, timestep_cond=emb).sample
+        moved = sd.unet(x, t, ctx, timestep_cond=sample.guidance_embedding(w[:2] + 1, 256))
+    unet_err = rel_err(ours, theirs)
+    assert unet_err < 1e-4 and rel_err(moved, ours) > 1e-3, (unet_err, rel_err(moved, ours))
+    with pytest.raises(unet.LoadError, match="timestep_cond"):
+        sd.unet(x, t, ctx)
+    prompts, latents = ["a red cube", "a photo of a cat"], sample.initial_latents(sd, 2, 32, 32, seed=2)
+    worst = {}
+    for guidance in (8.5, 1.0):
+        ours = sample.generate(sd, prompts, steps=4, guidance=guidance, latents=latents, seed=6, height=32, width=32)
+        theirs = ref(prompts, num_inference_steps=4, guidance_scale=guidance, latents=latents.clone(), height=32,
+                     width=32, generator=torch.Generator().manual_seed(6)).images
+        worst[guidance] = pixel_diff(ours, theirs)
+    print(f"LCM UNet: rel. err {unet_err:.1e}; pipeline max pixel difference {worst} (guidance: /255)")
+    assert max(worst.values()) <= 2
+
+
+def test_lcm_lora_published_layouts(tmp_path, hub):
+    """The published LCM-LoRA files, latent-consistency/lcm-lora-sdv1-5 and lcm-lora-sdxl
+    pytorch_lora_weights.safetensors (134,621,556 and 393,854,592 bytes as the Hub serves them), are to the byte
+    kohya files with lora_unet_ + diffusers module names, rank 64, fp16, on the LCM-LoRA layers of the real SD1.5 /
+    SDXL UNets (the SD1.5 file with {"format": "pt"} metadata): key names, shapes and dtype fix the size. Every key of
+    those layouts loads through our kohya loader onto the real architectures (on the meta device). The size formula
+    is checked against safetensors itself on a small file first."""
+    small = kohya_lora(unet.load_sd(str(hub["sd15"])).unet, seed=0)
+    save_file(small, tmp_path / "small.safetensors", metadata={"format": "pt"})
+    shapes = {k: tuple(v.shape) for k, v in small.items()}
+    assert (tmp_path / "small.safetensors").stat().st_size == safetensors_size(shapes, {"format": "pt"})
+    for kind, published, metadata in [("sd15", 134_621_556, {"format": "pt"}), ("sdxl", 393_854_592, None)]:
+        with torch.device("meta"):
+            model = unet.UNet(getattr(unet.UNetConfig, kind)())
+        layout = kohya_lora(model)
+        size = safetensors_size({k: tuple(v.shape) for k, v in layout.items()}, metadata)
+        adapters = lora.kohya_adapters(dict(layout), model, kind)
+        for name, (a, b, scale) in adapters.items():
+            lora.attach(model, name, a, b, scale, kind)
+        convs = sum(isinstance(m, lora.LoRAConv2d) for m in model.modules())
+        print(f"{kind}: {len(adapters)} layers ({convs} convolutions), {size:,} bytes; published {published:,}")
+        assert size == published and len(adapters) == len(layout) // 3 and convs > 0
+        assert all(abs(s - 8 / 64) < 1e-9 for _, _, s in adapters.values())
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_kohya_lora_with_convs_matches_diffusers(tmp_path, hub, kind):
+    """A kohya file on every layer LCM-LoRA adapts (attention and feed-forward linears; proj_in / proj_out, 1x1 convs
+    in the SD1.5 hub and linear in SDXL's; resnet conv1 / conv2 / conv_shortcut / time_emb_proj; down- and upsampler
+    3x3 convs), with random ranks and alphas: our UNet output equals diffusers' load_lora_weights, unmerged and
+    merged (load_sd(lora=)), and so does the adapters' own contribution (a wrong alpha / r or kernel would fail).
+    diffusers 0.42 ignores a transformer-block layer's alpha when it differs from the file's most common one (its
+    alpha_pattern keeps stale `attn1.processor.to_q_lora` names), so those share one alpha here; with every alpha
+    random, our merged weights are checked against W + (alpha / r) up . down layer by layer instead."""
+    model = unet.load_sd(str(hub[kind])).unet
+    save_file(kohya_lora(model, seed=1, attention_alpha=3.0), tmp_path / "k.safetensors")
+    lora.load_lora(model, tmp_path / "k.safetensors")
+    convs = sum(isinstance(m, lora.LoRAConv2d) for m in model.modules())
+    x, t, ctx, added = unet_inputs(model)
+    with torch.no_grad():
+        ours = model(x, t, ctx, **added)
+        with lora.lora_disabled(model):
+            base = model(x, t, ctx, **added)
+        merged = unet.load_sd(str(hub[kind]), lora=tmp_path / "k.safetensors").unet(x, t, ctx, **added)
+        pipe = reference_pipe(hub[kind], kind)
+        pipe.load_lora_weights(str(tmp_path), weight_name="k.safetensors")
+        theirs = ref_eps(pipe.unet, x, t, ctx, added)
+    n_ref = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith(".lora_A.default_0"))
+    print(f"{kind}: {n_ref} layers ({convs} convolutions); ours vs diffusers {rel_err(ours, theirs):.1e}, adapter "
+          f"contribution {rel_err(ours - base, theirs - base):.1e}, merged {rel_err(merged, theirs):.1e}; "
+          f"|lora| / |base| {rel_err(ours, base):.2f}")
+    assert n_ref == sum(isinstance(m, lora.LoRALinear) for m in model.modules()) and convs >= 10
+    assert rel_err(ours, base) > 0.05
+    assert rel_err(ours, theirs) < 1e-4 and rel_err(ours - base, theirs - base) < 1e-3
+    assert rel_err(merged, theirs) < 1e-4
+    base = unet.load_sd(str(hub[kind])).unet
+    weights = kohya_lora(base, seed=4)
+    save_file(weights, tmp_path / "random.safetensors")
+    merged = unet.load_sd(str(hub[kind]), lora=tmp_path / "random.safetensors")
+    worst = 0.0
+    for name, w in merged.unet.state_dict().items():
+        key = "lora_unet_" + name.removesuffix(".weight").replace(".", "_")
+        if key + ".alpha" in weights:
+            down, up = weights[key + ".lora_down.weight"].float(), weights[key + ".lora_up.weight"].float()
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(w.shape) * float(weights[key + ".alpha"]) / len(down)
+            worst = max(worst, rel_err(w - base.state_dict()[name], delta))
+    assert worst < 1e-5, worst
+
+
+def test_stacked_loras_match_diffusers_and_sample_cli(tmp_path, hub):
+    """A DPO LoRA in our peft format (save_lora) and an LCM-LoRA-like kohya file with convs, stacked: load_sd(lora=[a,
+    b]) (merged in turn, in either order) equals diffusers with both adapters at weight 1.0, and neither alone does;
+    sample.py --lora a --lora b --sampler lcm --steps 4 draws the in-process images. Files this loader cannot apply
+    (text-encoder keys, SGM names, DoRA, a shape that does not fit) are one-line errors naming the key or layer."""
+    model = unet.load_sd(str(hub["sd15"])).unet
+    save_file(kohya_lora(model, seed=2, attention_alpha=5.0), tmp_path / "lcm.safetensors")
+    lora.add_lora(model, 4, 8, LORA_ALL)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, lora.LoRALinear):
+                m.lora_B.weight.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(3))
+    lora.save_lora(model, tmp_path / "dpo" / lora.LORA_FILE)
+    files = [tmp_path / "dpo", tmp_path / "lcm.safetensors"]
+    x, t, ctx, _ = unet_inputs(model)
+    with torch.no_grad():
+        ours = unet.load_sd(str(hub["sd15"]), lora=files).unet(x, t, ctx)
+        swapped = unet.load_sd(str(hub["sd15"]), lora=files[::-1]).unet(x, t, ctx)
+        alone = unet.load_sd(str(hub["sd15"]), lora=files[1]).unet(x, t, ctx)
+        pipe = reference_pipe(hub["sd15"], "sd15")
+        pipe.load_lora_weights(files[0], adapter_name="dpo")
+        pipe.load_lora_weights(str(tmp_path), weight_name="lcm.safetensors", adapter_name="lcm")
+        pipe.set_adapters(["dpo", "lcm"], [1.0, 1.0])
+        theirs = ref_eps(pipe.unet, x, t, ctx, {})
+    print(f"stacked: ours vs diffusers {rel_err(ours, theirs):.1e}, the other order {rel_err(swapped, theirs):.1e}; "
+          f"LCM-like LoRA alone {rel_err(alone, theirs):.2f}")
+    assert rel_err(ours, theirs) < 1e-4 and rel_err(swapped, theirs) < 1e-4 and rel_err(alone, theirs) > 1e-2
+
+    r = run_cli(["sample.py", "--model", str(hub["sd15"]), "--lora", str(files[0]), "--lora", str(files[1]),
+                 "--sampler", "lcm", "--steps", "4", "--guidance", "1", "--prompt", "a red cube", "--prompt",
+                 "a blue ball", "--out", str(tmp_path / "grid.png"), "--height", "32", "--width", "32",
+                 "--batch-size", "1", "--device", "cpu"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    sd = unet.load_sd(str(hub["sd15"]), lora=files)
+    want = sample.render(sd, sd.unet, ["a red cube", "a blue ball"], [0, 1], batch_size=2, steps=4, guidance=1.0,
+                         height=32, width=32, sampler="lcm")
+    (row,) = grid_rows(tmp_path / "grid.png", ["tuned"], ["a red cube", "a blue ball"])
+    scaled = [np.asarray(im.resize((sample.MIN_CELL,) * 2, Image.NEAREST)) for im in want]
+    assert np.abs(row - np.concatenate(scaled, axis=1)).max() <= 2
+    conv_in = dict(lora_down=torch.zeros(1, 4, 3, 3), lora_up=torch.zeros(32, 1, 1, 1))
+    for bad, match in [({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 1)},
+                        "text-encoder adapters"),
+                       ({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(1, 1)}, "SGM names"),
+                       ({**{f"lora_unet_conv_in.{k}.weight": v for k, v in conv_in.items()},
+                         "lora_unet_conv_in.dora_scale": torch.ones(32)}, "dora_scale.*not supported"),
+                       ({"lora_unet_conv_in.lora_down.weight": torch.zeros(1, 4), "lora_unet_conv_in.lora_up.weight":
+                         torch.zeros(32, 1)}, r"do not fit its Conv2d \(32, 4, 3, 3\)")]:
+        save_file(bad, tmp_path / "bad.safetensors")
+        with pytest.raises(unet.LoadError, match=match):
+            lora.load_lora(unet.load_component(hub["sd15"] / "unet", "unet"), tmp_path / "bad.safetensors")
+
+
+def test_dpo_on_an_lcm_unet(tmp_path, hub):
+    """DPO on an LCM UNet (python diffdpo.py --model LCM_FOLDER --lcm-guidance W): unet_inputs conditions on
+    timestep_cond = get_guidance_scale_embedding(W - 1), and the DPO errors are those of diffusers' UNet given it
+    (the loss itself is unchanged); another W gives other errors."""
+    folder = lcm_pipeline(tmp_path / "lcm", hub)
+    sd = unet.load_sd(str(folder))
+    ref = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    g = torch.Generator().manual_seed(0)
+    batch = dict(chosen=torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, rejected=torch.rand(2, 3, 32, 32, generator=g)
+                 * 2 - 1, prompts=["a red cube", "a photo of a cat"])
+    cfg = diffdpo.TrainConfig.from_args(["--model", str(folder), "--lcm-guidance", "3"])
+    latents, cond = diffdpo.unet_inputs(sd, batch, 32, torch.device("cpu"), torch.float32, cfg.lcm_guidance)
+    emb = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, torch.full((4,), 2.0), 256)
+    assert rel_err(cond["timestep_cond"], emb) < 1e-6
+    eps, t = diffdpo.pair_noise([0, 1], latents.shape[1:], 0, 1000)
+    abar = sample.alphas_cumprod(sd.scheduler_config)
+    with torch.no_grad():
+        errors = diffdpo.dpo_errors(sd.unet, sd.unet, latents, cond, eps, t, abar, "epsilon")
+        x_t = sample.add_noise(latents, eps.repeat(2, 1, 1, 1), t.repeat(2), abar)
+        pred = ref(x_t, t.repeat(2), encoder_hidden_states=cond["context"], timestep_cond=emb).sample
+        _, cond_default = diffdpo.unet_inputs(sd, batch, 32, torch.device("cpu"), torch.float32)
+        other = diffdpo.dpo_errors(sd.unet, sd.unet, latents, cond_default, eps, t, abar, "epsilon")
+    want = (pred - eps.repeat(2, 1, 1, 1)).square().mean((1, 2, 3))
+    assert rel_err(torch.cat(errors[:2]), want) < 1e-4 and rel_err(torch.cat(other[:2]), want) > 1e-4

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from convert import convert_ldm_checkpoint, detect_family, legacy_keys, per_block
 from files import STEMS, LoadError, config_from_dict, hub_pipeline, read_json, read_safetensors, save_safetensors, \
     weight_files, write_text_atomic
-from lora import load_lora, merge_lora
+from lora import merge_lora_files
 from tokenizer import CLIPTokenizer
 
 
@@ -48,13 +48,16 @@ def timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=0, max_period=10
 
 
 class TimestepEmbedding(nn.Module):
-    """MLP on the sinusoidal embedding: linear_1 -> SiLU -> linear_2."""
+    """MLP on the sinusoidal embedding: linear_1 -> SiLU -> linear_2. An LCM-distilled UNet (cond_dim) first adds
+    cond_proj(c), c its guidance-scale embedding (sample.guidance_embedding)."""
 
-    def __init__(self, in_dim, dim):
+    def __init__(self, in_dim, dim, cond_dim=None):
         super().__init__()
         self.linear_1, self.linear_2 = nn.Linear(in_dim, dim), nn.Linear(dim, dim)
+        self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False) if cond_dim else None
 
-    def forward(self, x):
+    def forward(self, x, cond=None):
+        x = x if cond is None else x + self.cond_proj(cond.to(x.dtype))
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
@@ -278,7 +281,7 @@ class UNet(nn.Module):
             return [Transformer2DModel(c, heads, ctx, d, G, cfg.use_linear_projection) for _ in range(count)]
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], temb)
+        self.time_embedding = TimestepEmbedding(ch[0], temb, cfg.time_cond_proj_dim)
         if cfg.addition_embed_type == "text_time":                              # SDXL micro-conditioning
             self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
 
@@ -313,14 +316,17 @@ class UNet(nn.Module):
         for b in list(self.down_blocks) + list(self.up_blocks):
             b.grad_checkpointing = on
 
-    def forward(self, x, t, context, text_embeds=None, time_ids=None):
+    def forward(self, x, t, context, text_embeds=None, time_ids=None, timestep_cond=None):
         """x (B, 4, h, w) noisy latents, t (B,) or scalar timesteps, context (B, L, D) text states;
-        SDXL also takes text_embeds (B, 1280) pooled text and time_ids (B, 6). Returns eps (B, 4, h, w)."""
+        SDXL also takes text_embeds (B, 1280) pooled text and time_ids (B, 6); an LCM UNet (time_cond_proj_dim)
+        timestep_cond (B, time_cond_proj_dim), its guidance-scale embedding. Returns eps (B, 4, h, w)."""
         cfg = self.cfg
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.ndim <= 1 and t.numel() == 1 else t.reshape(x.shape[0])
         t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        emb = self.time_embedding(t_emb.to(x.dtype))                            # (B, 4*C0)
+        if cfg.time_cond_proj_dim and timestep_cond is None:
+            raise LoadError("this UNet (LCM, time_cond_proj_dim) needs timestep_cond (sample.guidance_embedding)")
+        emb = self.time_embedding(t_emb.to(x.dtype), timestep_cond)            # (B, 4*C0)
         if cfg.addition_embed_type == "text_time":
             if text_embeds is None or time_ids is None:
                 raise LoadError("this UNet (SDXL) needs text_embeds (pooled text) and time_ids")
@@ -535,7 +541,7 @@ class CLIPText(nn.Module):
 # config.json fields whose other values this UNet does not implement: refused rather than computed differently
 UNET_FIXED = dict(center_input_sample=False, act_fn="silu", resnet_time_scale_shift="default",
                   time_embedding_type="positional", class_embed_type=None, num_class_embeds=None, encoder_hid_dim=None,
-                  conv_in_kernel=3, conv_out_kernel=3, time_cond_proj_dim=None, timestep_post_act=None,
+                  conv_in_kernel=3, conv_out_kernel=3, timestep_post_act=None,
                   dual_cross_attention=False, mid_block_type="UNetMidBlock2DCrossAttn")
 PER_BLOCK = ("layers_per_block", "num_attention_heads", "transformer_layers_per_block", "cross_attention_dim")
 
@@ -564,6 +570,7 @@ class UNetConfig:
     addition_embed_type: object = None          # "text_time" for SDXL
     addition_time_embed_dim: object = None      # 256 for SDXL
     projection_class_embeddings_input_dim: object = None  # 2816 = 1280 pooled + 6 * 256 for SDXL
+    time_cond_proj_dim: object = None           # 256 for LCM-distilled UNets (the guidance-scale embedding's width)
     raw: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -807,10 +814,11 @@ def load_sd(model, *, device="cpu", dtype=torch.float32, variant=None, config=No
              (from the Hub, fp16 is preferred when dtype is half precision: half the download).
     config:  for a single-file checkpoint, where to take configs, tokenizers and scheduler from (alias, repo or
              folder); default: the alias of the family its keys show (sd15, sd2, sdxl).
-    lora:    a LoRA run folder (diffdpo.py --lora-rank) or .safetensors file: its adapters are merged into the UNet."""
+    lora:    a LoRA run folder (diffdpo.py --lora-rank) or .safetensors file (peft or kohya format), or a list of them
+             (stacked, e.g. a DPO LoRA and LCM-LoRA): the adapters are merged into the UNet."""
     if lora is not None:
         sd = load_sd(model, device=device, dtype=dtype, variant=variant, config=config)
-        merge_lora(load_lora(sd.unet, lora))
+        merge_lora_files(sd.unet, lora)
         return sd
     if model == "tiny":  # the toy world's model, committed beside this file
         model = str(TINY_FOLDER)
