@@ -2315,7 +2315,8 @@ def test_dpo_on_an_lcm_unet(tmp_path, hub):
     batch = dict(chosen=torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, rejected=torch.rand(2, 3, 32, 32, generator=g)
                  * 2 - 1, prompts=["a red cube", "a photo of a cat"])
     cfg = diffdpo.TrainConfig.from_args(["--model", str(folder), "--lcm-guidance", "3"])
-    latents, cond = diffdpo.unet_inputs(sd, batch, 32, torch.device("cpu"), torch.float32, cfg.lcm_guidance)
+    latents, cond = diffdpo.unet_inputs(sd, batch, 32, torch.device("cpu"), torch.float32,
+                                        lcm_guidance=cfg.lcm_guidance)
     emb = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, torch.full((4,), 2.0), 256)
     assert rel_err(cond["timestep_cond"], emb) < 1e-6
     eps, t = diffdpo.pair_noise([0, 1], latents.shape[1:], 0, 1000)
