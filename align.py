@@ -574,9 +574,7 @@ def load_sentence_encoder(model=SBERT, device="cpu", dtype=torch.float32, batch_
 # ----------------------------------------------------------------------------------------------------------------
 # BLIP captioning (Li et al. 2022), transformers' BlipForConditionalGeneration: a ViT (pre-LN layers, fused qkv) turns
 # the 384 x 384 image into (1 + 24 * 24) states; the BERT decoder cross-attends to all of them and writes the caption
-# token by token, greedily, from [DEC] until [SEP].
-
-OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+# token by token, greedily, from [DEC] until [SEP]. Its images are normalized with OpenAI CLIP's mean and std.
 
 
 @dataclass
@@ -720,9 +718,7 @@ class Blip(nn.Module):
 def blip_preprocess(images, size=384, mean=OPENAI_MEAN, std=OPENAI_STD):
     """BlipImageProcessor (PIL backend): RGB; resized to size x size with PIL bicubic (the aspect ratio is not kept,
     nothing is cropped); x / 255 (in float64, then float32); (x - mean) / std. -> (B, 3, size, size)."""
-    a = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)) for im in images])
-    x = torch.from_numpy((a.astype(np.float64) / 255).astype(np.float32))
-    return ((x - torch.tensor(mean)) / torch.tensor(std)).permute(0, 3, 1, 2).contiguous()
+    return _normalize([np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)) for im in images], mean, std)
 
 
 class Captioner:
