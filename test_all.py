@@ -500,7 +500,7 @@ def test_pickapic_removed_message(monkeypatch):
 def test_cache_is_exact_and_reused(tmp_path, hub, shard):
     """--cache: the same weights as without it (both flips are stored), and a second run reads the cache."""
     common = dict(model=str(hub["sd15"]), data=str(shard), resolution=32, batch_size=2, grad_accum=2, lr=1e-4,
-                  warmup_steps=2, max_steps=4, checkpoint_every=0, device="cpu")
+                  warmup_steps=2, max_steps=4, checkpoint_every=0, device="cpu", vae_latents="sample")
     diffdpo.train(diffdpo.TrainConfig(out=str(tmp_path / "plain"), **common))
     for run in ("c1", "c2"):
         diffdpo.train(diffdpo.TrainConfig(out=str(tmp_path / run), cache=True, cache_dir=str(tmp_path / "cache"),
