@@ -194,31 +194,53 @@ class Log:
 # The model card and the upload (--push-to-hub REPO)
 
 
+MODEL_CARD = """---
+{meta}
+---
+
+# {repo}
+
+{base} fine-tuned with {method} on preference pairs (`--data {data}`) by diffdpo, a from-scratch implementation of
+Diffusion-DPO (Wallace et al., CVPR 2024).
+
+| setting | value |
+| --- | --- |
+{settings}
+
+## Results
+{results}
+## Use
+
+```python
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+{load}
+image = pipe("a photo of a cat").images[0]
+```
+"""
+CARD_SETTINGS = ("method", "beta", "max_steps", "pairs_per_step", "lr_used", "optimizer", "mixed_precision",
+                 "resolution", "lora_rank", "seed")
+
+
 def model_card(config, base, repo, out, weights):
     """OUT/README.md's text in the Hub's model-card format: YAML metadata, what was trained how, the results the run
     folder holds (the toy's summary.json, an eval.py report in OUT/eval/), and how to load the weights."""
-    out, lora = Path(out), weights.endswith(".safetensors")
-    data = config["data"][len("hub:"):] if config["data"].startswith("hub:") else None
+    out, lora, data = Path(out), weights.endswith(".safetensors"), config["data"]
     tags = ["text-to-image", "stable-diffusion", "diffusion-dpo", "diffdpo"] + ["lora"] * lora
     meta = [f"base_model: {base}", "library_name: diffusers", "tags:", *[f"- {t}" for t in tags]]
-    meta += ["datasets:", f"- {data}"] if data else []
-    settings = ["method", "beta", "max_steps", "pairs_per_step", "lr_used", "optimizer", "mixed_precision",
-                "resolution", "lora_rank", "seed"]
-    table = "\n".join(f"| {k} | {config.get(k, config['loss'] if k == 'method' else '')} |" for k in settings)
+    meta += ["datasets:", f"- {data[len('hub:'):]}"] if data.startswith("hub:") else []
     results = ""
     for name in ("summary.json", "eval/report.md"):
         if (out / name).is_file():
             text = (out / name).read_text()
             results += f"\n`{name}`:\n\n" + (f"```json\n{text}\n```\n" if name.endswith(".json") else text)
-    load = (f'pipe = StableDiffusionPipeline.from_pretrained("{base}")\npipe.load_lora_weights("{repo}")' if lora else
-            f'unet = UNet2DConditionModel.from_pretrained("{repo}", subfolder="unet")\n'
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base}", unet=unet)')
-    return ("---\n" + "\n".join(meta) + f"\n---\n\n# {repo}\n\n{base} fine-tuned with "
-            f"{config.get('method', config['loss']).upper()} on preference pairs (`--data {config['data']}`) by "
-            f"[diffdpo](https://github.com/), a from-scratch implementation of Diffusion-DPO (Wallace et al., CVPR "
-            f"2024).\n\n| setting | value |\n| --- | --- |\n{table}\n\n## Results\n{results or chr(10) + 'None yet.'}\n"
-            f"\n## Use\n\n```python\nfrom diffusers import StableDiffusionPipeline, UNet2DConditionModel\n{load}\n"
-            f"image = pipe(\"a photo of a cat\").images[0]\n```\n")
+    if lora:
+        load = f'pipe = StableDiffusionPipeline.from_pretrained("{base}")\npipe.load_lora_weights("{repo}")'
+    else:
+        load = (f'unet = UNet2DConditionModel.from_pretrained("{repo}", subfolder="unet")\n'
+                f'pipe = StableDiffusionPipeline.from_pretrained("{base}", unet=unet)')
+    settings = "\n".join(f"| {k} | {config.get(k, '')} |" for k in CARD_SETTINGS)
+    return MODEL_CARD.format(meta="\n".join(meta), repo=repo, base=base, method=str(config["method"]).upper(),
+                             data=data, settings=settings, results=results or "\nNone yet.\n", load=load)
 
 
 def push_to_hub(repo, out, card):
