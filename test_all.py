@@ -217,6 +217,13 @@ def test_load_errors_name_the_problem(tmp_path, hub):
     del w["conv_out.bias"]
     with pytest.raises(ValueError, match="1 missing keys.*conv_out.bias"):
         unet.load_weights(model, w)
+    # a config.json field of the wrong type, and a noise schedule the samplers do not implement: one line each
+    config = json.loads((bad / "unet" / "config.json").read_text())
+    (bad / "unet" / "config.json").write_text(json.dumps(dict(config, block_out_channels="abc")))
+    with pytest.raises(unet.LoadError, match=r"bad/unet/config.json: UNetConfig: block_out_channels='abc' is not of "):
+        unet.load_component(bad / "unet", "unet")
+    with pytest.raises(UserError, match="beta_schedule='squaredcos_cap_v2' is not supported"):
+        sample.alphas_cumprod(dict(SCHEDULER, beta_schedule="squaredcos_cap_v2"))
 
 
 def test_presets_build_at_real_sizes():
