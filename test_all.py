@@ -1068,7 +1068,10 @@ def test_toy_run_end_to_end(tmp_path, monkeypatch, capsys):
     cfg = diffdpo.TrainConfig.from_args(["--out", str(tmp_path / "runs" / "toy"), "--max-steps", "4", "--device", "cpu"])
     assert (cfg.model, cfg.data, cfg.resolution, cfg.threads) == ("tiny", "shapes", 32, 1)
     assert diffdpo.TrainConfig(out=cfg.out, max_steps=4, device="cpu") == cfg     # Python callers get the same run
+    threads = torch.get_num_threads()
     diffdpo.main(cfg)
+    assert torch.get_num_threads() == 1                       # the toy's --threads 1: the rest of the suite wants its own
+    torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     assert "dpo on tiny, the toy model (SD1.5's layout" in printed and "fp32 precision" in printed
     assert "held-out judge score" in printed and "compare.png (base above, tuned below)" in printed
