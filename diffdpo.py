@@ -619,26 +619,28 @@ def finish(world, out):
 # ----------------------------------------------------------------------------------------------------------------
 # Pairs the run builds itself with the base model before training (then read as any parquet shard):
 #   shapes        the toy world's on-policy pairs, labelled by its judge (toy.build_shape_pairs)
+#   shapes-style  its style alignment: each base generation's styled edit preferred (toy.build_style_pairs)
 #   style:FOLDER  style alignment (Diffusion-RPO's second task): each style image preferred over the base model's
 #                 own generation for its caption
 
 
 def built_pairs_path(cfg, out):
-    """Where the pairs of a built --data spec live (OUT/shapes_pairs.parquet, OUT/style_pairs.parquet), or None."""
-    if cfg.data == "shapes":
-        return out / "shapes_pairs.parquet"
+    """Where the pairs of a built --data spec live (OUT/shapes_pairs.parquet, OUT/shapes_style_pairs.parquet,
+    OUT/style_pairs.parquet), or None."""
+    if cfg.data in toy.WORLDS:
+        return out / f"{cfg.data.replace('-', '_')}_pairs.parquet"
     return out / "style_pairs.parquet" if cfg.data.startswith("style:") else None
 
 
 def build_pairs(cfg, sd, out, resolution):
-    """Build the pairs of --data shapes / style:FOLDER unless OUT already holds them; returns their path (None for
-    data that is read, not built)."""
+    """Build the pairs of --data shapes / shapes-style / style:FOLDER unless OUT already holds them; returns their
+    path (None for data that is read, not built)."""
     path = built_pairs_path(cfg, out)
     if path is None or path.exists():
         return path
     t0, guidance = time.time(), toy.TOY_SAMPLING["guidance"] if cfg.model == "tiny" else 7.5
-    if cfg.data == "shapes":
-        n = toy.build_shape_pairs(sd, path, toy.TOY_PAIRS, cfg.seed)
+    if cfg.data in toy.WORLDS:
+        n = toy.build_world_pairs(cfg.data, sd, path, toy.TOY_PAIRS, cfg.seed)
     else:
         n = build_style_pairs(sd, cfg.data[len("style:"):], path, resolution, cfg.sample_steps, guidance, cfg.seed)
     print0(f"built {path}: {n} pairs ({time.time() - t0:.0f} s)")

@@ -563,15 +563,17 @@ def bootstrap_win_rate(tuned_scores, base_scores, n=1000, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The toy world's evaluation (diffdpo.py --data shapes runs it after training): base vs tuned on the held-out captions
+# The toy worlds' evaluation (diffdpo.py runs it after training on one): base vs tuned on the held-out captions
 
 TOY_SEEDS = 8             # held-out images per test caption, the same seeds for base and tuned
 
 
 def evaluate_toy(model, world, out, run, t_start):
-    """Base (`model`) vs tuned (OUT/unet, or OUT's LoRA) on a toy world (`world`: shapes) on its 18 held-out captions
-    x TOY_SEEDS seeds under the judge. Writes OUT/summary.json (`run` + the win rate of tuned over base, ties half; mean judge scores; seconds
-    since t_start, so the whole run) and OUT/compare.png (one image per held-out caption: base above, tuned below)."""
+    """Base (`model`) vs tuned (OUT/unet, or OUT's LoRA) on a toy world's 18 held-out captions x TOY_SEEDS seeds under
+    its judge (shapes: toy.judge; shapes-style: toy.style_judge). Writes OUT/summary.json (`run` + the win rate of
+    tuned over base, ties half; mean judge scores; for shapes-style also style_score_* (= judge_score_*) and
+    style_fd_*, the style FD to styled base images of other seeds; seconds since t_start, so the whole run) and
+    OUT/compare.png (one image per held-out caption: base above, tuned below)."""
     out = Path(out)
     sd = unet.load_sd(model)
     tuned = (unet.load_component(out / "unet", "unet") if (out / "unet").is_dir() else
@@ -580,10 +582,18 @@ def evaluate_toy(model, world, out, run, t_start):
     seeds = list(range(len(prompts)))
     images = {label: sample.render(sd, net, prompts, seeds, batch_size=256, **toy.TOY_SAMPLING)
               for label, net in (("base", sd.unet), ("tuned", tuned))}
-    scores = {label: [toy.judge(i, p) for i, p in zip(ims, prompts)] for label, ims in images.items()}
+    judge = toy.style_judge if world == "shapes-style" else toy.judge
+    scores = {label: [judge(i, p) for i, p in zip(ims, prompts)] for label, ims in images.items()}
     summary = dict(run, win_rate_vs_base=float(win_outcomes(scores["tuned"], scores["base"]).mean()),
                    judge_score_base=float(np.mean(scores["base"])), judge_score_tuned=float(np.mean(scores["tuned"])),
-                   num_images=len(prompts), seconds=round(time.time() - t_start, 1))
+                   num_images=len(prompts))
+    if world == "shapes-style":
+        others = sample.render(sd, sd.unet, prompts, [len(seeds) + s for s in seeds], batch_size=256,
+                               **toy.TOY_SAMPLING)                    # the style set: held-out seeds, styled
+        fd = style_fd([toy.style_edit(i, p) for i, p in zip(others, prompts)], images, toy=True)
+        summary.update(style_score_base=summary["judge_score_base"], style_score_tuned=summary["judge_score_tuned"],
+                       style_fd_base=fd["base"], style_fd_tuned=fd["tuned"], style_fd_features=fd["features"])
+    summary["seconds"] = round(time.time() - t_start, 1)
     big = {label: [im.resize((64, 64), Image.NEAREST) for im in ims[::TOY_SEEDS]] for label, ims in images.items()}
     labels = [f"{label} {summary[f'judge_score_{label}']:.3f}" for label in big]
     sample.image_grid(list(big.values()), row_labels=labels).save(out / "compare.png")
