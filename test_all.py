@@ -1814,8 +1814,9 @@ def test_eval_cli_seed_table_text_alignment_and_style_fd(tmp_path, clip_folder, 
 
 def test_style_edit_and_judge_known_images():
     """The ink print of a drawn shape is paper exactly where the drawing's nearest palette color is the caption's
-    ground and ink elsewhere (recomputed here); it scores 1 and the drawing only its paper- or ink-nearest pixels;
-    flat images score 1 in the style's two colors, 0 in the others, and a quarter of ink on yellow 0.25."""
+    ground and ink elsewhere (recomputed here); it scores its border's paper share (1 unless the figure touches the
+    border), the drawing on a blue ground 0. Flat images: paper 1, ink or any other color 0 (the ground must be
+    paper); ink in a corner of paper: the border's paper share; a figure on yellow 0."""
     p, names = "a red circle on a blue background", list(toy.COLORS)
     palette = np.array(list(toy.COLORS.values()), dtype=np.float64)
     for seed in range(5):
@@ -1824,16 +1825,22 @@ def test_style_edit_and_judge_known_images():
         styled, ground = np.asarray(toy.style_edit(img, p)).reshape(-1, 3), nearest == names.index("blue")
         assert 0.03 < (~ground).mean() < 0.5                                          # the figure: 3% .. 50%
         assert (styled[ground] == toy.COLORS[toy.PAPER]).all() and (styled[~ground] == toy.COLORS[toy.INK]).all()
-        assert toy.style_judge(toy.style_edit(img, p)) == 1.0
-        style_share = np.isin(nearest, [names.index(toy.PAPER), names.index(toy.INK)]).mean()
-        assert toy.style_judge(img) == pytest.approx(style_share, abs=1e-6) and toy.style_judge(img) < 0.1
+        g = ground.reshape(32, 32)
+        border = np.concatenate([g[0], g[-1], g[1:-1, 0], g[1:-1, -1]])
+        assert toy.style_judge(toy.style_edit(img, p)) == pytest.approx(border.mean(), abs=1e-6) and border.mean() > 0.9
+        assert toy.style_judge(img) == 0.0
     for name, rgb in toy.COLORS.items():
-        assert toy.style_judge(Image.new("RGB", (32, 32), rgb)) == float(name in (toy.PAPER, toy.INK))
-    quarter = Image.new("RGB", (32, 32), toy.COLORS["yellow"])
-    quarter.paste(toy.COLORS[toy.INK], (0, 0, 16, 16))
-    assert toy.style_judge(quarter) == 0.25 and toy.style_judge(toy.to_tensor(quarter)) == 0.25
-    assert toy.style_edit(quarter, "a purple square on a yellow background").getcolors() == [
+        assert toy.style_judge(Image.new("RGB", (32, 32), rgb)) == float(name == toy.PAPER)
+    corner = Image.new("RGB", (32, 32), toy.COLORS[toy.PAPER])
+    corner.paste(toy.COLORS[toy.INK], (0, 0, 16, 16))                                # 31 of the 124 border pixels
+    assert toy.style_judge(corner) == pytest.approx(93 / 124, abs=1e-6)
+    assert toy.style_judge(toy.to_tensor(corner)) == pytest.approx(93 / 124, abs=1e-6)
+    center = Image.new("RGB", (32, 32), toy.COLORS["yellow"])
+    center.paste(toy.COLORS[toy.INK], (8, 8, 24, 24))
+    assert toy.style_judge(center) == 0.0
+    assert toy.style_edit(center, "a purple square on a yellow background").getcolors() == [
         (768, toy.COLORS[toy.PAPER]), (256, toy.COLORS[toy.INK])]
+    assert toy.style_judge(toy.style_edit(center, "a purple square on a yellow background")) == 1.0
 
 
 @pytest.fixture

@@ -127,15 +127,18 @@ def build_shape_pairs(sd, path, n=TOY_PAIRS, seed=0):
 #
 #     style_edit(image, caption): each pixel nearest the caption's background color becomes PAPER, every other pixel
 #                                 INK (a dark figure on a light ground, in exactly two colors whatever the caption)
-#     style_judge(image)        = fraction of pixels whose nearest palette color is PAPER or INK
+#     style_judge(image)        = (fraction of pixels whose nearest palette color is PAPER or INK)
+#                                 x (fraction of the border pixels whose nearest palette color is PAPER)
 #
 # Pairs: the base model's generation for a training caption (rejected) and its edit (preferred), as the paper makes
-# its style images from the originals with an image editor. A styled image scores 1; base images score about 0.08
-# (figures that happen to be orange or purple). Why this style: the tiny VAE decodes only the six palette colors in
-# filled regions about a latent pixel (4 px) wide, so white paper, 1-2 px outlines or a hollow line drawing cannot
-# even be reconstructed (measured: DPO toward hollow outlines wins 0.51); paper and ink are the lightest and the
-# darkest palette colors that are no held-out caption's background (those are all yellow or blue), so the judge
-# reads the style, not the caption.
+# its style images from the originals with an image editor. Styled images score about 1 (less where a figure touches
+# the border), base images about 0 (their grounds are no paper); the border factor asks for a paper GROUND: without
+# it an image all in ink scores 1, and RPO found that on blue grounds.
+#
+# Why this style: the tiny VAE decodes only the six palette colors, in filled regions about a latent pixel (4 px)
+# wide, so white paper, 1-2 px outlines or a hollow line drawing cannot even be reconstructed (measured: DPO toward
+# hollow outlines wins 0.51); paper and ink are the lightest and the darkest palette colors that are no held-out
+# caption's background (those are all yellow or blue), so the judge reads the style, not the caption.
 
 PAPER, INK = "orange", "purple"
 
@@ -149,10 +152,13 @@ def style_edit(image, prompt):
 
 
 def style_judge(image, prompt=None):
-    """The style score in [0, 1]: the fraction of pixels nearest (in RGB, among the palette) to paper or ink. It
-    reads pixels only; the caption is not needed (a style is the same for every caption)."""
-    nearest = nearest_colors(image)
-    return ((nearest == list(COLORS).index(PAPER)) | (nearest == list(COLORS).index(INK))).float().mean().item()
+    """The style score in [0, 1]: the fraction of pixels nearest (in RGB, among the palette) to paper or ink, times
+    the fraction of the border pixels nearest to paper. It reads pixels only; the caption is not needed (a style is
+    the same for every caption)."""
+    nearest = nearest_colors(image)                                                   # (H, W)
+    paper, ink = nearest == list(COLORS).index(PAPER), nearest == list(COLORS).index(INK)
+    border = torch.cat([paper[0], paper[-1], paper[1:-1, 0], paper[1:-1, -1]])         # (2H + 2W - 4,)
+    return ((paper | ink).float().mean() * border.float().mean()).item()
 
 
 @torch.no_grad()
