@@ -664,8 +664,9 @@ def build_style_pairs(sd, folder, path, resolution, steps, guidance, seed=0):
 
 
 def main(cfg, pair_loss=None, image_embedder=None):
-    """Train; for a toy world (--data shapes), then evaluate (eval.evaluate_toy: OUT/summary.json, compare.png). A problem
-    the user can fix (UserError: a bad --model, --data, setting...) ends with a one-line error and exit code 2."""
+    """Train; for a toy world (--data shapes|shapes-style), then evaluate (eval.evaluate_toy: OUT/summary.json,
+    compare.png). A problem the user can fix (UserError: a bad --model, --data, setting...) ends with a one-line error
+    and exit code 2."""
     t_start = time.time()
     try:
         out = train(cfg, pair_loss, image_embedder)

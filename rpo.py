@@ -48,8 +48,8 @@ def rpo_loss(model_losses_w, model_losses_l, ref_losses_w, ref_losses_l, emb_w, 
     """Diffusion-RPO loss and implicit accuracy (of the matched pairs, comparable with DPO's):
         loss = mean_ij -log sigmoid(beta * w_ij * logit_ij)
     As the LLM method's released code: the weight multiplies the logit inside the sigmoid and all B^2 terms are
-    averaged. rescale: beta / w_ii for row i (w_ij / w_ii <= 1), so each matched pair gets DPO's beta; diagonal > 0:
-    rpo_diagonal_loss instead. With one pair w_11 = 1 and every variant is exactly diffdpo.dpo_loss."""
+    averaged. rescale: beta / w_ii for row i, so each matched pair gets DPO's beta (and, for text, the others less);
+    diagonal > 0: rpo_diagonal_loss instead. With one pair w_11 = 1 and every variant is exactly diffdpo.dpo_loss."""
     logits = rpo_logits(model_losses_w, model_losses_l, ref_losses_w, ref_losses_l)
     acc = (logits.diagonal() > 0).float().mean()
     if diagonal:
