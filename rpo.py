@@ -11,6 +11,11 @@ Optimization", yinyueqin/relative-preference-optimization, trainers.py, RPOTrain
 tau)` inside `logsigmoid`, each winner's row normalized, then the mean), with Diffusion-DPO's step-wise ELBO surrogate
 as the logit; what the weights compare (text, image or both embeddings) is our choice, a flag. The training loop is
 diffdpo.py's, reused as is.
+
+Variants, as flags: --rpo-shared-noise (one t, eps per global batch), --rpo-diagonal 0.8 (the LLM code's
+RPO-Diagonal), --rpo-rescale (beta / w_ii). Measured on both toy worlds, 3 seeds (docs/RPO.md): none beats the plain
+loss on both, and tau 0.1 / 0.5 / 1.0 changes nothing there (the tiny text encoder's captions are nearly parallel),
+so the defaults are the LLM code's (tau 0.5, a draw per pair). DPO wins on shapes, RPO beats DPO on style.
 """
 from dataclasses import dataclass
 
