@@ -704,26 +704,28 @@ def finish(world, out, lock):
 # ----------------------------------------------------------------------------------------------------------------
 # Pairs the run builds itself with the base model before training (then read as any parquet shard):
 #   shapes        the toy world's on-policy pairs, labelled by its judge (toy.build_shape_pairs)
+#   shapes-style  its style alignment: each base generation's styled edit preferred (toy.build_style_pairs)
 #   style:FOLDER  style alignment (Diffusion-RPO's second task): each style image preferred over the base model's
 #                 own generation for its caption
 
 
 def built_pairs_path(cfg, out):
-    """Where the pairs of a built --data spec live (OUT/shapes_pairs.parquet, OUT/style_pairs.parquet), or None."""
-    if cfg.data == "shapes":
-        return out / "shapes_pairs.parquet"
+    """Where the pairs of a built --data spec live (OUT/shapes_pairs.parquet, OUT/shapes_style_pairs.parquet,
+    OUT/style_pairs.parquet), or None."""
+    if cfg.data in toy.WORLDS:
+        return out / f"{cfg.data.replace('-', '_')}_pairs.parquet"
     return out / "style_pairs.parquet" if cfg.data.startswith("style:") else None
 
 
 def build_pairs(cfg, sd, out, resolution):
-    """Build the pairs of --data shapes / style:FOLDER unless OUT already holds them; returns their path (None for
-    data that is read, not built)."""
+    """Build the pairs of --data shapes / shapes-style / style:FOLDER unless OUT already holds them; returns their
+    path (None for data that is read, not built)."""
     path = built_pairs_path(cfg, out)
     if path is None or path.exists():
         return path
     t0, guidance = time.time(), sampling_defaults(cfg.model)[1]
-    if cfg.data == "shapes":
-        n = toy.build_shape_pairs(sd, path, toy.TOY_PAIRS, cfg.seed)
+    if cfg.data in toy.WORLDS:
+        n = toy.build_world_pairs(cfg.data, sd, path, toy.TOY_PAIRS, cfg.seed)
     else:
         n = build_style_pairs(sd, cfg.data[len("style:"):], path, resolution, cfg.sample_steps, guidance, cfg.seed)
     print0(f"built {path}: {n} pairs ({time.time() - t0:.0f} s)")
@@ -747,9 +749,9 @@ def build_style_pairs(sd, folder, path, resolution, steps, guidance, seed=0):
 
 
 def main(cfg, pair_loss=None, image_embedder=None):
-    """Train; for a toy world, then evaluate base vs tuned on its held-out captions (eval.evaluate_toy:
-    OUT/summary.json, OUT/compare.png); with --push-to-hub, upload the result. A problem the user can fix (a bad
-    --model, --data or setting, a busy or unwritable --out, ...) ends with a one-line error and exit code 2."""
+    """Train; for a toy world (--data shapes|shapes-style), then evaluate base vs tuned on its held-out captions
+    (eval.evaluate_toy: OUT/summary.json, OUT/compare.png); with --push-to-hub, upload the result. A problem the user
+    can fix (a bad --model, --data or setting, a busy or unwritable --out, ...) ends with a one-line error, exit 2."""
     t_start, rank = time.time(), int(os.environ.get("RANK", 0))
     print0(f"diffdpo: {cfg.method} on {model_name(cfg.model)}, --data {cfg.data}, writing {cfg.out}/", rank=rank)
     try:

@@ -371,16 +371,20 @@ def bootstrap_win_rate(tuned_scores, base_scores, n=1000, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The toy world's evaluation (diffdpo.py --data shapes runs it after training): base vs tuned on the held-out captions
+# The toy worlds' evaluation (diffdpo.py runs it after training on one): base vs tuned on the held-out captions
 
 TOY_SEEDS = 8             # held-out images per test caption, the same seeds for base and tuned
+JUDGES = {"shapes": "judge score (the share of the image in the caption's shape color",
+          "shapes-style": "style score (ink-print pixels, times the share of a paper border"}
 
 
 def evaluate_toy(model, world, out, run, t_start):
-    """Base (`model`) vs tuned (OUT/unet, or OUT's LoRA) on a toy world (`world`: shapes) on its 18 held-out captions
-    x TOY_SEEDS seeds under the judge. Writes OUT/summary.json (`run` + the win rate of tuned over base, ties half;
-    mean judge scores; seconds since t_start, so the whole run) and OUT/compare.png (one image per held-out caption:
-    base above, tuned below); a run evaluated at these steps already is not evaluated again."""
+    """Base (`model`) vs tuned (OUT/unet, or OUT's LoRA) on a toy world's 18 held-out captions x TOY_SEEDS seeds under
+    its judge (shapes: toy.judge; shapes-style: toy.style_judge). Writes OUT/summary.json (`run` + the win rate of
+    tuned over base, ties half; mean judge scores; for shapes-style also style_score_* (= judge_score_*) and
+    style_fd_*, the style FD to styled base images of other seeds; seconds since t_start, so the whole run) and
+    OUT/compare.png (one image per held-out caption: base above, tuned below); a run evaluated at these steps
+    already is not evaluated again."""
     out = Path(out)
     if (out / "summary.json").is_file() and read_json(out / "summary.json").get("steps") == run["steps"]:
         print(f"{out / 'summary.json'} already evaluates step {run['steps']}")
@@ -392,15 +396,25 @@ def evaluate_toy(model, world, out, run, t_start):
     seeds = list(range(len(prompts)))
     images = {label: sample.render(sd, net, prompts, seeds, batch_size=256, desc=f"evaluating {label}",
                                    **sample.TOY_SAMPLING) for label, net in (("base", sd.unet), ("tuned", tuned))}
-    scores = {label: [toy.judge(i, p) for i, p in zip(ims, prompts)] for label, ims in images.items()}
+    judge = toy.style_judge if world == "shapes-style" else toy.judge
+    scores = {label: [judge(i, p) for i, p in zip(ims, prompts)] for label, ims in images.items()}
     summary = dict(run, win_rate_vs_base=float(win_outcomes(scores["tuned"], scores["base"]).mean()),
                    judge_score_base=float(np.mean(scores["base"])), judge_score_tuned=float(np.mean(scores["tuned"])),
-                   num_images=len(prompts), seconds=round(time.time() - t_start, 1))
+                   num_images=len(prompts))
+    if world == "shapes-style":
+        others = sample.render(sd, sd.unet, prompts, [len(seeds) + s for s in seeds], batch_size=256,
+                               **sample.TOY_SAMPLING)                 # the style set: held-out seeds, styled
+        fd = style_fd([toy.style_edit(i, p) for i, p in zip(others, prompts)], images, toy=True)
+        summary.update(style_score_base=summary["judge_score_base"], style_score_tuned=summary["judge_score_tuned"],
+                       style_fd_base=fd["base"], style_fd_tuned=fd["tuned"], style_fd_features=fd["features"])
+    summary["seconds"] = round(time.time() - t_start, 1)
     labels = [f"{label} {summary[f'judge_score_{label}']:.3f}" for label in images]
-    sample.image_grid([ims[::TOY_SEEDS] for ims in images.values()], labels).save(out / "compare.png")
+    sample.image_grid([ims[::TOY_SEEDS] for ims in images.values()], labels,
+                      toy.shape_prompts("test")).save(out / "compare.png")
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    print(f"held-out judge score (the share of the image in the caption's shape color; higher is better): base "
-          f"{summary['judge_score_base']:.3f}, tuned {summary['judge_score_tuned']:.3f}\ntuned beats base on "
+    what = JUDGES[world]
+    print(f"held-out {what}; higher is better): base {summary['judge_score_base']:.3f}, tuned "
+          f"{summary['judge_score_tuned']:.3f}\ntuned beats base on "
           f"{100 * summary['win_rate_vs_base']:.1f}% of {len(prompts)} held-out images (50% would be no change); "
           f"see {out / 'compare.png'} (base above, tuned below) and {out / 'summary.json'}")
     return summary

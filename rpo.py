@@ -11,6 +11,11 @@ Optimization", yinyueqin/relative-preference-optimization, trainers.py, RPOTrain
 tau)` inside `logsigmoid`, each winner's row normalized, then the mean), with Diffusion-DPO's step-wise ELBO surrogate
 as the logit; what the weights compare (text, image or both embeddings) is our choice, a flag. The training loop is
 diffdpo.py's, reused as is.
+
+Variants, as flags: --rpo-shared-noise (one t, eps per global batch), --rpo-diagonal 0.8 (the LLM code's
+RPO-Diagonal), --rpo-rescale (beta / w_ii). Measured on both toy worlds, 3 seeds (docs/RPO.md): none beats the plain
+loss on both, and tau 0.1 / 0.5 / 1.0 changes nothing there (the tiny text encoder's captions are nearly parallel),
+so the defaults are the LLM code's (tau 0.5, a draw per pair). DPO wins on shapes, RPO beats DPO on style.
 """
 from dataclasses import dataclass
 
@@ -43,15 +48,30 @@ def rpo_weights(emb_w, emb_l, tau):
     return torch.softmax(sim / tau, dim=-1)
 
 
-def rpo_loss(model_losses_w, model_losses_l, ref_losses_w, ref_losses_l, emb_w, emb_l, beta, tau):
+def rpo_loss(model_losses_w, model_losses_l, ref_losses_w, ref_losses_l, emb_w, emb_l, beta, tau, diagonal=0.0,
+             rescale=False):
     """Diffusion-RPO loss and implicit accuracy (of the matched pairs, comparable with DPO's):
         loss = mean_ij -log sigmoid(beta * w_ij * logit_ij)
     As the LLM method's released code: the weight multiplies the logit inside the sigmoid and all B^2 terms are
-    averaged. With one pair w_11 = 1 and this is exactly diffdpo.dpo_loss."""
+    averaged. rescale: beta / w_ii for row i, so each matched pair gets DPO's beta (and, for text, the others less);
+    diagonal > 0: rpo_diagonal_loss instead. With one pair w_11 = 1 and every variant is exactly diffdpo.dpo_loss."""
     logits = rpo_logits(model_losses_w, model_losses_l, ref_losses_w, ref_losses_l)
+    acc = (logits.diagonal() > 0).float().mean()
+    if diagonal:
+        return rpo_diagonal_loss(logits, beta, diagonal), acc
     w = rpo_weights(emb_w, emb_l, tau).detach()
-    loss = -F.logsigmoid(beta * w * logits).mean()
-    return loss, (logits.diagonal() > 0).float().mean()
+    if rescale:
+        w = w / w.diagonal()[:, None]
+    return -F.logsigmoid(beta * w * logits).mean(), acc
+
+
+def rpo_diagonal_loss(logits, beta, d):
+    """The LLM code's RPO-Diagonal (RPODiagonalTrainer, diagonal_weight 0.8 there): no similarity weights,
+        loss = d mean_i l_ii + (1 - d) mean_{i != j} l_ij,      l_ij = -log sigmoid(beta logit_ij)
+    With one pair there is no off-diagonal term and the loss is DPO's (the LLM code would give NaN)."""
+    terms = -F.logsigmoid(beta * logits)                                              # (B, B)
+    off = ~torch.eye(len(terms), dtype=torch.bool, device=terms.device)
+    return d * terms.diagonal().mean() + (1 - d) * (terms[off].mean() if len(terms) > 1 else terms.diagonal().mean())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,20 +150,38 @@ class RPOConfig(diffdpo.TrainConfig):
                                   "both")
     rpo_clip: str = flag("openai/clip-vit-large-patch14", "the CLIP (transformers CLIPModel Hub id or folder) for "
                                                           "--rpo-embed image|both")
+    rpo_shared_noise: bool = flag(False, "one (t, eps) for the whole global micro-batch, so every winner-loser term "
+                                         "compares like with like (else one per pair, as DPO)")
+    rpo_diagonal: float = flag(0.0, "the LLM code's RPO-Diagonal: this weight x the matched pairs' loss + the rest x "
+                                    "the unweighted mean of the others (0.8 there; 0: off)")
+    rpo_rescale: bool = flag(False, "beta / w_ii in row i: each matched pair gets DPO's beta")
 
     @property
     def method(self):
         return "rpo"
 
+    def draw_noise(self, batch, latent_shape, num_timesteps):
+        """--rpo-shared-noise: pair_noise of the global micro-batch's end (batch["position"], equal on every rank)
+        repeated for its B pairs, so every rank draws the same and 2 processes equal 1; else one draw per pair."""
+        if not self.rpo_shared_noise:
+            return super().draw_noise(batch, latent_shape, num_timesteps)
+        eps, t = diffdpo.pair_noise([batch["position"]], latent_shape, self.seed, num_timesteps)  # (1, C, h, w), (1,)
+        return eps.repeat(len(batch["index"]), 1, 1, 1), t.repeat(len(batch["index"]))
+
 
 def make_pair_loss(cfg):
     if cfg.rpo_embed not in ("text", "image", "both"):
         raise SystemExit(f"error: --rpo-embed {cfg.rpo_embed}: expected text, image or both")
+    if not 0 <= cfg.rpo_diagonal <= 1:
+        raise SystemExit(f"error: --rpo-diagonal {cfg.rpo_diagonal:g}: expected a weight in [0, 1]")
 
     def pair_loss(mw, ml, rw, rl, batch, sd, world):
         emb_w, emb_l = (gather(e, world) for e in pair_embeddings(cfg.rpo_embed, sd, batch))
-        return rpo_loss(*(gather(x, world) for x in (mw, ml, rw, rl)), emb_w, emb_l, cfg.beta, cfg.tau)
-    pair_loss.name = f"rpo (tau {cfg.tau:g}, {cfg.rpo_embed})"
+        return rpo_loss(*(gather(x, world) for x in (mw, ml, rw, rl)), emb_w, emb_l, cfg.beta, cfg.tau,
+                        cfg.rpo_diagonal, cfg.rpo_rescale)
+    variants = [f"tau {cfg.tau:g}, {cfg.rpo_embed}" if not cfg.rpo_diagonal else f"diagonal {cfg.rpo_diagonal:g}"]
+    variants += ["rescaled"] * (cfg.rpo_rescale and not cfg.rpo_diagonal) + ["shared noise"] * cfg.rpo_shared_noise
+    pair_loss.name = f"rpo ({', '.join(variants)})"
     return pair_loss
 
 

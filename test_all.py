@@ -2339,3 +2339,130 @@ def test_dpo_on_an_lcm_unet(tmp_path, hub):
         other = diffdpo.dpo_errors(sd.unet, sd.unet, latents, cond_default, eps, t, abar, "epsilon")
     want = (pred - eps.repeat(2, 1, 1, 1)).square().mean((1, 2, 3))
     assert rel_err(torch.cat(errors[:2]), want) < 1e-4 and rel_err(torch.cat(other[:2]), want) > 1e-4
+
+
+# Diffusion-RPO measured (#21): the style world (--data shapes-style) and rpo.py's variants
+
+
+def test_style_edit_and_judge_known_images():
+    """The ink print of a drawn shape is paper exactly where the drawing's nearest palette color is the caption's
+    ground and ink elsewhere (recomputed here); it scores its border's paper share (1 unless the figure touches the
+    border), the drawing on a blue ground 0. Flat images: paper 1, ink or any other color 0 (the ground must be
+    paper); ink in a corner of paper: the border's paper share; a figure on yellow 0."""
+    p, names = "a red circle on a blue background", list(toy.COLORS)
+    palette = np.array(list(toy.COLORS.values()), dtype=np.float64)
+    for seed in range(5):
+        img = toy.render_shape(p, torch.Generator().manual_seed(seed))
+        nearest = np.linalg.norm(np.asarray(img, dtype=np.float64).reshape(-1, 1, 3) - palette, axis=-1).argmin(-1)
+        styled, ground = np.asarray(toy.style_edit(img, p)).reshape(-1, 3), nearest == names.index("blue")
+        assert 0.03 < (~ground).mean() < 0.5                                          # the figure: 3% .. 50%
+        assert (styled[ground] == toy.COLORS[toy.PAPER]).all() and (styled[~ground] == toy.COLORS[toy.INK]).all()
+        g = ground.reshape(32, 32)
+        border = np.concatenate([g[0], g[-1], g[1:-1, 0], g[1:-1, -1]])
+        assert toy.style_judge(toy.style_edit(img, p)) == pytest.approx(border.mean(), abs=1e-6) and border.mean() > 0.9
+        assert toy.style_judge(img) == 0.0
+    for name, rgb in toy.COLORS.items():
+        assert toy.style_judge(Image.new("RGB", (32, 32), rgb)) == float(name == toy.PAPER)
+    corner = Image.new("RGB", (32, 32), toy.COLORS[toy.PAPER])
+    corner.paste(toy.COLORS[toy.INK], (0, 0, 16, 16))                                # 31 of the 124 border pixels
+    assert toy.style_judge(corner) == pytest.approx(93 / 124, abs=1e-6)
+    assert toy.style_judge(toy.to_tensor(corner)) == pytest.approx(93 / 124, abs=1e-6)
+    center = Image.new("RGB", (32, 32), toy.COLORS["yellow"])
+    center.paste(toy.COLORS[toy.INK], (8, 8, 24, 24))
+    assert toy.style_judge(center) == 0.0
+    assert toy.style_edit(center, "a purple square on a yellow background").getcolors() == [
+        (768, toy.COLORS[toy.PAPER]), (256, toy.COLORS[toy.INK])]
+    assert toy.style_judge(toy.style_edit(center, "a purple square on a yellow background")) == 1.0
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny model is overhead-bound: one thread is fastest, and on busy cores more threads spin against each
+    other (the shortened style run: 12 s with 1 thread, 145 s with 2 on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_style_world_run_end_to_end(tmp_path, monkeypatch, one_thread):
+    """A shortened `python rpo.py --model tiny --data shapes-style --rpo-shared-noise` (32 pairs, 3 steps, 1 seed
+    per held-out caption): the pairs (each preferred image the ink print of its rejected one), ln 2 at step 0, and
+    summary.json with every field; its style FD recomputed from 8x8 thumbnails of held-out-seed ink prints."""
+    monkeypatch.setattr(toy, "TOY_PAIRS", 32)
+    monkeypatch.setattr(eval, "TOY_SEEDS", 1)
+    out = tmp_path / "style"
+    cfg = rpo.RPOConfig.from_args(["--data", "shapes-style", "--out", str(out), "--max-steps", "3", "--device", "cpu",
+                                   "--rpo-shared-noise", "--no-samples"])
+    diffdpo.main(cfg, rpo.make_pair_loss(cfg))
+    t = pq.read_table(out / "shapes_style_pairs.parquet").to_pydict()
+    assert len(t["caption"]) == 32 and t["label_0"] == [1.0] * 32
+    assert set(t["caption"]) <= set(toy.shape_prompts("train"))
+    for k in (0, 17, 31):
+        rejected = Image.open(io.BytesIO(t["jpg_1"][k]))
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(t["jpg_0"][k]))),
+                              np.asarray(toy.style_edit(rejected, t["caption"][k])))
+    assert abs(read_metrics(out)[0]["loss"] - math.log(2)) < 1e-6 and len(read_metrics(out)) == 3
+    s = json.loads((out / "summary.json").read_text())
+    assert s["loss"] == "rpo (tau 0.5, text, shared noise)" and s["num_images"] == 18 and s["seconds"] > 0
+    assert (s["style_score_base"], s["style_score_tuned"]) == (s["judge_score_base"], s["judge_score_tuned"])
+    assert 0 <= s["style_score_base"] < 0.2 and 0 <= s["style_score_tuned"] <= 1 and 0 <= s["win_rate_vs_base"] <= 1
+    sd, prompts = unet.load_sd("tiny"), toy.shape_prompts("test")
+    base = sample.render(sd, sd.unet, prompts, list(range(18)), batch_size=18, **sample.TOY_SAMPLING)
+    ref = [toy.style_edit(im, p) for im, p in zip(sample.render(sd, sd.unet, prompts, list(range(18, 36)),
+                                                                batch_size=18, **sample.TOY_SAMPLING), prompts)]
+    thumbs = lambda xs: np.stack([np.asarray(x.resize((8, 8), Image.BOX)) for x in xs]).reshape(18, -1) / 255  # noqa
+    assert s["style_fd_base"] == pytest.approx(eval.frechet_distance(thumbs(ref), thumbs(base)), rel=1e-6)
+    assert s["style_fd_features"] == "8x8 RGB thumbnail" and s["style_fd_tuned"] > 0
+    assert s["style_score_base"] == pytest.approx(np.mean([toy.style_judge(im) for im in base]), abs=1e-9)
+
+
+def test_rpo_variants_reduce_to_dpo_with_one_pair():
+    """Every variant (tau 0.1 / 0.5 / 1, beta / w_ii, RPO-Diagonal 0.8 and 1) is DPO with one pair; with four,
+    RPO-Diagonal is the LLM code's row form written out, diagonal weight 1 is DPO, and the rescaled loss is the
+    weighted one with row i's weights divided by w_ii."""
+    g = torch.Generator().manual_seed(0)
+    one = [torch.rand(1, generator=g, dtype=torch.float64) for _ in range(4)]
+    emb = torch.randn(1, 8, generator=g)
+    variants = itertools.product((1.0, 5000.0), (0.1, 0.5, 1.0), (0.0, 0.8, 1.0), (False, True))
+    for beta, tau, diagonal, rescale in variants:
+        loss, acc = rpo.rpo_loss(*one, emb, emb, beta, tau, diagonal, rescale)
+        want, want_acc = diffdpo.dpo_loss(*one, beta)
+        assert abs(loss.item() - want.item()) < 1e-12 and acc == want_acc
+    mw, ml, rw, rl = (torch.rand(4, generator=g, dtype=torch.float64) for _ in range(4))
+    emb = torch.randn(4, 8, generator=g)
+    logit = lambda i, j: -0.5 * ((mw[i] - rw[i]) - (ml[j] - rl[j]))  # noqa
+    terms = lambda w: torch.stack([torch.stack([-F.logsigmoid(100.0 * w[i, j] * logit(i, j))  # noqa
+                                                for j in range(4)]) for i in range(4)])      # (4, 4)
+    rows = terms(torch.ones(4, 4))
+    row_form = torch.stack([0.8 * rows[i, i] + 0.2 * (rows[i].sum() - rows[i, i]) / 3 for i in range(4)]).mean()
+    assert abs(rpo.rpo_loss(mw, ml, rw, rl, emb, emb, 100.0, 0.5, diagonal=0.8)[0].item() - row_form.item()) < 1e-12
+    dpo4 = diffdpo.dpo_loss(mw, ml, rw, rl, 100.0)[0].item()
+    assert abs(rpo.rpo_loss(mw, ml, rw, rl, emb, emb, 100.0, 0.5, diagonal=1.0)[0].item() - dpo4) < 1e-12
+    assert abs(row_form.item() - dpo4) > 1e-3
+    w = torch.softmax(F.cosine_similarity(emb[:, None], emb[None], dim=-1) / 0.5, dim=-1).double()
+    rescaled = terms(w / w.diagonal()[:, None]).mean().item()
+    assert abs(rpo.rpo_loss(mw, ml, rw, rl, emb, emb, 100.0, 0.5, rescale=True)[0].item() - rescaled) < 1e-6
+    assert abs(rescaled - terms(w).mean().item()) > 1e-3
+
+
+def test_rpo_shared_noise_is_one_draw_per_global_batch(shard):
+    """--rpo-shared-noise: every pair of a global micro-batch gets the same (t, eps), the same on 1 process with
+    batch 4 as on each of 2 simulated ranks with batch 2, and a new one for the next micro-batch; without it each
+    pair keeps its own draw (DPO's pair_noise of its stream index)."""
+    shape, source = (4, 4, 4), data.open_pairs(shard, resolution=32)
+    draws = {}
+    for shared in (True, False):
+        cfg = rpo.RPOConfig(seed=3, rpo_shared_noise=shared)
+        streams = [source.batches(4)] + [source.batches(2, rank=r, world_size=2) for r in range(2)]
+        draws[shared] = [[cfg.draw_noise(next(s), shape, 1000) for s in streams] for _ in range(3)]  # (step, stream)
+    for step in draws[True]:
+        (eps1, t1), (eps_a, t_a), (eps_b, t_b) = step
+        assert len(eps1) == 4 and (eps1 == eps1[:1]).all() and (t1 == t1[0]).all()
+        assert torch.equal(torch.cat([eps_a, eps_b]), eps1) and torch.equal(torch.cat([t_a, t_b]), t1)
+    assert (draws[True][0][0][0][0] - draws[True][1][0][0][0]).abs().max() > 0.5
+    for k, step in enumerate(draws[False]):
+        (eps1, t1), (eps_a, t_a), (eps_b, t_b) = step
+        want = diffdpo.pair_noise(range(4 * k, 4 * k + 4), shape, 3, 1000)
+        assert torch.equal(eps1, want[0]) and torch.equal(torch.cat([eps_a, eps_b]), eps1)
+        assert (eps1[0] - eps1[1]).abs().max() > 0.5

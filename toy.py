@@ -2,12 +2,13 @@
 The toy world: a tiny text-to-image model and a programmatic judge, so the whole method runs on a laptop CPU.
 
     python diffdpo.py --model tiny --data shapes --out runs/toy     on-policy pairs -> DPO -> held-out win rate
+    python rpo.py --model tiny --data shapes-style                  style alignment: base images vs their ink prints
     python diffdpo.py --pretrain-tiny                               remakes tiny/, the committed base model
 
 `tiny` is SD1.5's pipeline (the same UNet / VAE / CLIP classes, scheduler and loader) at about a million UNet
 parameters, pretrained here on captioned shapes drawn with Pillow; `shapes` pairs are two samples of that base model
 for one caption, the judge's favorite preferred. Read top to bottom: the world (captions, drawing, the judge), the
-pairs, the tiny model's tokenizer and pretraining.
+pairs, the style world, the tiny model's tokenizer and pretraining.
 """
 import json
 import re
@@ -81,22 +82,29 @@ def render_shape(prompt, gen, size=32):
     return img.resize((size, size), Image.BOX)
 
 
-def judge(image, prompt):
-    """The toy world's preference score in [0, 1]: the fraction of pixels nearest (in RGB) to the caption's shape
-    color among the six palette colors. image: a PIL image, or a (3, H, W) tensor in [-1, 1]."""
+def nearest_colors(image):
+    """(H, W) index into COLORS of each pixel's nearest palette color (in RGB). image: a PIL image, or a (3, H, W)
+    tensor in [-1, 1]."""
     if isinstance(image, Image.Image):
         x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
     else:
         x = (image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5
     palette = torch.tensor(list(COLORS.values()), dtype=torch.float32)                # (6, 3)
-    d = (x.flatten(1).T[:, None, :] - palette[None]).pow(2).sum(-1)                  # (HW, 6)
-    return (d.argmin(-1) == list(COLORS).index(parse_shape_prompt(prompt)[0])).float().mean().item()
+    d = (x.permute(1, 2, 0)[:, :, None, :] - palette).pow(2).sum(-1)                 # (H, W, 6)
+    return d.argmin(-1)
+
+
+def judge(image, prompt):
+    """The toy world's preference score in [0, 1]: the fraction of pixels nearest (in RGB) to the caption's shape
+    color among the six palette colors. image: a PIL image, or a (3, H, W) tensor in [-1, 1]."""
+    return (nearest_colors(image) == list(COLORS).index(parse_shape_prompt(prompt)[0])).float().mean().item()
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # On-policy pairs, as Pick-a-Pic's: two samples of the base model for a training caption, the judge's favorite first
 
-WORLDS = ("shapes",)      # the toy worlds, as --data specs: the trainer builds their pairs and evaluates on them
-TOY_PAIRS = 1024          # on-policy pairs built for --data shapes (ties dropped)
+WORLDS = ("shapes", "shapes-style")   # the toy worlds, as --data specs: the trainer builds and evaluates them
+TOY_PAIRS = 1024          # pairs built for each toy world (shapes: ties dropped)
 
 
 @torch.no_grad()
@@ -113,6 +121,63 @@ def build_shape_pairs(sd, path, n=TOY_PAIRS, seed=0):
     png = [png_bytes(img) for img in images]
     write_pairs(path, prompts[0::2], png[0::2], png[1::2], label_0)
     return sum(v != 0.5 for v in label_0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The style world (`--data shapes-style`): Diffusion-RPO's style alignment on the toy. Its style is an ink print:
+#
+#     style_edit(image, caption): each pixel nearest the caption's background color becomes PAPER, every other pixel
+#                                 INK (a dark figure on a light ground, in exactly two colors whatever the caption)
+#     style_judge(image)        = (fraction of pixels whose nearest palette color is PAPER or INK)
+#                                 x (fraction of the border pixels whose nearest palette color is PAPER)
+#
+# Pairs: the base model's generation for a training caption (rejected) and its edit (preferred), as the paper makes
+# its style images from the originals with an image editor. Styled images score about 1 (less where a figure touches
+# the border), base images about 0 (their grounds are no paper); the border factor asks for a paper GROUND: without
+# it an image all in ink scores 1, and RPO found that on blue grounds.
+#
+# Why this style: the tiny VAE decodes only the six palette colors, in filled regions about a latent pixel (4 px)
+# wide, so white paper, 1-2 px outlines or a hollow line drawing cannot even be reconstructed (measured: DPO toward
+# hollow outlines wins 0.51); paper and ink are the lightest and the darkest palette colors that are no held-out
+# caption's background (those are all yellow or blue), so the judge reads the style, not the caption.
+
+PAPER, INK = "orange", "purple"
+
+
+def style_edit(image, prompt):
+    """The style's deterministic image edit (PIL -> PIL, same size): the caption's ground becomes paper, the rest
+    ink."""
+    ground = nearest_colors(image) == list(COLORS).index(parse_shape_prompt(prompt)[2])      # (H, W)
+    x = torch.where(ground[..., None], torch.tensor(COLORS[PAPER]), torch.tensor(COLORS[INK]))  # (H, W, 3)
+    return Image.fromarray(x.numpy().astype(np.uint8))
+
+
+def style_judge(image, prompt=None):
+    """The style score in [0, 1]: the fraction of pixels nearest (in RGB, among the palette) to paper or ink, times
+    the fraction of the border pixels nearest to paper. It reads pixels only; the caption is not needed (a style is
+    the same for every caption)."""
+    nearest = nearest_colors(image)                                                   # (H, W)
+    paper, ink = nearest == list(COLORS).index(PAPER), nearest == list(COLORS).index(INK)
+    border = torch.cat([paper[0], paper[-1], paper[1:-1, 0], paper[1:-1, -1]])         # (2H + 2W - 4,)
+    return ((paper | ink).float().mean() * border.float().mean()).item()
+
+
+@torch.no_grad()
+def build_style_pairs(sd, path, n=TOY_PAIRS, seed=0):
+    """Style-alignment pairs: for pair k, the base model's generation for training caption k mod 72 (seed as in
+    build_shape_pairs) is the rejected image and its style_edit the preferred one. Returns the number of pairs."""
+    train = shape_prompts("train")
+    prompts = [train[k % len(train)] for k in range(n)]
+    images = render(sd, sd.unet, prompts, [1_000_000 * (seed + 1) + 2 * k for k in range(n)], batch_size=256,
+                    desc=f"sampling {n} images to style", **TOY_SAMPLING)
+    styled = [style_edit(img, p) for img, p in zip(images, prompts)]
+    write_pairs(path, prompts, [png_bytes(i) for i in styled], [png_bytes(i) for i in images], [1.0] * n)
+    return n
+
+
+def build_world_pairs(world, sd, path, n=TOY_PAIRS, seed=0):
+    """The pairs of a toy world (see WORLDS) -> their number."""
+    return (build_shape_pairs if world == "shapes" else build_style_pairs)(sd, path, n, seed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
