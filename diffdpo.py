@@ -147,10 +147,11 @@ def posterior_noise(indices, latent_shape, seed):
 # the toy world's, so `TrainConfig()` is `python diffdpo.py`; PRESETS hold the papers' recipes for real models.
 
 
-def flag(default, help, resume="fixed"):
-    """A config field with its --help text and what a resumed run does with it: "fixed" (a different value is
-    refused) or "new" (the resumed run takes the new value and records it in config.json)."""
-    return field(default=default, metadata=dict(help=help, resume=resume))
+def flag(default, help, resume="fixed", choices=None):
+    """A config field with its --help text, the values it may take (checked before any work, runs.validate), and
+    what a resumed run does with it: "fixed" (a different value is refused) or "new" (the resumed run takes the new
+    value and records it in config.json)."""
+    return field(default=default, metadata=dict(help=help, resume=resume, choices=choices))
 
 
 @dataclass
@@ -163,7 +164,7 @@ class TrainConfig:
                                "models, else sd15); flags given on the command line win", resume="new")
     out: str = flag("", "run directory (re-running resumes from its checkpoint); default runs/PRESET[-METHOD]",
                     resume="new")
-    loss: str = flag("dpo", "dpo | sft (plain diffusion loss on the preferred image)")
+    loss: str = flag("dpo", "dpo | sft (plain diffusion loss on the preferred image)", choices=("dpo", "sft"))
     beta: float = flag(2000.0, "KL strength, with the official code's 0.5 factor")
     max_steps: int = flag(200, "optimizer steps", resume="new")
     batch_size: int = flag(16, "pairs per device per micro-step")
@@ -172,10 +173,11 @@ class TrainConfig:
     lr: float = flag(3e-5, "learning rate actually used (official: 1e-8 x 2048 pairs)", resume="new")
     scale_lr: bool = flag(False, "multiply --lr by the effective batch (pairs per step)", resume="new")
     warmup_steps: int = flag(10, "linear warmup, then constant", resume="new")
-    optimizer: str = flag("adamw", "adamw | adafactor")
+    optimizer: str = flag("adamw", "adamw | adafactor", choices=("adamw", "adafactor"))
     weight_decay: float = flag(1e-2, "decoupled weight decay of the optimizer", resume="new")
     grad_clip: float = flag(1.0, "clip the gradient's global norm at this value", resume="new")
-    mixed_precision: str = flag("auto", "no | fp16 | bf16 | auto (bf16 on GPU, no on CPU)", resume="new")
+    mixed_precision: str = flag("auto", "no | fp16 | bf16 | auto (bf16 on GPU, no on CPU)", resume="new",
+                                choices=("auto", "no", "fp16", "bf16"))
     grad_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory)", resume="new")
     channels_last: bool = flag(False, "the UNets in channels-last (NHWC) memory format: faster convolutions with "
                                       "oneDNN / cuDNN", resume="new")
@@ -192,7 +194,8 @@ class TrainConfig:
     caption_dropout: float = flag(0.0, "probability of training on the empty prompt")
     random_crop: bool = flag(False, "random crops instead of center crops")
     vae_latents: str = flag("mean", "sample (a draw from the VAE posterior: the official code, the sd15 / sdxl "
-                                    "presets) | mean (the toy's: tiny was pretrained on posterior means)")
+                                    "presets) | mean (the toy's: tiny was pretrained on posterior means)",
+                            choices=("sample", "mean"))
     val_pairs: int = flag(0, "hold out the first N pairs; each checkpoint logs val_loss, val_implicit_acc on them")
     cache: bool = flag(False, "keep VAE latents + text embeddings on disk (exact: both flips are stored), so steps "
                               "run only the UNets", resume="new")
@@ -204,10 +207,11 @@ class TrainConfig:
                          resume="new")
     sample_steps: int = flag(20, "DDIM steps for those grids (and for pairs the run builds itself)", resume="new")
     max_bad_steps: int = flag(20, "stop after this many non-finite steps in a row", resume="new")
-    device: str = flag("auto", "auto | cpu | cuda", resume="new")
+    device: str = flag("auto", "auto | cpu | cuda", resume="new", choices=("auto", "cpu", "cuda"))
     threads: int = flag(1, "CPU threads for torch's operators (0: torch's default). The toy's 1: on 2 idle cores 2 "
                            "threads are 1.3x faster, beside other jobs 4-8x slower (README)", resume="new")
-    report_to: str = flag("", "also log to tensorboard | wandb (needs that package)", resume="new")
+    report_to: str = flag("", "also log to tensorboard | wandb (needs that package)", resume="new",
+                          choices=("", "tensorboard", "wandb"))
     push_to_hub: str = flag("", "at the end, upload the weights and a model card to this Hub repo (OWNER/NAME)",
                             resume="new")
 

@@ -17,6 +17,7 @@ RPO-Diagonal), --rpo-rescale (beta / w_ii). Measured on both toy worlds, 3 seeds
 loss on both, and tau 0.1 / 0.5 / 1.0 changes nothing there (the tiny text encoder's captions are nearly parallel),
 so the defaults are the LLM code's (tau 0.5, a draw per pair). DPO wins on shapes, RPO beats DPO on style.
 """
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -26,18 +27,19 @@ import torch.nn.functional as F
 import diffdpo
 import eval
 from diffdpo import flag
+from files import UserError
 
 # ----------------------------------------------------------------------------------------------------------------
 # The RPO objective
 
 
-def rpo_logits(model_losses_w, model_losses_l, ref_losses_w, ref_losses_l):
+def rpo_logits(err_w, err_l, ref_err_w, ref_err_l):
     """The B x B matrix of step-wise DPO logits, winner i against loser j (the ELBO surrogate of diffdpo.py, Eq. 14
     of Diffusion-DPO, applied per denoising step as the Diffusion-RPO summary says):
-        logit_ij = -0.5 ((mse_w_i - ref_w_i) - (mse_l_j - ref_l_j))
+        logit_ij = -0.5 ((err_w_i - ref_err_w_i) - (err_l_j - ref_err_l_j))
     The diagonal is Diffusion-DPO's `inside / beta`. Off the diagonal winner and loser had different prompts and
     different noise; each term still compares the policy's improvement on one image with that on another."""
-    return -0.5 * ((model_losses_w - ref_losses_w)[:, None] - (model_losses_l - ref_losses_l)[None, :])
+    return -0.5 * ((err_w - ref_err_w)[:, None] - (err_l - ref_err_l)[None, :])                # (B, B)
 
 
 def rpo_weights(emb_w, emb_l, tau):
@@ -48,14 +50,13 @@ def rpo_weights(emb_w, emb_l, tau):
     return torch.softmax(sim / tau, dim=-1)
 
 
-def rpo_loss(model_losses_w, model_losses_l, ref_losses_w, ref_losses_l, emb_w, emb_l, beta, tau, diagonal=0.0,
-             rescale=False):
+def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, emb_w, emb_l, beta, tau, diagonal=0.0, rescale=False):
     """Diffusion-RPO loss and implicit accuracy (of the matched pairs, comparable with DPO's):
         loss = mean_ij -log sigmoid(beta * w_ij * logit_ij)
     As the LLM method's released code: the weight multiplies the logit inside the sigmoid and all B^2 terms are
     averaged. rescale: beta / w_ii for row i, so each matched pair gets DPO's beta (and, for text, the others less);
     diagonal > 0: rpo_diagonal_loss instead. With one pair w_11 = 1 and every variant is exactly diffdpo.dpo_loss."""
-    logits = rpo_logits(model_losses_w, model_losses_l, ref_losses_w, ref_losses_l)
+    logits = rpo_logits(err_w, err_l, ref_err_w, ref_err_l)
     acc = (logits.diagonal() > 0).float().mean()
     if diagonal:
         return rpo_diagonal_loss(logits, beta, diagonal), acc
@@ -147,7 +148,7 @@ def gather(x, world):
 class RPOConfig(diffdpo.TrainConfig):
     tau: float = flag(0.5, "temperature of the similarity weights")
     rpo_embed: str = flag("text", "what the weights compare: text (the model's own text encoder) | image (a CLIP's) | "
-                                  "both")
+                                  "both", choices=("text", "image", "both"))
     rpo_clip: str = flag("openai/clip-vit-large-patch14", "the CLIP (transformers CLIPModel Hub id or folder) for "
                                                           "--rpo-embed image|both")
     rpo_shared_noise: bool = flag(False, "one (t, eps) for the whole global micro-batch, so every winner-loser term "
@@ -170,15 +171,14 @@ class RPOConfig(diffdpo.TrainConfig):
 
 
 def make_pair_loss(cfg):
-    if cfg.rpo_embed not in ("text", "image", "both"):
-        raise SystemExit(f"error: --rpo-embed {cfg.rpo_embed}: expected text, image or both")
+    """diffdpo.train's pair_loss: the RPO loss over the global batch (each rank's errors and embeddings gathered)."""
     if not 0 <= cfg.rpo_diagonal <= 1:
-        raise SystemExit(f"error: --rpo-diagonal {cfg.rpo_diagonal:g}: expected a weight in [0, 1]")
+        raise UserError(f"--rpo-diagonal {cfg.rpo_diagonal:g}: expected a weight in [0, 1]")
 
-    def pair_loss(mw, ml, rw, rl, batch, sd, world):
+    def pair_loss(err_w, err_l, ref_err_w, ref_err_l, batch, sd, world):
         emb_w, emb_l = (gather(e, world) for e in pair_embeddings(cfg.rpo_embed, sd, batch))
-        return rpo_loss(*(gather(x, world) for x in (mw, ml, rw, rl)), emb_w, emb_l, cfg.beta, cfg.tau,
-                        cfg.rpo_diagonal, cfg.rpo_rescale)
+        return rpo_loss(*(gather(x, world) for x in (err_w, err_l, ref_err_w, ref_err_l)), emb_w, emb_l, cfg.beta,
+                        cfg.tau, cfg.rpo_diagonal, cfg.rpo_rescale)
     variants = [f"tau {cfg.tau:g}, {cfg.rpo_embed}" if not cfg.rpo_diagonal else f"diagonal {cfg.rpo_diagonal:g}"]
     variants += ["rescaled"] * (cfg.rpo_rescale and not cfg.rpo_diagonal) + ["shared noise"] * cfg.rpo_shared_noise
     pair_loss.name = f"rpo ({', '.join(variants)})"
@@ -187,4 +187,9 @@ def make_pair_loss(cfg):
 
 if __name__ == "__main__":
     cfg = RPOConfig.from_args(description=__doc__)
-    diffdpo.main(cfg, make_pair_loss(cfg), image_embedder(cfg.rpo_clip) if cfg.rpo_embed != "text" else None)
+    try:
+        loss = make_pair_loss(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    diffdpo.main(cfg, loss, image_embedder(cfg.rpo_clip) if cfg.rpo_embed != "text" else None)

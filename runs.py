@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import zipfile
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +29,11 @@ from shards import find_shards
 def validate(cfg, device, built):
     """Every setting of a TrainConfig, before any work: a bad one is a one-line error (the CLI exits with status 2).
     `built`: the pairs are built by the run (--data shapes, style:...), else the data must be reachable now."""
-    choices = dict(loss=("dpo", "sft"), optimizer=("adamw", "adafactor"), device=("auto", "cpu", "cuda"),
-                   mixed_precision=("auto", "no", "fp16", "bf16"), vae_latents=("sample", "mean"),
-                   report_to=("", "tensorboard", "wandb"))
-    for k, ok in choices.items():
-        if getattr(cfg, k) not in ok:
-            raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: expected one of {', '.join(filter(None, ok))}")
+    for f in fields(cfg):
+        ok = f.metadata.get("choices")
+        if ok and getattr(cfg, f.name) not in ok:
+            raise UserError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}: expected one of "
+                            f"{', '.join(filter(None, ok))}")
     at_least = dict(batch_size=1, grad_accum=1, max_steps=1, warmup_steps=0, lora_rank=0, checkpoint_every=0,
                     sample_steps=1, max_bad_steps=1, val_pairs=0, threads=0)
     for k, low in at_least.items():
