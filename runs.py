@@ -62,10 +62,15 @@ def validate(cfg, device, built):
 # ends however it ends (exit, crash, kill -9), so a stale lock never blocks the next run.
 
 
+HELD = {}    # the locks this process holds, by folder: a run that failed in it leaves the folder to its next run
+
+
 def lock(out):
-    """Create OUT if needed and lock it for this process (the lock file names its pid); a second run on the same
-    folder gets a one-line refusal. Also the check that --out is writable, before any work."""
+    """Create OUT if needed and lock it for this process (the lock file names its pid); a run of another process on
+    the same folder gets a one-line refusal. Also the check that --out is writable, before any work."""
     out = Path(out)
+    if out.resolve() in HELD and not HELD[out.resolve()].closed:
+        return HELD[out.resolve()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         handle = open(out / ".lock", "a+")
@@ -84,6 +89,7 @@ def lock(out):
     handle.write(f"pid {os.getpid()}")
     handle.flush()
     atexit.register(handle.close)
+    HELD[out.resolve()] = handle
     return handle
 
 
