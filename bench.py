@@ -48,7 +48,7 @@ import sample
 import unet
 from data import open_pairs
 from lora import add_lora
-from reference import REAL, folder_models, make_batch, random_models, reference_dpo_step, reference_inputs, \
+from parity import REAL, folder_models, make_batch, random_models, reference_dpo_step, reference_inputs, \
     tokenizer_cases, write_clip_tokenizer_folder
 from tokenizer import CLIPTokenizer
 

@@ -260,7 +260,7 @@ PAPER = dict(beta=5000.0, max_steps=2000, batch_size=1, resolution=0, lr=2.048e-
 PRESETS = {
     # the toy world: the field defaults above (200 steps of batch 16 on on-policy shapes pairs, ~1.5 minutes)
     "toy": {f.name: f.default for f in fields(TrainConfig) if f.name not in ("preset", "out")},
-    # the paper's SD1.5 recipe (FACTS: AdamW, warmup 500, 2000 steps, beta 5000, lr 1e-8 x 2048 pairs)
+    # the paper's SD1.5 recipe (the official code's: AdamW, warmup 500, 2000 steps, beta 5000, lr 1e-8 x 2048 pairs)
     "sd15": PAPER,
     # and SDXL's: Adafactor, warmup 200, gradient checkpointing
     "sdxl": dict(PAPER, optimizer="adafactor", warmup_steps=200, grad_checkpointing=True),

@@ -5,7 +5,7 @@ papers report, with win rates and bootstrap intervals.
     python eval.py --model sd15 --unet runs/dpo-sd15/unet --prompts parti --out eval/ \
                    --scorers pickscore,hps,aesthetic,clip
     python eval.py --model sd15 --unet RUN/unet --prompts drawbench --scorers aesthetic,hps,text-alignment
-                                                     # the seed's table, its published numbers in columns beside ours
+                                                     # the Diffusion-DPO paper's DrawBench table beside ours
 
 Scorers, each `load_scorer(name)(images, prompts) -> (N,) scores`, hand-written (no transformers, open_clip,
 sentence-transformers or the scorers' own packages):
@@ -13,12 +13,13 @@ sentence-transformers or the scorers' own packages):
     hps        HPSv2.1 (Wu et al. 2023)                 cos(image, text)  (tables print x100)  OpenCLIP ViT-H/14
     aesthetic  LAION improved aesthetic predictor v2    MLP(normalized image embedding)        CLIP ViT-L/14
     clip       CLIP score (Hessel et al. 2021)          100 * max(cos(image, text), 0)         CLIP ViT-L/14
-    text-alignment  the seed's "Text Alignment (SentenceBERT)": cos(SBERT(BLIP's caption), SBERT(prompt)) (align.py)
+    text-alignment  "Text Alignment (SentenceBERT)" of the Diffusion-DPO paper's DrawBench results:
+                    cos(SBERT(BLIP's caption), SBERT(prompt)) (scorer_nets.py)
 Prompt sets: parti, drawbench, hps (hps:anime ...), pickapic, or a local file (.txt .tsv .csv .json .parquet).
---style-ref FOLDER adds the style FD (align.frechet_distance) of base and tuned images to the reference images.
+--style-ref FOLDER adds the style FD (scorer_nets.frechet_distance) of base and tuned images to the reference images.
 
 Read top to bottom: the scores' formulas and the scorer, their loaders, prompt sets, win rates with the bootstrap, the
-toy world's evaluation, the report and the CLI. The networks (CLIP, BLIP, BERT) are in align.py.
+toy world's evaluation, the report and the CLI. The networks (CLIP, BLIP, BERT) are in scorer_nets.py.
 """
 import argparse
 import csv
@@ -39,7 +40,7 @@ from tqdm import tqdm
 import sample
 import toy
 import unet
-from align import (BLIP, CLIP, SBERT, VIT_H_14, TextAlignment, clip_preprocess, frechet_distance, hps_preprocess,
+from scorer_nets import (BLIP, CLIP, SBERT, VIT_H_14, TextAlignment, clip_preprocess, frechet_distance, hps_preprocess,
                    load_captioner, load_sentence_encoder, openclip_configs, read_processor_config)
 from convert import openclip_to_ours
 from files import DTYPES, LoadError, UserError, first_line, hub_download, read_json, \
@@ -203,7 +204,7 @@ def load_scorer(name, model=None, device="cpu", dtype=torch.float32, batch_size=
                  default sentence-transformers/all-MiniLM-L6-v2 + Salesforce/blip-image-captioning-base"""
     if name not in SCORERS:
         raise unet.LoadError(f"unknown scorer {name!r}: expected one of {', '.join(SCORERS)}")
-    if name == "text-alignment":  # the seed's: cos(SBERT(BLIP's caption), SBERT(prompt))
+    if name == "text-alignment":  # cos(SBERT(BLIP's caption), SBERT(prompt))
         return TextAlignment(load_captioner(captioner or BLIP, device, dtype),
                              load_sentence_encoder(model or SBERT, device, dtype))
     if name == "judge":  # the toy world's programmatic judge: captions of the shapes world only
@@ -427,20 +428,21 @@ LABELS = {"pickscore": "PickScore", "hps": "HPSv2.1 (x100)", "aesthetic": "Aesth
           "text-alignment": "Text alignment (SBERT)", "judge": "Toy judge"}
 
 
-SEED_TABLE = {"aesthetic": (5.6205, 6.043), "hps": (0.2672, 0.2814), "text-alignment": (0.6075, 0.572)}
-# the seed's published DrawBench numbers for SD1.5 (DPO) and LCM (DPO), shown beside ours to compare
+PAPER_TABLE = {"aesthetic": (5.6205, 6.043), "hps": (0.2672, 0.2814), "text-alignment": (0.6075, 0.572)}
+# the Diffusion-DPO paper's DrawBench results for SD1.5 (DPO) and LCM (DPO), as Papers With Code lists them, shown
+# beside ours to compare
 
 
 def report_markdown(report):
     """The paper's table shape: one row per scorer, the two models' mean scores, the tuned model's win rate and the
-    seed's published numbers; the style FD below it when there is one."""
-    rows = ["| Scorer | Base | Tuned | Tuned wins (95% bootstrap CI) | Seed: SD1.5 (DPO) | Seed: LCM (DPO) |",
+    Diffusion-DPO paper's DrawBench numbers; the style FD below it when there is one."""
+    rows = ["| Scorer | Base | Tuned | Tuned wins (95% bootstrap CI) | Paper: SD1.5 (DPO) | Paper: LCM (DPO) |",
             "|---" * 6 + "|"]
     for name, r in report["scorers"].items():
         k = 100 if name == "hps" else 1
-        seed = " | ".join(f"{k * v:.4f}" for v in SEED_TABLE.get(name, ())) or "- | -"
+        paper = " | ".join(f"{k * v:.4f}" for v in PAPER_TABLE.get(name, ())) or "- | -"
         rows.append(f"| {LABELS[name]} | {k * r['base_mean']:.4f} | {k * r['tuned_mean']:.4f} | "
-                    f"{win_text(r['win_rate'], r['win_lo'], r['win_hi'], report['n'])} | {seed} |")
+                    f"{win_text(r['win_rate'], r['win_lo'], r['win_hi'], report['n'])} | {paper} |")
     a, fd = report["args"], report.get("style_fd")
     style = (f"\nStyle FD to `{a['style_ref']}` ({fd['images']} images, {fd['features']} features): base "
              f"{fd['base']:.4f}, tuned {fd['tuned']:.4f} (lower is closer)\n" if fd else "")

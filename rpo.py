@@ -96,7 +96,7 @@ def pair_embeddings(kind, sd, batch):
 
 def image_embedder(model):
     """--rpo-embed image|both: `make(device)` -> embed([winner, loser] (3, R, R) in [-1, 1]) -> (2, D), the projected
-    image embeddings of a CLIP (eval.py's hand-written vision tower; `model` a transformers CLIPModel Hub id or
+    image embeddings of a CLIP (scorer_nets.py's hand-written vision tower; `model` a transformers CLIPModel Hub id or
     folder) of each training image as the UNet sees it (unflipped), preprocessed as CLIP's own processor does."""
     def make(device):
         clip = eval.load_scorer("clip", model, device=device)

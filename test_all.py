@@ -4,7 +4,7 @@ papers' formulas) on the same inputs, plus small end-to-end runs. CPU only, offl
 
     pytest test_all.py
 
-The tests build their own "hub" (reference.py): random-weight models written by diffusers/transformers
+The tests build their own "hub" (parity.py): random-weight models written by diffusers/transformers
 `save_pretrained` in the exact Hub layout, at small configs that exercise every code path, loaded through the same
 `load_sd` users call.
 """
@@ -57,11 +57,11 @@ from transformers.optimization import Adafactor as HFAdafactor
 import bench
 import convert
 import data
-import align
+import scorer_nets
 import diffdpo
 import eval
 import lora
-import reference
+import parity
 import rpo
 import runs
 import sample
@@ -70,7 +70,7 @@ import tokenizer
 import toy
 import unet
 from files import UserError
-from reference import (SCHEDULER, SD15_TEST, SDXL_TEST, clip_vocab_source, make_hub, reference_pipe, tokenizer_cases,
+from parity import (SCHEDULER, SD15_TEST, SDXL_TEST, clip_vocab_source, make_hub, reference_pipe, tokenizer_cases,
                        write_clip_tokenizer_folder)
 
 warnings.filterwarnings("ignore")
@@ -1331,7 +1331,7 @@ def clip_folder(tmp_path_factory):
 
 def test_clip_preprocess_matches_transformers():
     images = sample_images(sizes=((300, 217), (217, 300), (512, 512), (225, 640), (640, 225), (224, 224), (100, 90)))
-    ours = align.clip_preprocess(images)
+    ours = scorer_nets.clip_preprocess(images)
     ref = CLIPImageProcessorPil()(images, return_tensors="pt").pixel_values
     print(f"CLIP preprocessing: max abs difference {(ours - ref).abs().max().item():.2e}")
     assert ours.shape == ref.shape == (7, 3, 224, 224) and (ours - ref).abs().max() < 1e-6
@@ -1409,7 +1409,7 @@ def test_hps_matches_reference(hps_folder):
     assert torch.equal(scorer.tokenizer(PROMPTS), ids)
     assert ids[1, 7:11].tolist() == [2175, 256, 49407, 0]  # "!" is the symbol "!</w>"; after eot pad 0
     with torch.no_grad():
-        img = F.normalize(ref.get_image_features(pixel_values=align.hps_preprocess(images, 28)).pooler_output, dim=-1)
+        img = F.normalize(ref.get_image_features(pixel_values=scorer_nets.hps_preprocess(images, 28)).pooler_output, dim=-1)
         txt = F.normalize(ref.get_text_features(input_ids=ids).pooler_output, dim=-1)
     want, got = (img * txt).sum(-1), scorer(images, PROMPTS)
     print(f"hps: relative error {rel_err(got, want):.2e}")
@@ -1423,14 +1423,14 @@ def test_hps_pad_to_square_transform():
     x = torch.from_numpy(np.asarray(img).astype(np.float32) / 255).permute(2, 0, 1)[None]
     canvas = torch.zeros(1, 3, 28, 28)
     canvas[:, :, 8:19, :] = F.interpolate(x, size=(11, 28), mode="bicubic", antialias=True)  # round(20 * 28 / 50) = 11
-    mean, std = torch.tensor(align.OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(align.OPENAI_STD).view(1, 3, 1, 1)
-    got = align.hps_preprocess([img], 28)
+    mean, std = torch.tensor(scorer_nets.OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(scorer_nets.OPENAI_STD).view(1, 3, 1, 1)
+    got = scorer_nets.hps_preprocess([img], 28)
     assert got.shape == (1, 3, 28, 28) and (got - (canvas - mean) / std).abs().max() < 1e-6
     assert torch.allclose(got[0, :, :8], (-mean / std)[0].expand(3, 8, 28)) and got[0, :, 19:].shape[1] == 9
     square = sample_images(sizes=((64, 64),))[0]
     x = torch.from_numpy(np.asarray(square).astype(np.float32) / 255).permute(2, 0, 1)[None]
     want = (F.interpolate(x, size=(28, 28), mode="bicubic", antialias=True) - mean) / std
-    assert (align.hps_preprocess([square], 28) - want).abs().max() < 1e-6
+    assert (scorer_nets.hps_preprocess([square], 28) - want).abs().max() < 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -1472,20 +1472,20 @@ def test_aesthetic_matches_reference(aesthetic_folder):
 def test_clip_towers_at_real_sizes():
     """The presets are the real towers: the key names and shapes of transformers' CLIPModel at PickScore's (ViT-H/14)
     and OpenAI's ViT-L/14 configs, built on the meta device; OpenCLIP's ViT-H-14 names map onto ours (986M)."""
-    h14 = dict(text_config=dict(align.TEXT_H14, eos_token_id=49407), vision_config=align.CLIPVisionConfig.vit_h14().__dict__,
+    h14 = dict(text_config=dict(scorer_nets.TEXT_H14, eos_token_id=49407), vision_config=scorer_nets.CLIPVisionConfig.vit_h14().__dict__,
                projection_dim=1024)
-    l14 = dict(text_config=align.TEXT_L14, vision_config=align.CLIPVisionConfig.vit_l14().__dict__, projection_dim=768)
+    l14 = dict(text_config=scorer_nets.TEXT_L14, vision_config=scorer_nets.CLIPVisionConfig.vit_l14().__dict__, projection_dim=768)
     for d, n in [(h14, 986_109_441), (l14, 427_616_513)]:
         d["vision_config"] = {k: v for k, v in d["vision_config"].items() if k != "raw"}
         with torch.device("meta"):
             ref = CLIPModel(CLIPConfig(**d))
-            ours = align.CLIP(*align.CLIP.from_dict(d))
+            ours = scorer_nets.CLIP(*scorer_nets.CLIP.from_dict(d))
         want = {k: tuple(v.shape) for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
         assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == want
         assert sum(p.numel() for p in ours.parameters()) == n
-    text, vision = align.openclip_configs(align.VIT_H_14)
+    text, vision = scorer_nets.openclip_configs(scorer_nets.VIT_H_14)
     with torch.device("meta"):
-        ours, ref = align.CLIP(text, vision), CLIPModel(CLIPConfig(**h14))
+        ours, ref = scorer_nets.CLIP(text, vision), CLIPModel(CLIPConfig(**h14))
     mapped = convert.openclip_to_ours(openclip_state_dict(ref))
     assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
 
@@ -1592,7 +1592,7 @@ def test_choice_model_relabels_pairs(tmp_path, hub, shard, clip_folder):
 
 
 def test_rpo_image_embeddings(tmp_path, hub, shard, clip_folder):
-    """rpo.py --rpo-embed image|both: each training image's CLIP embedding (eval.py's vision tower) rides in the batch,
+    """rpo.py --rpo-embed image|both: each training image's CLIP embedding (scorer_nets.py's vision tower) rides in the batch,
     equal to transformers' get_image_features (normalized) on the same 8-bit image; the weights from images differ from the text
     ones; with --cache the embeddings are stored with the latents and the run is identical to the uncached one."""
     embed = rpo.image_embedder(str(clip_folder))("cpu")
@@ -1643,10 +1643,10 @@ def test_pretrain_tiny_writes_the_committed_layout(tmp_path):
 def bench_steps(sd, ref, optimizer, checkpointing, pairs=3):
     """Three DPO steps of ours and of the diffusers-written reference on the same batch, noise and timesteps (fp32,
     the VAE posterior mean on both sides): their losses and the total weight change."""
-    batch = reference.make_batch(pairs, sample.default_size(sd))
-    ids, noise, t = reference.reference_inputs(ref, batch, torch.device("cpu"))
+    batch = parity.make_batch(pairs, sample.default_size(sd))
+    ids, noise, t = parity.reference_inputs(ref, batch, torch.device("cpu"))
     ours = bench.our_dpo_step(sd, torch.float32, optimizer=optimizer, checkpointing=checkpointing, lr=1e-4)
-    theirs = reference.reference_dpo_step(ref, torch.float32, optimizer=optimizer, checkpointing=checkpointing, lr=1e-4,
+    theirs = parity.reference_dpo_step(ref, torch.float32, optimizer=optimizer, checkpointing=checkpointing, lr=1e-4,
                                       posterior="mean")
     before = {k: v.clone() for k, v in theirs.policy.state_dict().items()}
     losses = [(ours(batch).item(), theirs(batch, ids, noise, t).item()) for _ in range(3)]
@@ -1660,7 +1660,7 @@ def test_bench_dpo_step_equals_the_reference_step(hub, kind):
     """bench.py times diffdpo.py's step against a step written with diffusers as the official train.py: on the toy
     model (AdamW) and an SDXL-like hub (Adafactor, gradient checkpointing on both sides) they give the same losses
     over three steps (the first is ln 2 up to float32 rounding x beta 5000) and the same weight change."""
-    sd, ref = reference.folder_models("tiny" if kind == "tiny" else hub["sdxl"], torch.device("cpu"))
+    sd, ref = parity.folder_models("tiny" if kind == "tiny" else hub["sdxl"], torch.device("cpu"))
     losses, ours, theirs, _ = bench_steps(sd, ref, "adamw" if kind == "tiny" else "adafactor", kind == "sdxl")
     assert abs(losses[0][0] - math.log(2)) < 1e-3 and abs(losses[0][1] - math.log(2)) < 1e-3
     assert losses[1][0] < 0.6 and losses[2][0] < losses[1][0]  # the steps do train
@@ -1673,18 +1673,18 @@ def test_bench_flops_and_real_architecture_models(monkeypatch, tmp_path):
     """step_flops (counted on the meta device) equals what torch.utils.flop_counter counts in a real step of ours
     and of the reference; random_models builds both sides with the same weights (same UNet output), at sizes
     shrunk here to the test configs; and the full benchmark driver runs end to end on the CPU."""
-    for a, b in [(dict(reference.SD_VAE, _class_name="AutoencoderKL"), unet.VAEConfig.sd15()),
-                 (dict(reference.CLIP_L, architectures=["CLIPTextModel"]), unet.CLIPTextConfig.sd15()),
-                 (dict(reference.CLIP_BIGG, architectures=["CLIPTextModelWithProjection"]), unet.CLIPTextConfig.sdxl())]:
+    for a, b in [(dict(parity.SD_VAE, _class_name="AutoencoderKL"), unet.VAEConfig.sd15()),
+                 (dict(parity.CLIP_L, architectures=["CLIPTextModel"]), unet.CLIPTextConfig.sd15()),
+                 (dict(parity.CLIP_BIGG, architectures=["CLIPTextModelWithProjection"]), unet.CLIPTextConfig.sdxl())]:
         norm = lambda c: {k: tuple(v) if isinstance(v, list) else v for k, v in vars(c).items() if k != "raw"}  # noqa
         assert norm(type(b).from_dict(a)) == norm(b)  # the bench's real sizes are our presets
     names = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H200": 989, "NVIDIA A100-SXM4-80GB": 312,
              "NVIDIA L40S": 362, "NVIDIA L4": 121, "NVIDIA GeForce RTX 4090": 165, "Tesla T4": None}
     assert {n: bench.peak_tflops(n) for n in names} == names
     for kind, cfg in (("sd15", SD15_TEST), ("sdxl", SDXL_TEST)):
-        monkeypatch.setitem(reference.REAL, kind, dict(unet=cfg["unet"], vae=cfg["vae"],
+        monkeypatch.setitem(parity.REAL, kind, dict(unet=cfg["unet"], vae=cfg["vae"],
                                                    text=[cfg["text"]] + ([cfg["text2"]] if kind == "sdxl" else [])))
-        sd, ref = reference.random_models(kind, torch.device("cpu"), str(tmp_path / kind))
+        sd, ref = parity.random_models(kind, torch.device("cpu"), str(tmp_path / kind))
         x, t, ctx, added = unet_inputs(sd.unet)
         assert rel_err(sd.unet(x, t, ctx, **added), ref_eps(ref.unet, x, t, ctx, added)) < 1e-5
         context, _ = sd.encode_prompt(["a red cube"])
@@ -1696,13 +1696,13 @@ def test_bench_flops_and_real_architecture_models(monkeypatch, tmp_path):
         # the CPU's fused attention kernel has no FLOP formula in torch.utils.flop_counter (CUDA's have): the math
         # backend spells attention out as matmuls, so every FLOP of the step is counted
         with sdpa_kernel(SDPBackend.MATH):
-            for step in (bench.our_dpo_step(sd, torch.float32), reference.reference_dpo_step(ref, torch.float32)):
-                batch = reference.make_batch(pairs, R)
-                args = reference.reference_inputs(ref, batch, torch.device("cpu")) if step.policy is ref.unet else ()
+            for step in (bench.our_dpo_step(sd, torch.float32), parity.reference_dpo_step(ref, torch.float32)):
+                batch = parity.make_batch(pairs, R)
+                args = parity.reference_inputs(ref, batch, torch.device("cpu")) if step.policy is ref.unet else ()
                 with FlopCounterMode(display=False) as fc:
                     step(batch, *args)
                 counted.append(fc.get_total_flops())
-            step, batch = bench.our_dpo_step(sd, torch.float32), reference.make_batch(pairs, R)
+            step, batch = bench.our_dpo_step(sd, torch.float32), parity.make_batch(pairs, R)
             cached = bench.cached_batch(sd, batch, R, torch.float32)
             with FlopCounterMode(display=False) as fc:
                 step(cached)
@@ -1854,10 +1854,10 @@ def test_wordpiece_matches_bert_tokenizer(tmp_path):
     ref.save_pretrained(tmp_path / "json")
     assert (tmp_path / "json" / "tokenizer.json").is_file()
     for folder in ("txt", "json"):
-        ours = align.WordPiece.from_folder(tmp_path / folder)
+        ours = scorer_nets.WordPiece.from_folder(tmp_path / folder)
         for text in WORDPIECE_CASES:
             assert ours.encode(text) == ref(text)["input_ids"], (folder, text)
-    ids, mask = align.WordPiece.from_folder(tmp_path / "json", max_length=12)(WORDPIECE_CASES)
+    ids, mask = scorer_nets.WordPiece.from_folder(tmp_path / "json", max_length=12)(WORDPIECE_CASES)
     want = ref(WORDPIECE_CASES, padding=True, truncation=True, max_length=12, return_tensors="pt")
     assert torch.equal(ids, want["input_ids"]) and torch.equal(mask, want["attention_mask"])
     unk = ref.convert_tokens_to_ids("[UNK]")
@@ -1944,7 +1944,7 @@ def test_blip_captions_match_transformers(blip_folder):
     out = ref.generate(pixel_values=pixels, num_beams=1, do_sample=False, max_new_tokens=30)
     want = [processor.decode(row, skip_special_tokens=True) for row in out]
     captioner = eval.load_captioner(str(blip_folder), batch_size=3)
-    assert (align.blip_preprocess(images, 32) - pixels).abs().max() < 1e-6
+    assert (scorer_nets.blip_preprocess(images, 32) - pixels).abs().max() < 1e-6
     with torch.no_grad():
         states = captioner.blip.vision_model(pixels)
         assert rel_err(states, ref.vision_model(pixel_values=pixels).last_hidden_state) < 1e-5
@@ -1979,17 +1979,17 @@ def test_blip_and_sbert_at_real_sizes():
     BLIP captioning base and large (vocabulary 30524, 12 decoder heads) and all-MiniLM-L6-v2."""
     text = dict(vocab_size=30524, num_attention_heads=12, bos_token_id=30522, sep_token_id=102, pad_token_id=0)
     counts = {}
-    for name, vision in [("base", align.BlipVisionConfig.base()), ("large", align.BlipVisionConfig.large())]:
+    for name, vision in [("base", scorer_nets.BlipVisionConfig.base()), ("large", scorer_nets.BlipVisionConfig.large())]:
         d = dict(text_config=text, vision_config={k: v for k, v in vision.__dict__.items() if k != "raw"})
         with torch.device("meta"):
             ref = BlipForConditionalGeneration(BlipConfig(**d))
-            ours = align.Blip(*align.blip_configs(d))
+            ours = scorer_nets.Blip(*scorer_nets.blip_configs(d))
         want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
         assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == want
         counts[name] = sum(p.numel() for p in ours.parameters())  # the tied head counted twice, as in the file
     with torch.device("meta"):
         ref = BertModel(BertConfig(hidden_size=384, num_hidden_layers=6, intermediate_size=1536))
-        ours = align.Bert(align.BertConfig.minilm_l6(), pooler=True)
+        ours = scorer_nets.Bert(scorer_nets.BertConfig.minilm_l6(), pooler=True)
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {
         k: tuple(v.shape) for k, v in ref.state_dict().items()}
     counts["minilm"] = sum(p.numel() for p in ours.parameters())

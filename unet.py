@@ -445,7 +445,7 @@ class VAE(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, d, heads, causal=True):  # causal for text, not for CLIP's vision tower (eval.py)
+    def __init__(self, d, heads, causal=True):  # causal for text, not for CLIP's vision tower (scorer_nets.py)
         super().__init__()
         self.heads, self.causal = heads, causal
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))

@@ -1,7 +1,7 @@
 """
 The networks behind eval.py's scores: CLIP's vision tower and CLIPModel (PickScore, HPSv2, the aesthetic predictor,
-CLIP score) with each one's image preprocessing; text alignment as the seed's table reports it ("Text Alignment
-(SentenceBERT)"); and style alignment as a Fréchet distance between feature sets.
+CLIP score) with each one's image preprocessing; text alignment as the Diffusion-DPO paper's DrawBench
+results report it ("Text Alignment (SentenceBERT)"); and style alignment as a Fréchet distance between feature sets.
 
     text alignment  cos(SBERT(BLIP's caption of the image), SBERT(prompt))     per image, in [-1, 1]
     style FD        ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))       per image set, >= 0
