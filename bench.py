@@ -28,6 +28,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -47,6 +48,7 @@ import diffdpo
 import sample
 import unet
 from data import open_pairs
+from files import DTYPE_NAMES
 from lora import add_lora
 from parity import REAL, folder_models, make_batch, random_models, reference_dpo_step, reference_inputs, \
     tokenizer_cases, write_clip_tokenizer_folder
@@ -201,7 +203,7 @@ def memory_table():
 def cached_batch(sd, batch, resolution, half):
     """The same batch as --cache serves it: the VAE posteriors and text embeddings (computed once, on the CPU side)."""
     with torch.no_grad():
-        images = torch.cat([batch["chosen"], batch["rejected"]]).to(sd.device, half)
+        images = torch.cat([batch["chosen"], batch["rejected"]]).to(sd.device, sd.vae.dtype)
         mean, std = (x.float().cpu() * sd.vae.scaling_factor for x in sd.vae.posterior(images))
         context, pooled = sd.encode_prompt(batch["prompts"])
     B = len(batch["prompts"])
@@ -214,45 +216,26 @@ def cached_batch(sd, batch, resolution, half):
 
 def our_dpo_step(sd, half=torch.bfloat16, beta=5000.0, optimizer="adamw", checkpointing=False, lr=1e-6,
                  channels_last=False):
-    """diffdpo.py's training step as step(batch, compiled=False) -> loss: encode (VAE + text encoders, or the cache's
-    latents and embeddings), noise, policy and reference denoising errors, the DPO loss, backward, gradient clipping,
-    optimizer step. compiled=True runs torch.compile'd UNets (--compile) on the same weights and optimizer."""
-    device = sd.device
-    for m in sd.modules:
-        m.requires_grad_(False).eval()
-    for m in [sd.vae, *sd.text_encoders]:
-        m.to(half)
-    policy = sd.unet.requires_grad_(True).train()
-    if channels_last:
-        policy.to(memory_format=torch.channels_last)
-    reference = copy.deepcopy(policy).requires_grad_(False).eval().to(half)
-    policy.set_grad_checkpointing(checkpointing)
-    compiled_unets = torch.compile(policy), torch.compile(reference)  # compiled at their first call
-    cfg = diffdpo.TrainConfig(optimizer=optimizer, lr=lr)
-    opt = diffdpo.make_optimizer(cfg, list(policy.parameters()), lr, device)
-    abar = sample.alphas_cumprod(sd.scheduler_config).to(device)
-    autocast = torch.autocast(device.type, dtype=half, enabled=half != torch.float32)
+    """diffdpo.py's training step as step(batch, compiled=False) -> loss: its setup (the policy, the reference in the
+    autocast precision), then micro_step (encode with the VAE + text encoders, or take the cache's latents and
+    embeddings; noise; policy and reference denoising errors; the DPO loss), backward and optimizer_step (gradient
+    clipping, the optimizer). compiled=True runs torch.compile'd UNets (--compile) on the same weights and optimizer.
+    The VAE posterior's mean, the batch's own pair indices and seed 0, as the reference step gets them."""
+    cfg = diffdpo.TrainConfig(beta=beta, optimizer=optimizer, lr=lr, warmup_steps=0, resolution=0,
+                              mixed_precision=DTYPE_NAMES[half], grad_checkpointing=checkpointing,
+                              channels_last=channels_last, vae_latents="mean", seed=0)
+    s = diffdpo.setup(cfg, sd)
+    opt = diffdpo.make_optimizer(cfg, s.policy, 1, sd.device)
+    compiled_unets = torch.compile(s.policy), torch.compile(s.reference)  # compiled at their first call
 
     def step(batch, compiled=False):
-        fwd_policy, fwd_ref = compiled_unets if compiled else (policy, reference)
-        latents, cond = diffdpo.unet_inputs(sd, batch, image_side(sd, batch), device, half)
-        eps, t = (x.to(device) for x in diffdpo.pair_noise(batch["index"], latents.shape[1:], 0, len(abar)))
-        with autocast:
-            errors = diffdpo.dpo_errors(fwd_policy, fwd_ref, latents, cond, eps, t, abar, "epsilon")
-        loss, _ = diffdpo.dpo_loss(*errors, beta)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        policy, reference = compiled_unets if compiled else (s.policy, s.reference)
+        loss, _, _ = diffdpo.micro_step(s, batch, policy, reference)
+        opt.scaler.scale(loss).backward()
+        diffdpo.optimizer_step(s.policy, opt, cfg.grad_clip)
         return loss.detach()
-    step.policy = policy
+    step.policy = s.policy
     return step
-
-
-def image_side(sd, batch):
-    """The image side in pixels of a batch (pixels, or cached latents x the VAE factor), for SDXL's time_ids."""
-    side = batch["chosen"].shape[-1]
-    return side * sample.vae_factor(sd) if "context" in batch else side
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,12 +243,14 @@ def image_side(sd, batch):
 # without gradient checkpointing's recomputation (that is hardware FLOPs, not model FLOPs)
 
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("GH200", 989),
-                    ("B200", 2250), ("A100", 312), ("L40S", 362), ("L4", 121), ("RTX 4090", 165), ("RTX 3090", 71)]
+                    ("B200", 2250), ("A100", 312), ("L40S", 362), ("L40", 181), ("L4", 121), ("RTX 4090", 165),
+                    ("RTX 3090", 71)]
 
 
 def peak_tflops(name):
-    """Dense bf16 tensor-core peak of a GPU from its name (the vendor's datasheet), or None when unknown."""
-    return next((v for k, v in PEAK_BF16_TFLOPS if k in name), None)
+    """Dense bf16 tensor-core peak of a GPU from its name (the vendor's datasheet), or None when unknown. Names match
+    as whole words: "L4" is not "L40", "H200" is not "GH200"."""
+    return next((v for k, v in PEAK_BF16_TFLOPS if re.search(rf"\b{re.escape(k)}\b", name)), None)
 
 
 def step_flops(sd, pairs, resolution):

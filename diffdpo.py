@@ -7,13 +7,14 @@ from the ELBO surrogate to a multi-GPU training run, in one file.
     torchrun --nproc_per_node 8 diffdpo.py --model sdxl --data hub:OWNER/NAME --out runs/dpo-sdxl
     python diffdpo.py --pretrain-tiny [DIR]                      # remake the toy model (default: tiny/)
 
-Read top to bottom: the ELBO surrogate and the DPO loss (the paper's Eq. 14), one DPO step (winner and loser share
-t and eps), the training configuration with its presets, the trainer's pieces, the training loop and the CLI. The
-noise schedule and the samplers are in sample.py, the networks in unet.py, the data in data.py.
+Read top to bottom: the method (the ELBO surrogate and the DPO loss, the paper's Eq. 14), one step (winner and loser
+share t and eps; training, validation and bench.py all run `micro_step`), the training loop, then the configuration
+and presets, then the pieces the loop calls, in the order it calls them, and the CLI. The noise schedule and the
+samplers are in sample.py, the networks in unet.py, the data in data.py.
 """
-import argparse
+import contextlib
 import copy
-import hashlib
+import datetime
 import json
 import os
 import sys
@@ -23,22 +24,24 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import eval
 import runs
 import toy
 from data import open_pairs, style_items
 from files import DTYPE_NAMES, DTYPES, UserError, read_json, write_atomic, write_text_atomic
-from lora import LORA_FILE, LORA_TARGETS, add_lora, lora_disabled, merge_lora, save_lora
+from lora import LORA_FILE, LORA_TARGETS, LoRALinear, add_lora, lora_disabled, save_lora
 from sample import (add_noise, alphas_cumprod, default_size, guidance_embedding, image_grid, render,
                     sampling_defaults, vae_factor)
-from shards import LatentCache, png_bytes, prefetch, write_pairs
+from shards import latent_cache, png_bytes, prefetch, write_pairs
 from unet import ALIASES, load_sd, save_unet
 
 # ----------------------------------------------------------------------------------------------------------------
-# The ELBO surrogate and the DPO objective
+# The method: the ELBO surrogate and the DPO objective
 #
 # DPO (Rafailov et al. 2023) needs log-likelihood ratios log p_theta(x) / p_ref(x). A diffusion model's likelihood
 # is intractable, so Diffusion-DPO (Wallace et al. 2024) works with whole chains x_{0:T} and bounds the loss with the
@@ -53,6 +56,10 @@ from unet import ALIASES, load_sd, save_unet
 # squared norms become per-image MEANS over C, H, W, and one (t, eps) sample per pair estimates the expectation;
 # winner and loser share t and eps. The official code writes the constant as 0.5 * beta (beta = 5000 there); so do
 # we: `--beta 5000` here equals `beta_dpo=2500` in the diffusers example, which omits the 0.5.
+#
+# One quantity, one name: the per-image denoising error `err` (err_w, err_l for winners and losers, ref_err_* for
+# the reference). metrics.jsonl logs their batch means as mse_w, mse_l, ref_mse_w, ref_mse_l, the official code's
+# names for them.
 
 
 def prediction_target(x0, noise, t, abar, prediction_type="epsilon"):
@@ -66,9 +73,9 @@ def prediction_target(x0, noise, t, abar, prediction_type="epsilon"):
     raise UserError(f"scheduler config: prediction_type={prediction_type!r} is not supported")
 
 
-def denoising_losses(pred, target):
-    """Per-image denoising error ||target - pred||^2 / (C H W): one number per image, (N,), computed in fp32.
-    -denoising_losses is, up to the constants above, the ELBO estimate of log p(x_0) for each image."""
+def denoising_error(pred, target):
+    """The per-image denoising error ||target - pred||^2 / (C H W): one number per image, (N,), computed in fp32.
+    -denoising_error is, up to the constants above, the ELBO estimate of log p(x_0) for each image."""
     return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
 
 
@@ -84,19 +91,20 @@ def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta):
 
 
 def sft_loss(err_w):
-    """Supervised fine-tuning baseline: the plain diffusion loss on the preferred image only."""
-    return err_w.mean()
+    """Supervised fine-tuning baseline: the plain diffusion loss on the preferred image only. Its implicit accuracy
+    is 0 (there is no reference to compare with), made on err_w's device like every tensor of the step."""
+    return err_w.mean(), err_w.new_zeros(())
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One DPO step: B pairs as the batch [winners; losers] (2B images), one (t, eps) per pair shared by both images
+# One step: B pairs as the batch [winners; losers] (2B images), one (t, eps) per pair shared by both images
 
 
 def denoising_errors(unet, latents, cond, eps, t, abar, prediction_type):
-    """Per-image denoising errors (N,) of `unet` at x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (sample.add_noise).
+    """The denoising errors (N,) of `unet` at x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (sample.add_noise).
     cond: the UNet's text conditioning, dict(context=...) (+ text_embeds, time_ids for SDXL)."""
     x_t = add_noise(latents, eps, t, abar)
-    return denoising_losses(unet(x_t, t, **cond), prediction_target(latents, eps, t, abar, prediction_type))
+    return denoising_error(unet(x_t, t, **cond), prediction_target(latents, eps, t, abar, prediction_type))
 
 
 def dpo_errors(policy, reference, latents, cond, eps, t, abar, prediction_type):
@@ -142,8 +150,146 @@ def posterior_noise(indices, latent_shape, seed):
     return torch.cat([z[:, 0], z[:, 1]])
 
 
+@torch.no_grad()
+def unet_inputs(sd, batch, resolution, z=None, lcm_guidance=8.5):
+    """Images and prompts to the UNet's inputs, for the batch [winners; losers] (2B):
+    latents (2B, 4, R/8, R/8) = (mean + std * z) * scaling_factor from the VAE's posterior (its mean when z is None),
+    and cond = dict(context (2B, 77, D)) plus for SDXL text_embeds (2B, 1280) and time_ids (2B, 6) with original =
+    target = (R, R), crop (0, 0); for an LCM UNet timestep_cond (2B, time_cond_proj_dim), its guidance input held at
+    lcm_guidance (the loss is unchanged). With --cache the batch already holds the posteriors and text embeddings.
+    The images go to the VAE in the VAE's own precision (SDXL's stays fp32 under fp16); every tensor is made on (or
+    moved to) the UNet's device."""
+    device = sd.device
+    if "context" in batch:
+        mean = torch.cat([batch["chosen"], batch["rejected"]]).to(device, non_blocking=True).float()
+        std = torch.cat([batch["chosen_std"], batch["rejected_std"]]).to(device, non_blocking=True).float()
+        context, pooled = batch["context"].to(device, non_blocking=True), batch.get("pooled")
+    else:
+        images = torch.cat([batch["chosen"], batch["rejected"]]).to(device, sd.vae.dtype, non_blocking=True)
+        mean, std = (x.float() * sd.vae.scaling_factor for x in sd.vae.posterior(images))
+        context, pooled = sd.encode_prompt(batch["prompts"])
+    latents = mean if z is None else mean + std * z.to(device, non_blocking=True)
+    cond = dict(context=context.float().repeat(2, 1, 1))
+    if sd.kind == "sdxl":
+        cond.update(text_embeds=pooled.to(device).float().repeat(2, 1),
+                    time_ids=sd.time_ids(len(latents), resolution, resolution, device=device))
+    if sd.unet.cfg.time_cond_proj_dim:
+        w = torch.full((len(latents),), lcm_guidance - 1.0, device=device)
+        cond.update(timestep_cond=guidance_embedding(w, sd.unet.cfg.time_cond_proj_dim))
+    return latents, cond
+
+
+@dataclass
+class Setup:
+    """What every step needs, built once by `setup`: the pipeline and the networks, the noise schedule, the shapes,
+    the precision and the loss."""
+    cfg: "TrainConfig"
+    sd: object                  # unet.SD: the frozen VAE, text encoders and tokenizers; sd.unet is the policy
+    policy: nn.Module           # trainable (fp32 master weights)
+    reference: nn.Module        # a frozen copy, the policy itself with LoRA (adapters off), or None for SFT
+    abar: torch.Tensor          # alphas_cumprod (T,) on the device
+    prediction_type: str        # "epsilon" | "v_prediction"
+    resolution: int             # image side in pixels
+    latent_shape: tuple         # (C, R/8, R/8)
+    autocast: object            # torch.autocast in the --mixed-precision dtype, or a null context for fp32
+    pair_loss: object           # (err_w, err_l, ref_err_w, ref_err_l, batch, sd, world) -> (loss, implicit accuracy)
+
+
+def micro_step(s, batch, policy, reference, world=1):
+    """One micro-batch of pairs through the method: the latents (posterior draws of each pair's own) and text
+    conditioning, a (t, eps) per pair, the policy's and the reference's denoising errors, the loss. Training (with
+    DDP / compiled wrappers as `policy`), validation and bench.py run this same function.
+    Returns (loss, implicit accuracy, (err_w, err_l, ref_err_w, ref_err_l))."""
+    z = posterior_noise(batch["index"], s.latent_shape, s.cfg.seed) if s.cfg.vae_latents == "sample" else None
+    latents, cond = unet_inputs(s.sd, batch, s.resolution, z, s.cfg.lcm_guidance)
+    eps, t = (x.to(latents.device, non_blocking=True) for x in s.cfg.draw_noise(batch, s.latent_shape, len(s.abar)))
+    with s.autocast:
+        if reference is None:  # SFT
+            errors = sft_errors(policy, latents, cond, eps, t, s.abar, s.prediction_type)
+        else:
+            errors = dpo_errors(policy, reference, latents, cond, eps, t, s.abar, s.prediction_type)
+        loss, acc = s.pair_loss(*errors, batch, s.sd, world)
+    return loss, acc, errors
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Training configuration: every field is a command-line flag (--max-steps, --no-flip, ...). The field defaults are
+# The training loop
+
+
+def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
+    """Fine-tune sd.unet on preference pairs. `pair_loss(err_w, err_l, ref_err_w, ref_err_l, batch, sd, world)` ->
+    (loss, implicit_acc) replaces the DPO loss (rpo.py passes its own); the loop, data, checkpoints and logging stay
+    the same. `image_embedder(device)` -> embed([preferred, rejected]) -> (2, D), with a `.key` naming it: image
+    embeddings computed once per pair in the data path (and kept by --cache), as batch["chosen_emb"] / ["rejected_emb"].
+    Returns the run folder."""
+    rank, world, device = setup_distributed(cfg)
+    out = Path(cfg.out)
+    runs.validate(cfg, device, built=built_pairs_path(cfg, out) is not None)
+    lock = runs.lock(out) if rank == 0 else None                  # one run per --out, held until this one ends
+    torch.manual_seed(cfg.seed)
+    s = setup(cfg, load_sd(cfg.model, device=device, dtype=torch.float32), pair_loss)
+    model = DDP(s.policy, gradient_as_bucket_view=True) if world > 1 else s.policy
+    fwd_policy = torch.compile(model) if cfg.compile else model
+    fwd_reference = torch.compile(s.reference) if cfg.compile and s.reference is not None else s.reference
+    opt = make_optimizer(cfg, s.policy, world, device)
+    pairs, val = open_training_pairs(s, out, image_embedder, rank, world)
+    run_cfg = run_config(cfg, s, opt, world)
+    state = resume(cfg, out, run_cfg, s.policy, opt, pairs, rank)
+    if state["step"] >= cfg.max_steps:                                       # past the last checkpoint
+        print0(f"{out} is already at step {state['step']} >= --max-steps {cfg.max_steps}", rank=rank)
+        if rank == 0 and cfg.lora_rank and cfg.merge_lora:
+            save_merged_unet(cfg, out)
+        return finish(world, out, lock)
+
+    print0(banner(s, run_cfg, world, device), rank=rank)
+    if rank == 0:
+        base_samples(s, out, state["step"])                # the grids' base row, before the policy moves
+    batches = prefetch(pairs.batches(cfg.batch_size, rank=rank, world_size=world, start=state["position"]),
+                       pin=device.type == "cuda")
+    log = runs.Log(out, run_cfg, cfg.report_to, cfg.max_steps, state["step"]) if rank == 0 else None
+    bad_in_a_row, gathered = 0, {}
+    while state["step"] < cfg.max_steps:
+        t0, logs = time.time(), []
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            last = micro == cfg.grad_accum - 1
+            with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
+                loss, acc, errors = micro_step(s, batch, fwd_policy, fwd_reference, world)
+                opt.scaler.scale(loss / cfg.grad_accum).backward()
+            state["position"] = batch["position"]
+            logs.append(torch.stack([loss.detach().float(), acc.float(), *(e.detach().mean() for e in errors)]))
+
+        grad_norm, lr_now = optimizer_step(s.policy, opt, cfg.grad_clip)
+        finite = bool(torch.isfinite(grad_norm))                # the step's one wait for the device
+        state["skipped"] += not finite
+        bad_in_a_row = 0 if finite else bad_in_a_row + 1
+        state["step"] += 1
+        seconds = time.time() - t0
+        numbers = dict(lr=lr_now, grad_norm=float(grad_norm), pairs_per_s=run_cfg["pairs_per_step"] / seconds)
+        row = dict(metrics_row(state, logs, numbers, pairs, world, gathered), seconds=seconds)
+        if rank == 0:
+            log.row(row)
+        if bad_in_a_row >= cfg.max_bad_steps:
+            raise diverged(out, bad_in_a_row)
+        if rank == 0 and (state["step"] == cfg.max_steps or cfg.checkpoint_every and
+                          state["step"] % cfg.checkpoint_every == 0):
+            save_checkpoint(s, out, opt, dict(state, config=run_cfg), pairs)
+            if val is not None:
+                log.row(dict(step=state["step"], **validation(s, val)))
+            log.grid(samples(s, out, state["step"]), state["step"])
+    batches.close()
+    if rank == 0:
+        log.close()
+        if cfg.lora_rank and cfg.merge_lora:                # after the last validation and grid, from the LoRA file
+            save_merged_unet(cfg, out)
+        counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in row.items() if k in SKIP_COUNTS)
+        print(f"done: {state['step']} steps ({state['skipped']} skipped); pairs left out: {counts}; weights in "
+              f"{out / (LORA_FILE if cfg.lora_rank else 'unet')}")
+    return finish(world, out, lock)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The configuration: every field is a command-line flag (--max-steps, --no-flip, ...). The field defaults are
 # the toy world's, so `TrainConfig()` is `python diffdpo.py`; PRESETS hold the papers' recipes for real models.
 
 
@@ -176,8 +322,8 @@ class TrainConfig:
     optimizer: str = flag("adamw", "adamw | adafactor", choices=("adamw", "adafactor"))
     weight_decay: float = flag(1e-2, "decoupled weight decay of the optimizer", resume="new")
     grad_clip: float = flag(1.0, "clip the gradient's global norm at this value", resume="new")
-    mixed_precision: str = flag("auto", "no | fp16 | bf16 | auto (bf16 on GPU, no on CPU)", resume="new",
-                                choices=("auto", "no", "fp16", "bf16"))
+    mixed_precision: str = flag("auto", "no | fp16 | bf16 | auto (bf16 on GPUs that have it, else fp16; no on CPU)",
+                                resume="new", choices=("auto", "no", "fp16", "bf16"))
     grad_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory)", resume="new")
     channels_last: bool = flag(False, "the UNets in channels-last (NHWC) memory format: faster convolutions with "
                                       "oneDNN / cuDNN", resume="new")
@@ -208,6 +354,8 @@ class TrainConfig:
     sample_steps: int = flag(20, "DDIM steps for those grids (and for pairs the run builds itself)", resume="new")
     max_bad_steps: int = flag(20, "stop after this many non-finite steps in a row", resume="new")
     device: str = flag("auto", "auto | cpu | cuda", resume="new", choices=("auto", "cpu", "cuda"))
+    dist_timeout: int = flag(7200, "seconds a process waits in a collective before torchrun's job fails (rank 0 alone "
+                                   "writes checkpoints, validates and draws grids meanwhile)", resume="new")
     threads: int = flag(1, "CPU threads for torch's operators (0: torch's default). The toy's 1: on 2 idle cores 2 "
                            "threads are 1.3x faster, beside other jobs 4-8x slower (README)", resume="new")
     report_to: str = flag("", "also log to tensorboard | wandb (needs that package)", resume="new",
@@ -238,27 +386,13 @@ class TrainConfig:
     @classmethod
     def from_args(cls, argv=None, description=__doc__):
         """One flag per field (defaults and help from the dataclass); the preset chosen by --preset (or by --model
-        when auto) replaces the defaults, and the flags given on the command line replace those."""
-        help_format = type("Help", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
-        p = argparse.ArgumentParser(description=description, formatter_class=help_format, epilog=presets_help(cls))
-        for f in fields(cls):
-            name, kw = "--" + f.name.replace("_", "-"), dict(default=f.default, help=f.metadata["help"])
-            if f.type in (bool, "bool"):
-                p.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
-            else:
-                p.add_argument(name, type=type(f.default), **kw)
-        first = p.parse_known_args(argv)[0]
-        preset = auto_preset(first.model) if first.preset == "auto" else first.preset
-        if preset not in PRESETS:
-            p.error(f"--preset {preset}: expected one of {', '.join(PRESETS)} or auto")
-        p.set_defaults(**PRESETS[preset])
-        return cls(**dict(vars(p.parse_args(argv)), preset=preset))
-
+        when auto) replaces the defaults, and the flags given on the command line replace those (runs.parse_config)."""
+        return runs.parse_config(cls, argv, description, PRESETS, auto_preset)
 
 PAPER = dict(beta=5000.0, max_steps=2000, batch_size=1, resolution=0, lr=2.048e-5, warmup_steps=500,
              checkpoint_every=500, sample_steps=25, threads=0, vae_latents="sample")
 PRESETS = {
-    # the toy world: the field defaults above (200 steps of batch 16 on on-policy shapes pairs, ~1.5 minutes)
+    # the toy world: the field defaults above (200 steps of batch 16 on the tiny model's own shapes pairs)
     "toy": {f.name: f.default for f in fields(TrainConfig) if f.name not in ("preset", "out")},
     # the paper's SD1.5 recipe (the official code's: AdamW, warmup 500, 2000 steps, beta 5000, lr 1e-8 x 2048 pairs)
     "sd15": PAPER,
@@ -278,47 +412,29 @@ def auto_preset(model):
     return "sdxl" if "xl" in model.lower() else "sd15"
 
 
-def presets_help(cls=None):
-    """--help's epilog: each preset's defaults, and what a resumed run does with each setting."""
-    cls = cls or TrainConfig
-    defaults = {f.name: f.default for f in fields(cls)}
-    shown = ("beta", "max_steps", "batch_size", "lr", "warmup_steps", "resolution", "threads", "vae_latents")
-    rows = [f"  {name:5} " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items()
-                                       if k not in ("model", "data") and (v != defaults[k] or name == "toy" and
-                                                                          k in shown))
-            for name, values in PRESETS.items()]
-    policy = {r: [f"--{f.name.replace('_', '-')}" for f in fields(cls) if f.metadata["resume"] == r]
-              for r in ("fixed", "new")}
-    return ("presets (the defaults shown above are the toy's):\n" + "\n".join(rows) + "\n\nresuming (the same --out "
-            "again): these must not change, else the run refuses to start: " + " ".join(policy["fixed"]) +
-            "\nthese take the new value (recorded in OUT/config.json): " + " ".join(policy["new"]))
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python` is a world of one
+# The pieces the loop calls, in the order it calls them. First the processes: torchrun sets RANK / WORLD_SIZE /
+# LOCAL_RANK; plain `python` is a world of one.
 
 
-def setup_distributed(device_flag, threads=0):
-    """(rank, world size, device); `threads` > 0 sets torch's CPU threads."""
-    if threads:
-        torch.set_num_threads(threads)
-    cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag == "cuda"
+def setup_distributed(cfg):
+    """(rank, world size, device). On GPUs the process group serves CUDA tensors with NCCL and CPU tensors with gloo
+    (the pairs-left-out counts travel as Python objects), with --dist-timeout; TF32 matmuls and cuDNN's autotuner
+    are on, as for every mixed-precision run."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
+                            timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+    rank, world = dist.get_rank(), dist.get_world_size()
     return rank, world, torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
-
-
-def all_mean(x, world):
-    """Mean of a tensor over ranks (for logging)."""
-    if world > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= world
-    return x
 
 
 def print0(*args, rank=0):
@@ -327,286 +443,68 @@ def print0(*args, rank=0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Optimizers: AdamW from torch, Adafactor (Shazeer & Stern 2018; runs.py) for SDXL's memory budget
+# The models, in the precision that keeps the reference equal to the policy at step 0
 
 
-def make_optimizer(cfg, params, lr, device):
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
-                                 fused=device.type == "cuda")
-    if cfg.optimizer == "adafactor":
-        return runs.Adafactor(params, lr=lr, weight_decay=cfg.weight_decay)
-    raise UserError(f"--optimizer {cfg.optimizer!r}: expected adamw or adafactor")
+def amp_precision(cfg, device):
+    """--mixed-precision auto: bf16 on GPUs that have it (Ampere and newer), else fp16; none on the CPU."""
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    if device.type != "cuda":
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def warmup_constant(warmup_steps):
-    """lr multiplier: linear warmup over `warmup_steps` optimizer steps (the first step already moves), then 1."""
-    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The trainer's pieces: models, UNet inputs, the latent cache, checkpoints
-
-
-def load_models(cfg, device, amp_dtype):
-    """The base pipeline `sd` with frozen VAE and text encoders, the policy (sd.unet, trainable, fp32 master
-    weights) and the reference: a frozen copy in the autocast precision, the policy itself with LoRA (run with the
-    adapters switched off), or None for SFT."""
-    sd = load_sd(cfg.model, device=device, dtype=torch.float32)
+def setup(cfg, sd, pair_loss=None):
+    """From the loaded pipeline `sd` (fp32): the frozen VAE and text encoders in their precision, the policy, the
+    reference, the schedule, the shapes and the loss, as a Setup."""
+    device = sd.device
+    amp_dtype = DTYPES[amp_precision(cfg, device)]
     for m in sd.modules:
         m.requires_grad_(False).eval()
     for m in sd.text_encoders:
         m.to(amp_dtype)
     sd.vae.to(torch.float32 if amp_dtype == torch.float16 and sd.kind == "sdxl" else amp_dtype)  # SDXL's overflows
-    policy = sd.unet
-    if cfg.channels_last:  # weights in NHWC: convolutions then keep activations NHWC too (the reference copies it)
-        policy.to(memory_format=torch.channels_last)
-    reference = copy.deepcopy(policy).to(amp_dtype) if cfg.loss != "sft" and not cfg.lora_rank else None
-    policy.requires_grad_(True).train()
-    if cfg.lora_rank:  # only rank-r adapters train; the reference is the same UNet with them switched off
-        layers = add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-        reference = policy if cfg.loss != "sft" else None
-        print0(f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha or cfg.lora_rank:g} on {len(layers)} layers: "
-               f"{sum(p.numel() for p in policy.parameters() if p.requires_grad)} trainable parameters")
-    policy.set_grad_checkpointing(cfg.grad_checkpointing)
-    return sd, policy, reference
-
-
-@torch.no_grad()
-def unet_inputs(sd, batch, resolution, device, dtype, z=None, lcm_guidance=8.5):
-    """Images and prompts to the UNet's inputs, for the batch [winners; losers] (2B):
-    latents (2B, 4, R/8, R/8) = (mean + std * z) * scaling_factor from the VAE's posterior (its mean when z is None),
-    and cond = dict(context (2B, 77, D)) plus for SDXL text_embeds (2B, 1280) and time_ids (2B, 6) with original =
-    target = (R, R), crop (0, 0); for an LCM UNet timestep_cond (2B, time_cond_proj_dim), its guidance input held at
-    lcm_guidance (the loss is unchanged). With --cache the batch already holds the posteriors and text embeddings."""
-    if "context" in batch:
-        mean = torch.cat([batch["chosen"], batch["rejected"]]).to(device).float()
-        std = torch.cat([batch["chosen_std"], batch["rejected_std"]]).to(device).float()
-        context, pooled = batch["context"].to(device), batch.get("pooled")
-    else:
-        images = torch.cat([batch["chosen"], batch["rejected"]]).to(device, dtype)
-        mean, std = (x.float() * sd.vae.scaling_factor for x in sd.vae.posterior(images))
-        context, pooled = sd.encode_prompt(batch["prompts"])
-    latents = mean if z is None else mean + std * z.to(device)
-    cond = dict(context=context.float().repeat(2, 1, 1))
-    if sd.kind == "sdxl":
-        cond.update(text_embeds=pooled.to(device).float().repeat(2, 1),
-                    time_ids=sd.time_ids(len(latents), resolution, resolution, device=device))
-    if sd.unet.cfg.time_cond_proj_dim:
-        w = torch.full((len(latents),), lcm_guidance - 1.0)
-        cond.update(timestep_cond=guidance_embedding(w, sd.unet.cfg.time_cond_proj_dim).to(device))
-    return latents, cond
-
-
-def latent_cache(cfg, sd, resolution, device, dtype, embed_key=None):
-    """The --cache store for this model, data and resolution (and reward / embedding models, if any), filled by the
-    frozen VAE and text encoders: per image the posterior's mean and std, scaled."""
-    key = ["posterior", sd.source, cfg.data, resolution, sd.vae.scaling_factor]
-    key = json.dumps(key + [x for x in (cfg.choice_model, embed_key) if x])
-    folder = Path(cfg.cache_dir or Path.home() / ".cache" / "diffdpo") / hashlib.sha256(key.encode()).hexdigest()[:16]
-
-    @torch.no_grad()
-    def encode_images(xs):
-        return (x.float() * sd.vae.scaling_factor for x in sd.vae.posterior(torch.stack(xs).to(device, dtype)))
-
-    @torch.no_grad()
-    def encode_text(prompt):
-        context, pooled = sd.encode_prompt([prompt])
-        return dict(context=context[0].float(), **({} if pooled is None else dict(pooled=pooled[0].float())))
-    return LatentCache(folder, encode_images, encode_text)
-
-
-def save_checkpoint(cfg, out, policy, optimizer, scheduler, scaler, state, pairs):
-    """OUT/unet/ (or the LoRA file) for users, and OUT/checkpoint.pt to resume from: the trainable weights, the
-    optimizer, scheduler and scaler states, the stream position, the RNG and the pairs skipped so far."""
-    if cfg.lora_rank:  # the adapters alone (the base is --model's), also as diffusers' load_lora_weights reads
-        weights = {k: v for k, v in policy.state_dict().items() if ".lora_" in k}
-        save_lora(policy, out / LORA_FILE)
-    else:
-        weights = policy.state_dict()
-        save_unet(policy, out / "unet")
-    runs.save_checkpoint(out / "checkpoint.pt", dict(
-        unet=weights, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-        rng=torch.get_rng_state(), skipped_pairs={k: sorted(v) for k, v in pairs.skipped.items()}, **state))
-
-
-def resume(cfg, out, run_cfg, policy, optimizer, scheduler, scaler, pairs, rank):
-    """Load OUT/checkpoint.pt into the models, optimizer and data stream if there is one (refusing a changed "fixed"
-    setting; applying the new learning rate, warmup and weight decay), write OUT/config.json and trim
-    OUT/metrics.jsonl to the checkpoint's step. Returns the loop's state: step, position, skipped (steps)."""
-    state = dict(step=0, position=0, skipped=0)
-    ckpt = runs.load_checkpoint(out / "checkpoint.pt")
-    if ckpt is not None:
-        for k in run_cfg["fixed"] + ["world_size"]:
-            if k in ckpt["config"] and ckpt["config"][k] != run_cfg[k]:
-                raise UserError(f"{out / 'checkpoint.pt'} was made with {k}={ckpt['config'][k]!r}, this command has "
-                                f"{k}={run_cfg[k]!r}; use another --out or the same settings to resume")
-        policy.load_state_dict(ckpt["unet"], strict=not cfg.lora_rank)  # with LoRA: the adapters only
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler.is_enabled() and ckpt["scaler"]:                        # fp16's loss scale (none for fp32, bf16)
-            scaler.load_state_dict(ckpt["scaler"])
-        scheduler.base_lrs = [run_cfg["lr_used"]] * len(optimizer.param_groups)
-        for group in optimizer.param_groups:                              # "new" settings take effect now
-            group.update(initial_lr=run_cfg["lr_used"], weight_decay=cfg.weight_decay,
-                         lr=run_cfg["lr_used"] * warmup_constant(cfg.warmup_steps)(scheduler.last_epoch))
-        state = {k: ckpt[k] for k in state}
-        pairs.skipped.update({k: set(v) for k, v in ckpt["skipped_pairs"].items()})
-        torch.set_rng_state(ckpt["rng"])
-        print0(f"resuming {out} from step {state['step']}", rank=rank)
-    if rank == 0:
-        write_text_atomic(out / "config.json", json.dumps(dict(run_cfg, command=" ".join(sys.argv)), indent=2))
-        runs.trim_metrics(out / "metrics.jsonl", state["step"])
-    return state
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The training loop
-
-
-def train(cfg: TrainConfig, pair_loss=None, image_embedder=None):
-    """Fine-tune sd.unet on preference pairs. `pair_loss(err_w, err_l, ref_err_w, ref_err_l, batch, sd, world)` ->
-    (loss, implicit_acc) replaces the DPO loss (rpo.py passes its own); the loop, data, checkpoints and logging stay
-    the same. `image_embedder(device)` -> embed([preferred, rejected]) -> (2, D), with a `.key` naming it: image
-    embeddings computed once per pair in the data path (and kept by --cache), as batch["chosen_emb"] / ["rejected_emb"].
-    Returns the run folder."""
-    rank, world, device = setup_distributed(cfg.device, cfg.threads)
-    out = Path(cfg.out)
-    runs.validate(cfg, device, built=built_pairs_path(cfg, out) is not None)
-    lock = runs.lock(out) if rank == 0 else None                  # one run per --out, held until this one ends
-    torch.manual_seed(cfg.seed)
-    precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
-    amp_dtype = DTYPES[precision]
-    sd, policy, reference = load_models(cfg, device, amp_dtype)
+    policy, reference = policy_and_reference(cfg, sd.unet, amp_dtype)
     resolution = cfg.resolution or default_size(sd)
-    latent_shape = (sd.unet.cfg.in_channels, resolution // vae_factor(sd), resolution // vae_factor(sd))
+    side = resolution // vae_factor(sd)
     abar = alphas_cumprod(sd.scheduler_config).to(device)
-    ptype = sd.scheduler_config.get("prediction_type", "epsilon")
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=precision != "no")
-    model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
-    fwd_policy = torch.compile(model) if cfg.compile else model
-    fwd_reference = torch.compile(reference) if cfg.compile and reference is not None else reference
-
-    pairs_per_step = cfg.batch_size * cfg.grad_accum * world
-    lr = cfg.lr * pairs_per_step if cfg.scale_lr else cfg.lr
-    optimizer = make_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad], lr, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(cfg.warmup_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    pair_loss = method_loss(cfg, pair_loss)
-    pairs, val = open_training_pairs(cfg, sd, out, resolution, device, amp_dtype, image_embedder, rank, world)
-    fixed = [f.name for f in fields(cfg) if f.metadata["resume"] == "fixed"]
-    run_cfg = dict(asdict(cfg), world_size=world, resolution=resolution, lr_used=lr, mixed_precision=precision,
-                   pairs_per_step=pairs_per_step, fixed=fixed)
-    state = resume(cfg, out, run_cfg, policy, optimizer, scheduler, scaler, pairs, rank)
-    if state["step"] >= cfg.max_steps:                                       # past the last checkpoint
-        print0(f"{out} is already at step {state['step']} >= --max-steps {cfg.max_steps}", rank=rank)
-        if rank == 0 and cfg.lora_rank and cfg.merge_lora:
-            save_unet(merge_lora(policy), out / "unet")
-        return finish(world, out, lock)
-
-    what = f"{LAYOUTS[sd.kind]}, UNet {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params"
-    print0(f"{cfg.method} on {model_name(cfg.model)} ({what}), {pairs_per_step} pairs/step on {world} x "
-           f"{device.type}, lr {lr:.3g}, {DTYPE_NAMES[amp_dtype]} precision", rank=rank)
-    batches = prefetch(pairs.batches(cfg.batch_size, rank=rank, world_size=world, start=state["position"]))
-    log = runs.Log(out, run_cfg, cfg.report_to, cfg.max_steps, state["step"]) if rank == 0 else None
-    bad_in_a_row = 0
-    while state["step"] < cfg.max_steps:
-        t0, logs = time.time(), []
-        for micro in range(cfg.grad_accum):
-            batch = next(batches)
-            z = posterior_noise(batch["index"], latent_shape, cfg.seed) if cfg.vae_latents == "sample" else None
-            latents, cond = unet_inputs(sd, batch, resolution, device, amp_dtype, z, cfg.lcm_guidance)
-            eps, t = (x.to(device) for x in cfg.draw_noise(batch, latent_shape, len(abar)))
-            last = micro == cfg.grad_accum - 1
-            with model.no_sync() if world > 1 and not last else torch.enable_grad(), autocast:
-                if reference is None:  # SFT
-                    errors = sft_errors(fwd_policy, latents, cond, eps, t, abar, ptype)
-                else:
-                    errors = dpo_errors(fwd_policy, fwd_reference, latents, cond, eps, t, abar, ptype)
-                loss, acc = pair_loss(*errors, batch, sd, world)
-            scaler.scale(loss / cfg.grad_accum).backward()
-            state["position"] = batch["position"]
-            logs.append(torch.stack([loss.detach().float(), acc.float(), *(e.detach().mean() for e in errors)]).cpu())
-
-        grad_norm, lr_now = optimizer_step(policy, optimizer, scheduler, scaler, cfg.grad_clip)
-        finite = bool(torch.isfinite(grad_norm))
-        state["skipped"] += not finite
-        bad_in_a_row = 0 if finite else bad_in_a_row + 1
-        state["step"] += 1
-        row = metrics_row(state, logs, world, pairs, grad_norm, lr_now, pairs_per_step, time.time() - t0)
-        if rank == 0:
-            log.row(row)
-        if bad_in_a_row >= cfg.max_bad_steps:
-            raise diverged(out, bad_in_a_row)
-        if rank == 0 and (state["step"] == cfg.max_steps or cfg.checkpoint_every and
-                          state["step"] % cfg.checkpoint_every == 0):
-            checkpoint(cfg, sd, out, policy, optimizer, scheduler, scaler, dict(state, config=run_cfg), pairs)
-            if val is not None:
-                log.row(dict(step=state["step"], **validation(cfg, sd, policy, reference, val, pair_loss,
-                                                              latent_shape, resolution, abar, ptype, autocast)))
-            log.grid(samples(cfg, sd, out, policy, reference, state["step"], resolution), state["step"])
-    batches.close()
-    if rank == 0:
-        log.close()
-        counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in row.items() if k in SKIP_COUNTS)
-        print(f"done: {state['step']} steps ({state['skipped']} skipped); pairs left out: {counts}; weights in "
-              f"{out / (LORA_FILE if cfg.lora_rank else 'unet')}")
-    return finish(world, out, lock)
+    prediction_type = sd.scheduler_config.get("prediction_type", "epsilon")
+    autocast = torch.autocast(device.type, amp_dtype) if amp_dtype != torch.float32 else contextlib.nullcontext()
+    return Setup(cfg, sd, policy, reference, abar, prediction_type, resolution, (sd.unet.cfg.in_channels, side, side),
+                 autocast, method_loss(cfg, pair_loss))
 
 
-SKIP_COUNTS = ("corrupt", "too_large", "ties", "bad_labels", "empty_captions")
+def policy_and_reference(cfg, unet, amp_dtype):
+    """The policy (the UNet, trainable, fp32 master weights) and the reference: a frozen copy, the policy itself with
+    LoRA (run with the adapters switched off), or None for SFT. Frozen weights are kept as autocast_weights says."""
+    if cfg.channels_last:  # weights in NHWC: convolutions then keep activations NHWC too (the reference copies it)
+        unet.to(memory_format=torch.channels_last)
+    reference = None
+    if cfg.loss != "sft" and not cfg.lora_rank:
+        reference = autocast_weights(copy.deepcopy(unet), amp_dtype)
+    unet.requires_grad_(True).train()
+    if cfg.lora_rank:  # only rank-r adapters train; the reference is the same UNet with them switched off
+        layers = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        autocast_weights(unet, amp_dtype)
+        reference = unet if cfg.loss != "sft" else None
+        print0(f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha or cfg.lora_rank:g} on {len(layers)} layers: "
+               f"{sum(p.numel() for p in unet.parameters() if p.requires_grad)} trainable parameters")
+    unet.set_grad_checkpointing(cfg.grad_checkpointing)
+    return unet, reference
 
 
-def metrics_row(state, logs, world, pairs, grad_norm, lr, pairs_per_step, seconds):
-    """metrics.jsonl's row of one optimizer step: the loss terms averaged over micro-steps and ranks, the optimizer's
-    numbers, and the counts of steps and pairs left out so far."""
-    m = all_mean(torch.stack(logs).mean(0), world).tolist()
-    return dict(step=state["step"], loss=m[0], implicit_acc=m[1], lr=lr, grad_norm=float(grad_norm),
-                pairs_per_s=pairs_per_step / seconds, mse_w=m[2], mse_l=m[3], ref_mse_w=m[4], ref_mse_l=m[5],
-                skipped=state["skipped"], **gathered_counts(pairs, world), seconds=seconds)
-
-
-def diverged(out, bad_in_a_row):
-    """The error that stops a run after --max-bad-steps non-finite steps in a row, naming the step its last
-    checkpoint holds (checkpoints are written only with finite weights)."""
-    held = runs.load_checkpoint(out / "checkpoint.pt")
-    where = (f"{out / 'checkpoint.pt'} holds step {held['step']}, the last checkpoint (its weights are finite)" if held
-             else "no checkpoint was written yet")
-    return UserError(f"{bad_in_a_row} optimizer steps in a row had a non-finite loss/gradient; stopping: {where}; try "
-                     f"a lower --lr or --mixed-precision bf16 and re-run the command to resume")
-
-
-def gathered_counts(pairs, world):
-    """The stream's counts of pairs left out, each pair once (data.PairSource.counts): every rank's skipped pairs are
-    merged, so each rank counts the union."""
-    if world > 1:
-        everyone = [None] * world
-        dist.all_gather_object(everyone, pairs.skipped)
-        for other in everyone:
-            for reason, keys in other.items():
-                pairs.skipped[reason] |= keys
-    return {k: pairs.counts().get(k, 0) for k in SKIP_COUNTS}
-
-
-LAYOUTS = {"sd15": "SD1.5's layout", "sdxl": "SDXL's layout"}
-
-
-def model_name(model):
-    return "tiny, the toy model" if model == "tiny" else model
-
-
-def optimizer_step(policy, optimizer, scheduler, scaler, grad_clip):
-    """Clip the gradient's norm and step, unless it is not finite (then the step is skipped: the caller counts it).
-    Returns the gradient norm before clipping and the learning rate the step used."""
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
-    if torch.isfinite(grad_norm):
-        scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    lr = optimizer.param_groups[0]["lr"]
-    scheduler.step()
-    return grad_norm, lr
+def autocast_weights(net, dtype):
+    """Store the frozen weights of linear and convolution layers in the autocast dtype. Autocast casts them to it on
+    every use anyway (rounding to nearest, as .to() does), so outputs are bit-identical and the casts and a second
+    fp32 copy are saved. Normalization layers keep fp32 weights: autocast runs them in fp32, with the policy's fp32
+    weights, and so must the reference, else policy != reference at step 0 (the first loss would not be ln 2)."""
+    for m in net.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, LoRALinear)):
+            for p in m.parameters(recurse=False):
+                if not p.requires_grad:
+                    p.data = p.data.to(dtype)
+    return net
 
 
 def method_loss(cfg, pair_loss=None):
@@ -615,97 +513,72 @@ def method_loss(cfg, pair_loss=None):
     if pair_loss is not None:
         return pair_loss
     if cfg.loss == "sft":
-        return lambda err_w, *rest: (sft_loss(err_w), torch.zeros(()))
+        return lambda err_w, *rest: sft_loss(err_w)
     return lambda err_w, err_l, ref_err_w, ref_err_l, *rest: dpo_loss(err_w, err_l, ref_err_w, ref_err_l, cfg.beta)
 
 
-def open_training_pairs(cfg, sd, out, resolution, device, amp_dtype, image_embedder, rank, world):
+# ----------------------------------------------------------------------------------------------------------------
+# The optimizer: AdamW from torch, Adafactor (Shazeer & Stern 2018; runs.py) for SDXL's memory budget, a linear
+# warmup, and fp16's loss scaler, which travel together
+
+
+@dataclass
+class Optimization:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    lr: float                   # the learning rate used: --lr, times the pairs per step with --scale-lr
+    pairs_per_step: int
+
+
+def make_optimizer(cfg, policy, world, device):
+    pairs_per_step = cfg.batch_size * cfg.grad_accum * world
+    lr = cfg.lr * pairs_per_step if cfg.scale_lr else cfg.lr
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
+                                      fused=device.type == "cuda")
+    elif cfg.optimizer == "adafactor":
+        optimizer = runs.Adafactor(params, lr=lr, weight_decay=cfg.weight_decay)
+    else:
+        raise UserError(f"--optimizer {cfg.optimizer!r}: expected adamw or adafactor")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(cfg.warmup_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_precision(cfg, device) == "fp16")
+    return Optimization(optimizer, scheduler, scaler, lr, pairs_per_step)
+
+
+def warmup_constant(warmup_steps):
+    """lr multiplier: linear warmup over `warmup_steps` optimizer steps (the first step already moves), then 1."""
+    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pairs: data.open_pairs for --data, after the pairs the run builds itself, with the --cache store
+
+
+def open_training_pairs(s, out, image_embedder, rank, world):
     """(training stream, validation pairs or None): data.open_pairs for --data, with pairs the run builds itself
-    first (rank 0 only, kept under OUT), the --cache store, image embeddings, --choice-model relabelling and
-    --val-pairs held out, as configured."""
-    spec = build_pairs(cfg, sd, out, resolution) if rank == 0 else built_pairs_path(cfg, out)
-    if world > 1:
-        dist.barrier()
+    first (rank 0 only, kept under OUT; the other ranks wait for the file, in no collective that could time out),
+    the --cache store, image embeddings, --choice-model relabelling and --val-pairs held out, as configured."""
+    cfg, device = s.cfg, s.sd.device
+    spec = build_pairs(s, out) if rank == 0 else wait_for(built_pairs_path(cfg, out))
     embed = image_embedder(device) if image_embedder else None
-    cache = latent_cache(cfg, sd, resolution, device, amp_dtype, getattr(embed, "key", None)) if cfg.cache else None
+    key = ["posterior", s.sd.source, cfg.data, s.resolution, s.sd.vae.scaling_factor, DTYPE_NAMES[s.sd.vae.dtype]]
+    key += [x for x in (cfg.choice_model, getattr(embed, "key", None)) if x]
+    cache = latent_cache(s.sd, key, cfg.cache_dir) if cfg.cache else None
     relabel = eval.relabeller(cfg.choice_model, device) if cfg.choice_model else None
-    pairs = open_pairs(spec or cfg.data, resolution=resolution, random_crop=cfg.random_crop, flip=cfg.flip,
+    pairs = open_pairs(spec or cfg.data, resolution=s.resolution, random_crop=cfg.random_crop, flip=cfg.flip,
                        caption_dropout=cfg.caption_dropout, seed=cfg.seed, cache=cache, relabel=relabel, embed=embed)
     return pairs.holdout(cfg.val_pairs) if cfg.val_pairs else (pairs, None)
 
 
-@torch.no_grad()
-def validation(cfg, sd, policy, reference, val, pair_loss, latent_shape, resolution, abar, ptype, autocast):
-    """The loss and implicit accuracy on the held-out pairs (--val-pairs), each with its own fixed noise, timestep
-    and posterior draw (pair_noise of its index + 2^40), so the values are comparable across checkpoints."""
-    n, totals = cfg.val_pairs, torch.zeros(2)
-    for start in range(0, n, cfg.batch_size):
-        idx = list(range(start, min(n, start + cfg.batch_size)))
-        items = [val.item(i) for i in idx]
-        batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if isinstance(items[0][k], torch.Tensor)}
-        batch.update(prompts=[it["prompt"] for it in items], index=torch.tensor(idx))
-        held_out = [i + 2 ** 40 for i in idx]                       # noise draws of their own, not training pairs'
-        z = posterior_noise(held_out, latent_shape, cfg.seed) if cfg.vae_latents == "sample" else None
-        latents, cond = unet_inputs(sd, batch, resolution, sd.device, next(sd.vae.parameters()).dtype, z,
-                                    cfg.lcm_guidance)
-        eps, t = (x.to(sd.device) for x in pair_noise(held_out, latent_shape, cfg.seed, len(abar)))
-        with autocast:
-            if reference is None:
-                errors = sft_errors(policy, latents, cond, eps, t, abar, ptype)
-            else:
-                errors = dpo_errors(policy, reference, latents, cond, eps, t, abar, ptype)
-            loss, acc = pair_loss(*errors, batch, sd, 1)
-        totals += torch.stack([loss.float(), acc.float()]).cpu() * len(idx)
-    return dict(val_loss=(totals[0] / n).item(), val_implicit_acc=(totals[1] / n).item(), val_pairs=n)
-
-
-SAMPLE_PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a red cube on top of a blue sphere",
-                  "a watercolor painting of a fox in the snow", "a close-up portrait of an old fisherman"]
-
-
-def checkpoint(cfg, sd, out, policy, optimizer, scheduler, scaler, state, pairs):
-    """Save the checkpoint (unless a weight is not finite: then the last one, which is, stays); at the last step,
-    fold LoRA adapters into OUT/unet/ if asked."""
-    if not all(torch.isfinite(p).all() for p in policy.parameters() if p.requires_grad):
-        print0(f"step {state['step']}: non-finite weights, {out / 'checkpoint.pt'} is not overwritten")
-        return
-    save_checkpoint(cfg, out, policy, optimizer, scheduler, scaler, state, pairs)
-    if cfg.lora_rank and cfg.merge_lora and state["step"] == cfg.max_steps:
-        save_unet(merge_lora(policy), out / "unet")
-
-
-def samples(cfg, sd, out, policy, reference, step, resolution):
-    """OUT/samples/stepNNNNNN.png: the base model's images (row 1, rendered once and kept in OUT/samples/base/) and
-    the policy's at this step (row 2), for fixed prompts and seeds, so grids across checkpoints are comparable."""
-    if not cfg.samples:
-        return None
-    prompts = toy.shape_prompts("test")[:8] if cfg.data in toy.WORLDS else SAMPLE_PROMPTS
-    kw = dict(steps=cfg.sample_steps, height=resolution, width=resolution,
-              guidance=sampling_defaults(cfg.model)[1])
-    seeds, folder = list(range(len(prompts))), out / "samples" / "base"
-    base = [folder / f"{i:02d}.png" for i in seeds]
-    if not all(p.is_file() for p in base):
-        base_unet = reference if reference is not None else load_sd(cfg.model, device=sd.device).unet
-        with lora_disabled(base_unet):
-            for path, image in zip(base, render(sd, base_unet, prompts, seeds, **kw)):
-                write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
-    tuned = render(sd, policy, prompts, seeds, **kw)
-    grid = image_grid([[Image.open(p).convert("RGB") for p in base], tuned], ["base", f"step {step}"], prompts)
-    path = out / "samples" / f"step{step:06d}.png"
-    write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
+def wait_for(path, poll=1.0):
+    """Wait until rank 0 has written `path` (None: nothing to wait for); torchrun ends the job if rank 0 dies."""
+    while path is not None and not path.exists():
+        time.sleep(poll)
     return path
 
 
-def finish(world, out, lock):
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    if lock is not None:
-        lock.close()
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Pairs the run builds itself with the base model before training (then read as any parquet shard):
 #   shapes        the toy world's on-policy pairs, labelled by its judge (toy.build_shape_pairs)
 #   shapes-style  its style alignment: each base generation's styled edit preferred (toy.build_style_pairs)
@@ -721,17 +594,20 @@ def built_pairs_path(cfg, out):
     return out / "style_pairs.parquet" if cfg.data.startswith("style:") else None
 
 
-def build_pairs(cfg, sd, out, resolution):
+def build_pairs(s, out):
     """Build the pairs of --data shapes / shapes-style / style:FOLDER unless OUT already holds them; returns their
     path (None for data that is read, not built)."""
+    cfg = s.cfg
     path = built_pairs_path(cfg, out)
     if path is None or path.exists():
         return path
     t0, guidance = time.time(), sampling_defaults(cfg.model)[1]
-    if cfg.data in toy.WORLDS:
-        n = toy.build_world_pairs(cfg.data, sd, path, toy.TOY_PAIRS, cfg.seed)
-    else:
-        n = build_style_pairs(sd, cfg.data[len("style:"):], path, resolution, cfg.sample_steps, guidance, cfg.seed)
+    with s.autocast:
+        if cfg.data in toy.WORLDS:
+            n = toy.build_world_pairs(cfg.data, s.sd, path, toy.TOY_PAIRS, cfg.seed)
+        else:
+            n = build_style_pairs(s.sd, cfg.data[len("style:"):], path, s.resolution, cfg.sample_steps, guidance,
+                                  cfg.seed)
     print0(f"built {path}: {n} pairs ({time.time() - t0:.0f} s)")
     return path
 
@@ -746,6 +622,221 @@ def build_style_pairs(sd, folder, path, resolution, steps, guidance, seed=0):
                     guidance=guidance, height=resolution, width=resolution)
     write_pairs(path, prompts, [p.read_bytes() for _, p in items], [png_bytes(i) for i in images], [1.0] * len(items))
     return len(items)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resuming: OUT/config.json records the run's settings; OUT/checkpoint.pt holds everything a resume needs
+
+
+def run_config(cfg, s, opt, world):
+    """OUT/config.json's settings: the flags, and what they resolved to (resolution, lr, precision, world size)."""
+    fixed = [f.name for f in fields(cfg) if f.metadata["resume"] == "fixed"]
+    return dict(asdict(cfg), world_size=world, resolution=s.resolution, lr_used=opt.lr,
+                mixed_precision=amp_precision(cfg, s.sd.device), pairs_per_step=opt.pairs_per_step, fixed=fixed)
+
+
+def resume(cfg, out, run_cfg, policy, opt, pairs, rank):
+    """Load OUT/checkpoint.pt into the models, optimizer and data stream if there is one (refusing a changed "fixed"
+    setting; applying the new learning rate, warmup and weight decay), write OUT/config.json and trim
+    OUT/metrics.jsonl to the checkpoint's step. Returns the loop's state: step, position, skipped (steps)."""
+    state = dict(step=0, position=0, skipped=0)
+    ckpt = runs.load_checkpoint(out / "checkpoint.pt")
+    if ckpt is not None:
+        for k in run_cfg["fixed"] + ["world_size"]:
+            if k in ckpt["config"] and ckpt["config"][k] != run_cfg[k]:
+                raise UserError(f"{out / 'checkpoint.pt'} was made with {k}={ckpt['config'][k]!r}, this command has "
+                                f"{k}={run_cfg[k]!r}; use another --out or the same settings to resume")
+        policy.load_state_dict(ckpt["unet"], strict=not cfg.lora_rank)  # with LoRA: the adapters only
+        opt.optimizer.load_state_dict(ckpt["optimizer"])
+        opt.scheduler.load_state_dict(ckpt["scheduler"])
+        if opt.scaler.is_enabled() and ckpt["scaler"]:                    # fp16's loss scale (none for fp32, bf16)
+            opt.scaler.load_state_dict(ckpt["scaler"])
+        opt.scheduler.base_lrs = [opt.lr] * len(opt.optimizer.param_groups)
+        for group in opt.optimizer.param_groups:                          # "new" settings take effect now
+            group.update(initial_lr=opt.lr, weight_decay=cfg.weight_decay,
+                         lr=opt.lr * warmup_constant(cfg.warmup_steps)(opt.scheduler.last_epoch))
+        state = {k: ckpt[k] for k in state}
+        pairs.skipped.update({k: set(v) for k, v in ckpt["skipped_pairs"].items()})
+        torch.set_rng_state(ckpt["rng"])
+        print0(f"resuming {out} from step {state['step']}", rank=rank)
+    if rank == 0:
+        write_text_atomic(out / "config.json", json.dumps(dict(run_cfg, command=" ".join(sys.argv)), indent=2))
+        runs.trim_metrics(out / "metrics.jsonl", state["step"])
+    return state
+
+
+LAYOUTS = {"sd15": "SD1.5's layout", "sdxl": "SDXL's layout"}
+
+
+def banner(s, run_cfg, world, device):
+    what = f"{LAYOUTS[s.sd.kind]}, UNet {sum(p.numel() for p in s.policy.parameters()) / 1e6:.1f}M params"
+    precision = DTYPE_NAMES[DTYPES[run_cfg["mixed_precision"]]]
+    return (f"{s.cfg.method} on {model_name(s.cfg.model)} ({what}), {run_cfg['pairs_per_step']} pairs/step on "
+            f"{world} x {device.type}, lr {run_cfg['lr_used']:.3g}, {precision} precision")
+
+
+def model_name(model):
+    return "tiny, the toy model" if model == "tiny" else model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One optimizer step, its metrics row, and the stop after too many non-finite steps
+
+
+def optimizer_step(policy, opt, grad_clip):
+    """Clip the gradient's norm and step, unless it is not finite (then the step is skipped: the caller counts it).
+    Returns the gradient norm before clipping and the learning rate the step used."""
+    opt.scaler.unscale_(opt.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+    if torch.isfinite(grad_norm):
+        opt.scaler.step(opt.optimizer)
+    opt.scaler.update()
+    opt.optimizer.zero_grad(set_to_none=True)
+    lr = opt.optimizer.param_groups[0]["lr"]
+    opt.scheduler.step()
+    return grad_norm, lr
+
+
+SKIP_COUNTS = ("corrupt", "too_large", "ties", "bad_labels", "empty_captions")
+
+
+def metrics_row(state, logs, numbers, pairs, world, gathered):
+    """metrics.jsonl's row of one optimizer step: the loss terms averaged over micro-steps and ranks (on the device:
+    one copy to the host per step), the optimizer's `numbers`, and the counts of steps and pairs left out so far."""
+    m = all_mean(torch.stack(logs).mean(0), world).tolist()
+    return dict(step=state["step"], loss=m[0], implicit_acc=m[1], **numbers, mse_w=m[2], mse_l=m[3],
+                ref_mse_w=m[4], ref_mse_l=m[5], skipped=state["skipped"], **gathered_counts(pairs, world, gathered))
+
+
+def all_mean(x, world):
+    """Mean of a tensor over ranks (for logging)."""
+    if world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= world
+    return x
+
+
+def gathered_counts(pairs, world, gathered):
+    """The stream's counts of pairs left out, each pair once (data.PairSource.counts): every rank's skipped pairs are
+    merged, so each rank counts the union. Only the keys not yet in `gathered` (the union so far) travel."""
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, {r: keys - gathered.get(r, set()) for r, keys in pairs.skipped.items()})
+        for other in everyone:
+            for reason, keys in other.items():
+                pairs.skipped[reason] |= keys
+                gathered.setdefault(reason, set()).update(keys)
+    return {k: pairs.counts().get(k, 0) for k in SKIP_COUNTS}
+
+
+def diverged(out, bad_in_a_row):
+    """The error that stops a run after --max-bad-steps non-finite steps in a row, naming the step its last
+    checkpoint holds (checkpoints are written only with finite weights)."""
+    held = runs.load_checkpoint(out / "checkpoint.pt")
+    where = (f"{out / 'checkpoint.pt'} holds step {held['step']}, the last checkpoint (its weights are finite)" if held
+             else "no checkpoint was written yet")
+    return UserError(f"{bad_in_a_row} optimizer steps in a row had a non-finite loss/gradient; stopping: {where}; try "
+                     f"a lower --lr or --mixed-precision bf16 and re-run the command to resume")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# At each checkpoint (rank 0): the checkpoint, the validation loss, the sample grid
+
+
+def save_checkpoint(s, out, opt, state, pairs):
+    """OUT/unet/ (or the LoRA file) for users, and OUT/checkpoint.pt to resume from: the trainable weights, the
+    optimizer, scheduler and scaler states, the stream position, the RNG and the pairs skipped so far. Unless a
+    weight is not finite: then the last checkpoint, which is, stays."""
+    policy = s.policy
+    if not all(torch.isfinite(p).all() for p in policy.parameters() if p.requires_grad):
+        print0(f"step {state['step']}: non-finite weights, {out / 'checkpoint.pt'} is not overwritten")
+        return
+    if s.cfg.lora_rank:  # the adapters alone (the base is --model's), also as diffusers' load_lora_weights reads
+        weights = {k: v for k, v in policy.state_dict().items() if ".lora_" in k}
+        save_lora(policy, out / LORA_FILE)
+    else:
+        weights = policy.state_dict()
+        save_unet(policy, out / "unet")
+    runs.save_checkpoint(out / "checkpoint.pt", dict(
+        unet=weights, optimizer=opt.optimizer.state_dict(), scheduler=opt.scheduler.state_dict(),
+        scaler=opt.scaler.state_dict(), rng=torch.get_rng_state(),
+        skipped_pairs={k: sorted(v) for k, v in pairs.skipped.items()}, **state))
+
+
+@torch.no_grad()
+def validation(s, val):
+    """The loss and implicit accuracy on the held-out pairs (--val-pairs), each with its own fixed noise, timestep
+    and posterior draw (those of its index + 2^40), so the values are comparable across checkpoints."""
+    n, totals = s.cfg.val_pairs, 0
+    for start in range(0, n, s.cfg.batch_size):
+        idx = list(range(start, min(n, start + s.cfg.batch_size)))
+        items = [val.item(i) for i in idx]
+        batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if isinstance(items[0][k], torch.Tensor)}
+        held_out = [i + 2 ** 40 for i in idx]                       # noise draws of their own, not training pairs'
+        batch.update(prompts=[it["prompt"] for it in items], index=torch.tensor(held_out), position=held_out[-1] + 1)
+        loss, acc, _ = micro_step(s, batch, s.policy, s.reference)
+        totals = totals + torch.stack([loss.float(), acc.float()]) * len(idx)
+    loss, acc = (totals / n).tolist()
+    return dict(val_loss=loss, val_implicit_acc=acc, val_pairs=n)
+
+
+SAMPLE_PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a red cube on top of a blue sphere",
+                  "a watercolor painting of a fox in the snow", "a close-up portrait of an old fisherman"]
+
+
+def sample_prompts(s):
+    """The grids' fixed prompts, seeds and sampling settings."""
+    prompts = toy.shape_prompts("test")[:8] if s.cfg.data in toy.WORLDS else SAMPLE_PROMPTS
+    kw = dict(steps=s.cfg.sample_steps, height=s.resolution, width=s.resolution,
+              guidance=sampling_defaults(s.cfg.model)[1])
+    return prompts, list(range(len(prompts))), kw
+
+
+def base_samples(s, out, step):
+    """OUT/samples/base/NN.png, the grids' first row: the base model's images for the fixed prompts and seeds,
+    rendered once, by the reference (or the policy with LoRA switched off; for SFT the policy before it moves)."""
+    prompts, seeds, kw = sample_prompts(s)
+    paths = [out / "samples" / "base" / f"{i:02d}.png" for i in seeds]
+    if not s.cfg.samples or all(p.is_file() for p in paths):
+        return paths
+    base = s.reference if s.reference is not None else s.policy
+    if base is s.policy and step > 0 and not s.cfg.lora_rank:   # SFT resumed with no base row: the base again
+        base = load_sd(s.cfg.model).unet.to(s.sd.device)
+    with lora_disabled(base), s.autocast:
+        for path, image in zip(paths, render(s.sd, base, prompts, seeds, **kw)):
+            write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    return paths
+
+
+def samples(s, out, step):
+    """OUT/samples/stepNNNNNN.png: the base model's images (row 1) and the policy's at this step (row 2), for fixed
+    prompts and seeds, so grids across checkpoints are comparable."""
+    if not s.cfg.samples:
+        return None
+    prompts, seeds, kw = sample_prompts(s)
+    base = [Image.open(p).convert("RGB") for p in base_samples(s, out, step)]
+    with s.autocast:
+        tuned = render(s.sd, s.policy, prompts, seeds, **kw)
+    grid = image_grid([base, tuned], ["base", f"step {step}"], prompts)
+    path = out / "samples" / f"step{step:06d}.png"
+    write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
+    return path
+
+
+def save_merged_unet(cfg, out):
+    """--merge-lora: OUT/unet/, --model's UNet (fp32, freshly loaded) with OUT's LoRA file merged in, as sample.py
+    --lora merges it; the policy itself is left as it trained."""
+    save_unet(load_sd(cfg.model, lora=out / LORA_FILE).unet, out / "unet")
+
+
+def finish(world, out, lock):
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if lock is not None:
+        lock.close()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

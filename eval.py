@@ -22,29 +22,26 @@ Read top to bottom: the scores' formulas and the scorer, their loaders, prompt s
 toy world's evaluation, the report and the CLI. The networks (CLIP, BLIP, BERT) are in scorer_nets.py.
 """
 import argparse
-import csv
 import html
-import io
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
 from PIL import Image
-from tqdm import tqdm
 
 import sample
+from sample import fail
 import toy
 import unet
 from scorer_nets import (BLIP, CLIP, SBERT, VIT_H_14, TextAlignment, clip_preprocess, frechet_distance, hps_preprocess,
                    load_captioner, load_sentence_encoder, openclip_configs, read_processor_config)
 from convert import openclip_to_ours
-from files import DTYPES, LoadError, UserError, first_line, hub_download, read_json, \
+from files import DTYPES, LoadError, UserError, first_line, hub_download, model_folder, read_json, \
     read_safetensors, weight_files, write_text_atomic
+from shards import PROMPT_FILES, read_prompts
 from tokenizer import CLIPTokenizer, read_merges
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,15 +135,9 @@ PICKSCORE, PICKSCORE_PROCESSOR = "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H
 HPS_REPO, HPS_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
 CLIP_L14 = "openai/clip-vit-large-patch14"
 AESTHETIC_REPO, AESTHETIC_FILE = "camenduru/improved-aesthetic-predictor", "sac+logos+ava1-l14-linearMSE.pth"
-SCORERS = ("pickscore", "hps", "aesthetic", "clip", "text-alignment", "judge")  # judge: the toy's (data.judge)
+SCORERS = ("pickscore", "hps", "aesthetic", "clip", "text-alignment", "judge")  # judge: the toy's (toy.judge)
 SMALL_FILES = ["*.json", "*.txt"]  # configs, tokenizer and preprocessor files
 CLIP_FILES = SMALL_FILES + ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
-
-
-def _folder(model, default, patterns):
-    """A local folder as is, else a Hub id (default if None) downloaded to a snapshot folder."""
-    model = model or default
-    return Path(model) if Path(model).is_dir() else hub_download(model, patterns)
 
 
 def load_clip(folder, device="cpu", dtype=torch.float32):
@@ -160,13 +151,13 @@ def load_clip(folder, device="cpu", dtype=torch.float32):
 
 def _tokenizer_folder(folder, fallback):
     """Tokenizer files in the model's folder, else the processor repo's (PickScore_v1 defers to laion's)."""
-    return folder if (folder / "vocab.json").is_file() else _folder(None, fallback, SMALL_FILES)
+    return folder if (folder / "vocab.json").is_file() else model_folder(fallback, SMALL_FILES)
 
 
 def _processor(folder, fallback=None):
     f = folder / "preprocessor_config.json"
     if not f.is_file() and fallback:
-        f = _folder(None, fallback, SMALL_FILES) / "preprocessor_config.json"
+        f = model_folder(fallback, SMALL_FILES) / "preprocessor_config.json"
     cfg = read_processor_config(f) if f.is_file() else {}
     return lambda images: clip_preprocess(images, **cfg)
 
@@ -210,12 +201,12 @@ def load_scorer(name, model=None, device="cpu", dtype=torch.float32, batch_size=
     if name == "judge":  # the toy world's programmatic judge: captions of the shapes world only
         return lambda images, prompts: torch.tensor([toy.judge(i, p) for i, p in zip(images, prompts)])
     if name in ("pickscore", "clip"):
-        folder = _folder(model, PICKSCORE if name == "pickscore" else CLIP_L14, CLIP_FILES)
+        folder = model_folder(model or (PICKSCORE if name == "pickscore" else CLIP_L14), CLIP_FILES)
         tok = CLIPTokenizer.from_folder(_tokenizer_folder(folder, PICKSCORE_PROCESSOR))
         return Scorer(name, load_clip(folder, device, dtype), _processor(folder, PICKSCORE_PROCESSOR), tok,
                       device=device, batch_size=batch_size)
     if name == "aesthetic":
-        folder = _folder(model, CLIP_L14, CLIP_FILES + ["*.pth"])
+        folder = model_folder(model or CLIP_L14, CLIP_FILES + ["*.pth"])
         heads = sorted(folder.glob("*.pth"))
         head_file = heads[0] if heads else hub_download(AESTHETIC_REPO, filename=AESTHETIC_FILE)
         clip = load_clip(folder, device, dtype)
@@ -252,7 +243,8 @@ def _torch_load(path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Prompt sets: the benchmark files in their own formats, parsed the same way from a local path or the HF cache
+# Prompt sets: the benchmarks' files, parsed in their own formats (shards.read_prompts) from a local path or the HF
+# cache
 
 HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 PROMPT_SETS = {  # name: (dataset repo, files to fetch)
@@ -261,62 +253,6 @@ PROMPT_SETS = {  # name: (dataset repo, files to fetch)
     "pickapic": ("yuvalkirstain/pickapic_v2_no_images", ["*test_unique*.parquet", "*test_unique/*.parquet"]),
     "hps": ("zhwang/HPDv2", [f"benchmark/{s}.json" for s in HPS_STYLES]),                        # 4 x 800
 }
-PROMPT_COLUMNS = ("Prompt", "Prompts", "prompt", "prompts", "caption", "text")
-PROMPT_FILES = (".txt", ".tsv", ".csv", ".json", ".parquet")
-
-
-def _column(path, names):
-    col = next((c for c in PROMPT_COLUMNS if c in names), None)
-    if col is None:
-        raise LoadError(f"{path}: expected a header with a prompt column ({', '.join(PROMPT_COLUMNS)}); "
-                              f"found: {', '.join(map(str, names)) or 'nothing'}")
-    return col
-
-
-def read_prompts(path):
-    """One prompt file in its own format:
-      .txt      one prompt per line, blank lines skipped
-      .tsv      PartiPrompts: a header, tab-separated fields, no quoting convention (prompt #1560 starts with a literal
-                "), so the raw lines are split on tabs
-      .csv      DrawBench (a Google Sheets export, every field quoted): standard CSV quoting
-      .json     the HPSv2 benchmark: a list of strings
-      .parquet  Hub datasets
-    tsv, csv and parquet files: the first column named Prompt, Prompts, prompt, prompts, caption or text."""
-    path = Path(path)
-    try:
-        if path.suffix == ".parquet":
-            table = pq.read_table(path)
-        else:
-            text = path.read_text(encoding="utf-8")
-    except (OSError, ValueError) as e:  # missing, unreadable, not UTF-8, not parquet
-        raise LoadError(f"{path}: not a readable {path.suffix} prompt file ({first_line(e)})") from None
-    if path.suffix == ".parquet":
-        return table.column(_column(path, table.column_names)).to_pylist()
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            data = e
-        if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
-            raise LoadError(f"{path}: expected a JSON list of prompt strings (the HPSv2 benchmark format)")
-        return data
-    if path.suffix == ".csv":
-        rows = csv.DictReader(io.StringIO(text))
-        col = _column(path, rows.fieldnames or [])
-        return [row[col] for row in rows]
-    lines = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
-    if path.suffix == ".txt":
-        return [line.strip() for line in lines]
-    header = lines[0].split("\t") if lines else []
-    k = header.index(_column(path, header))
-    rows = [line.split("\t") for line in lines[1:]]
-    short = next((i for i, r in enumerate(rows) if len(r) <= k), None)
-    if short is not None:
-        raise LoadError(f"{path}: data line {short + 1} has {len(rows[short])} tab-separated fields, "
-                              f"expected at least {k + 1}")
-    return [r[k] for r in rows]
-
-
 def prompt_set(spec):
     """A list of prompts. Names: parti (PartiPrompts, 1,632), drawbench (200), hps (HPSv2's benchmark: anime,
     concept-art, paintings, photo, 800 each; hps:STYLE for one), pickapic (Pick-a-Pic v2 test_unique captions,
@@ -512,13 +448,8 @@ def parse_scorer_models(items):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="the base: tiny (the toy model), an alias (sd15, sdxl), Hub id, "
-                                                 "folder or .safetensors")
-    p.add_argument("--unet", default=None, help="the tuned UNet folder (OUT/unet of diffdpo.py)")
-    p.add_argument("--lora", action="append", default=None, help="or: the tuned LoRA adapters (a run folder of "
-                   "diffdpo.py --lora-rank, or the .safetensors file), applied to --model's UNet; a second and "
-                   "further --lora (e.g. LCM-LoRA) are stacked on base and tuned alike")
+    p = sample.add_generation_args(argparse.ArgumentParser(description=__doc__,
+                                                           formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--prompts", default=None, help="a set (see prompt_set) or a .txt/.tsv/.csv/.json file "
                                                    "(default: parti; the toy model's held-out captions, shapes)")
     p.add_argument("--num", type=int, default=None, help="only the first N prompts")
@@ -529,35 +460,19 @@ def main(argv=None):
     p.add_argument("--captioner", default=None, help=f"text-alignment's BLIP: a folder or Hub id (default {BLIP})")
     p.add_argument("--style-ref", default=None, help="a folder of style images: report.json gets each model's style_fd")
     p.add_argument("--out", default="runs/eval", help="folder for report.json, report.md, wins_losses.png, images/")
-    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i, for both models")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; the toy model's 20)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default 7.5; the toy's 4)")
-    p.add_argument("--sampler", default=None, choices=list(sample.SAMPLERS), help="default: lcm for LCM pipelines, "
-                                                                                  "else ddim")
-    p.add_argument("--height", type=int, default=None, help="default: the model's (512 SD1.5, 1024 SDXL)")
-    p.add_argument("--width", type=int, default=None, help="default: the model's")
-    p.add_argument("--batch-size", type=int, default=4, help="images per UNet call")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the win rates' intervals")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="the networks' precision")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
-                   help="default: cuda when available")
+    p.epilog = ("The tuned model is --unet FOLDER or --lora (its first file: the tuned adapters; further --lora files, "
+                "e.g. LCM-LoRA, are stacked on base and tuned alike).")
     a = p.parse_args(argv)
     toy_model = a.model == "tiny"
-    a.steps, a.guidance = sample.sampling_defaults(a.model, a.steps, a.guidance)
+    sample.check_generation_args(a)
     a.prompts = a.prompts or ("shapes" if toy_model else "parti")
     a.scorers = a.scorers or ("judge" if toy_model else "pickscore,hps,aesthetic,clip")
-
-    def fail(msg):
-        print("error: " + (str(msg).splitlines() or [repr(msg)])[0], file=sys.stderr)
-        sys.exit(2)
-
     scorers = [s.strip() for s in a.scorers.split(",") if s.strip()]
     if not scorers or any(s not in SCORERS for s in scorers):
         fail(f"--scorers {a.scorers!r}: expected a comma-separated list of {', '.join(SCORERS)}")
-    if a.steps < 1 or a.batch_size < 1 or (a.num is not None and a.num < 1):
-        fail("--steps, --batch-size and --num must be at least 1")
-    if a.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: no CUDA device is available (use --device cpu)")
+    if a.num is not None and a.num < 1:
+        fail("--num must be at least 1")
     if (a.unet is None) == (a.lora is None):
         fail("give the tuned model as exactly one of --unet FOLDER or --lora DIR")
     dtype = DTYPES[a.dtype]
@@ -572,31 +487,25 @@ def main(argv=None):
                  unet.load_sd(a.model, device=a.device, dtype=dtype, lora=a.lora).unet)
     except (UserError, OSError) as e:
         fail(e)
-    if any(getattr(tuned.cfg, k) != getattr(sd.unet.cfg, k) for k in sample.FAMILY):
-        fail(f"--unet {a.unet}: a UNet of another model family than --model {a.model}")
+    sample.same_family(sd, tuned, a)
     if toy_model:
         sample.warn_unknown_words(sd, prompts)
-
-    out = Path(a.out)
-    seeds = [a.seed + i for i in range(len(prompts))]
-    bar = tqdm(total=2 * -(-len(prompts) // a.batch_size) * a.steps, unit="step", desc="sampling")
-    try:
-        images = {label: sample.render(sd, net, prompts, seeds, a.batch_size, steps=a.steps, guidance=a.guidance,
-                                       height=a.height, width=a.width, sampler=a.sampler, progress=bar)
-                  for label, net in (("base", sd.unet), ("tuned", tuned))}
-    except ValueError as e:
-        fail(e)
-    bar.close()
+    images = dict(zip(("base", "tuned"), sample.render_rows(sd, [sd.unet, tuned], prompts, a)))
     del sd, tuned
+    report(images, prompts, scorers, paths, ref, a)
+
+
+def report(images, prompts, scorers, paths, ref, a):
+    """Score base and tuned images, write OUT/images/, report.json, report.md and wins_losses.png."""
+    out = Path(a.out)
     for label, ims in images.items():
         (out / "images" / label).mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(ims):
             im.save(out / "images" / label / f"{i:05d}.png")
-
-    report = dict(args=vars(a), n=len(prompts), prompts=prompts, seeds=seeds)
+    report = dict(args=vars(a), n=len(prompts), prompts=prompts, seeds=[a.seed + i for i in range(len(prompts))])
     try:
         report["scorers"] = score(images, prompts, scorers, paths, a)
-        report["style_fd"] = style_fd(ref, images, toy_model, paths.get("clip"), a.device) if ref else None
+        report["style_fd"] = style_fd(ref, images, a.model == "tiny", paths.get("clip"), a.device) if ref else None
     except (UserError, OSError) as e:
         fail(e)
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))

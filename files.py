@@ -173,6 +173,11 @@ def hub_download(repo, patterns=None, filename=None, repo_type="model", local_on
                     f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {first_line(e)}") from None
 
 
+def model_folder(model, patterns):
+    """A local folder as is, else a Hub id: a snapshot folder of its files that match `patterns`."""
+    return Path(model) if Path(model).is_dir() else hub_download(model, patterns)
+
+
 # the weight file stem of each network folder in a diffusers pipeline
 STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
          "text_encoder_2": "model"}

@@ -264,8 +264,9 @@ def reference_dpo_step(ref, half=torch.bfloat16, beta=5000.0, optimizer="adamw",
     the step, fp32 trainable UNet under autocast, a frozen half-precision copy as the reference UNet,
         latents = vae.encode(x).latent_dist.sample() * scaling_factor,  noise and t shared by winner and loser,
         mse = (unet(x_t).sample - eps)^2 per image, inside = -0.5 beta ((mse_w - mse_l) - (ref_w - ref_l)),
-    AdamW (torch's default implementation) for SD1.5, transformers' Adafactor (scale_parameter=False,
-    relative_step=False) for SDXL, gradient clipping at 1.0. Returns step(batch, input_ids, noise, t) -> loss."""
+    AdamW (fused on CUDA, as ours: the step is compared, not two AdamW kernels) for SD1.5, transformers' Adafactor
+    (scale_parameter=False, relative_step=False) for SDXL, gradient clipping at 1.0.
+    Returns step(batch, input_ids, noise, t) -> loss."""
     from diffusers import DDPMScheduler
     device = ref.unet.device
     for m in [ref.vae, *ref.text_encoders]:
@@ -279,7 +280,8 @@ def reference_dpo_step(ref, half=torch.bfloat16, beta=5000.0, optimizer="adamw",
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear")  # as every SD1.5 / SDXL scheduler config
     if optimizer == "adamw":
-        opt = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2)
+        opt = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2,
+                                fused=device.type == "cuda")
     else:
         from transformers.optimization import Adafactor
         opt = Adafactor(policy.parameters(), lr=lr, weight_decay=1e-2, clip_threshold=1.0, scale_parameter=False,

@@ -1,9 +1,11 @@
 """
-The machinery under diffdpo.py's trainer (a tutorial reader can skip it): the settings checked before any work, the
-lock that keeps two runs out of one --out, checkpoints that hold tensors and plain data only (loaded with
-weights_only=True, so a checkpoint cannot run code), metrics.jsonl that survives a torn last line, optional
-TensorBoard / W&B logging, the model card pushed with the weights to the Hugging Face Hub, and Adafactor.
+The machinery under diffdpo.py's trainer (a tutorial reader can skip it): the command line built from a config
+dataclass, the settings checked before any work, the lock that keeps two runs out of one --out, checkpoints that
+hold tensors and plain data only (loaded with weights_only=True, so a checkpoint cannot run code), metrics.jsonl that
+survives a torn last line, optional TensorBoard / W&B logging, the model card pushed with the weights to the Hugging
+Face Hub, and Adafactor.
 """
+import argparse
 import atexit
 import fcntl
 import importlib.util
@@ -55,6 +57,42 @@ def validate(cfg, device, built):
                         f"(pip install {cfg.report_to})")
     if not built:
         find_shards(cfg.data)                   # the data is there (a local path; a Hub dataset that can be listed)
+
+
+def parse_config(cls, argv, description, presets, auto_preset):
+    """A config dataclass from the command line: one flag per field (defaults and help from the field's metadata);
+    the preset chosen by --preset (or, when "auto", by auto_preset(--model)) replaces the defaults, and the flags
+    given on the command line replace those."""
+    help_format = type("Help", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    p = argparse.ArgumentParser(description=description, formatter_class=help_format,
+                                epilog=presets_help(cls, presets))
+    for f in fields(cls):
+        name, kw = "--" + f.name.replace("_", "-"), dict(default=f.default, help=f.metadata["help"])
+        if f.type in (bool, "bool"):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(name, type=type(f.default), **kw)
+    first = p.parse_known_args(argv)[0]
+    preset = auto_preset(first.model) if first.preset == "auto" else first.preset
+    if preset not in presets:
+        p.error(f"--preset {preset}: expected one of {', '.join(presets)} or auto")
+    p.set_defaults(**presets[preset])
+    return cls(**dict(vars(p.parse_args(argv)), preset=preset))
+
+
+def presets_help(cls, presets):
+    """--help's epilog: each preset's defaults, and what a resumed run does with each setting."""
+    defaults = {f.name: f.default for f in fields(cls)}
+    shown = ("beta", "max_steps", "batch_size", "lr", "warmup_steps", "resolution", "threads", "vae_latents")
+    rows = [f"  {name:5} " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items()
+                                       if k not in ("model", "data") and (v != defaults[k] or name == "toy" and
+                                                                          k in shown))
+            for name, values in presets.items()]
+    policy = {r: [f"--{f.name.replace('_', '-')}" for f in fields(cls) if f.metadata["resume"] == r]
+              for r in ("fixed", "new")}
+    return ("presets (the defaults shown above are the toy's):\n" + "\n".join(rows) + "\n\nresuming (the same --out "
+            "again): these must not change, else the run refuses to start: " + " ".join(policy["fixed"]) +
+            "\nthese take the new value (recorded in OUT/config.json): " + " ".join(policy["new"]))
 
 
 # ----------------------------------------------------------------------------------------------------------------

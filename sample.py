@@ -144,7 +144,7 @@ def ddim(denoise, noise, cfg, steps):
 
 def euler(denoise, noise, cfg, steps):
     """Euler's method on the probability-flow ODE dx/dsigma = (x - x0_hat) / sigma in x = x0 + sigma eps
-    (Karras et al. 2022, Alg. 1 without churn; diffusers' EulerDiscreteScheduler):
+    (Karras et al. 2022, Alg. 1 without its Heun correction; diffusers' EulerDiscreteScheduler):
         x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (x_i - x0_hat(x_i)) / sigma_i,        sigma_n = 0
     The network sees x / sqrt(sigma^2 + 1) (its training scale). The chain starts at noise * sqrt(sigma_0^2 + 1)
     for leading spacing, noise * sigma_0 for linspace/trailing (diffusers' `init_noise_sigma`)."""
@@ -226,8 +226,9 @@ SAMPLERS = {"ddim": ddim, "euler": euler, "dpm": dpm_solver_2m, "lcm": lcm}
 
 
 def classifier_free_guidance(uncond, cond, scale):
-    """Classifier-free guidance (Ho & Salimans 2022, Eq. 6): eps = eps_uncond + w (eps_cond - eps_uncond), one UNet
-    call on the batch [uncond; cond]; w = 1 is the conditional model alone."""
+    """Classifier-free guidance (Ho & Salimans 2022, Eq. 6): eps = eps_uncond + s (eps_cond - eps_uncond), one UNet
+    call on the batch [uncond; cond]. Ho & Salimans write (1 + w) eps_cond - w eps_uncond: our scale s (the
+    pipelines' guidance_scale) is their 1 + w, so s = 1 is the conditional model alone."""
     return uncond + scale * (cond - uncond)
 
 
@@ -451,35 +452,74 @@ def warn_unknown_words(sd, prompts):
 FAMILY = ("in_channels", "cross_attention_dim", "addition_embed_type")  # what a --unet must share with --model
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def fail(msg):
+    """The command-line programs' end for a problem the user can fix: one line on stderr, exit status 2."""
+    print(f"error: {first_line(msg) if isinstance(msg, BaseException) else msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def add_generation_args(p):
+    """The flags sample.py and eval.py share: the base model and the tuned weights, the sampler and its settings,
+    the networks' precision and device."""
     p.add_argument("--model", default="tiny", help="the base: tiny (the toy model), an alias (sd15, sdxl), Hub id, "
                                                  "folder or .safetensors")
-    p.add_argument("--unet", default=None, help="a tuned UNet folder (OUT/unet of diffdpo.py) to sample with")
-    p.add_argument("--lora", action="append", default=None, help="or LoRA adapters merged into the base UNet: a run "
-                   "folder (diffdpo.py --lora-rank) or .safetensors file (peft or kohya); repeat to stack (+ LCM-LoRA)")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts", default=None, help="a text file, one prompt per line")
-    p.add_argument("--out", default="samples.png", help="the grid PNG to write")
-    p.add_argument("--compare", action="store_true", help="two rows, base and tuned, same seeds (needs --unet)")
+    p.add_argument("--unet", default=None, help="a tuned UNet folder (OUT/unet of diffdpo.py)")
+    p.add_argument("--lora", action="append", default=None, help="or LoRA adapters: a run folder (diffdpo.py "
+                   "--lora-rank) or .safetensors file (peft or kohya); repeat to stack (e.g. + LCM-LoRA)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; the toy model's 20)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, 1 = none (default "
                                                                 "7.5; the toy model's 4)")
-    p.add_argument("--negative-prompt", default=None, help="what the guidance steers away from (default: none)")
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="default: lcm for LCM pipelines, else ddim")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--seed", type=int, default=0, help="image (prompt) i uses seed + i, for every model")
     p.add_argument("--height", type=int, default=None, help="default: the model's (512 SD1.5, 1024 SDXL)")
     p.add_argument("--width", type=int, default=None, help="default: the model's")
     p.add_argument("--batch-size", type=int, default=4, help="images per UNet call")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="the networks' precision")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                    help="default: cuda when available")
-    a = p.parse_args(argv)
+    return p
+
+
+def check_generation_args(a):
+    """Fill in the sampling defaults and refuse impossible settings, before any model is loaded."""
     a.steps, a.guidance = sampling_defaults(a.model, a.steps, a.guidance)
+    if a.steps < 1 or a.batch_size < 1:
+        fail("--steps and --batch-size must be at least 1")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA device is available (use --device cpu)")
+    if a.unet and a.lora:
+        fail("give --unet or --lora, not both")
 
-    def fail(msg):
-        sys.exit(f"error: {msg}")
 
+def same_family(sd, tuned, a):
+    if tuned is not None and any(getattr(tuned.cfg, k) != getattr(sd.unet.cfg, k) for k in FAMILY):
+        fail(f"--unet {a.unet}: a UNet of another model family than --model {a.model} ({', '.join(FAMILY)} differ)")
+
+
+def render_rows(sd, unets, prompts, a, **kw):
+    """Each UNet's images of `prompts` (image i from seed --seed + i), under one progress bar of sampling steps."""
+    seeds = [a.seed + i for i in range(len(prompts))]
+    bar = tqdm(total=len(unets) * -(-len(prompts) // a.batch_size) * a.steps, unit="step", desc="sampling")
+    try:
+        rows = [render(sd, net, prompts, seeds, a.batch_size, steps=a.steps, guidance=a.guidance, height=a.height,
+                       width=a.width, sampler=a.sampler, progress=bar, **kw) for net in unets]
+    except (UserError, ValueError) as e:
+        fail(e)
+    bar.close()
+    return rows
+
+
+def main(argv=None):
+    p = add_generation_args(argparse.ArgumentParser(description=__doc__,
+                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", default=None, help="a text file, one prompt per line")
+    p.add_argument("--out", default="samples.png", help="the grid PNG to write")
+    p.add_argument("--compare", action="store_true", help="two rows, base and tuned, same seeds (needs --unet or "
+                                                          "--lora; stacked --lora files all go on the tuned row)")
+    p.add_argument("--negative-prompt", default=None, help="what the guidance steers away from (default: none)")
+    a = p.parse_args(argv)
+    check_generation_args(a)
     prompts = list(a.prompt)
     if a.prompts:
         try:
@@ -490,12 +530,6 @@ def main(argv=None):
         fail("no prompts: give --prompt TEXT or --prompts FILE (one prompt per line)")
     if a.compare and not (a.unet or a.lora):
         fail("--compare needs --unet (the tuned UNet folder) or --lora (the adapters)")
-    if a.unet and a.lora:
-        fail("give --unet or --lora, not both")
-    if a.steps < 1 or a.batch_size < 1:
-        fail("--steps and --batch-size must be at least 1")
-    if a.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: no CUDA device is available (use --device cpu)")
     dtype = DTYPES[a.dtype]
     try:
         sd = load_sd(a.model, device=a.device, dtype=dtype)
@@ -503,21 +537,12 @@ def main(argv=None):
         if a.lora:  # merged into the base UNet, or into a copy of it for --compare
             tuned = merge_lora_files(copy.deepcopy(sd.unet) if a.compare else sd.unet, a.lora)
     except (UserError, OSError) as e:
-        fail(first_line(e))
-    if tuned and any(getattr(tuned.cfg, k) != getattr(sd.unet.cfg, k) for k in FAMILY):
-        fail(f"--unet {a.unet}: a UNet of another model family than --model {a.model} ({FAMILY} differ)")
+        fail(e)
+    same_family(sd, tuned, a)
     if a.model == "tiny":
         warn_unknown_words(sd, prompts)
     rows = [("base", sd.unet), ("tuned", tuned)] if a.compare else [("tuned" if tuned else "base", tuned or sd.unet)]
-    seeds = [a.seed + i for i in range(len(prompts))]
-    bar = tqdm(total=len(rows) * -(-len(prompts) // a.batch_size) * a.steps, unit="step", desc="sampling")
-    try:
-        images = [render(sd, net, prompts, seeds, a.batch_size, steps=a.steps, guidance=a.guidance,
-                         height=a.height, width=a.width, negative_prompt=a.negative_prompt, sampler=a.sampler,
-                         progress=bar) for _, net in rows]
-    except ValueError as e:
-        fail(e)
-    bar.close()
+    images = render_rows(sd, [net for _, net in rows], prompts, a, negative_prompt=a.negative_prompt)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, [label for label, _ in rows], prompts).save(a.out)
     print(f"wrote {a.out}: {len(rows)} x {len(prompts)} images")

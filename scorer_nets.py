@@ -16,7 +16,7 @@ text-alignment scorer, the Fréchet distance.
 """
 import re
 import unicodedata
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,17 +31,6 @@ import unet
 SBERT = "sentence-transformers/all-MiniLM-L6-v2"
 BLIP = "Salesforce/blip-image-captioning-base"   # or Salesforce/blip-image-captioning-large
 MODEL_FILES = ["*.json", "*.txt", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
-
-
-def _folder(model, patterns=MODEL_FILES):
-    """A local folder as is, else a Hub id: a snapshot folder of its configs, tokenizer files and weights."""
-    return Path(model) if Path(model).is_dir() else files.hub_download(model, patterns)
-
-
-def _config(cls, d):
-    """A config dataclass from a config.json dict: known keys taken, the rest ignored, the dict kept as `raw`."""
-    names = {f.name for f in fields(cls)} - {"raw"}
-    return cls(**{k: v for k, v in d.items() if k in names}, raw=dict(d))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -414,7 +403,7 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, d):
-        cfg = _config(cls, d)
+        cfg = files.config_from_dict(cls, d)
         if cfg.hidden_act != "gelu" or cfg.position_embedding_type != "absolute":
             raise files.LoadError(f"BERT config: hidden_act={cfg.hidden_act!r}, position_embedding_type="
                                   f"{cfg.position_embedding_type!r}; expected 'gelu' and 'absolute'")
@@ -423,14 +412,6 @@ class BertConfig:
     @classmethod
     def minilm_l6(cls):  # sentence-transformers/all-MiniLM-L6-v2
         return cls.from_dict(dict(hidden_size=384, num_hidden_layers=6, intermediate_size=1536))
-
-
-def attend(q, k, v, heads, mask=None, causal=False):
-    """softmax(q k^T / sqrt(d)) v per head on (B, L, heads*d) tensors; mask (B, 1, 1, Lk) bool, True = attend."""
-    B, Lq, D = q.shape
-    q, k, v = (z.view(B, -1, heads, D // heads).transpose(1, 2) for z in (q, k, v))  # (B, heads, L, d)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-    return o.transpose(1, 2).reshape(B, Lq, D)
 
 
 class BertSelfAttention(nn.Module):
@@ -442,7 +423,7 @@ class BertSelfAttention(nn.Module):
     def forward(self, x, kv=None, mask=None, causal=False):
         """kv: precomputed (key, value) of the image features (cross-attention), else self-attention on x."""
         k, v = kv if kv is not None else (self.key(x), self.value(x))
-        return attend(self.query(x), k, v, self.heads, mask, causal)
+        return unet.attention(self.query(x), k, v, self.heads, causal, mask)
 
 
 class DenseNorm(nn.Module):
@@ -553,7 +534,7 @@ def load_sentence_encoder(model=SBERT, device="cpu", dtype=torch.float32, batch_
     """A sentence-transformers folder (or Hub id): config.json + model.safetensors (BertModel), tokenizer files,
     sentence_bert_config.json (max_seq_length), a mean-pooling module (1_Pooling/config.json, or as modules.json
     says). -> SentenceEncoder."""
-    folder = _folder(model)
+    folder = files.model_folder(model, MODEL_FILES)
     modules = files.read_json(folder / "modules.json") if (folder / "modules.json").is_file() else []
     pool = next((m["path"] for m in modules if m.get("type", "").endswith("Pooling")), "1_Pooling")
     d = files.read_json(folder / pool / "config.json") if (folder / pool / "config.json").is_file() else {}
@@ -590,18 +571,18 @@ class BlipVisionConfig:
 
     @classmethod
     def base(cls):  # blip-image-captioning-base: ViT-B/16
-        return _config(cls, {})
+        return files.config_from_dict(cls, {})
 
     @classmethod
     def large(cls):  # blip-image-captioning-large: ViT-L/16
-        return _config(cls, dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+        return files.config_from_dict(cls, dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                  num_attention_heads=16))
 
 
 def blip_configs(d):
     """A BlipConfig config.json -> (text, vision) configs, with transformers' defaults for keys left out (the text
     decoder: 8 heads, vocabulary 30524); the decoder cross-attends at the ViT's width; no token types."""
-    vision = _config(BlipVisionConfig, d.get("vision_config") or {})
+    vision = files.config_from_dict(BlipVisionConfig, d.get("vision_config") or {})
     text = {"vocab_size": 30524, "num_attention_heads": 8, **(d.get("text_config") or {})}
     return BertConfig.from_dict({**text, "type_vocab_size": 0, "encoder_hidden_size": vision.hidden_size}), vision
 
@@ -627,7 +608,7 @@ class BlipAttention(nn.Module):
 
     def forward(self, x):
         q, k, v = self.qkv(x).chunk(3, dim=-1)                                       # (B, L, D) each
-        return self.projection(attend(q, k, v, self.heads))
+        return self.projection(unet.attention(q, k, v, self.heads))
 
 
 class BlipEncoderLayer(nn.Module):
@@ -740,7 +721,7 @@ class Captioner:
 def load_captioner(model=BLIP, device="cpu", dtype=torch.float32, max_new_tokens=30, batch_size=8):
     """A BLIP captioning folder (or Hub id) as on the Hub: config.json, model.safetensors, tokenizer files,
     preprocessor_config.json (size, image_mean, image_std). -> Captioner."""
-    folder = _folder(model)
+    folder = files.model_folder(model, MODEL_FILES)
     text_cfg, vision_cfg = blip_configs(files.read_json(folder / "config.json"))
     sd = read_weights(folder)
     for key, source in TIED.items():

@@ -4,6 +4,7 @@ parquet shards, local or on the Hub fetched shard by shard as the stream reaches
 parquet writer, the --cache store of VAE latents and text embeddings, and the thread that prefetches batches.
 """
 import atexit
+import csv
 import hashlib
 import io
 import json
@@ -17,6 +18,7 @@ import huggingface_hub as hh
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from huggingface_hub.errors import RepositoryNotFoundError
 from safetensors import safe_open
 
@@ -238,7 +240,85 @@ def write_pairs(path, captions, images_0, images_1, label_0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Prompt files (eval.py's prompt sets), each benchmark's in its own format
+
+PROMPT_COLUMNS = ("Prompt", "Prompts", "prompt", "prompts", "caption", "text")
+PROMPT_FILES = (".txt", ".tsv", ".csv", ".json", ".parquet")
+
+
+def _column(path, names):
+    col = next((c for c in PROMPT_COLUMNS if c in names), None)
+    if col is None:
+        raise DataError(f"{path}: expected a header with a prompt column ({', '.join(PROMPT_COLUMNS)}); "
+                        f"found: {', '.join(map(str, names)) or 'nothing'}")
+    return col
+
+
+def read_prompts(path):
+    """One prompt file in its own format:
+      .txt      one prompt per line, blank lines skipped
+      .tsv      PartiPrompts: a header, tab-separated fields, no quoting convention (prompt #1560 starts with a literal
+                "), so the raw lines are split on tabs
+      .csv      DrawBench (a Google Sheets export, every field quoted): standard CSV quoting
+      .json     the HPSv2 benchmark: a list of strings
+      .parquet  Hub datasets
+    tsv, csv and parquet files: the first column named Prompt, Prompts, prompt, prompts, caption or text."""
+    path = Path(path)
+    try:
+        if path.suffix == ".parquet":
+            table = pq.read_table(path)
+        else:
+            text = path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:  # missing, unreadable, not UTF-8, not parquet
+        raise DataError(f"{path}: not a readable {path.suffix} prompt file ({first_line(e)})") from None
+    if path.suffix == ".parquet":
+        return table.column(_column(path, table.column_names)).to_pylist()
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            data = e
+        if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
+            raise DataError(f"{path}: expected a JSON list of prompt strings (the HPSv2 benchmark format)")
+        return data
+    if path.suffix == ".csv":
+        rows = csv.DictReader(io.StringIO(text))
+        col = _column(path, rows.fieldnames or [])
+        return [row[col] for row in rows]
+    lines = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+    if path.suffix == ".txt":
+        return [line.strip() for line in lines]
+    header = lines[0].split("\t") if lines else []
+    k = header.index(_column(path, header))
+    rows = [line.split("\t") for line in lines[1:]]
+    short = next((i for i, r in enumerate(rows) if len(r) <= k), None)
+    if short is not None:
+        raise DataError(f"{path}: data line {short + 1} has {len(rows[short])} tab-separated fields, "
+                        f"expected at least {k + 1}")
+    return [r[k] for r in rows]
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # --cache: VAE latents and text embeddings computed once, kept on disk, reused across epochs and runs
+
+
+def latent_cache(sd, key, cache_dir=""):
+    """The --cache store of the pipeline `sd`, whose frozen VAE and text encoders fill it (per image the posterior's
+    mean and std, scaled), in cache_dir (default ~/.cache/diffdpo), in a folder named by a hash of `key`: all that
+    the values depend on besides the pairs (the model, data, resolution, VAE precision, ...)."""
+    name = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+    @torch.no_grad()
+    def encode_images(xs):
+        images = torch.stack(xs).to(sd.device, sd.vae.dtype)
+        return (x.float() * sd.vae.scaling_factor for x in sd.vae.posterior(images))
+
+    @torch.no_grad()
+    def encode_text(prompt):
+        context, pooled = sd.encode_prompt([prompt])
+        return dict(context=context[0].float(), **({} if pooled is None else dict(pooled=pooled[0].float())))
+    return LatentCache(Path(cache_dir or Path.home() / ".cache" / "diffdpo") / name, encode_images, encode_text)
 
 
 class LatentCache:
@@ -294,12 +374,13 @@ class LatentCache:
 # Prefetching: the next batches are decoded in a thread while the GPU trains
 
 
-def prefetch(batches, depth=2):
+def prefetch(batches, depth=2, pin=False):
     """Yield the batches of the iterator `batches`, in order, while a background thread makes the next `depth`: JPEG
     decoding and resizing (which release the GIL) overlap the training step on the GPU instead of stalling it. The
     batches are the same as without it (all randomness is per pair); an error in the data is raised here, at the
     batch where it happened. Closing the generator, or the program's exit, stops the thread and waits for it (a
-    thread still inside torch when the interpreter exits aborts the process)."""
+    thread still inside torch when the interpreter exits aborts the process). pin: the batches' tensors in page-locked
+    memory (copied in the thread), so the step's copies to the GPU run asynchronously (non_blocking=True)."""
     ready, stop = queue.Queue(maxsize=depth), threading.Event()
 
     def hand(item):  # -> False once the consumer has gone
@@ -314,6 +395,8 @@ def prefetch(batches, depth=2):
     def work():
         try:
             for batch in batches:
+                if pin:
+                    batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 if not hand((batch, None)):
                     return
         except BaseException as e:  # noqa: BLE001 (raised in the consumer)

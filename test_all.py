@@ -304,7 +304,7 @@ def test_dpo_loss_formula():
     assert loss.item() == pytest.approx(math.log(2), abs=1e-12) and acc.item() == 0.0
     # per-image denoising error averages over C, H, W only
     pred, target = torch.randn(3, 4, 5, 6), torch.randn(3, 4, 5, 6)
-    assert torch.allclose(diffdpo.denoising_losses(pred, target), ((pred - target) ** 2).flatten(1).mean(1))
+    assert torch.allclose(diffdpo.denoising_error(pred, target), ((pred - target) ** 2).flatten(1).mean(1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -688,8 +688,8 @@ def test_vae_posterior_and_sampled_latents(hub):
     batch = dict(chosen=x[:1], rejected=x[1:], prompts=["a red cube"], index=torch.tensor([7]))
     z = diffdpo.posterior_noise([7], (4, 8, 8), seed=3)
     assert torch.equal(z, diffdpo.posterior_noise([7], (4, 8, 8), seed=3)) and z.shape == (2, 4, 8, 8)
-    sampled, _ = diffdpo.unet_inputs(sd, batch, 32, torch.device("cpu"), torch.float32, z)
-    at_mean, _ = diffdpo.unet_inputs(sd, batch, 32, torch.device("cpu"), torch.float32)
+    sampled, _ = diffdpo.unet_inputs(sd, batch, 32, z)
+    at_mean, _ = diffdpo.unet_inputs(sd, batch, 32)
     f = sd.vae.scaling_factor
     assert rel_err(sampled, (mean + std * z) * f) < 1e-6 and rel_err(at_mean, mean * f) < 1e-6
 
@@ -2325,8 +2325,7 @@ def test_dpo_on_an_lcm_unet(tmp_path, hub):
     batch = dict(chosen=torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, rejected=torch.rand(2, 3, 32, 32, generator=g)
                  * 2 - 1, prompts=["a red cube", "a photo of a cat"])
     cfg = diffdpo.TrainConfig.from_args(["--model", str(folder), "--lcm-guidance", "3"])
-    latents, cond = diffdpo.unet_inputs(sd, batch, 32, torch.device("cpu"), torch.float32,
-                                        lcm_guidance=cfg.lcm_guidance)
+    latents, cond = diffdpo.unet_inputs(sd, batch, 32, lcm_guidance=cfg.lcm_guidance)
     emb = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, torch.full((4,), 2.0), 256)
     assert rel_err(cond["timestep_cond"], emb) < 1e-6
     eps, t = diffdpo.pair_noise([0, 1], latents.shape[1:], 0, 1000)
@@ -2335,7 +2334,7 @@ def test_dpo_on_an_lcm_unet(tmp_path, hub):
         errors = diffdpo.dpo_errors(sd.unet, sd.unet, latents, cond, eps, t, abar, "epsilon")
         x_t = sample.add_noise(latents, eps.repeat(2, 1, 1, 1), t.repeat(2), abar)
         pred = ref(x_t, t.repeat(2), encoder_hidden_states=cond["context"], timestep_cond=emb).sample
-        _, cond_default = diffdpo.unet_inputs(sd, batch, 32, torch.device("cpu"), torch.float32)
+        _, cond_default = diffdpo.unet_inputs(sd, batch, 32)
         other = diffdpo.dpo_errors(sd.unet, sd.unet, latents, cond_default, eps, t, abar, "epsilon")
     want = (pred - eps.repeat(2, 1, 1, 1)).square().mean((1, 2, 3))
     assert rel_err(torch.cat(errors[:2]), want) < 1e-4 and rel_err(torch.cat(other[:2]), want) > 1e-4

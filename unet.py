@@ -110,11 +110,17 @@ class Upsample2D(nn.Module):
         return self.conv(x)
 
 
-def attention(q, k, v, heads, causal=False):
-    """Multi-head scaled dot-product attention, softmax(q k^T / sqrt(d)) v, on (B, L, heads*d) tensors."""
+def channels_last(x):
+    """Whether a (B, C, H, W) tensor is laid out NHWC (--channels-last), which the UNet's blocks keep."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def attention(q, k, v, heads, causal=False, mask=None):
+    """Multi-head scaled dot-product attention, softmax(q k^T / sqrt(d)) v, on (B, L, heads*d) tensors; mask
+    (B, 1, 1, Lk) bool, True = attend (BERT's padding)."""
     B, Lq, D = q.shape
     q, k, v = (z.view(B, -1, heads, D // heads).transpose(1, 2) for z in (q, k, v))  # (B, heads, L, d)
-    o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     return o.transpose(1, 2).reshape(B, Lq, D)                                  # (B, L, heads*d)
 
 
@@ -195,7 +201,8 @@ class Transformer2DModel(nn.Module):
             h = block(h, context)
         if self.linear:
             h = self.proj_out(h)
-        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()             # (B, C, H, W)
+        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)                          # (B, C, H, W)
+        h = h.contiguous(memory_format=torch.channels_last if channels_last(x) else torch.contiguous_format)
         if not self.linear:
             h = self.proj_out(h)
         return x + h
@@ -421,6 +428,11 @@ class VAE(nn.Module):
         c2 = 2 * cfg.latent_channels
         self.quant_conv = nn.Conv2d(c2, c2, 1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c2 // 2, c2 // 2, 1) if cfg.use_post_quant_conv else None
+
+    @property
+    def dtype(self):
+        """The precision the VAE computes in (the images it encodes are cast to it)."""
+        return self.encoder.conv_in.weight.dtype
 
     def posterior(self, x):
         """(mean, std) of q(z | x), the log-variance clamped to [-30, 20] as diffusers' DiagonalGaussianDistribution;
@@ -675,7 +687,7 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"              # OpenCLIP bigG / ViT-H: "gelu"
     layer_norm_eps: float = 1e-5
     projection_dim: int = 768
-    eos_token_id: int = 2                       # 2 in old configs means: the EOS is the argmax id (see pool)
+    eos_token_id: int = 2                       # 2 in old configs: the EOS is the argmax id (CLIPText)
     with_projection: bool = False               # CLIPTextModelWithProjection (SDXL's second encoder)
     raw: dict = field(default_factory=dict, repr=False)
 
