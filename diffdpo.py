@@ -17,6 +17,7 @@ import copy
 import datetime
 import json
 import os
+import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -283,7 +284,8 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
         if cfg.lora_rank and cfg.merge_lora:                # after the last validation and grid, from the LoRA file
             save_merged_unet(cfg, out)
         counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in row.items() if k in SKIP_COUNTS)
-        print(f"done: {state['step']} steps ({state['skipped']} skipped); pairs left out: {counts}; weights in "
+        print(f"done: {state['step']} steps ({state['skipped']} skipped, {row['pairs_per_s']:.2f} pairs/s at the last, "
+              f"peak memory {peak_memory_gib(device):.1f} GiB); pairs left out: {counts}; weights in "
               f"{out / (LORA_FILE if cfg.lora_rank else 'unet')}")
     return finish(world, out, lock)
 
@@ -381,7 +383,7 @@ class TrainConfig:
         """A config with a named preset's defaults (see PRESETS), then `overrides`."""
         if name not in PRESETS:
             raise UserError(f"--preset {name}: expected one of {', '.join(PRESETS)} or auto")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**{**PRESETS[name], "preset": name, **overrides})
 
     @classmethod
     def from_args(cls, argv=None, description=__doc__):
@@ -828,6 +830,13 @@ def save_merged_unet(cfg, out):
     """--merge-lora: OUT/unet/, --model's UNet (fp32, freshly loaded) with OUT's LoRA file merged in, as sample.py
     --lora merges it; the policy itself is left as it trained."""
     save_unet(load_sd(cfg.model, lora=out / LORA_FILE).unet, out / "unet")
+
+
+def peak_memory_gib(device):
+    """This process's peak memory: the GPU's allocations, or on the CPU its resident set (Linux counts KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def finish(world, out, lock):

@@ -15,6 +15,7 @@ import diffdpo
 import parity
 import sample
 import unet
+from files import UserError
 from test_all import grid_rows, hub, read_metrics, shard, train_args  # noqa: F401 (fixtures)
 
 
@@ -123,3 +124,14 @@ def test_bench_cuda_precision_on_the_cpu():
     step = bench.our_dpo_step(sd, torch.bfloat16, lr=1e-4)
     losses = [step(cached).item(), step(batch).item()]
     assert abs(losses[0] - math.log(2)) < 1e-6 and all(math.isfinite(x) for x in losses)
+
+
+def test_from_preset_is_the_command_lines_preset():
+    """TrainConfig.from_preset (README's Python use) equals the command line's --preset; toy is TrainConfig()."""
+    cfg = diffdpo.TrainConfig.from_preset("sd15", data="d", out="o")
+    assert cfg == diffdpo.TrainConfig.from_args(["--preset", "sd15", "--data", "d", "--out", "o"])
+    assert (cfg.beta, cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.vae_latents) == (5000.0, 2.048e-5, 2000, 500, "sample")
+    assert diffdpo.TrainConfig.from_preset("sdxl").optimizer == "adafactor"
+    assert diffdpo.TrainConfig.from_preset("toy") == diffdpo.TrainConfig()
+    with pytest.raises(UserError, match="--preset nope: expected one of toy, sd15, sdxl"):
+        diffdpo.TrainConfig.from_preset("nope")
