@@ -1,15 +1,21 @@
 """
 diffdpo's proof: every network, tokenizer, sampler and loss against its reference (diffusers / transformers / the
-papers' formulas) on the same inputs, plus small end-to-end runs. CPU only, offline, a few minutes on 2 cores:
+papers' formulas) on the same inputs, plus small end-to-end runs. CPU only, offline, about three minutes on 2 cores:
 
     pytest test_all.py
 
 The tests build their own "hub" (parity.py): random-weight models written by diffusers/transformers
 `save_pretrained` in the exact Hub layout, at small configs that exercise every code path, loaded through the same
 `load_sd` users call.
+
+The sections follow the modules' reading order: the networks (with the tokenizer and single-file checkpoints),
+sampling, the method, the trainer, data, evaluation, LoRA, LCM, Diffusion-RPO, reliability, the toy world, bench.py.
+Most training runs happen in this process (run_here: the scripts' own code path, without starting Python again);
+every CLI also runs at least once as a user runs it (run_cli), and the 2-process runs go through torchrun.
 """
 import csv
 import dataclasses
+import datetime
 import importlib.util
 import io
 import itertools
@@ -26,7 +32,9 @@ import threading
 import time
 import types
 import warnings
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from unittest import mock
 
 import huggingface_hub as hh
 import numpy as np
@@ -71,10 +79,11 @@ import toy
 import unet
 from files import UserError
 from parity import (SCHEDULER, SD15_TEST, SDXL_TEST, clip_vocab_source, make_hub, reference_pipe, tokenizer_cases,
-                       write_clip_tokenizer_folder)
+                    write_clip_tokenizer_folder)
 
 warnings.filterwarnings("ignore")
-torch.set_num_threads(min(4, os.cpu_count() or 1))
+SUITE_THREADS = min(4, os.cpu_count() or 1)
+torch.set_num_threads(SUITE_THREADS)
 ROOT = Path(__file__).resolve().parent
 
 
@@ -89,7 +98,7 @@ def rel_err(a, b):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The test hub
+# The test hub, the Pick-a-Pic shard, and running the CLIs (in a fresh process, or in this one)
 
 
 @pytest.fixture(scope="session")
@@ -99,8 +108,149 @@ def hub(tmp_path_factory):
     return {k: make_hub(root / k, k) for k in ("sd15", "sdxl")}
 
 
+def jpeg(color, size=(40, 32), noise_seed=0):
+    rng = np.random.default_rng(noise_seed)
+    arr = np.clip(np.array(color)[None, None] + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def make_pickapic_shard(path, n=24, ties=3, corrupt=1, seed=0):
+    """A Pick-a-Pic v2 shard: the preferred image is reddish, the other bluish, on either side; some ties and an
+    undecodable JPEG, plus a few of the dataset's other columns."""
+    rows = []
+    for i in range(n):
+        noise = seed * 1000 + 2 * i
+        red, blue = jpeg((200, 40, 40), noise_seed=noise), jpeg((40, 40, 200), noise_seed=noise + 1)
+        left = i % 2 == 0  # preferred image on the left half of the time
+        label_0 = 0.5 if i < ties else (1.0 if left else 0.0)
+        jpg_0, jpg_1 = (red, blue) if left else (blue, red)
+        if i == ties:  # the first non-tie pair is corrupt
+            jpg_0 = b"\xff\xd8 not really a jpeg"
+        rows.append(dict(caption=f"a picture number {i}", jpg_0=jpg_0, jpg_1=jpg_1, label_0=label_0,
+                         label_1=1.0 - label_0, best_image_uid=f"uid{i}", has_label=True, are_different=True))
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shard(tmp_path_factory):
+    return make_pickapic_shard(tmp_path_factory.mktemp("data") / "train-00000-of-00001.parquet")
+
+
+@pytest.fixture(autouse=True)
+def suite_threads():
+    """Every test starts and ends at the suite's torch threads. A run of the toy model sets 1 (its --threads), and
+    the session's runs (fixtures, made during some test's setup) must all see the same number: their comparisons
+    of weights are exact only at equal thread counts."""
+    torch.set_num_threads(SUITE_THREADS)
+    yield
+    torch.set_num_threads(SUITE_THREADS)
+
+
+def run_cli(args, env=None, torchrun=0):
+    """Run a CLI of ours in a fresh process, as a user would; torchrun=N: N gloo ranks started by torchrun."""
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+                              if torchrun else []) + args
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **(env or {}))
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def run_here(args):
+    """`python diffdpo.py ARGS` or `python rpo.py ARGS` (args as for run_cli) in this process: the script's __main__
+    (its config from the presets and flags, its method, its one-line errors with exit 2), without starting Python
+    and importing torch again. Returns what run_cli returns: returncode, stdout, stderr."""
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    with mock.patch.object(sys, "argv", list(args)), redirect_stdout(stdout), redirect_stderr(stderr):
+        try:
+            if args[0] == "rpo.py":
+                cfg = rpo.RPOConfig.from_args(args[1:])
+                embed = rpo.image_embedder(cfg.rpo_clip) if cfg.rpo_embed != "text" else None
+                diffdpo.main(cfg, rpo.make_pair_loss(cfg), embed)
+            else:
+                diffdpo.main(diffdpo.TrainConfig.from_args(args[1:]))
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
+
+
+def train_args(hub, shard, out, *extra):
+    return ["diffdpo.py", "--model", str(hub["sd15"]), "--data", str(shard), "--out", str(out), "--resolution", "32",
+            "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-4", "--warmup-steps", "2", "--device", "cpu",
+            "--checkpoint-every", "2", *extra]
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def unet_weights(out):
+    return load_file(Path(out) / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def grid_rows(path, row_labels, col_labels, size=(32, 32)):
+    """The rows of a sample.image_grid PNG as int arrays (cell height, columns x cell width, 3), placed by
+    sample.grid_layout; checks the grid's height."""
+    w, h, left, top, _ = sample.grid_layout(size, row_labels, col_labels)
+    grid = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert grid.shape[0] == top + h * len(row_labels), (grid.shape, top, h)
+    return [grid[top + r * h: top + (r + 1) * h, left:] for r in range(len(row_labels))]
+
+
+def unet_inputs(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.cfg
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 7, cfg.cross_attention_dim[0], generator=g)
+    added = {}
+    if cfg.addition_embed_type == "text_time":
+        added = dict(text_embeds=torch.randn(2, 32, generator=g), time_ids=torch.tensor([[32., 32, 0, 0, 32, 32]] * 2))
+    return x, torch.tensor([10, 700]), ctx, added
+
+
+def ref_eps(ref, x, t, ctx, added):
+    cond = dict(added_cond_kwargs=added) if added else {}
+    return ref(x, t, encoder_hidden_states=ctx, **cond).sample
+
+
+def pixel_diff(ours, theirs):
+    return max(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() for a, b in zip(ours, theirs))
+
+
+@pytest.fixture(scope="session")
+def tuned_unet(tmp_path_factory, hub):
+    """A "tuned" UNet folder for sample.py --compare and eval.py --unet: the sd15 hub's UNet with every weight moved
+    by N(0, 0.05^2) noise."""
+    sd = unet.load_sd(str(hub["sd15"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in sd.unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    folder = tmp_path_factory.mktemp("tuned") / "unet"
+    unet.save_unet(sd.unet, folder)
+    return folder
+
+
+def random_lora(model, rank, alpha=None, targets=lora.LORA_TARGETS, std=0.05, seed=0):
+    """Adapters on `model` (lora.add_lora) whose B is drawn from N(0, std^2) instead of zeros, so that they change
+    the output; A and B drawn from `seed`. Returns the adapted layers' names."""
+    torch.manual_seed(seed)
+    names = lora.add_lora(model, rank, alpha, targets)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, lora.LoRALinear):
+                m.lora_B.weight.normal_(0.0, std)
+    return names
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# unet.py: networks against diffusers / transformers
+# Networks (unet.py): the UNet, VAE and CLIP text encoders against diffusers / transformers; loading from folders,
+# the HF cache and the real architectures
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
@@ -182,17 +332,15 @@ def test_hub_cache_offline(tmp_path, hub):
     shutil.copytree(hub["sd15"], repo / "snapshots" / commit)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
-    code = ("import unet, torch; sd = unet.load_sd('test-org/tiny-sd'); "
-            "print(sd.kind, sum(p.numel() for p in sd.unet.parameters()))")
+    # one fresh process: the cached repo loads; then a repo that is not cached fails, saying so
+    code = ("import unet; sd = unet.load_sd('test-org/tiny-sd'); "
+            "print(sd.kind, sum(p.numel() for p in sd.unet.parameters()), flush=True); "
+            "unet.load_sd('test-org/missing')")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "hf"))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
     n = sum(p.numel() for p in unet.load_sd(str(hub["sd15"])).unet.parameters())
-    assert out.stdout.split() == ["sd15", str(n)]
-    # a repo that is not cached, offline: a one-line error that says so
-    out = subprocess.run([sys.executable, "-c", "import unet; unet.load_sd('test-org/missing')"], cwd=ROOT, env=env,
-                         capture_output=True, text=True)
-    assert out.returncode != 0 and "not in the local HF cache" in out.stderr
+    assert out.stdout.split() == ["sd15", str(n)], out.stderr[-2000:]
+    assert out.returncode != 0 and "test-org/missing" in out.stderr and "not in the local HF cache" in out.stderr
 
 
 def test_load_errors_name_the_problem(tmp_path, hub):
@@ -227,8 +375,8 @@ def test_load_errors_name_the_problem(tmp_path, hub):
 
 
 def test_presets_build_at_real_sizes():
-    """The named presets are the real architectures: parameter and tensor counts of SD1.5's and SDXL's UNets
-    (FACTS.md) and of the text encoders, built on the meta device (no memory)."""
+    """The named presets are the real architectures: parameter and tensor counts of SD1.5's and SDXL's UNets (as
+    the released checkpoints hold them) and of the text encoders, built on the meta device (no memory)."""
     with torch.device("meta"):
         sd15, sdxl = unet.UNet(unet.UNetConfig.sd15()), unet.UNet(unet.UNetConfig.sdxl())
         clip_l, big_g = unet.CLIPText(unet.CLIPTextConfig.sd15()), unet.CLIPText(unet.CLIPTextConfig.sdxl())
@@ -239,12 +387,26 @@ def test_presets_build_at_real_sizes():
     assert count(clip_l) == 123_060_480 and count(big_g) == 694_659_840 and count(vae) == 83_653_863
 
 
+def random_diffusers_unet(config, dtype):
+    """diffusers' UNet2DConditionModel at `config` with torch's default random init (each layer's reset_parameters,
+    as its constructor does), made on the meta device and initialised in `dtype`: at the real SD1.5 size, half
+    the memory and time of the constructor's fp32 init followed by a cast."""
+    with torch.device("meta"):
+        model = UNet2DConditionModel(**{k: v for k, v in config.items() if k != "_class_name"})
+    model = model.to(dtype).to_empty(device="cpu")
+    assert not list(model.buffers())
+    for m in model.modules():
+        if m._parameters:
+            m.reset_parameters()
+    return model
+
+
 def test_real_sd15_architecture(tmp_path):
     """The real SD1.5 UNet (860M parameters, random weights stored as the fp16 variant, as on the Hub) loads and
     matches diffusers; the load is timed and its peak memory measured in a fresh process."""
     torch.manual_seed(0)
-    ref = UNet2DConditionModel(**{k: v for k, v in unet.SD15_UNET.items() if k != "_class_name"})
-    ref.half().save_pretrained(tmp_path / "unet", variant="fp16")
+    ref = random_diffusers_unet(unet.SD15_UNET, torch.float16)
+    ref.save_pretrained(tmp_path / "unet", variant="fp16")
     ref.float()
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 768, generator=g)
@@ -269,10 +431,104 @@ print(dt, {PEAK_RSS_GIB})
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# diffdpo.py: schedule, ELBO surrogate, DPO loss
+# The tokenizer (tokenizer.py) against transformers' CLIPTokenizer
 
 
-def test_schedule_matches_diffusers():
+@pytest.mark.parametrize("pad,style", [("<|endoftext|>", "sd15"), ("!", "sd15"), ("!", "decoder")])
+def test_tokenizer_matches_transformers(tmp_path, pad, style):
+    folder = write_clip_tokenizer_folder(tmp_path / "tok", pad_token=pad, style=style)
+    ours, ref = tokenizer.CLIPTokenizer.from_folder(folder), HFCLIPTokenizer.from_pretrained(folder)
+    cases = tokenizer_cases()
+    expected = ref(cases, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    got = ours(cases)
+    bad = [(c, got[i].tolist(), expected[i].tolist()) for i, c in enumerate(cases)
+           if not torch.equal(got[i], expected[i])]
+    assert not bad, f"{len(bad)}/{len(cases)} differ, first: {bad[0]}"
+    assert got[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, ours.pad]
+    assert ours.pad == (49407 if pad == "<|endoftext|>" else 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Single-file checkpoints (convert.py): the original LDM / SGM key names
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_single_file_checkpoint(tmp_path, hub, kind):
+    """Write the test model as one original-format .safetensors (our rules inverted), load it back through load_sd
+    with the folder's configs: every tensor identical."""
+    sd = unet.load_sd(str(hub[kind]))
+    comps = {"unet": sd.unet, "vae": sd.vae, "text_encoder": sd.text_encoders[0]}
+    if kind == "sdxl":
+        comps["text_encoder_2"] = sd.text_encoders[1]
+    flat = convert.convert_to_ldm({n: m.state_dict() for n, m in comps.items()}, kind, sd.unet.cfg, sd.vae.cfg)
+    flat["model_ema.decay"] = torch.tensor(0.9999)  # keys a single file carries that we do not use
+    save_file(flat, tmp_path / "model.safetensors")
+    assert convert.detect_family(flat) == kind
+    loaded = unet.load_sd(str(tmp_path / "model.safetensors"), config=str(hub[kind]))
+    assert loaded.kind == kind
+    for a, b in zip([loaded.unet, loaded.vae, *loaded.text_encoders], comps.values()):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    del flat["model.diffusion_model.out.2.bias"]
+    save_file(flat, tmp_path / "broken.safetensors")
+    with pytest.raises(ValueError, match="key model.diffusion_model.out.2.bias not found"):
+        unet.load_sd(str(tmp_path / "broken.safetensors"), config=str(hub[kind]))
+
+
+def test_single_file_names_are_the_real_ones():
+    """At the real SD1.5 / SDXL configs, our rules produce the key names (and shapes) the released single files use."""
+    with torch.device("meta"):
+        models = {"sd15": {"unet": unet.UNet(unet.UNetConfig.sd15()), "vae": unet.VAE(unet.VAEConfig.sd15()),
+                           "text_encoder": unet.CLIPText(unet.CLIPTextConfig.sd15())},
+                  "sdxl": {"unet": unet.UNet(unet.UNetConfig.sdxl()), "vae": unet.VAE(unet.VAEConfig.sdxl()),
+                           "text_encoder": unet.CLIPText(unet.CLIPTextConfig.sd15()),
+                           "text_encoder_2": unet.CLIPText(unet.CLIPTextConfig.sdxl())}}
+    real = {"sd15": {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": (320, 320),
+                     "model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
+                     "model.diffusion_model.input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
+                     "model.diffusion_model.output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
+                     "model.diffusion_model.output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
+                     "model.diffusion_model.output_blocks.11.1.proj_out.weight": (320, 320, 1, 1),
+                     "model.diffusion_model.middle_block.1.proj_in.weight": (1280, 1280, 1, 1),
+                     "model.diffusion_model.middle_block.2.emb_layers.1.weight": (1280, 1280),
+                     "model.diffusion_model.time_embed.2.weight": (1280, 1280),
+                     "model.diffusion_model.out.2.weight": (4, 320, 3, 3),
+                     "first_stage_model.decoder.up.3.block.0.conv1.weight": (512, 512, 3, 3),
+                     "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+                     "first_stage_model.encoder.down.0.downsample.conv.weight": (128, 128, 3, 3),
+                     "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+                     "first_stage_model.decoder.norm_out.weight": (128,),
+                     "cond_stage_model.transformer.text_model.final_layer_norm.weight": (768,)},
+            "sdxl": {"model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+                     "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight": (1280, 2048),
+                     "model.diffusion_model.input_blocks.6.0.op.weight": (640, 640, 3, 3),
+                     "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+                     "model.diffusion_model.output_blocks.5.2.conv.weight": (640, 640, 3, 3),
+                     "model.diffusion_model.output_blocks.8.0.out_layers.3.weight": (320, 320, 3, 3),
+                     "model.diffusion_model.middle_block.1.transformer_blocks.9.ff.net.2.weight": (1280, 5120),
+                     "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc1.weight": (3072, 768),
+                     "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+                     "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.bias": (5120,),
+                     "conditioner.embedders.1.model.text_projection": (1280, 1280),
+                     "conditioner.embedders.1.model.positional_embedding": (77, 1280),
+                     "conditioner.embedders.1.model.ln_final.weight": (1280,)}}
+    for family in ("sd15", "sdxl"):
+        m = models[family]
+        weights = {n: mod.state_dict() for n, mod in m.items()}
+        flat = convert.convert_to_ldm(weights, family, m["unet"].cfg, m["vae"].cfg)
+        for k, shape in real[family].items():
+            assert k in flat and tuple(flat[k].shape) == shape, (k, tuple(flat[k].shape) if k in flat else None)
+        n_unet = sum(k.startswith("model.diffusion_model.") for k in flat)
+        assert n_unet == (686 if family == "sd15" else 1680)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling (sample.py): the noise schedule, the samplers and generation against the diffusers pipelines; the sample
+# CLI
+
+
+def test_noise_schedule_matches_diffusers():
+    """alphas_cumprod of the scaled-linear and linear schedules, and the forward process q(x_t | x_0)."""
     for cfg in [SCHEDULER, dict(SCHEDULER, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)]:
         ref = DDPMScheduler(**{k: v for k, v in cfg.items() if k in ("num_train_timesteps", "beta_start", "beta_end",
                                                                      "beta_schedule")})
@@ -281,7 +537,74 @@ def test_schedule_matches_diffusers():
         x0, eps = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
         t = torch.tensor([0, 1, 500, 999])
         assert rel_err(sample.add_noise(x0, eps, t, abar), ref.add_noise(x0, eps, t)) < 1e-6
-        assert rel_err(diffdpo.prediction_target(x0, eps, t, abar, "v_prediction"), ref.get_velocity(x0, eps, t)) < 1e-6
+
+
+def test_inference_timesteps_match_diffusers():
+    for spacing in ("leading", "trailing", "linspace"):
+        cfg = dict(SCHEDULER, timestep_spacing=spacing)
+        for n in (1, 7, 20, 50):
+            for cls in (DDIMScheduler, EulerDiscreteScheduler):
+                ref = cls.from_config(cfg)
+                ref.set_timesteps(n)
+                ours = sample.inference_timesteps(cfg, n, fractional=cls is EulerDiscreteScheduler)
+                assert torch.equal(ours.to(ref.timesteps.dtype), ref.timesteps), (spacing, n, cls)
+
+
+@pytest.mark.parametrize("kind,sampler", [("sd15", "ddim"), ("sd15", "euler"), ("sd15", "dpm"), ("sdxl", "ddim"),
+                                         ("sdxl", "euler"), ("sdxl", "dpm")])
+def test_generate_matches_pipelines(hub, kind, sampler):
+    """Same initial latents, same images as the diffusers pipeline with the matching scheduler (within 2/255)."""
+    sd = unet.load_sd(str(hub[kind]))
+    pipe = reference_pipe(hub[kind], kind)
+    pipe.scheduler = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
+                      "dpm": DPMSolverMultistepScheduler}[sampler].from_config(pipe.scheduler.config)
+    prompts = ["a red cube", "two blue spheres on grass"]
+    latents = sample.initial_latents(sd, 2, 32, 32, seed=5)
+    worst = 0
+    if sampler == "ddim":  # diffusers' DDIM default clip_sample=True (SD's configs turn it off)
+        sd.scheduler_config = dict(sd.scheduler_config, clip_sample=True)
+        pipe.scheduler = DDIMScheduler.from_config(sd.scheduler_config)
+    for neg in (None, "blurry"):
+        ours = sample.generate(sd, prompts, steps=12, guidance=7.5, latents=latents, height=32, width=32,
+                               sampler=sampler, negative_prompt=neg)
+        theirs = pipe(prompts, num_inference_steps=12, guidance_scale=7.5, latents=latents.clone(), height=32,
+                      width=32, negative_prompt=[neg] * 2 if neg else None, output_type="pil").images
+        diff = max(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() for a, b in zip(ours, theirs))
+        worst = max(worst, diff)
+    print(f"{kind} {sampler}: max pixel difference {worst}/255")
+    assert worst <= 2 and ours[0].size == (32, 32)
+
+
+def test_sample_cli_compare_grid(tmp_path, hub, tuned_unet):
+    """`python sample.py --compare` renders base and tuned rows from the same seeds; the tuned row differs. A missing
+    prompt file is a one-line error."""
+    (tmp_path / "prompts.txt").write_text("a red cube\n\na blue ball\n")
+    r = run_cli(["sample.py", "--model", str(hub["sd15"]), "--unet", str(tuned_unet), "--prompts",
+                 str(tmp_path / "prompts.txt"), "--compare", "--out", str(tmp_path / "grid.png"), "--steps", "4",
+                 "--height", "32", "--width", "32", "--device", "cpu"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    base, tuned = grid_rows(tmp_path / "grid.png", ["base", "tuned"], ["a red cube", "a blue ball"])
+    assert base.shape == tuned.shape == (128, 2 * 128, 3) and np.abs(base - tuned).max() > 10
+    with pytest.raises(SystemExit) as e:                          # sys.exit(message): the message, no traceback
+        sample.main(["--model", str(hub["sd15"]), "--prompts", str(tmp_path / "nope.txt")])
+    assert str(e.value.code).startswith("error: --prompts ") and "nope.txt" in str(e.value.code)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The method (diffdpo.py): the prediction target, the DPO loss, the UNet's inputs, and our DPO step against the
+# official train.py's step (the two steps bench.py times)
+
+
+def test_prediction_target_matches_diffusers():
+    """The target the UNet is trained to output: eps, or diffusers' get_velocity for v-prediction."""
+    for cfg in [SCHEDULER, dict(SCHEDULER, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)]:
+        ref = DDPMScheduler(**{k: v for k, v in cfg.items() if k in ("num_train_timesteps", "beta_start", "beta_end",
+                                                                     "beta_schedule")})
+        abar = sample.alphas_cumprod(cfg)
+        x0, eps = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+        t = torch.tensor([0, 1, 500, 999])
+        v = diffdpo.prediction_target(x0, eps, t, abar, "v_prediction")
+        assert rel_err(v, ref.get_velocity(x0, eps, t)) < 1e-6
         assert torch.equal(diffdpo.prediction_target(x0, eps, t, abar), eps)
 
 
@@ -307,124 +630,118 @@ def test_dpo_loss_formula():
     assert torch.allclose(diffdpo.denoising_error(pred, target), ((pred - target) ** 2).flatten(1).mean(1))
 
 
+def test_vae_posterior_and_sampled_latents(hub):
+    """The trainer's latents are a draw from the VAE posterior, mean + std * z, as the official code's
+    latent_dist.sample(): mean and std equal diffusers', z is the pair's own (the same on any rank and resume),
+    and --vae-latents mean gives the mean."""
+    sd = unet.load_sd(str(hub["sd15"]))
+    ref = reference_pipe(hub["sd15"], "sd15").vae
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        mean, std = sd.vae.posterior(x)
+        dist = ref.encode(x).latent_dist
+    assert rel_err(mean, dist.mean) < 1e-5 and rel_err(std, dist.std) < 1e-5
+    batch = dict(chosen=x[:1], rejected=x[1:], prompts=["a red cube"], index=torch.tensor([7]))
+    z = diffdpo.posterior_noise([7], (4, 8, 8), seed=3)
+    assert torch.equal(z, diffdpo.posterior_noise([7], (4, 8, 8), seed=3)) and z.shape == (2, 4, 8, 8)
+    sampled, _ = diffdpo.unet_inputs(sd, batch, 32, z)
+    at_mean, _ = diffdpo.unet_inputs(sd, batch, 32)
+    f = sd.vae.scaling_factor
+    assert rel_err(sampled, (mean + std * z) * f) < 1e-6 and rel_err(at_mean, mean * f) < 1e-6
+
+
+def three_dpo_steps(sd, ref, optimizer, checkpointing, pairs=3):
+    """Three DPO steps of ours and of the diffusers-written official step on the same batch, noise and timesteps (fp32,
+    the VAE posterior mean on both sides): their losses and the total weight change."""
+    batch = parity.make_batch(pairs, sample.default_size(sd))
+    ids, noise, t = parity.reference_inputs(ref, batch, torch.device("cpu"))
+    ours = bench.our_dpo_step(sd, torch.float32, optimizer=optimizer, checkpointing=checkpointing, lr=1e-4)
+    theirs = parity.reference_dpo_step(ref, torch.float32, optimizer=optimizer, checkpointing=checkpointing, lr=1e-4,
+                                      posterior="mean")
+    before = {k: v.clone() for k, v in theirs.policy.state_dict().items()}
+    losses = [(ours(batch).item(), theirs(batch, ids, noise, t).item()) for _ in range(3)]
+    a, b = ours.policy.state_dict(), theirs.policy.state_dict()
+    change = lambda s: torch.cat([(s[k] - before[k]).flatten() for k in sorted(before)])  # noqa: E731
+    return losses, change(a), change(b), batch
+
+
+@pytest.mark.parametrize("kind", ["tiny", "sdxl"])
+def test_our_dpo_step_equals_the_official_step(hub, kind):
+    """diffdpo.py's DPO step (bench.our_dpo_step, which bench.py times) and a step written with diffusers as the
+    official train.py writes it: on the toy model (AdamW) and an SDXL-like hub (Adafactor, gradient checkpointing on
+    both sides) they give the same losses over three steps (the first is ln 2 up to float32 rounding x beta 5000)
+    and the same weight change."""
+    sd, ref = parity.folder_models("tiny" if kind == "tiny" else hub["sdxl"], torch.device("cpu"))
+    losses, ours, theirs, _ = three_dpo_steps(sd, ref, "adamw" if kind == "tiny" else "adafactor", kind == "sdxl")
+    assert abs(losses[0][0] - math.log(2)) < 1e-3 and abs(losses[0][1] - math.log(2)) < 1e-3
+    assert losses[1][0] < 0.6 and losses[2][0] < losses[1][0]  # the steps do train
+    for a, b in losses:
+        assert abs(a - b) <= 1e-3 * abs(b) + 1e-6, losses
+    assert (ours - theirs).norm() <= 1e-2 * theirs.norm() and theirs.norm() > 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# The trainer, end to end on the small hub and a generated Pick-a-Pic-schema shard
-
-
-def jpeg(color, size=(40, 32), noise_seed=0):
-    rng = np.random.default_rng(noise_seed)
-    arr = np.clip(np.array(color)[None, None] + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype("uint8")
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def make_pickapic_shard(path, n=24, ties=3, corrupt=1, seed=0):
-    """A Pick-a-Pic v2 shard: the preferred image is reddish, the other bluish, on either side; some ties and an
-    undecodable JPEG, plus a few of the dataset's other columns."""
-    rows = []
-    for i in range(n):
-        red, blue = jpeg((200, 40, 40), noise_seed=seed * 1000 + 2 * i), jpeg((40, 40, 200), noise_seed=seed * 1000 + 2 * i + 1)
-        left = i % 2 == 0  # preferred image on the left half of the time
-        label_0 = 0.5 if i < ties else (1.0 if left else 0.0)
-        jpg_0, jpg_1 = (red, blue) if left else (blue, red)
-        if i == ties:  # the first non-tie pair is corrupt
-            jpg_0 = b"\xff\xd8 not really a jpeg"
-        rows.append(dict(caption=f"a picture number {i}", jpg_0=jpg_0, jpg_1=jpg_1, label_0=label_0,
-                         label_1=1.0 - label_0, best_image_uid=f"uid{i}", has_label=True, are_different=True))
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The tokenizer against transformers' CLIPTokenizer
-
-
-@pytest.mark.parametrize("pad,style", [("<|endoftext|>", "sd15"), ("!", "sd15"), ("!", "decoder")])
-def test_tokenizer_matches_transformers(tmp_path, pad, style):
-    folder = write_clip_tokenizer_folder(tmp_path / "tok", pad_token=pad, style=style)
-    ours, ref = tokenizer.CLIPTokenizer.from_folder(folder), HFCLIPTokenizer.from_pretrained(folder)
-    cases = tokenizer_cases()
-    expected = ref(cases, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    got = ours(cases)
-    bad = [(c, got[i].tolist(), expected[i].tolist()) for i, c in enumerate(cases) if not torch.equal(got[i], expected[i])]
-    assert not bad, f"{len(bad)}/{len(cases)} differ, first: {bad[0]}"
-    assert got[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, ours.pad]
-    assert ours.pad == (49407 if pad == "<|endoftext|>" else 0)
-
-
-def run_cli(args, env=None, torchrun=0):
-    """Run a CLI of ours in a fresh process, as a user would."""
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-                              if torchrun else []) + args
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **(env or {}))
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
-def grid_rows(path, row_labels, col_labels, size=(32, 32)):
-    """The rows of a sample.image_grid PNG as int arrays (cell height, columns x cell width, 3), placed by
-    sample.grid_layout; checks the grid's height."""
-    w, h, left, top, _ = sample.grid_layout(size, row_labels, col_labels)
-    grid = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    assert grid.shape[0] == top + h * len(row_labels), (grid.shape, top, h)
-    return [grid[top + r * h: top + (r + 1) * h, left:] for r in range(len(row_labels))]
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def unet_weights(out):
-    return load_file(Path(out) / "unet" / "diffusion_pytorch_model.safetensors")
-
-
-def max_diff(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+# The trainer (diffdpo.py): end to end on the small hub and the Pick-a-Pic shard; resume, DDP, channels-last, the
+# latent cache, validation, the optimizers
 
 
 @pytest.fixture(scope="session")
-def shard(tmp_path_factory):
-    return make_pickapic_shard(tmp_path_factory.mktemp("data") / "train-00000-of-00001.parquet")
-
-
-def train_args(hub, shard, out, *extra):
-    return ["diffdpo.py", "--model", str(hub["sd15"]), "--data", str(shard), "--out", str(out), "--resolution", "32",
-            "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-4", "--warmup-steps", "2", "--device", "cpu",
-            "--checkpoint-every", "2", *extra]
-
-
-def test_train_end_to_end_resume_and_ddp(tmp_path, hub, shard):
-    """The CLI on a Hub-layout model and a Pick-a-Pic shard (ties, a corrupt JPEG): ln 2 at the start, output that
-    diffusers loads and that differs from the base; 2 steps + resume to 4 == 4 straight steps; 2 processes (gloo)
-    with batch 1 == 1 process with batch 2."""
-    straight = tmp_path / "straight"
-    r = run_cli(train_args(hub, shard, straight, "--max-steps", "4"))
+def dpo_run(tmp_path_factory, hub, shard):
+    """`diffdpo.py` (in this process) on the sd15 hub and the shard: 4 steps of 2 x 2 pairs, checkpoints and sample
+    grids (2 DDIM steps each) at steps 2 and 4. Tests read it, never write to it."""
+    out = tmp_path_factory.mktemp("dpo") / "straight"
+    r = run_here(train_args(hub, shard, out, "--max-steps", "4", "--sample-steps", "2"))
     assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def dpo_two_steps(tmp_path_factory, hub, shard):
+    """The same run stopped at step 2, without sample grids: where the resume, lock and checkpoint tests start (each
+    on its own copy, see copy_run)."""
+    out = tmp_path_factory.mktemp("dpo") / "two-steps"
+    r = run_here(train_args(hub, shard, out, "--max-steps", "2", "--no-samples"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def copy_run(run, out):
+    """A copy of a session run's folder to continue or damage (its lock file left behind)."""
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns(".lock"))
+    return out
+
+
+def test_train_end_to_end_resume_and_ddp(tmp_path, hub, shard, dpo_run, dpo_two_steps):
+    """diffdpo.py on a Hub-layout model and a Pick-a-Pic shard (ties, a corrupt JPEG): ln 2 at the start, sample
+    grids, output that diffusers loads and that differs from the base; 2 steps + resume to 4 == 4 straight steps;
+    `torchrun --nproc_per_node 2 diffdpo.py` (gloo) with batch 1 == 1 process with batch 2; a changed setting is
+    refused on resuming."""
+    straight = dpo_run
     rows = read_metrics(straight)
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     assert abs(rows[0]["loss"] - math.log(2)) < 1e-6 and rows[0]["implicit_acc"] == 0.0
     assert rows[-1]["corrupt"] >= 1 and "pairs_per_s" in rows[0] and rows[0]["lr"] > 0
     assert sorted(p.name for p in (straight / "samples").glob("step*.png")) == ["step000002.png", "step000004.png"]
     assert len(list((straight / "samples" / "base").glob("*.png"))) == len(diffdpo.SAMPLE_PROMPTS)
-    cfg = json.loads((straight / "config.json").read_text())
-    assert cfg["command"].startswith("diffdpo.py") and cfg["pairs_per_step"] == 4
+    assert json.loads((straight / "config.json").read_text())["pairs_per_step"] == 4
     tuned = UNet2DConditionModel.from_pretrained(straight, subfolder="unet")
     base = UNet2DConditionModel.from_pretrained(hub["sd15"], subfolder="unet")
     base_sd = base.state_dict()
     assert max((p - base_sd[k]).abs().max().item() for k, p in tuned.state_dict().items()) > 1e-6
 
-    resumed = tmp_path / "resumed"
-    assert run_cli(train_args(hub, shard, resumed, "--max-steps", "2")).returncode == 0
-    r = run_cli(train_args(hub, shard, resumed, "--max-steps", "4"))
+    resumed = copy_run(dpo_two_steps, tmp_path / "resumed")
+    r = run_here(train_args(hub, shard, resumed, "--max-steps", "4", "--no-samples"))
     assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-3000:]
     assert [row["step"] for row in read_metrics(resumed)] == [1, 2, 3, 4]
     assert max_diff(unet_weights(resumed), unet_weights(straight)) <= 1e-6
 
     ddp = tmp_path / "ddp"
-    args = train_args(hub, shard, ddp, "--max-steps", "4")
+    args = train_args(hub, shard, ddp, "--max-steps", "4", "--no-samples")
     args[args.index("--batch-size") + 1] = "1"
     r = run_cli(args, torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((ddp / "config.json").read_text())
+    assert cfg["command"].startswith("diffdpo.py") and cfg["pairs_per_step"] == 4 and cfg["world_size"] == 2
     # Same data, noise and timesteps on 2 ranks as on 1: the gradients agree to fp32 summation order. Adam's first
     # step is lr * sign(g), so parameters whose gradient is below that rounding noise may step +-lr apart: compare
     # the whole update, and the per-step gradient norms (a wrong split of the batch would differ by O(1)).
@@ -438,220 +755,78 @@ def test_train_end_to_end_resume_and_ddp(tmp_path, hub, shard):
     assert rel < 1e-2
 
     # a changed setting is refused instead of silently mixing two runs
-    r = run_cli(train_args(hub, shard, resumed, "--max-steps", "6", "--beta", "100"))
+    r = run_here(train_args(hub, shard, resumed, "--max-steps", "6", "--beta", "100"))
     assert r.returncode != 0 and "beta" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_channels_last_trains_the_same(tmp_path, hub, shard):
+def test_channels_last_trains_the_same(tmp_path, hub, shard, dpo_two_steps):
     """--channels-last (NHWC UNets) changes the memory layout, not the math: the same losses and gradient norms as
-    the default layout, the same update up to float rounding, and a plain diffusers file at the end."""
-    for name, extra in (("nchw", ("--no-samples",)), ("nhwc", ("--channels-last", "--no-samples"))):
-        r = run_cli(train_args(hub, shard, tmp_path / name, "--max-steps", "2", *extra))
-        assert r.returncode == 0, r.stderr[-3000:]
-    for a, b in zip(read_metrics(tmp_path / "nchw"), read_metrics(tmp_path / "nhwc")):
+    the default layout (the session's 2-step run), the same update up to float rounding, and a plain diffusers file
+    at the end."""
+    nchw, nhwc = dpo_two_steps, tmp_path / "nhwc"
+    r = run_here(train_args(hub, shard, nhwc, "--max-steps", "2", "--channels-last", "--no-samples"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for a, b in zip(read_metrics(nchw), read_metrics(nhwc), strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-3 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * a["grad_norm"]
+
     def layout(run):  # of the trained weights, as the checkpoint keeps them
-        w = torch.load(tmp_path / run / "checkpoint.pt", weights_only=False)["unet"]["conv_in.weight"]
+        w = torch.load(run / "checkpoint.pt", weights_only=False)["unet"]["conv_in.weight"]
         return "nhwc" if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() else "nchw"
-    assert layout("nhwc") == "nhwc" and layout("nchw") == "nchw"  # the flag did change the layout
+    assert layout(nhwc) == "nhwc" and layout(nchw) == "nchw"  # the flag did change the layout
     w0 = load_file(hub["sd15"] / "unet" / "diffusion_pytorch_model.safetensors")
-    w1, w2 = unet_weights(tmp_path / "nhwc"), unet_weights(tmp_path / "nchw")
+    w1, w2 = unet_weights(nhwc), unet_weights(nchw)
     rel = (sum(((w1[k] - w2[k]) ** 2).sum() for k in w0) / sum(((w2[k] - w0[k]) ** 2).sum() for k in w0)).sqrt()
     assert rel < 1e-2
 
 
+def test_dpo_learns_the_preference(tmp_path, hub, shard):
+    """A real signal: on the small model, 40 DPO steps on the red-preferred pairs drive the implicit accuracy on
+    the training pairs from 0 (policy == reference) to well above 0.5 over the last 20 steps (about 1 from step 25
+    on), and the loss below ln 2."""
+    out = tmp_path / "learn"
+    diffdpo.train(diffdpo.TrainConfig(model=str(hub["sd15"]), data=str(shard), out=str(out), resolution=32,
+                                      batch_size=4, max_steps=40, lr=1e-3, warmup_steps=10, checkpoint_every=0,
+                                      device="cpu", beta=500.0, samples=False))
+    rows = read_metrics(out)
+    assert rows[0]["implicit_acc"] == 0.0
+    late = rows[-20:]
+    acc = sum(r["implicit_acc"] for r in late) / len(late)
+    loss = sum(r["loss"] for r in late) / len(late)
+    print(f"implicit accuracy over the last 20 steps: {acc:.3f}, loss {loss:.4f}")
+    assert acc > 0.8 and loss < math.log(2) - 0.05
+
+
 def test_train_bad_data_is_one_line(tmp_path, hub):
-    r = run_cli(train_args(hub, tmp_path / "nope.parquet", tmp_path / "o", "--max-steps", "1"))
+    """Bad --data and --model end in one line, exit 2: `python diffdpo.py --data pickapic` offline as a user runs
+    it, the others in this process."""
+    r = run_here(train_args(hub, tmp_path / "nope.parquet", tmp_path / "o", "--max-steps", "1"))
     assert r.returncode != 0 and "nope.parquet" in r.stderr and "Traceback" not in r.stderr
     r = run_cli(train_args(hub, "pickapic", tmp_path / "o", "--max-steps", "1"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "2025" in r.stderr
     # errors found only when the data is first read (a missing column) and a bad --model: one line too
     pq.write_table(pq.read_table(make_pickapic_shard(tmp_path / "s.parquet", n=4)).drop_columns(["caption"]),
                    tmp_path / "nocaption.parquet")
-    r = run_cli(train_args(hub, tmp_path / "nocaption.parquet", tmp_path / "o2", "--max-steps", "1"))
+    r = run_here(train_args(hub, tmp_path / "nocaption.parquet", tmp_path / "o2", "--max-steps", "1"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "missing column(s) caption" in r.stderr
-    r = run_cli(["diffdpo.py", "--model", str(tmp_path), "--data", str(tmp_path / "s.parquet"), "--device", "cpu"])
+    r = run_here(["diffdpo.py", "--model", str(tmp_path), "--data", str(tmp_path / "s.parquet"), "--device", "cpu"])
     assert r.returncode == 2 and "Traceback" not in r.stderr and "model_index.json" in r.stderr
 
 
-def test_dpo_learns_the_preference(tmp_path, hub, shard):
-    """A real signal: on the small model, 150 DPO steps on the red-preferred pairs drive the implicit accuracy on
-    the training pairs from 0 (policy == reference) to well above 0.5, and the loss below ln 2."""
-    out = tmp_path / "learn"
-    diffdpo.train(diffdpo.TrainConfig(model=str(hub["sd15"]), data=str(shard), out=str(out), resolution=32,
-                                      batch_size=4, max_steps=150, lr=3e-4, warmup_steps=10, checkpoint_every=0,
-                                      device="cpu", beta=500.0))
-    rows = read_metrics(out)
-    late = rows[-30:]
-    acc = sum(r["implicit_acc"] for r in late) / len(late)
-    loss = sum(r["loss"] for r in late) / len(late)
-    print(f"implicit accuracy over the last 30 steps: {acc:.3f}, loss {loss:.4f}")
-    assert acc > 0.8 and loss < math.log(2) - 0.05
-
-
-def test_pickapic_removed_message(monkeypatch):
-    """`--data pickapic` when the Hub answers that the repo does not exist (as it does since 2025)."""
-
-    def gone(*a, **k):  # what huggingface_hub raises for a 404 on the repo
-        err = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
-        Exception.__init__(err, "404 Client Error: Repository Not Found")
-        raise err
-    monkeypatch.setattr(hh.HfApi, "list_repo_files", gone)
-    with pytest.raises(data.DataError) as e:
-        data.open_pairs("pickapic", resolution=32)
-    msg = str(e.value)
-    assert "taken off the Hub in 2025" in msg and "hub:OWNER/NAME" in msg and "pairs.jsonl" in msg
-    assert "pickapic_v2_no_images" in msg and "\n" not in msg
-
-
-def test_cache_is_exact_and_reused(tmp_path, hub, shard):
-    """--cache: the same weights as without it (both flips are stored), and a second run reads the cache."""
-    common = dict(model=str(hub["sd15"]), data=str(shard), resolution=32, batch_size=2, grad_accum=2, lr=1e-4,
-                  warmup_steps=2, max_steps=4, checkpoint_every=0, device="cpu", vae_latents="sample")
-    diffdpo.train(diffdpo.TrainConfig(out=str(tmp_path / "plain"), **common))
+def test_cache_is_exact_and_reused(tmp_path, hub, shard, dpo_run):
+    """--cache: the same weights as without it (the session's 4-step run; both flips are stored, the posterior is
+    sampled as the sd15 preset does), and a second run reads the cache."""
     for run in ("c1", "c2"):
-        diffdpo.train(diffdpo.TrainConfig(out=str(tmp_path / run), cache=True, cache_dir=str(tmp_path / "cache"),
-                                          **common))
+        r = run_here(train_args(hub, shard, tmp_path / run, "--max-steps", "4", "--no-samples", "--cache",
+                                "--cache-dir", str(tmp_path / "cache")))
+        assert r.returncode == 0, r.stderr[-3000:]
         if run == "c1":
             files = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
             assert any(f.endswith(".skipped") for f in files) and len(files) > 12
             stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.safetensors")}
-    assert max_diff(unet_weights(tmp_path / "plain"), unet_weights(tmp_path / "c1")) == 0.0
+    assert json.loads((dpo_run / "config.json").read_text())["vae_latents"] == "sample"
+    assert max_diff(unet_weights(dpo_run), unet_weights(tmp_path / "c1")) == 0.0
     assert max_diff(unet_weights(tmp_path / "c2"), unet_weights(tmp_path / "c1")) == 0.0
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.safetensors")} == stamp  # only read
-
-
-def test_non_finite_steps_are_skipped_then_stop(tmp_path, hub, shard):
-    """An absurd learning rate blows the weights up: the non-finite steps are skipped and counted, and the run
-    stops with a one-line message after --max-bad-steps of them in a row. It does not overwrite the last checkpoint
-    with diverged weights: the checkpoint it names holds finite weights."""
-    r = run_cli(train_args(hub, shard, tmp_path / "nan", "--max-steps", "20", "--lr", "1e30", "--max-bad-steps", "3"))
-    assert r.returncode == 2 and "non-finite" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
-    rows = read_metrics(tmp_path / "nan")
-    assert rows[-1]["skipped"] == 3 and len(rows) < 20
-    ckpt = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
-    assert f"holds step {ckpt['step']}" in r.stderr and ckpt["step"] < rows[-1]["step"]
-    assert all(torch.isfinite(v).all() for v in ckpt["unet"].values())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reliability: checkpoints that cannot run code, resumes that never wedge, bounded inputs, one-line errors
-
-
-class Evil:
-    """Unpickling this runs a command (what a crafted checkpoint.pt could do to a weights_only=False load)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def test_checkpoints_run_no_code_and_damage_is_one_line(tmp_path, hub, shard, monkeypatch):
-    """checkpoint.pt loads with weights_only=True: a crafted one runs nothing and stops the run with one line; so do a
-    truncated, an empty and a foreign one. A full disk while saving leaves the previous checkpoint intact."""
-    out = tmp_path / "evil"
-    out.mkdir()
-    torch.save({"unet": {}, "step": Evil(tmp_path / "pwned")}, out / "checkpoint.pt")
-    r = run_cli(train_args(hub, shard, out, "--max-steps", "1"))
-    assert r.returncode == 2 and "not a readable diffdpo checkpoint" in r.stderr and "Traceback" not in r.stderr
-    assert r.stderr.count("\n") == 1 and not (tmp_path / "pwned").exists()
-    good = tmp_path / "good"
-    assert run_cli(train_args(hub, shard, good, "--max-steps", "2", "--no-samples")).returncode == 0
-    blob = (good / "checkpoint.pt").read_bytes()
-    for name, damaged in [("truncated", blob[: len(blob) // 2]), ("empty", b"")]:
-        (tmp_path / name).write_bytes(damaged)
-        with pytest.raises(UserError, match=f"{name}: not a readable diffdpo checkpoint .*delete it"):
-            runs.load_checkpoint(tmp_path / name)
-    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign")
-    with pytest.raises(UserError, match="foreign: not a diffdpo checkpoint .no unet, optimizer"):
-        runs.load_checkpoint(tmp_path / "foreign")
-
-    def full(*a, **k):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(UserError, match="No space left on device.*previous checkpoint is intact"):
-        runs.save_checkpoint(good / "checkpoint.pt", {"step": 3})
-    assert (good / "checkpoint.pt").read_bytes() == blob and not list(good.glob("*.tmp*"))
-
-
-def test_resume_policy_lock_and_torn_metrics(tmp_path, hub, shard):
-    """Resuming: a "new" setting (--lr) takes effect and is recorded, a "fixed" one (--optimizer) is refused in one
-    line; a torn last line in metrics.jsonl is dropped; a second run on a busy --out is refused, and a lock left by a
-    process that died does not block."""
-    out = tmp_path / "run"
-    assert run_cli(train_args(hub, shard, out, "--max-steps", "2", "--no-samples")).returncode == 0
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write('{"step": 3, "loss": 0.6')                            # a disk that filled up mid-line
-    r = run_cli(train_args(hub, shard, out, "--max-steps", "3", "--no-samples", "--lr", "3e-4"))
-    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-2000:]
-    rows = read_metrics(out)
-    assert [row["step"] for row in rows] == [1, 2, 3] and rows[-1]["lr"] == pytest.approx(3e-4)
-    assert json.loads((out / "config.json").read_text())["lr_used"] == 3e-4
-    r = run_cli(train_args(hub, shard, out, "--max-steps", "4", "--optimizer", "adafactor"))
-    assert r.returncode == 2 and "optimizer='adamw'" in r.stderr and r.stderr.count("\n") == 1
-    lock = runs.lock(out)                                         # another run holds --out
-    r = run_cli(train_args(hub, shard, out, "--max-steps", "4"))
-    assert r.returncode == 2 and "in use by another run (pid" in r.stderr and "Traceback" not in r.stderr
-    lock.close()
-    (out / ".lock").write_text("pid 999999")                       # what a killed run leaves: no lock is held
-    assert run_cli(train_args(hub, shard, out, "--max-steps", "4", "--no-samples")).returncode == 0
-
-
-def test_arguments_are_checked_before_any_work(tmp_path):
-    """Bad settings end in one line, exit 2, within seconds, before pairs are built (the toy's --data shapes would
-    sample 2,048 images first), and a run that stopped there leaves no half-made folder behind."""
-    (tmp_path / "file").write_text("")
-    cases = [(["--batch-size", "0"], "--batch-size 0: must be at least 1"),
-             (["--resolution", "33"], "--resolution 33: must be a multiple of 8"),
-             (["--loss", "ipo"], "--loss ipo: expected one of dpo, sft"),
-             (["--out", str(tmp_path / "file" / "run")], "cannot be created or written"),
-             (["--data", str(tmp_path / "nothing.parquet")], "no such file or folder")]
-    for args, message in cases:
-        t0 = time.time()
-        r = run_cli(["diffdpo.py", "--device", "cpu", "--out", str(tmp_path / "o"), *args])
-        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-1000:])
-        assert r.stderr.count("\n") == 1 and time.time() - t0 < 20
-    assert not (tmp_path / "o").exists()
-
-
-def png_bytes(array, mode=None):
-    buf = io.BytesIO()
-    Image.fromarray(array, mode).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def test_bad_images_and_columns_are_bounded_and_counted(tmp_path, shard):
-    """A 1x6000 PNG is skipped and counted before it is decoded (peak memory < 2.5 GB; it took 6.7 GB); a 16-bit PNG
-    keeps its gray levels (it came out white); image columns of strings (file paths: a FIFO would hang the run),
-    captions that are not text and labels that do not sum to 1 are one-line errors or counted, never trained on."""
-    thin = png_bytes(np.zeros((1, 6000, 3), np.uint8))
-    rows = [dict(caption="thin", jpg_0=thin, jpg_1=jpeg((200, 40, 40)), label_0=1.0, label_1=0.0),
-            dict(caption="ok", jpg_0=jpeg((200, 40, 40)), jpg_1=jpeg((40, 40, 200)), label_0=1.0, label_1=0.0),
-            dict(caption="both", jpg_0=jpeg((1, 2, 3)), jpg_1=jpeg((3, 2, 1)), label_0=1.0, label_1=1.0)]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "thin.parquet")
-    code = (f"import data; src = data.open_pairs({str(tmp_path / 'thin.parquet')!r}, resolution=512); "
-            f"b = next(src.batches(2)); print(b['prompts'], src.counts(), {PEAK_RSS_GIB})")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    prompts, counts, rss = r.stdout.rsplit(" ", 1)[0], r.stdout, float(r.stdout.split()[-1])
-    assert "'thin'" not in prompts and "'too_large': 1" in counts and "'bad_labels': 1" in counts and rss < 2.5
-
-    gray = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)          # 16-bit, 0 .. 65520
-    x = data.decode_pair([png_bytes(gray), png_bytes(gray)], 16)[0]
-    assert abs(((x + 1) * 127.5).mean().item() - (gray / 257).mean()) < 1.0    # not 255 (white)
-
-    for column, value, message in [("jpg_0", "/tmp/fifo", "column jpg_0 holds string; expected image bytes"),
-                                   ("caption", 7, "column caption holds int64; expected text")]:
-        table = pq.read_table(shard).drop_columns([column]).append_column(column, pa.array([value] * 24))
-        pq.write_table(table, tmp_path / f"{column}.parquet")
-        with pytest.raises(data.DataError, match=message):
-            data.open_pairs(str(tmp_path / f"{column}.parquet"), resolution=16)
-    os.mkfifo(tmp_path / "fifo.png")                                   # JSONL pairs name image files: not a FIFO
-    (tmp_path / "pairs.jsonl").write_text(json.dumps(dict(prompt="x", chosen="fifo.png", rejected="fifo.png")))
-    with pytest.raises(data.DataError, match="not a regular file"):
-        next(data.open_pairs(str(tmp_path / "pairs.jsonl"), resolution=16).batches(1))
 
 
 def test_cache_keys_follow_the_file(tmp_path, hub, shard):
@@ -674,27 +849,7 @@ def test_cache_keys_follow_the_file(tmp_path, hub, shard):
     assert read_metrics(tmp_path / "cached")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
-def test_vae_posterior_and_sampled_latents(hub):
-    """The trainer's latents are a draw from the VAE posterior, mean + std * z, as the official code's
-    latent_dist.sample(): mean and std equal diffusers', z is the pair's own (the same on any rank and resume),
-    and --vae-latents mean gives the mean."""
-    sd = unet.load_sd(str(hub["sd15"]))
-    ref = reference_pipe(hub["sd15"], "sd15").vae
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    with torch.no_grad():
-        mean, std = sd.vae.posterior(x)
-        dist = ref.encode(x).latent_dist
-    assert rel_err(mean, dist.mean) < 1e-5 and rel_err(std, dist.std) < 1e-5
-    batch = dict(chosen=x[:1], rejected=x[1:], prompts=["a red cube"], index=torch.tensor([7]))
-    z = diffdpo.posterior_noise([7], (4, 8, 8), seed=3)
-    assert torch.equal(z, diffdpo.posterior_noise([7], (4, 8, 8), seed=3)) and z.shape == (2, 4, 8, 8)
-    sampled, _ = diffdpo.unet_inputs(sd, batch, 32, z)
-    at_mean, _ = diffdpo.unet_inputs(sd, batch, 32)
-    f = sd.vae.scaling_factor
-    assert rel_err(sampled, (mean + std * z) * f) < 1e-6 and rel_err(at_mean, mean * f) < 1e-6
-
-
-def test_validation_logging_model_card_and_help(tmp_path, hub, shard, monkeypatch):
+def test_validation_logging_model_card_and_help(tmp_path, hub, shard, monkeypatch, capsys):
     """--val-pairs N: N pairs held out of training, their loss and implicit accuracy logged as val_* rows at each
     checkpoint (ln 2 and 0 at a step that has not moved yet); --report-to tensorboard writes event files; the model
     card --push-to-hub uploads (the Hub mocked); --help shows the presets and the resume policy of every flag."""
@@ -723,18 +878,163 @@ def test_validation_logging_model_card_and_help(tmp_path, hub, shard, monkeypatc
     assert 'UNet2DConditionModel.from_pretrained("me/dpo-test", subfolder="unet")' in text
     assert calls[0] == ("create", "me/dpo-test") and "unet/*" in calls[1][1]["allow_patterns"]
 
-    r = run_cli(["diffdpo.py", "--help"])
+    monkeypatch.setenv("COLUMNS", "80")                      # argparse's width in a fresh process with a pipe
+    r = run_here(["diffdpo.py", "--help"])
+    assert r.returncode == 0
     assert "toy   --beta 2000.0, --max-steps 200, --batch-size 16" in r.stdout and "resuming" in r.stdout
     assert all(f.metadata["help"].strip() for f in dataclasses.fields(rpo.RPOConfig))
-    for script in ("sample.py", "eval.py"):                  # every option has help text, the toy model by default
-        lines = run_cli([script, "--help"]).stdout.split("\n")
+    for main in (sample.main, eval.main):                    # every option has help text, the toy model by default
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        lines = capsys.readouterr().out.split("\n")
         bare = [line for line, after in zip(lines, lines[1:] + [""]) if re.fullmatch(r"  -[-\w]+( \S+)?", line)
                 and not after.startswith(" " * 20)]
-        assert not bare and "tiny" in "\n".join(lines), (script, bare)
+        assert not bare and "tiny" in "\n".join(lines), (main.__module__, bare)
+
+
+def test_adafactor_matches_transformers():
+    """Our few-line Adafactor against transformers' with the official SDXL settings, on matrices, convs and vectors."""
+    torch.manual_seed(0)
+    shapes = [(8, 6), (4, 3, 3, 3), (5,)]
+    ours, theirs = [torch.randn(s).requires_grad_() for s in shapes], []
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    o1 = runs.Adafactor(ours, lr=1e-2, weight_decay=1e-2)
+    o2 = HFAdafactor(theirs, lr=1e-2, weight_decay=1e-2, scale_parameter=False, relative_step=False, clip_threshold=1.0,
+                   warmup_init=False)
+    for step in range(5):
+        grads = [torch.randn(s) for s in shapes]
+        for ps, opt in ((ours, o1), (theirs, o2)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+    assert max(rel_err(a, b) for a, b in zip(ours, theirs)) < 1e-6
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# data.py
+# Ready for a GPU without one: the CUDA-only paths exercised on the CPU (the meta device stands in for a device the
+# step must not leave; bf16 / fp16 autocast runs on the CPU too; torch.distributed is mocked where it must be)
+
+
+def cli_config(args):
+    """A TrainConfig from diffdpo.py's arguments (train_args without the script's name)."""
+    return diffdpo.TrainConfig.from_args(args[1:])
+
+
+@pytest.mark.parametrize("model, extra", [("tiny", []), ("tiny", ["--lora-rank", "4"]), ("sd15", [])])
+def test_bf16_first_step_is_ln2(tmp_path, hub, shard, model, extra):
+    """With --mixed-precision bf16 (autocast on the CPU), step 1's policy and reference errors are equal, bit for bit,
+    and the loss is ln 2: the reference keeps the policy's fp32 normalization weights, and its linear and convolution
+    weights are stored as autocast casts the policy's (the toy model full and LoRA, a random SD1.5-layout model)."""
+    args = train_args(hub, shard, tmp_path / "run", "--mixed-precision", "bf16", "--max-steps", "1", "--no-samples",
+                      *extra)
+    cfg = cli_config(args)
+    cfg.model = "tiny" if model == "tiny" else cfg.model
+    diffdpo.train(cfg)
+    row = read_metrics(tmp_path / "run")[0]
+    assert abs(row["loss"] - math.log(2)) < 1e-6, row
+    assert row["mse_w"] == row["ref_mse_w"] and row["mse_l"] == row["ref_mse_l"], row
+
+
+def test_merge_lora_validates_and_draws_the_unmerged_policy(tmp_path, hub, shard):
+    """--merge-lora writes OUT/unet/ after the last validation and grid, from the LoRA file: the last val_loss is the
+    trained policy's against the base (not ln 2) and the last grid's base row is the base model's, unlike the tuned
+    row; the merged UNet equals the base with the file's adapters merged (sample.py --lora)."""
+    out = tmp_path / "run"
+    cfg = cli_config(train_args(hub, shard, out, "--lora-rank", "4", "--merge-lora", "--val-pairs", "4",
+                                "--checkpoint-every", "0", "--max-steps", "3", "--lr", "3e-2"))
+    diffdpo.train(cfg)
+    val = [r for r in read_metrics(out) if "val_loss" in r]
+    assert len(val) == 1 and abs(val[0]["val_loss"] - math.log(2)) > 1e-4, val
+    base, tuned = grid_rows(out / "samples" / "step000003.png", ["base", "step 3"], diffdpo.SAMPLE_PROMPTS)
+    assert np.abs(base - tuned).max() > 10
+    merged = unet.load_sd(str(hub["sd15"]), lora=out / "pytorch_lora_weights.safetensors").unet.state_dict()
+    saved = unet.load_component(out / "unet", "unet").state_dict()
+    assert max((merged[k] - saved[k]).abs().max().item() for k in merged) == 0.0
+
+
+def test_cache_key_names_the_vae_precision(tmp_path, hub, shard):
+    """--cache with --mixed-precision no, then bf16: two cache entries (fp32 and bf16 latents never mix)."""
+    for precision in ("no", "bf16"):
+        diffdpo.train(cli_config(train_args(hub, shard, tmp_path / precision, "--cache", "--cache-dir",
+                                            str(tmp_path / "cache"), "--mixed-precision", precision, "--max-steps",
+                                            "1", "--no-samples")))
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
+
+
+def test_sdxl_fp16_step_passes_the_fp32_vae(tmp_path, hub, shard):
+    """SDXL with --mixed-precision fp16: its VAE stays fp32 (it overflows in fp16) and the images reach it in fp32,
+    on the CPU as on a GPU; the step runs (fp16 loss scaling included) and logs finite numbers."""
+    args = train_args(hub, shard, tmp_path / "xl", "--mixed-precision", "fp16", "--max-steps", "1", "--no-samples")
+    args[args.index(str(hub["sd15"]))] = str(hub["sdxl"])
+    diffdpo.train(cli_config(args))
+    row = read_metrics(tmp_path / "xl")[0]
+    assert math.isfinite(row["loss"]) and math.isfinite(row["mse_w"])
+
+
+@pytest.mark.parametrize("loss, lora", [("dpo", 0), ("sft", 0), ("dpo", 4)])
+def test_the_step_stays_on_its_device(loss, lora):
+    """The whole step (posterior draws, conditioning, noise, the policy's and the reference's passes, the loss and
+    the logging row) on PyTorch's meta device: a tensor made on the CPU inside the step fails here, as it would on
+    CUDA (SFT's implicit accuracy once was)."""
+    cfg = diffdpo.TrainConfig(loss=loss, lora_rank=lora, vae_latents="sample", resolution=32)
+    sd = unet.load_sd("tiny").to(torch.device("meta"))
+    s = diffdpo.setup(cfg, sd)
+    g = torch.Generator().manual_seed(0)
+    batch = dict(chosen=torch.rand(2, 3, 32, 32, generator=g), rejected=torch.rand(2, 3, 32, 32, generator=g),
+                 prompts=["a red circle on a blue background"] * 2, index=torch.tensor([0, 1]), position=2)
+    loss, acc, errors = diffdpo.micro_step(s, batch, s.policy, s.reference)
+    logged = torch.stack([loss.detach().float(), acc.float(), *(e.detach().mean() for e in errors)])
+    assert logged.device.type == "meta" and logged.shape == (6,)
+    loss.backward()
+
+
+def test_process_group_serves_cpu_tensors_on_gpus(monkeypatch):
+    """Under torchrun on GPUs the process group is "cpu:gloo,cuda:nccl" (the skipped pairs travel as CPU objects;
+    NCCL alone has no CPU backend) with --dist-timeout; on CPUs it is gloo."""
+    calls = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for module, flag in ((torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"),
+                         (torch.backends.cudnn, "benchmark")):
+        monkeypatch.setattr(module, flag, getattr(module, flag))         # restored after the test
+    rank, world, device = diffdpo.setup_distributed(diffdpo.TrainConfig(device="auto", dist_timeout=1234, threads=0))
+    assert (rank, world, str(device)) == (1, 2, "cuda:1")
+    assert calls[-1] == (("cpu:gloo,cuda:nccl",), dict(timeout=datetime.timedelta(seconds=1234)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    diffdpo.setup_distributed(diffdpo.TrainConfig(device="auto", threads=0))
+    assert calls[-1][0] == ("gloo",)
+
+
+def test_bench_cuda_precision_on_the_cpu():
+    """bench.py's GPU branch runs its steps in bf16: the cached batch is encoded by the fp32 VAE before our step
+    casts it (the pixels go in the VAE's own precision), and our bf16 step then trains on it and on pixels."""
+    sd, _ = parity.folder_models("tiny", torch.device("cpu"))
+    batch = parity.make_batch(2, sample.default_size(sd))
+    cached = bench.cached_batch(sd, batch, sample.default_size(sd), torch.bfloat16)
+    step = bench.our_dpo_step(sd, torch.bfloat16, lr=1e-4)
+    losses = [step(cached).item(), step(batch).item()]
+    assert abs(losses[0] - math.log(2)) < 1e-6 and all(math.isfinite(x) for x in losses)
+
+
+def test_from_preset_is_the_command_lines_preset():
+    """TrainConfig.from_preset (README's Python use) equals the command line's --preset; toy is TrainConfig()."""
+    cfg = diffdpo.TrainConfig.from_preset("sd15", data="d", out="o")
+    assert cfg == diffdpo.TrainConfig.from_args(["--preset", "sd15", "--data", "d", "--out", "o"])
+    assert (cfg.beta, cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.vae_latents) == (5000.0, 2.048e-5, 2000, 500, "sample")
+    assert diffdpo.TrainConfig.from_preset("sdxl").optimizer == "adafactor"
+    assert diffdpo.TrainConfig.from_preset("toy") == diffdpo.TrainConfig()
+    with pytest.raises(UserError, match="--preset nope: expected one of toy, sd15, sdxl"):
+        diffdpo.TrainConfig.from_preset("nope")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data (data.py, shards.py): Pick-a-Pic pairs, prefetching, JSONL pairs, Hub datasets
 
 
 def test_pickapic_pairs_preferred_first_ties_dropped(shard):
@@ -816,483 +1116,39 @@ def test_hub_dataset_is_fetched_shard_by_shard(tmp_path, monkeypatch):
     assert len(set(fetched)) == 1
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Single-file checkpoints (original LDM / SGM key names)
+def test_pickapic_removed_message(monkeypatch):
+    """`--data pickapic` when the Hub answers that the repo does not exist (as it does since 2025)."""
 
-
-@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
-def test_single_file_checkpoint(tmp_path, hub, kind):
-    """Write the test model as one original-format .safetensors (our rules inverted), load it back through load_sd
-    with the folder's configs: every tensor identical."""
-    sd = unet.load_sd(str(hub[kind]))
-    comps = {"unet": sd.unet, "vae": sd.vae, "text_encoder": sd.text_encoders[0]}
-    if kind == "sdxl":
-        comps["text_encoder_2"] = sd.text_encoders[1]
-    flat = convert.convert_to_ldm({n: m.state_dict() for n, m in comps.items()}, kind, sd.unet.cfg, sd.vae.cfg)
-    flat["model_ema.decay"] = torch.tensor(0.9999)  # keys a single file carries that we do not use
-    save_file(flat, tmp_path / "model.safetensors")
-    assert convert.detect_family(flat) == kind
-    loaded = unet.load_sd(str(tmp_path / "model.safetensors"), config=str(hub[kind]))
-    assert loaded.kind == kind
-    for a, b in zip([loaded.unet, loaded.vae, *loaded.text_encoders], comps.values()):
-        sa, sb = a.state_dict(), b.state_dict()
-        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    del flat["model.diffusion_model.out.2.bias"]
-    save_file(flat, tmp_path / "broken.safetensors")
-    with pytest.raises(ValueError, match="key model.diffusion_model.out.2.bias not found"):
-        unet.load_sd(str(tmp_path / "broken.safetensors"), config=str(hub[kind]))
-
-
-def test_single_file_names_are_the_real_ones():
-    """At the real SD1.5 / SDXL configs, our rules produce the key names (and shapes) the released single files use."""
-    with torch.device("meta"):
-        models = {"sd15": {"unet": unet.UNet(unet.UNetConfig.sd15()), "vae": unet.VAE(unet.VAEConfig.sd15()),
-                           "text_encoder": unet.CLIPText(unet.CLIPTextConfig.sd15())},
-                  "sdxl": {"unet": unet.UNet(unet.UNetConfig.sdxl()), "vae": unet.VAE(unet.VAEConfig.sdxl()),
-                           "text_encoder": unet.CLIPText(unet.CLIPTextConfig.sd15()),
-                           "text_encoder_2": unet.CLIPText(unet.CLIPTextConfig.sdxl())}}
-    real = {"sd15": {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": (320, 320),
-                     "model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
-                     "model.diffusion_model.input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
-                     "model.diffusion_model.output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
-                     "model.diffusion_model.output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
-                     "model.diffusion_model.output_blocks.11.1.proj_out.weight": (320, 320, 1, 1),
-                     "model.diffusion_model.middle_block.1.proj_in.weight": (1280, 1280, 1, 1),
-                     "model.diffusion_model.middle_block.2.emb_layers.1.weight": (1280, 1280),
-                     "model.diffusion_model.time_embed.2.weight": (1280, 1280),
-                     "model.diffusion_model.out.2.weight": (4, 320, 3, 3),
-                     "first_stage_model.decoder.up.3.block.0.conv1.weight": (512, 512, 3, 3),
-                     "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
-                     "first_stage_model.encoder.down.0.downsample.conv.weight": (128, 128, 3, 3),
-                     "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
-                     "first_stage_model.decoder.norm_out.weight": (128,),
-                     "cond_stage_model.transformer.text_model.final_layer_norm.weight": (768,)},
-            "sdxl": {"model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
-                     "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight": (1280, 2048),
-                     "model.diffusion_model.input_blocks.6.0.op.weight": (640, 640, 3, 3),
-                     "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
-                     "model.diffusion_model.output_blocks.5.2.conv.weight": (640, 640, 3, 3),
-                     "model.diffusion_model.output_blocks.8.0.out_layers.3.weight": (320, 320, 3, 3),
-                     "model.diffusion_model.middle_block.1.transformer_blocks.9.ff.net.2.weight": (1280, 5120),
-                     "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc1.weight": (3072, 768),
-                     "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
-                     "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.bias": (5120,),
-                     "conditioner.embedders.1.model.text_projection": (1280, 1280),
-                     "conditioner.embedders.1.model.positional_embedding": (77, 1280),
-                     "conditioner.embedders.1.model.ln_final.weight": (1280,)}}
-    for family in ("sd15", "sdxl"):
-        m = models[family]
-        flat = convert.convert_to_ldm({n: mod.state_dict() for n, mod in m.items()}, family, m["unet"].cfg, m["vae"].cfg)
-        for k, shape in real[family].items():
-            assert k in flat and tuple(flat[k].shape) == shape, (k, tuple(flat[k].shape) if k in flat else None)
-        n_unet = sum(k.startswith("model.diffusion_model.") for k in flat)
-        assert n_unet == (686 if family == "sd15" else 1680)
-
-
-def test_adafactor_matches_transformers():
-    """Our few-line Adafactor against transformers' with the official SDXL settings, on matrices, convs and vectors."""
-    torch.manual_seed(0)
-    shapes = [(8, 6), (4, 3, 3, 3), (5,)]
-    ours, theirs = [torch.randn(s).requires_grad_() for s in shapes], []
-    theirs = [p.detach().clone().requires_grad_() for p in ours]
-    o1 = runs.Adafactor(ours, lr=1e-2, weight_decay=1e-2)
-    o2 = HFAdafactor(theirs, lr=1e-2, weight_decay=1e-2, scale_parameter=False, relative_step=False, clip_threshold=1.0,
-                   warmup_init=False)
-    for step in range(5):
-        grads = [torch.randn(s) for s in shapes]
-        for ps, opt in ((ours, o1), (theirs, o2)):
-            for p, g in zip(ps, grads):
-                p.grad = g.clone()
-            opt.step()
-    assert max(rel_err(a, b) for a, b in zip(ours, theirs)) < 1e-6
+    def gone(*a, **k):  # what huggingface_hub raises for a 404 on the repo
+        err = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
+        Exception.__init__(err, "404 Client Error: Repository Not Found")
+        raise err
+    monkeypatch.setattr(hh.HfApi, "list_repo_files", gone)
+    with pytest.raises(data.DataError) as e:
+        data.open_pairs("pickapic", resolution=32)
+    msg = str(e.value)
+    assert "taken off the Hub in 2025" in msg and "hub:OWNER/NAME" in msg and "pairs.jsonl" in msg
+    assert "pickapic_v2_no_images" in msg and "\n" not in msg
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# rpo.py
+# Evaluation (eval.py, scorer_nets.py): the reward models against transformers / OpenCLIP on random-weight models in
+# the Hub layouts, text alignment (BLIP captions + Sentence-BERT), prompt sets, win rates, the Frechet distance,
+# the eval CLI, AI feedback
 
-
-def test_rpo_loss_reduces_to_dpo_and_uses_other_pairs():
-    g = torch.Generator().manual_seed(0)
-    mw, ml, rw, rl = (torch.rand(1, generator=g, dtype=torch.float64) for _ in range(4))
-    emb = torch.randn(1, 8, generator=g)
-    for beta in (1.0, 5000.0):
-        a, acc_a = rpo.rpo_loss(mw, ml, rw, rl, emb, emb, beta, 0.5)
-        b, acc_b = diffdpo.dpo_loss(mw, ml, rw, rl, beta)
-        assert abs(a.item() - b.item()) < 1e-12 and acc_a == acc_b
-    # four pairs: the loss differs from DPO's, and a loser gets gradient from the other pairs' winners
-    mw, ml, rw, rl = (torch.rand(4, generator=g, dtype=torch.float64).requires_grad_() for _ in range(4))
-    emb = torch.randn(4, 8, generator=g)
-    loss, _ = rpo.rpo_loss(mw, ml, rw, rl, emb, emb, 100.0, 0.5)
-    assert abs(loss.item() - diffdpo.dpo_loss(mw, ml, rw, rl, 100.0)[0].item()) > 1e-3
-    # the same loss written out term by term
-    w = torch.softmax(torch.nn.functional.cosine_similarity(emb[:, None], emb[None], dim=-1) / 0.5, dim=-1)
-    terms = [-torch.nn.functional.logsigmoid(100.0 * w[i, j] * -0.5 * ((mw[i] - rw[i]) - (ml[j] - rl[j])))
-             for i in range(4) for j in range(4)]
-    assert abs(loss.item() - (sum(terms) / 16).item()) < 1e-6  # the weights are float32 (cosines computed two ways)
-    ml.grad = None
-    loss_off = -torch.nn.functional.logsigmoid(100.0 * w[1, 0] * -0.5 * ((mw[1] - rw[1]) - (ml[0] - rl[0])))
-    loss_off.backward()
-    assert ml.grad[0].abs() > 0
-
-
-def test_rpo_cli_two_processes_equal_one(tmp_path, hub, shard):
-    """rpo.py reuses the trainer; its B x B matrix spans the global batch: 2 gloo processes == 1 process."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    args = lambda out, bs: ["rpo.py"] + train_args(hub, shard, out, "--max-steps", "3", "--grad-accum", "1",  # noqa
-                                                   "--batch-size", bs, "--beta", "500")[1:]
-    r = run_cli(args(one, "4"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows1 = read_metrics(one)
-    assert abs(rows1[0]["loss"] - math.log(2)) < 1e-6
-    r = run_cli(args(two, "2"), torchrun=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    for a, b in zip(read_metrics(two), rows1):
-        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * b["grad_norm"] and abs(a["loss"] - b["loss"]) < 1e-3
-    print(f"rpo 2 vs 1 process: grad norms {[round(r['grad_norm'], 4) for r in read_metrics(two)]} vs "
-          f"{[round(r['grad_norm'], 4) for r in rows1]}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# sample.py: samplers and generation against the diffusers pipelines
-
-
-def test_inference_timesteps_match_diffusers():
-    for spacing in ("leading", "trailing", "linspace"):
-        cfg = dict(SCHEDULER, timestep_spacing=spacing)
-        for n in (1, 7, 20, 50):
-            for cls in (DDIMScheduler, EulerDiscreteScheduler):
-                ref = cls.from_config(cfg)
-                ref.set_timesteps(n)
-                ours = sample.inference_timesteps(cfg, n, fractional=cls is EulerDiscreteScheduler)
-                assert torch.equal(ours.to(ref.timesteps.dtype), ref.timesteps), (spacing, n, cls)
-
-
-@pytest.mark.parametrize("kind,sampler", [("sd15", "ddim"), ("sd15", "euler"), ("sd15", "dpm"), ("sdxl", "ddim"),
-                                         ("sdxl", "euler"), ("sdxl", "dpm")])
-def test_generate_matches_pipelines(hub, kind, sampler):
-    """Same initial latents, same images as the diffusers pipeline with the matching scheduler (within 2/255)."""
-    sd = unet.load_sd(str(hub[kind]))
-    pipe = reference_pipe(hub[kind], kind)
-    pipe.scheduler = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
-                      "dpm": DPMSolverMultistepScheduler}[sampler].from_config(pipe.scheduler.config)
-    prompts = ["a red cube", "two blue spheres on grass"]
-    latents = sample.initial_latents(sd, 2, 32, 32, seed=5)
-    worst = 0
-    if sampler == "ddim":  # diffusers' DDIM default clip_sample=True (SD's configs turn it off)
-        sd.scheduler_config = dict(sd.scheduler_config, clip_sample=True)
-        pipe.scheduler = DDIMScheduler.from_config(sd.scheduler_config)
-    for neg in (None, "blurry"):
-        ours = sample.generate(sd, prompts, steps=12, guidance=7.5, latents=latents, height=32, width=32,
-                               sampler=sampler, negative_prompt=neg)
-        theirs = pipe(prompts, num_inference_steps=12, guidance_scale=7.5, latents=latents.clone(), height=32,
-                      width=32, negative_prompt=[neg] * 2 if neg else None, output_type="pil").images
-        diff = max(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() for a, b in zip(ours, theirs))
-        worst = max(worst, diff)
-    print(f"{kind} {sampler}: max pixel difference {worst}/255")
-    assert worst <= 2 and ours[0].size == (32, 32)
-
-
-def test_sample_cli_compare_grid(tmp_path, hub):
-    """--compare renders base and tuned rows from the same seeds; the tuned row differs."""
-    sd = unet.load_sd(str(hub["sd15"]))
-    with torch.no_grad():
-        for p in sd.unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    unet.save_unet(sd.unet, tmp_path / "tuned" / "unet")
-    (tmp_path / "prompts.txt").write_text("a red cube\n\na blue ball\n")
-    r = run_cli(["sample.py", "--model", str(hub["sd15"]), "--unet", str(tmp_path / "tuned" / "unet"), "--prompts",
-                 str(tmp_path / "prompts.txt"), "--compare", "--out", str(tmp_path / "grid.png"), "--steps", "4",
-                 "--height", "32", "--width", "32", "--device", "cpu"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    base, tuned = grid_rows(tmp_path / "grid.png", ["base", "tuned"], ["a red cube", "a blue ball"])
-    assert base.shape == tuned.shape == (128, 2 * 128, 3) and np.abs(base - tuned).max() > 10
-    r = run_cli(["sample.py", "--model", str(hub["sd15"]), "--prompts", str(tmp_path / "nope.txt")])
-    assert r.returncode != 0 and "nope.txt" in r.stderr and "Traceback" not in r.stderr
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The toy world: the judge, the committed tiny model (a valid diffusers pipeline), the toy run end to end
-
-
-def test_judge_scores_the_caption_color_area():
-    """The judge's known answers: an image all of the shape's color scores 1, all background 0; on a drawn shape it
-    is the shape's share of the pixels (here recomputed from the drawing itself); bigger shapes score higher."""
-    p = "a red circle on a blue background"
-    assert toy.judge(Image.new("RGB", (32, 32), toy.COLORS["red"]), p) == 1.0
-    assert toy.judge(Image.new("RGB", (32, 32), toy.COLORS["blue"]), p) == 0.0
-    assert toy.judge(torch.ones(3, 8, 8) * (torch.tensor(toy.COLORS["red"]) / 127.5 - 1).view(3, 1, 1), p) == 1.0
-    scores = []
-    for seed in range(20):
-        img = toy.render_shape(p, torch.Generator().manual_seed(seed))
-        a = np.asarray(img, dtype=np.float64).reshape(-1, 1, 3)                          # (HW, 1, 3)
-        nearest = np.linalg.norm(a - np.array(list(toy.COLORS.values()))[None], axis=-1).argmin(-1)
-        pure_red = (a[:, 0] == toy.COLORS["red"]).all(-1).mean()
-        assert toy.judge(img, p) == pytest.approx((nearest == 0).mean(), abs=1e-6) and toy.judge(img, p) >= pure_red
-        scores.append(toy.judge(img, p))
-    assert 0.02 < min(scores) < max(scores) < 0.5
-    assert toy.judge(img, p) == toy.judge(img.copy(), p)                                      # deterministic
-    with pytest.raises(ValueError, match="not of the form"):
-        toy.judge(img, "a photo of a cat")
-    assert len(toy.shape_prompts("train")) == 72 and len(toy.shape_prompts("test")) == 18
-    assert not set(toy.shape_prompts("train")) & set(toy.shape_prompts("test"))
-
-
-def test_tiny_model_is_a_diffusers_pipeline():
-    """The committed tiny/ folder is SD1.5's layout: diffusers and transformers load it, its tokenizer gives
-    transformers' ids, and our sampler gives the pipeline's images (DDIM, guidance 4, 12 steps, same latents)."""
-    sd = unet.load_sd("tiny")
-    prompts = toy.shape_prompts()[:30:7] + ["a red circle", "", "A GREEN Triangle!! on 2 backgrounds"]
-    ref_tok = HFCLIPTokenizer.from_pretrained(unet.TINY_FOLDER / "tokenizer")
-    ref_ids = ref_tok(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
-    assert torch.equal(sd.tokenizers[0](prompts), ref_ids)
-    assert all(len(sd.tokenizers[0].bpe(w)) == 1 for w in "a red circle on blue background".split())  # whole words
-    pipe = StableDiffusionPipeline.from_pretrained(unet.TINY_FOLDER, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    latents = sample.initial_latents(sd, 4, 32, 32, seed=0)
-    ours = sample.generate(sd, prompts[:4], steps=12, guidance=4.0, latents=latents)
-    ref = pipe(prompts[:4], num_inference_steps=12, guidance_scale=4.0, latents=latents, height=32, width=32,
-               output_type="np").images
-    diff = np.abs(np.stack([np.asarray(i, dtype=np.float32) for i in ours]) - np.round(ref * 255)).max()
-    print(f"tiny pipeline: max pixel difference {diff}/255")
-    assert diff <= 2
-
-
-def test_toy_run_end_to_end(tmp_path, monkeypatch, capsys):
-    """A shortened `python diffdpo.py` (64 pairs, 4 steps, 1 seed per held-out caption): the pairs file in
-    Pick-a-Pic's schema, ln 2 at step 0, summary.json with its fields, compare.png, the grids; the banner names the
-    toy model, method and precision, the last lines where the results are. A run whose summary.json went missing is
-    evaluated again on re-running (it is not finished without it). Then every README command that samples or
-    evaluates the toy model runs as printed, on this run as runs/toy."""
-    monkeypatch.setattr(toy, "TOY_PAIRS", 64)
-    monkeypatch.setattr(eval, "TOY_SEEDS", 1)
-    cfg = diffdpo.TrainConfig.from_args(["--out", str(tmp_path / "runs" / "toy"), "--max-steps", "4", "--device", "cpu"])
-    assert (cfg.model, cfg.data, cfg.resolution, cfg.threads) == ("tiny", "shapes", 32, 1)
-    assert diffdpo.TrainConfig(out=cfg.out, max_steps=4, device="cpu") == cfg     # Python callers get the same run
-    threads = torch.get_num_threads()
-    diffdpo.main(cfg)
-    assert torch.get_num_threads() == 1                       # the toy's --threads 1: the rest of the suite wants its own
-    torch.set_num_threads(threads)
-    printed = capsys.readouterr().out
-    assert "dpo on tiny, the toy model (SD1.5's layout" in printed and "fp32 precision" in printed
-    assert "held-out judge score" in printed and "compare.png (base above, tuned below)" in printed
-    out = tmp_path / "runs" / "toy"
-    table = pq.read_table(out / "shapes_pairs.parquet")
-    assert table.num_rows == 64 and set(shards.COLUMNS) <= set(table.column_names)
-    assert set(table.column("caption").to_pylist()) <= set(toy.shape_prompts("train"))
-    rows = read_metrics(out)
-    assert len(rows) == 4 and abs(rows[0]["loss"] - math.log(2)) < 1e-6
-    s = json.loads((out / "summary.json").read_text())
-    assert s["steps"] == 4 and s["num_images"] == 18 and 0 <= s["win_rate_vs_base"] <= 1
-    assert 0 < s["judge_score_base"] < 1 and s["seconds"] > 0 and s["loss"] == "dpo"
-    assert Image.open(out / "compare.png").size[1] >= 2 * sample.MIN_CELL
-    base, tuned = grid_rows(out / "samples" / "step000004.png", ["base", "step 4"], toy.shape_prompts("test")[:8])
-    assert base.shape == (128, 8 * 128, 3)
-    (out / "summary.json").unlink()
-    diffdpo.main(cfg)
-    assert "already at step 4" in capsys.readouterr().out and (out / "summary.json").is_file()
-
-    text = (ROOT / "README.md").read_text()
-    commands = [c for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-                for c in block.replace("\\\n", " ").splitlines()
-                if c.startswith(("python sample.py", "python eval.py")) and ("runs/toy" in c or "--model" not in c)]
-    assert len(commands) >= 2, commands
-    for command in commands:
-        args = shlex.split(command.split("#")[0])
-        r = subprocess.run([sys.executable, str(ROOT / args[1]), *args[2:], "--device", "cpu"], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        assert r.returncode == 0 and "Traceback" not in r.stderr, (command, r.stderr[-2000:])
-    report = json.loads((out / "eval" / "report.json").read_text())["scorers"]["judge"]
-    ims = [Image.open(out / "eval" / "images" / "tuned" / f"{i:05d}.png") for i in range(3)]
-    assert report["tuned"][:3] == pytest.approx([toy.judge(im, p) for im, p in zip(ims, toy.shape_prompts("test"))])
-
-
-def test_style_pairs_and_rpo_on_them(tmp_path):
-    """`rpo.py --data style:FOLDER`: each style image (with its caption file) is preferred over the base model's own
-    generation for its caption; the pairs file says so and the RPO run trains on it (ln 2 at step 0)."""
-    style = tmp_path / "style"
-    style.mkdir()
-    prompts = toy.shape_prompts("train")[:6]
-    for i, p in enumerate(prompts):
-        img = toy.render_shape(p, torch.Generator().manual_seed(i))
-        img.save(style / f"{i:02d}.png")
-        (style / f"{i:02d}.txt").write_text(p + "\n")
-    out = tmp_path / "rpo"
-    r = run_cli(["rpo.py", "--model", "tiny", "--data", f"style:{style}", "--out", str(out), "--max-steps", "2",
-                 "--batch-size", "3", "--device", "cpu", "--sample-steps", "2", "--no-samples"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    t = pq.read_table(out / "style_pairs.parquet").to_pydict()
-    assert t["caption"] == prompts and t["label_0"] == [1.0] * 6
-    assert t["jpg_0"][2] == (style / "02.png").read_bytes()
-    assert abs(read_metrics(out)[0]["loss"] - math.log(2)) < 1e-6
-    (style / "03.txt").unlink()
-    with pytest.raises(ValueError, match="03.png has no caption file 03.txt"):
-        data.style_items(style)
-# ----------------------------------------------------------------------------------------------------------------
-# LoRA: our adapters against diffusers + peft, and the trainer's --lora-rank
-
-LORA_ALL = "to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2"
-
-
-def unet_inputs(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cfg = model.cfg
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    ctx = torch.randn(2, 7, cfg.cross_attention_dim[0], generator=g)
-    added = {}
-    if cfg.addition_embed_type == "text_time":
-        added = dict(text_embeds=torch.randn(2, 32, generator=g), time_ids=torch.tensor([[32., 32, 0, 0, 32, 32]] * 2))
-    return x, torch.tensor([10, 700]), ctx, added
-
-
-def ref_eps(ref, x, t, ctx, added):
-    cond = dict(added_cond_kwargs=added) if added else {}
-    return ref(x, t, encoder_hidden_states=ctx, **cond).sample
-
-
-@pytest.mark.parametrize("kind,targets", [("sd15", LORA_ALL), ("sdxl", LORA_ALL + ",proj_in,proj_out")])
-def test_lora_file_matches_diffusers(tmp_path, hub, kind, targets):
-    """Adapters with random non-zero B and alpha = 2 r, written by save_lora: diffusers (pipeline.load_lora_weights
-    for SD1.5, UNet2DConditionModel.load_lora_adapter for SDXL) computes the same UNet output as ours, unmerged and
-    merged (load_sd(lora=)); the adapters' own contribution agrees too, so a wrong alpha / r would fail."""
-    torch.manual_seed(0)
-    model = unet.load_sd(str(hub[kind])).unet
-    names = lora.add_lora(model, 4, 8, targets)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, lora.LoRALinear):
-                m.lora_B.weight.normal_(0.0, 0.05)
-    assert all(p.requires_grad == (".lora_" in n) for n, p in model.named_parameters())
-    lora.save_lora(model, tmp_path / lora.LORA_FILE)
-    x, t, ctx, added = unet_inputs(model)
-    with torch.no_grad():
-        ours = model(x, t, ctx, **added)
-        with lora.lora_disabled(model):
-            base = model(x, t, ctx, **added)
-        merged = unet.load_sd(str(hub[kind]), lora=tmp_path).unet(x, t, ctx, **added)
-        if kind == "sd15":
-            pipe = StableDiffusionPipeline.from_pretrained(hub[kind], safety_checker=None)
-            pipe.load_lora_weights(tmp_path)
-            ref = pipe.unet
-        else:
-            ref = UNet2DConditionModel.from_pretrained(hub[kind], subfolder="unet")
-            ref.load_lora_adapter(str(tmp_path / lora.LORA_FILE), prefix="unet")
-        theirs = ref_eps(ref, x, t, ctx, added)
-    n_ref = sum(1 for n, _ in ref.named_modules() if n.endswith(".lora_A.default_0") or n.endswith(".lora_A.default"))
-    print(f"{kind}: {len(names)} layers; ours vs diffusers {rel_err(ours, theirs):.1e}, adapter contribution "
-          f"{rel_err(ours - base, theirs - base):.1e}, merged {rel_err(merged, ours):.1e}; |lora| / |base| "
-          f"{rel_err(ours, base):.2f}")
-    assert n_ref == len(names)
-    assert rel_err(ours, base) > 0.05                     # the adapters matter
-    assert rel_err(ours, theirs) < 1e-4 and rel_err(ours - base, theirs - base) < 1e-3
-    assert rel_err(merged, ours) < 1e-4
-
-
-def test_lora_targets_and_file_errors(tmp_path, hub):
-    model = unet.load_sd(str(hub["sd15"])).unet
-    with pytest.raises(unet.LoadError, match="1x1 convolutions"):
-        lora.add_lora(model, 4, targets="proj_in")
-    with pytest.raises(unet.LoadError, match="'to_z'"):
-        lora.add_lora(model, 4, targets="to_q,to_z")
-    with pytest.raises(unet.LoadError, match="LoRA file not found"):
-        lora.load_lora(model, tmp_path)
-    save_file({"text_encoder.x.lora_A.weight": torch.zeros(1, 1)}, str(tmp_path / "te.safetensors"))
-    with pytest.raises(unet.LoadError, match="text_encoder.x"):
-        lora.load_lora(model, tmp_path / "te.safetensors")
-
-
-def lora_args(hub, shard, out, *extra):
-    return train_args(hub, shard, out, "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", LORA_ALL,
-                      "--lr", "1e-3", "--no-samples", *extra)
-
-
-def test_train_lora_end_to_end(tmp_path, hub, shard):
-    """--lora-rank: the printed trainable count is peft's for the same targets; step 0 is the base (loss ln 2);
-    OUT/pytorch_lora_weights.safetensors loads in diffusers and gives the adapters-applied output; checkpoint.pt
-    holds only the adapters; 2 steps + resume to 4 == 4 straight (exactly); --merge-lora's OUT/unet/ (at the last
-    step, or on a finished run) equals the adapters applied."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    r = run_cli(lora_args(hub, shard, straight, "--max-steps", "4"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = read_metrics(straight)
-    assert [row["step"] for row in rows] == [1, 2, 3, 4]
-    assert abs(rows[0]["loss"] - math.log(2)) < 1e-6 and rows[0]["implicit_acc"] == 0.0
-    assert rows[0]["ref_mse_w"] == rows[0]["mse_w"] and rows[-1]["ref_mse_w"] != rows[-1]["mse_w"]
-
-    ref = UNet2DConditionModel.from_pretrained(hub["sd15"], subfolder="unet")
-    ref.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=LORA_ALL.split(",")))
-    n_peft = sum(p.numel() for n, p in ref.named_parameters() if ".lora_" in n)
-    assert f"{n_peft} trainable parameters" in r.stdout, r.stdout[-2000:]
-
-    adapters = load_file(straight / lora.LORA_FILE)
-    ckpt = torch.load(straight / "checkpoint.pt", weights_only=False)
-    n_layers = sum(1 for n, _ in ref.named_modules() if n.endswith(".lora_A.default"))
-    assert set(ckpt["unet"]) == {k[len("unet."):] for k in adapters} and len(adapters) == 2 * n_layers
-    assert min(v.abs().max().item() for k, v in adapters.items() if "lora_B" in k) > 0
-    assert not (straight / "unet").exists()
-
-    assert run_cli(lora_args(hub, shard, resumed, "--max-steps", "2")).returncode == 0
-    r = run_cli(lora_args(hub, shard, resumed, "--max-steps", "4", "--merge-lora"))
-    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-3000:]
-    assert max_diff(load_file(resumed / lora.LORA_FILE), adapters) == 0.0
-    r = run_cli(lora_args(hub, shard, straight, "--max-steps", "4", "--merge-lora"))  # a finished run: merge only
-    assert r.returncode == 0 and "already at step 4" in r.stdout, r.stderr[-3000:]
-    assert max_diff(unet_weights(straight), unet_weights(resumed)) == 0.0
-
-    args = lora_args(hub, shard, tmp_path / "ddp", "--max-steps", "4")  # 2 processes with batch 1 == 1 with batch 2
-    args[args.index("--batch-size") + 1] = "1"
-    r = run_cli(args, torchrun=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    for a, b in zip(read_metrics(tmp_path / "ddp"), rows, strict=True):
-        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * b["grad_norm"] and abs(a["loss"] - b["loss"]) < 1e-3
-
-    sd = unet.load_sd(str(hub["sd15"]))
-    lora.load_lora(sd.unet, straight)
-    x, t, ctx, added = unet_inputs(sd.unet, seed=1)
-    with torch.no_grad():
-        ours = sd.unet(x, t, ctx)
-        with lora.lora_disabled(sd.unet):
-            base = sd.unet(x, t, ctx)
-        merged = unet.load_component(straight / "unet", "unet")(x, t, ctx)
-        merged_diffusers = ref_eps(UNet2DConditionModel.from_pretrained(straight, subfolder="unet"), x, t, ctx, {})
-        pipe = StableDiffusionPipeline.from_pretrained(hub["sd15"], safety_checker=None)
-        pipe.load_lora_weights(straight)
-        theirs = ref_eps(pipe.unet, x, t, ctx, {})
-    print(f"trained adapters: |lora - base| / |base| {rel_err(ours, base):.1e}; ours vs diffusers "
-          f"{rel_err(ours, theirs):.1e} (contribution {rel_err(ours - base, theirs - base):.1e}); merged folder "
-          f"{rel_err(merged, ours):.1e}, in diffusers {rel_err(merged_diffusers, ours):.1e}")
-    assert rel_err(ours, base) > 1e-3
-    assert rel_err(ours, theirs) < 1e-4 and rel_err(ours - base, theirs - base) < 1e-2
-    assert rel_err(merged, ours) < 1e-4 and rel_err(merged_diffusers, ours) < 1e-4
-
-
-def test_sample_cli_lora(tmp_path, hub):
-    """sample.py --lora FILE --compare: base and adapters-merged rows from the same seeds; the second differs."""
-    model = unet.load_sd(str(hub["sd15"])).unet
-    lora.add_lora(model, 4)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, lora.LoRALinear):
-                m.lora_B.weight.normal_(0.0, 0.2)
-    lora.save_lora(model, tmp_path / "mine.safetensors")
-    r = run_cli(["sample.py", "--model", str(hub["sd15"]), "--lora", str(tmp_path / "mine.safetensors"), "--prompt",
-                 "a red cube", "--compare", "--out", str(tmp_path / "grid.png"), "--steps", "2", "--height", "32",
-                 "--width", "32", "--device", "cpu"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    base, tuned = grid_rows(tmp_path / "grid.png", ["base", "tuned"], ["a red cube"])
-    assert np.abs(base - tuned).max() > 10
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# eval.py: reward models against transformers / OpenCLIP on random-weight models in the Hub layouts
 
 TINY_CLIP = dict(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, max_position_embeddings=77),
                  vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                     image_size=28, patch_size=14),
                  projection_dim=16)
+
+
 TINY_OPENCLIP = dict(embed_dim=16, vision_cfg=dict(image_size=28, layers=2, width=48, head_width=12, patch_size=14,
                                                 mlp_ratio=2),
                      text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=4, layers=2, mlp_ratio=2))
+
+
 PROMPTS = ["a photo of a cat", "A RED cube on a  blue table!", "an astronaut riding a horse, oil painting &amp; ink",
            "the word 'hello' written in the sand", " ".join(["a very long prompt"] * 30), "café crème, 2 cups"]
 
@@ -1409,7 +1265,8 @@ def test_hps_matches_reference(hps_folder):
     assert torch.equal(scorer.tokenizer(PROMPTS), ids)
     assert ids[1, 7:11].tolist() == [2175, 256, 49407, 0]  # "!" is the symbol "!</w>"; after eot pad 0
     with torch.no_grad():
-        img = F.normalize(ref.get_image_features(pixel_values=scorer_nets.hps_preprocess(images, 28)).pooler_output, dim=-1)
+        pixels = scorer_nets.hps_preprocess(images, 28)
+        img = F.normalize(ref.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
         txt = F.normalize(ref.get_text_features(input_ids=ids).pooler_output, dim=-1)
     want, got = (img * txt).sum(-1), scorer(images, PROMPTS)
     print(f"hps: relative error {rel_err(got, want):.2e}")
@@ -1423,7 +1280,8 @@ def test_hps_pad_to_square_transform():
     x = torch.from_numpy(np.asarray(img).astype(np.float32) / 255).permute(2, 0, 1)[None]
     canvas = torch.zeros(1, 3, 28, 28)
     canvas[:, :, 8:19, :] = F.interpolate(x, size=(11, 28), mode="bicubic", antialias=True)  # round(20 * 28 / 50) = 11
-    mean, std = torch.tensor(scorer_nets.OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(scorer_nets.OPENAI_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(scorer_nets.OPENAI_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(scorer_nets.OPENAI_STD).view(1, 3, 1, 1)
     got = scorer_nets.hps_preprocess([img], 28)
     assert got.shape == (1, 3, 28, 28) and (got - (canvas - mean) / std).abs().max() < 1e-6
     assert torch.allclose(got[0, :, :8], (-mean / std)[0].expand(3, 8, 28)) and got[0, :, 19:].shape[1] == 9
@@ -1472,9 +1330,10 @@ def test_aesthetic_matches_reference(aesthetic_folder):
 def test_clip_towers_at_real_sizes():
     """The presets are the real towers: the key names and shapes of transformers' CLIPModel at PickScore's (ViT-H/14)
     and OpenAI's ViT-L/14 configs, built on the meta device; OpenCLIP's ViT-H-14 names map onto ours (986M)."""
-    h14 = dict(text_config=dict(scorer_nets.TEXT_H14, eos_token_id=49407), vision_config=scorer_nets.CLIPVisionConfig.vit_h14().__dict__,
-               projection_dim=1024)
-    l14 = dict(text_config=scorer_nets.TEXT_L14, vision_config=scorer_nets.CLIPVisionConfig.vit_l14().__dict__, projection_dim=768)
+    h14 = dict(text_config=dict(scorer_nets.TEXT_H14, eos_token_id=49407),
+               vision_config=scorer_nets.CLIPVisionConfig.vit_h14().__dict__, projection_dim=1024)
+    l14 = dict(text_config=scorer_nets.TEXT_L14, vision_config=scorer_nets.CLIPVisionConfig.vit_l14().__dict__,
+               projection_dim=768)
     for d, n in [(h14, 986_109_441), (l14, 427_616_513)]:
         d["vision_config"] = {k: v for k, v in d["vision_config"].items() if k != "raw"}
         with torch.device("meta"):
@@ -1488,337 +1347,6 @@ def test_clip_towers_at_real_sizes():
         ours, ref = scorer_nets.CLIP(text, vision), CLIPModel(CLIPConfig(**h14))
     mapped = convert.openclip_to_ours(openclip_state_dict(ref))
     assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
-
-
-def test_bootstrap_win_rate_known_answers():
-    assert eval.bootstrap_win_rate([2, 3, 4], [1, 1, 1]) == (1.0, 1.0, 1.0)
-    assert eval.bootstrap_win_rate([1, 1, 1, 1], [1, 1, 1, 1]) == (0.5, 0.5, 0.5)
-    rate, lo, hi = eval.bootstrap_win_rate([2, 1] * 50, [1, 1] * 50, n=2000)      # half wins, half ties: 0.75
-    # the bootstrap of a mean of 100 outcomes in {1, 0.5}: sd = 0.25 / sqrt(100) = 0.025, so about +-0.049
-    assert rate == 0.75 and 0.69 < lo < 0.72 and 0.78 < hi < 0.81
-    assert eval.bootstrap_win_rate([0, 1, 2], [1, 1, 1], seed=5) == eval.bootstrap_win_rate([0, 1, 2], [1, 1, 1], seed=5)
-    with pytest.raises(ValueError):
-        eval.bootstrap_win_rate([1, 2], [1])
-
-
-def test_prompt_sets_txt_and_offline_error(tmp_path):
-    (tmp_path / "p.txt").write_text("a red cube\n\n  a blue ball  \n")
-    assert eval.prompt_set(str(tmp_path / "p.txt")) == ["a red cube", "a blue ball"]
-    with pytest.raises(ValueError, match="expected one of parti"):
-        eval.prompt_set("nonsense")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hf"), HF_HOME=str(tmp_path / "hf"))
-    r = subprocess.run([sys.executable, "eval.py", "--model", "tiny", "--unet", "nowhere", "--prompts", "parti",
-                        "--out", str(tmp_path / "o")], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
-    assert r.stderr.startswith("error: dataset 'nateraw/parti-prompts': ") and "not in the local HF cache" in r.stderr
-
-
-def test_eval_cli_end_to_end(tmp_path, clip_folder, hps_folder, aesthetic_folder):
-    """Base and tuned images from the same seeds, all four scorers on tiny local models; the report's scores are
-    the scorers' on the saved images, the win rates are the bootstrap's."""
-    base = make_hub(tmp_path / "sd15", "sd15")
-    sd = unet.load_sd(str(base))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in sd.unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    unet.save_unet(sd.unet, tmp_path / "tuned" / "unet")
-    (tmp_path / "prompts.txt").write_text("a red circle on a blue background\na green square on a white background\n"
-                                          "a blue triangle on a red background\na white circle on a green background\n")
-    out = tmp_path / "eval"
-    r = run_cli(["eval.py", "--model", str(base), "--unet", str(tmp_path / "tuned" / "unet"), "--prompts",
-                 str(tmp_path / "prompts.txt"), "--num", "3", "--steps", "2", "--guidance", "3", "--out", str(out),
-                 "--scorer-model", f"pickscore={clip_folder}", "--scorer-model", f"clip={clip_folder}",
-                 "--scorer-model", f"hps={hps_folder[0]}", "--scorer-model", f"aesthetic={aesthetic_folder[0]}",
-                 "--device", "cpu"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    print(r.stdout)
-    report = json.loads((out / "report.json").read_text())
-    assert report["n"] == 3 and list(report["scorers"]) == ["pickscore", "hps", "aesthetic", "clip"]
-    for name, s in report["scorers"].items():
-        scorer = eval.load_scorer(name, {"hps": hps_folder[0], "aesthetic": aesthetic_folder[0]}.get(name, clip_folder))
-        for label in ("base", "tuned"):
-            ims = [Image.open(out / "images" / label / f"{i:05d}.png") for i in range(3)]
-            assert rel_err(torch.tensor(s[label]), scorer(ims, report["prompts"])) < 1e-5
-        assert (s["win_rate"], s["win_lo"], s["win_hi"]) == eval.bootstrap_win_rate(s["tuned"], s["base"])
-        assert s["base"] != s["tuned"]
-    md = (out / "report.md").read_text()
-    assert "| PickScore |" in md and "| HPSv2.1 (x100) |" in md and md.count("\n|") == 6
-    w, h, left, _, _ = sample.grid_layout((32, 32), ["base", "tuned"])
-    grid = Image.open(out / "wins_losses.png")
-    assert grid.size[0] == left + 3 * w and grid.size[1] > 2 * h
-    bad = run_cli(["eval.py", "--model", str(base), "--unet", str(tmp_path / "tuned" / "unet"), "--prompts",
-                   str(tmp_path / "prompts.txt"), "--out", str(out), "--scorers", "pickscore,nope"])
-    assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
-    # --lora: the tuned model as adapters on --model's UNet (non-zero B), scored the same way
-    adapted = unet.load_sd(str(base)).unet
-    lora.add_lora(adapted, 4)
-    with torch.no_grad():
-        for m in adapted.modules():
-            if isinstance(m, lora.LoRALinear):
-                m.lora_B.weight.normal_(0, 0.5)
-    (tmp_path / "lora").mkdir()
-    lora.save_lora(adapted, tmp_path / "lora" / lora.LORA_FILE)
-    r = run_cli(["eval.py", "--model", str(base), "--lora", str(tmp_path / "lora"), "--prompts",
-                 str(tmp_path / "prompts.txt"), "--num", "2", "--steps", "2", "--out", str(tmp_path / "eval-lora"),
-                 "--scorers", "clip", "--scorer-model", f"clip={clip_folder}", "--device", "cpu"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    s = json.loads((tmp_path / "eval-lora" / "report.json").read_text())["scorers"]["clip"]
-    assert s["base"] != s["tuned"]
-
-
-def test_choice_model_relabels_pairs(tmp_path, hub, shard, clip_folder):
-    """--choice-model (AI feedback): each pair is put in the reward model's order (here CLIP score with a random-weight
-    CLIP), the same images either way; the trainer runs on the relabelled stream and starts at ln 2."""
-    scorer = eval.load_scorer("clip", str(clip_folder))
-    pil = lambda x: Image.fromarray(((x + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())  # noqa: E731
-    plain = data.open_pairs(str(shard), resolution=32, flip=False)
-    relabelled = data.open_pairs(str(shard), resolution=32, flip=False, relabel=eval.relabeller(f"clip={clip_folder}"))
-    reversed_ = data.open_pairs(str(shard), resolution=32, flip=False, relabel=lambda caption, x: x[::-1])
-    for s in range(10):
-        a, b, r = plain.item(s), relabelled.item(s), reversed_.item(s)
-        assert a["key"] == b["key"] == r["key"]
-        assert torch.equal(r["chosen"], a["rejected"]) and torch.equal(r["rejected"], a["chosen"])
-        first, second = scorer([pil(b["chosen"]), pil(b["rejected"])], [b["caption"]] * 2).tolist()
-        assert first > second
-        plain_first, plain_second = scorer([pil(a["chosen"]), pil(a["rejected"])], [a["caption"]] * 2).tolist()
-        expect = (a["chosen"], a["rejected"]) if plain_first > plain_second else (a["rejected"], a["chosen"])
-        assert torch.equal(b["chosen"], expect[0]) and torch.equal(b["rejected"], expect[1])
-    out = tmp_path / "ai"
-    diffdpo.train(diffdpo.TrainConfig(model=str(hub["sd15"]), data=str(shard), out=str(out), resolution=32,
-                                      batch_size=2, max_steps=2, choice_model=f"clip={clip_folder}", device="cpu",
-                                      samples=False))
-    assert abs(read_metrics(out)[0]["loss"] - math.log(2)) < 1e-6
-
-
-def test_rpo_image_embeddings(tmp_path, hub, shard, clip_folder):
-    """rpo.py --rpo-embed image|both: each training image's CLIP embedding (scorer_nets.py's vision tower) rides in the batch,
-    equal to transformers' get_image_features (normalized) on the same 8-bit image; the weights from images differ from the text
-    ones; with --cache the embeddings are stored with the latents and the run is identical to the uncached one."""
-    embed = rpo.image_embedder(str(clip_folder))("cpu")
-    batch = next(data.open_pairs(str(shard), resolution=32, embed=embed, flip=False).batches(4))
-    ref, proc = CLIPModel.from_pretrained(clip_folder).eval(), CLIPImageProcessorPil.from_pretrained(clip_folder)
-    images = [eval.to_pil(x) for x in batch["chosen"]]
-    with torch.no_grad():
-        want = ref.get_image_features(**proc(images, return_tensors="pt"))
-    want = F.normalize(want.pooler_output, dim=-1)                      # ours are unit-norm
-    assert rel_err(batch["chosen_emb"], want) < 1e-5
-    sd = unet.load_sd(str(hub["sd15"]))
-    w = {k: rpo.rpo_weights(*rpo.pair_embeddings(k, sd, batch), 0.5) for k in ("text", "image", "both")}
-    assert not torch.allclose(w["text"], w["image"], atol=1e-3) and not torch.allclose(w["both"], w["image"], atol=1e-3)
-    runs = {}
-    for name, extra in (("plain", {}), ("cached", dict(cache=True, cache_dir=str(tmp_path / "cache")))):
-        cfg = rpo.RPOConfig(model=str(hub["sd15"]), data=str(shard), out=str(tmp_path / name), resolution=32,
-                            batch_size=3, max_steps=3, lr=1e-4, warmup_steps=1, device="cpu", samples=False,
-                            rpo_embed="both", rpo_clip=str(clip_folder), **extra)
-        diffdpo.train(cfg, rpo.make_pair_loss(cfg), rpo.image_embedder(cfg.rpo_clip))
-        runs[name] = unet_weights(tmp_path / name)
-        assert abs(read_metrics(tmp_path / name)[0]["loss"] - math.log(2)) < 1e-6
-    assert max_diff(runs["plain"], runs["cached"]) == 0.0
-    stored = next((tmp_path / "cache").rglob("pairs/*/*.safetensors"))
-    with safe_open(str(stored), framework="pt") as f:
-        assert {"chosen_emb", "rejected_emb"} <= set(f.keys())
-
-
-def test_pretrain_tiny_writes_the_committed_layout(tmp_path):
-    """`python diffdpo.py --pretrain-tiny DIR` (here 3 + 3 steps) writes what load_sd("tiny") reads: the same files,
-    configs and tensor names and shapes as the committed tiny/, a tokenizer with the same vocabulary and merges."""
-    folder = toy.pretrain_tiny(tmp_path / "tiny", vae_steps=3, unet_steps=3, batch_size=4, vae_batch_size=2)
-    new, old = (sorted(p.relative_to(f).as_posix() for p in f.rglob("*") if p.is_file()) for f in (folder, unet.TINY_FOLDER))
-    assert new == old
-    for f in old:
-        if f.endswith(".safetensors"):
-            with safe_open(str(folder / f), "pt") as a, safe_open(str(unet.TINY_FOLDER / f), "pt") as b:
-                assert {k: a.get_slice(k).get_shape() for k in a.keys()} == {k: b.get_slice(k).get_shape() for k in b.keys()}
-        elif not f.endswith("vae/config.json"):  # the VAE's scaling_factor is measured
-            assert (folder / f).read_text() == (unet.TINY_FOLDER / f).read_text(), f
-    sd = unet.load_sd(str(folder))
-    assert sd.kind == "sd15" and 0.1 < sd.vae.scaling_factor < 10
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# bench.py: the two DPO steps it times compute the same thing, and its FLOP count is what a step executes
-
-
-def bench_steps(sd, ref, optimizer, checkpointing, pairs=3):
-    """Three DPO steps of ours and of the diffusers-written reference on the same batch, noise and timesteps (fp32,
-    the VAE posterior mean on both sides): their losses and the total weight change."""
-    batch = parity.make_batch(pairs, sample.default_size(sd))
-    ids, noise, t = parity.reference_inputs(ref, batch, torch.device("cpu"))
-    ours = bench.our_dpo_step(sd, torch.float32, optimizer=optimizer, checkpointing=checkpointing, lr=1e-4)
-    theirs = parity.reference_dpo_step(ref, torch.float32, optimizer=optimizer, checkpointing=checkpointing, lr=1e-4,
-                                      posterior="mean")
-    before = {k: v.clone() for k, v in theirs.policy.state_dict().items()}
-    losses = [(ours(batch).item(), theirs(batch, ids, noise, t).item()) for _ in range(3)]
-    a, b = ours.policy.state_dict(), theirs.policy.state_dict()
-    change = lambda s: torch.cat([(s[k] - before[k]).flatten() for k in sorted(before)])  # noqa: E731
-    return losses, change(a), change(b), batch
-
-
-@pytest.mark.parametrize("kind", ["tiny", "sdxl"])
-def test_bench_dpo_step_equals_the_reference_step(hub, kind):
-    """bench.py times diffdpo.py's step against a step written with diffusers as the official train.py: on the toy
-    model (AdamW) and an SDXL-like hub (Adafactor, gradient checkpointing on both sides) they give the same losses
-    over three steps (the first is ln 2 up to float32 rounding x beta 5000) and the same weight change."""
-    sd, ref = parity.folder_models("tiny" if kind == "tiny" else hub["sdxl"], torch.device("cpu"))
-    losses, ours, theirs, _ = bench_steps(sd, ref, "adamw" if kind == "tiny" else "adafactor", kind == "sdxl")
-    assert abs(losses[0][0] - math.log(2)) < 1e-3 and abs(losses[0][1] - math.log(2)) < 1e-3
-    assert losses[1][0] < 0.6 and losses[2][0] < losses[1][0]  # the steps do train
-    for a, b in losses:
-        assert abs(a - b) <= 1e-3 * abs(b) + 1e-6, losses
-    assert (ours - theirs).norm() <= 1e-2 * theirs.norm() and theirs.norm() > 0
-
-
-def test_bench_flops_and_real_architecture_models(monkeypatch, tmp_path):
-    """step_flops (counted on the meta device) equals what torch.utils.flop_counter counts in a real step of ours
-    and of the reference; random_models builds both sides with the same weights (same UNet output), at sizes
-    shrunk here to the test configs; and the full benchmark driver runs end to end on the CPU."""
-    for a, b in [(dict(parity.SD_VAE, _class_name="AutoencoderKL"), unet.VAEConfig.sd15()),
-                 (dict(parity.CLIP_L, architectures=["CLIPTextModel"]), unet.CLIPTextConfig.sd15()),
-                 (dict(parity.CLIP_BIGG, architectures=["CLIPTextModelWithProjection"]), unet.CLIPTextConfig.sdxl())]:
-        norm = lambda c: {k: tuple(v) if isinstance(v, list) else v for k, v in vars(c).items() if k != "raw"}  # noqa
-        assert norm(type(b).from_dict(a)) == norm(b)  # the bench's real sizes are our presets
-    names = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H200": 989, "NVIDIA A100-SXM4-80GB": 312,
-             "NVIDIA L40S": 362, "NVIDIA L4": 121, "NVIDIA GeForce RTX 4090": 165, "Tesla T4": None}
-    assert {n: bench.peak_tflops(n) for n in names} == names
-    for kind, cfg in (("sd15", SD15_TEST), ("sdxl", SDXL_TEST)):
-        monkeypatch.setitem(parity.REAL, kind, dict(unet=cfg["unet"], vae=cfg["vae"],
-                                                   text=[cfg["text"]] + ([cfg["text2"]] if kind == "sdxl" else [])))
-        sd, ref = parity.random_models(kind, torch.device("cpu"), str(tmp_path / kind))
-        x, t, ctx, added = unet_inputs(sd.unet)
-        assert rel_err(sd.unet(x, t, ctx, **added), ref_eps(ref.unet, x, t, ctx, added)) < 1e-5
-        context, _ = sd.encode_prompt(["a red cube"])
-        ids = ref.tokenizers[0](["a red cube"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-        if kind == "sd15":
-            assert rel_err(context, ref.text_encoders[0](ids)[0]) < 1e-5
-        R, pairs = sample.default_size(sd), 2
-        counted = []
-        # the CPU's fused attention kernel has no FLOP formula in torch.utils.flop_counter (CUDA's have): the math
-        # backend spells attention out as matmuls, so every FLOP of the step is counted
-        with sdpa_kernel(SDPBackend.MATH):
-            for step in (bench.our_dpo_step(sd, torch.float32), parity.reference_dpo_step(ref, torch.float32)):
-                batch = parity.make_batch(pairs, R)
-                args = parity.reference_inputs(ref, batch, torch.device("cpu")) if step.policy is ref.unet else ()
-                with FlopCounterMode(display=False) as fc:
-                    step(batch, *args)
-                counted.append(fc.get_total_flops())
-            step, batch = bench.our_dpo_step(sd, torch.float32), parity.make_batch(pairs, R)
-            cached = bench.cached_batch(sd, batch, R, torch.float32)
-            with FlopCounterMode(display=False) as fc:
-                step(cached)
-        unets, encoders = bench.step_flops(sd, pairs, R)
-        assert counted[0] == counted[1] == unets + encoders, (counted, unets, encoders)
-        assert fc.get_total_flops() == unets and encoders > 0
-    out = bench.step_table(torch.device("cpu"), ["tiny"], 1, 1, False, 2, str(tmp_path / "t"))["tiny"]
-    assert set(out["step"]) == {"reference", "ours"} and out["step"]["ours"]["pairs_per_s"] > 0
-    assert out["sampling"]["ours_images_per_s"] > 0 and out["sampling"]["reference_images_per_s"] > 0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Issue 18, the seed's evaluation: prompt files in their real formats (locally and through the HF cache), HPS text
-# equal to open_clip's tokenize (ftfy included), text alignment (BLIP captions + Sentence-BERT) against transformers /
-# sentence-transformers on random-weight models in the Hub layouts, the Fréchet distance against scipy, and the CLI's
-# seed table and style FD.
-
-
-
-
-PARTI_TSV = ("Prompt\tCategory\tChallenge\tNote\n"
-             "bond\tAbstract\tBasic\tBiology-inspired concepts with multiple meanings\n"
-             "a corgi’s head\tAnimals\tImagination\t\n"
-             '"G I G G L E" painted in thick colorful lettering as graffiti on a faded red brick wall with a '
-             'splotch of exploding white paint.\tIllustrations\tWriting & Symbols\t\n'
-             'a sign that says "Hello, World"\tArtifacts\tWriting & Symbols\tquotes, a comma\n'
-             "a store front that has the word ‘openai’ written on it.\tOutdoor Scenes\tWriting & Symbols\t\n")
-DRAWBENCH_ROWS = [("A red colored car.", "Colors"), ("A sign that says 'Hello World'.", "Text"),
-                  ('A stack of 3 plates. A blue plate is on the top, sitting on a blue plate.', "DALL-E"),
-                  ('Painting of the orange cat Otto von Garfield, Count of Bismarck-Schönhausen, "quoted".', "Reddit"),
-                  ("Acersecomicke.", "Rare Words")]
-
-
-def write_hf_dataset(cache, repo, files_):
-    """A dataset snapshot in the HF cache layout (refs/main -> snapshots/<commit>/...), as a past download left it."""
-    commit = "89abcdef0123456789abcdef0123456789abcdef"
-    root = cache / f"datasets--{repo.replace('/', '--')}"
-    for name, text in files_.items():
-        (root / "snapshots" / commit / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / "snapshots" / commit / name).write_text(text, encoding="utf-8")
-    (root / "refs").mkdir(parents=True, exist_ok=True)
-    (root / "refs" / "main").write_text(commit)
-
-
-def test_prompt_files_in_their_real_formats(tmp_path, monkeypatch):
-    """Parti's TSV (raw lines, a literal leading quote kept), DrawBench's Google-Sheets CSV (every field quoted), the
-    HPS benchmark's JSON lists (a file, a folder, one style); the same text through the HF cache; one-line errors."""
-    (tmp_path / "PartiPrompts.tsv").write_text(PARTI_TSV, encoding="utf-8")
-    parti = [line.split("\t")[0] for line in PARTI_TSV.split("\n")[1:-1]]
-    assert eval.prompt_set(str(tmp_path / "PartiPrompts.tsv")) == parti and parti[2].startswith('"G I G G L E" painted')
-    quoted = [r["Prompt"] for r in csv.DictReader(PARTI_TSV.splitlines(), delimiter="\t")]
-    assert sum(a != b for a, b in zip(quoted, parti)) >= 1     # csv's default quoting loses the quotes of that row
-    with open(tmp_path / "DrawBench.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, quoting=csv.QUOTE_ALL)
-        writer.writerows([("Prompts", "Category")] + DRAWBENCH_ROWS)
-    assert (tmp_path / "DrawBench.csv").read_text().startswith('"Prompts","Category"\n"A red colored car.","Colors"')
-    assert eval.prompt_set(str(tmp_path / "DrawBench.csv")) == [p for p, _ in DRAWBENCH_ROWS]
-    styles = {s: [f"{s} prompt {i}: “curly” &amp; ｆｕｌｌ" for i in range(3)] for s in eval.HPS_STYLES}
-    hps = tmp_path / "hps"
-    hps.mkdir()
-    for s in eval.HPS_STYLES[::-1]:
-        (hps / f"{s}.json").write_text(json.dumps(styles[s], ensure_ascii=False), encoding="utf-8")
-    everything = [p for s in eval.HPS_STYLES for p in styles[s]]
-    assert eval.prompt_set(str(hps)) == everything and eval.prompt_set(str(hps / "photo.json")) == styles["photo"]
-    # the named sets, from the HF cache (offline), parsed by the same readers
-    cache = tmp_path / "hf"
-    write_hf_dataset(cache, "nateraw/parti-prompts", {"PartiPrompts.tsv": PARTI_TSV, "README.md": "# parti"})
-    write_hf_dataset(cache, "sayakpaul/drawbench", {"DrawBench.csv": (tmp_path / "DrawBench.csv").read_text()})
-    write_hf_dataset(cache, "zhwang/HPDv2", {f"benchmark/{s}.json": json.dumps(styles[s]) for s in eval.HPS_STYLES})
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    assert eval.prompt_set("parti") == parti and eval.prompt_set("drawbench") == [p for p, _ in DRAWBENCH_ROWS]
-    assert eval.prompt_set("hps") == everything and eval.prompt_set("hps:concept-art") == styles["concept-art"]
-    # bad input: one line naming the file and what was expected
-    (tmp_path / "bad.tsv").write_text("Caption-less\tCategory\nx\ty\n")
-    (tmp_path / "bad.json").write_text('{"anime": ["a"]}')
-    for spec, expected in [(tmp_path / "bad.tsv", "bad.tsv: expected a header with a prompt column"),
-                           (tmp_path / "bad.json", "bad.json: expected a JSON list of prompt strings"),
-                           (tmp_path / "missing.csv", "missing.csv: not a readable .csv prompt file"),
-                           (tmp_path, "no HPSv2 benchmark files here"), ("hps:cubism", "expected one of parti"),
-                           (tmp_path / "p.xlsx", "expected one of parti")]:
-        with pytest.raises(ValueError, match=re.escape(expected)) as e:
-            eval.prompt_set(str(spec))
-        assert "\n" not in str(e.value)
-
-
-HARD_PROMPTS = [
-    "a corgi’s head", "the word ‘openai’ written on it", "“double quotes” and don’t", "ＦＵＬＬ－ＷＩＤＴＨ！ ｐｒｏｍｐｔ",
-    "ﬁne ﬂowers ligatures", "cafÃ© mojibake", "itâ€™s broken utf-8", "Tom &amp; Jerry &amp;amp; friends", "&lt;b&gt;",
-    "&#39;quoted&#39; and &quot;x&quot;", "no\u00a0break\u2009thin\u3000ideographic", "zero\u200bwidth",
-    "tabs\tand\nnewlines\r\nand\u2028separators", "ΟΔΟΣ ΣΟΦΟΣ final sigma", "İstanbul DŽEMAL", "emoji 😀🎨 ✨",
-    "中文字符 日本語 한국어", "e\u0301 combining accent", "<|endoftext|> inside <|startoftext|>", "ｶﾀｶﾅ half-width",
-    "\x1b[31mred\x1b[0m terminal escapes", "bell\x07 and nul", "em—dash … ellipsis ½ ™ ©", "‚low‘ „quotes“",
-    "  leading and trailing spaces  ", "UPPER lower MiXeD 123 4.5", "x" * 300, " ".join(["long prompt"] * 60),
-    "a photo of a cat", "“Hello, World!” said the sign", "naïve résumé façade", "¿Qué? ¡Sí!", "a\u00adsoft hyphen",
-    "Ω ohm sign and Å angstrom sign", "ｸﾞﾗﾌｨｯｸ", "quote at the end’"]
-
-
-def test_hps_text_equals_open_clip_tokenize(tmp_path, monkeypatch):
-    """The HPS tokenizer == open_clip's tokenize with ftfy on hard prompts; without ftfy many would differ, so a
-    missing ftfy is a one-line error."""
-    path = clip_vocab_source().parent / "tokenizer.py"
-    spec = importlib.util.spec_from_file_location("_openclip_tokenizer_ftfy", path)
-    open_clip_tokenizer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(open_clip_tokenizer)              # with the real ftfy installed
-    ours = eval.openclip_tokenizer(write_clip_tokenizer_folder(tmp_path / "tok"))(HARD_PROMPTS)
-    want = open_clip_tokenizer.tokenize(HARD_PROMPTS)
-    assert ours.shape == want.shape == (len(HARD_PROMPTS), 77)
-    assert [i for i in range(len(HARD_PROMPTS)) if not torch.equal(ours[i], want[i])] == []
-    no_ftfy = openclip_tokenizer_module().tokenize(HARD_PROMPTS)
-    differ = sum(not torch.equal(a, b) for a, b in zip(no_ftfy, want))
-    print(f"HPS text: {len(HARD_PROMPTS)} hard prompts equal to open_clip's; {differ} would differ without ftfy")
-    assert differ >= 12
-    monkeypatch.setitem(sys.modules, "ftfy", None)
-    with pytest.raises(ValueError, match=r"ftfy.fix_text, which is not installed \(pip install ftfy\)$"):
-        eval.openclip_tokenizer(tmp_path / "tok")
 
 
 BERT_WORDS = ("a an the of on in with and is photo cat dog red blue green cube table sign says hello world store front "
@@ -1979,7 +1507,8 @@ def test_blip_and_sbert_at_real_sizes():
     BLIP captioning base and large (vocabulary 30524, 12 decoder heads) and all-MiniLM-L6-v2."""
     text = dict(vocab_size=30524, num_attention_heads=12, bos_token_id=30522, sep_token_id=102, pad_token_id=0)
     counts = {}
-    for name, vision in [("base", scorer_nets.BlipVisionConfig.base()), ("large", scorer_nets.BlipVisionConfig.large())]:
+    for name in ("base", "large"):
+        vision = getattr(scorer_nets.BlipVisionConfig, name)()
         d = dict(text_config=text, vision_config={k: v for k, v in vision.__dict__.items() if k != "raw"})
         with torch.device("meta"):
             ref = BlipForConditionalGeneration(BlipConfig(**d))
@@ -1995,6 +1524,133 @@ def test_blip_and_sbert_at_real_sizes():
     counts["minilm"] = sum(p.numel() for p in ours.parameters())
     print(counts)
     assert counts["minilm"] == 22_713_216 and 240e6 < counts["base"] < 260e6 and 460e6 < counts["large"] < 480e6
+
+
+def test_prompt_sets_txt_and_offline_error(tmp_path, monkeypatch, capsys):
+    """A .txt prompt file; a named set that is not in the HF cache, offline: eval.py ends in one line, exit 2."""
+    (tmp_path / "p.txt").write_text("a red cube\n\n  a blue ball  \n")
+    assert eval.prompt_set(str(tmp_path / "p.txt")) == ["a red cube", "a blue ball"]
+    with pytest.raises(ValueError, match="expected one of parti"):
+        eval.prompt_set("nonsense")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))       # HF_HUB_CACHE=... HF_HUB_OFFLINE=1
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit) as e:
+        eval.main(["--model", "tiny", "--unet", "nowhere", "--prompts", "parti", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err[-2000:]
+    assert err.startswith("error: dataset 'nateraw/parti-prompts': ") and "not in the local HF cache" in err
+
+
+PARTI_TSV = ("Prompt\tCategory\tChallenge\tNote\n"
+             "bond\tAbstract\tBasic\tBiology-inspired concepts with multiple meanings\n"
+             "a corgi’s head\tAnimals\tImagination\t\n"
+             '"G I G G L E" painted in thick colorful lettering as graffiti on a faded red brick wall with a '
+             'splotch of exploding white paint.\tIllustrations\tWriting & Symbols\t\n'
+             'a sign that says "Hello, World"\tArtifacts\tWriting & Symbols\tquotes, a comma\n'
+             "a store front that has the word ‘openai’ written on it.\tOutdoor Scenes\tWriting & Symbols\t\n")
+
+
+DRAWBENCH_ROWS = [("A red colored car.", "Colors"), ("A sign that says 'Hello World'.", "Text"),
+                  ('A stack of 3 plates. A blue plate is on the top, sitting on a blue plate.', "DALL-E"),
+                  ('Painting of the orange cat Otto von Garfield, Count of Bismarck-Schönhausen, "quoted".', "Reddit"),
+                  ("Acersecomicke.", "Rare Words")]
+
+
+def write_hf_dataset(cache, repo, files_):
+    """A dataset snapshot in the HF cache layout (refs/main -> snapshots/<commit>/...), as a past download left it."""
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    root = cache / f"datasets--{repo.replace('/', '--')}"
+    for name, text in files_.items():
+        (root / "snapshots" / commit / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "snapshots" / commit / name).write_text(text, encoding="utf-8")
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+
+
+def test_prompt_files_in_their_real_formats(tmp_path, monkeypatch):
+    """Parti's TSV (raw lines, a literal leading quote kept), DrawBench's Google-Sheets CSV (every field quoted), the
+    HPS benchmark's JSON lists (a file, a folder, one style); the same text through the HF cache; one-line errors."""
+    (tmp_path / "PartiPrompts.tsv").write_text(PARTI_TSV, encoding="utf-8")
+    parti = [line.split("\t")[0] for line in PARTI_TSV.split("\n")[1:-1]]
+    assert eval.prompt_set(str(tmp_path / "PartiPrompts.tsv")) == parti and parti[2].startswith('"G I G G L E" painted')
+    quoted = [r["Prompt"] for r in csv.DictReader(PARTI_TSV.splitlines(), delimiter="\t")]
+    assert sum(a != b for a, b in zip(quoted, parti)) >= 1     # csv's default quoting loses the quotes of that row
+    with open(tmp_path / "DrawBench.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, quoting=csv.QUOTE_ALL)
+        writer.writerows([("Prompts", "Category")] + DRAWBENCH_ROWS)
+    assert (tmp_path / "DrawBench.csv").read_text().startswith('"Prompts","Category"\n"A red colored car.","Colors"')
+    assert eval.prompt_set(str(tmp_path / "DrawBench.csv")) == [p for p, _ in DRAWBENCH_ROWS]
+    styles = {s: [f"{s} prompt {i}: “curly” &amp; ｆｕｌｌ" for i in range(3)] for s in eval.HPS_STYLES}
+    hps = tmp_path / "hps"
+    hps.mkdir()
+    for s in eval.HPS_STYLES[::-1]:
+        (hps / f"{s}.json").write_text(json.dumps(styles[s], ensure_ascii=False), encoding="utf-8")
+    everything = [p for s in eval.HPS_STYLES for p in styles[s]]
+    assert eval.prompt_set(str(hps)) == everything and eval.prompt_set(str(hps / "photo.json")) == styles["photo"]
+    # the named sets, from the HF cache (offline), parsed by the same readers
+    cache = tmp_path / "hf"
+    write_hf_dataset(cache, "nateraw/parti-prompts", {"PartiPrompts.tsv": PARTI_TSV, "README.md": "# parti"})
+    write_hf_dataset(cache, "sayakpaul/drawbench", {"DrawBench.csv": (tmp_path / "DrawBench.csv").read_text()})
+    write_hf_dataset(cache, "zhwang/HPDv2", {f"benchmark/{s}.json": json.dumps(styles[s]) for s in eval.HPS_STYLES})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert eval.prompt_set("parti") == parti and eval.prompt_set("drawbench") == [p for p, _ in DRAWBENCH_ROWS]
+    assert eval.prompt_set("hps") == everything and eval.prompt_set("hps:concept-art") == styles["concept-art"]
+    # bad input: one line naming the file and what was expected
+    (tmp_path / "bad.tsv").write_text("Caption-less\tCategory\nx\ty\n")
+    (tmp_path / "bad.json").write_text('{"anime": ["a"]}')
+    for spec, expected in [(tmp_path / "bad.tsv", "bad.tsv: expected a header with a prompt column"),
+                           (tmp_path / "bad.json", "bad.json: expected a JSON list of prompt strings"),
+                           (tmp_path / "missing.csv", "missing.csv: not a readable .csv prompt file"),
+                           (tmp_path, "no HPSv2 benchmark files here"), ("hps:cubism", "expected one of parti"),
+                           (tmp_path / "p.xlsx", "expected one of parti")]:
+        with pytest.raises(ValueError, match=re.escape(expected)) as e:
+            eval.prompt_set(str(spec))
+        assert "\n" not in str(e.value)
+
+
+HARD_PROMPTS = [
+    "a corgi’s head", "the word ‘openai’ written on it", "“double quotes” and don’t", "ＦＵＬＬ－ＷＩＤＴＨ！ ｐｒｏｍｐｔ",
+    "ﬁne ﬂowers ligatures", "cafÃ© mojibake", "itâ€™s broken utf-8", "Tom &amp; Jerry &amp;amp; friends", "&lt;b&gt;",
+    "&#39;quoted&#39; and &quot;x&quot;", "no\u00a0break\u2009thin\u3000ideographic", "zero\u200bwidth",
+    "tabs\tand\nnewlines\r\nand\u2028separators", "ΟΔΟΣ ΣΟΦΟΣ final sigma", "İstanbul DŽEMAL", "emoji 😀🎨 ✨",
+    "中文字符 日本語 한국어", "e\u0301 combining accent", "<|endoftext|> inside <|startoftext|>", "ｶﾀｶﾅ half-width",
+    "\x1b[31mred\x1b[0m terminal escapes", "bell\x07 and nul", "em—dash … ellipsis ½ ™ ©", "‚low‘ „quotes“",
+    "  leading and trailing spaces  ", "UPPER lower MiXeD 123 4.5", "x" * 300, " ".join(["long prompt"] * 60),
+    "a photo of a cat", "“Hello, World!” said the sign", "naïve résumé façade", "¿Qué? ¡Sí!", "a\u00adsoft hyphen",
+    "Ω ohm sign and Å angstrom sign", "ｸﾞﾗﾌｨｯｸ", "quote at the end’"]
+
+
+def test_hps_text_equals_open_clip_tokenize(tmp_path, monkeypatch):
+    """The HPS tokenizer == open_clip's tokenize with ftfy on hard prompts; without ftfy many would differ, so a
+    missing ftfy is a one-line error."""
+    path = clip_vocab_source().parent / "tokenizer.py"
+    spec = importlib.util.spec_from_file_location("_openclip_tokenizer_ftfy", path)
+    open_clip_tokenizer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(open_clip_tokenizer)              # with the real ftfy installed
+    ours = eval.openclip_tokenizer(write_clip_tokenizer_folder(tmp_path / "tok"))(HARD_PROMPTS)
+    want = open_clip_tokenizer.tokenize(HARD_PROMPTS)
+    assert ours.shape == want.shape == (len(HARD_PROMPTS), 77)
+    assert [i for i in range(len(HARD_PROMPTS)) if not torch.equal(ours[i], want[i])] == []
+    no_ftfy = openclip_tokenizer_module().tokenize(HARD_PROMPTS)
+    differ = sum(not torch.equal(a, b) for a, b in zip(no_ftfy, want))
+    print(f"HPS text: {len(HARD_PROMPTS)} hard prompts equal to open_clip's; {differ} would differ without ftfy")
+    assert differ >= 12
+    monkeypatch.setitem(sys.modules, "ftfy", None)
+    with pytest.raises(ValueError, match=r"ftfy.fix_text, which is not installed \(pip install ftfy\)$"):
+        eval.openclip_tokenizer(tmp_path / "tok")
+
+
+def test_bootstrap_win_rate_known_answers():
+    assert eval.bootstrap_win_rate([2, 3, 4], [1, 1, 1]) == (1.0, 1.0, 1.0)
+    assert eval.bootstrap_win_rate([1, 1, 1, 1], [1, 1, 1, 1]) == (0.5, 0.5, 0.5)
+    rate, lo, hi = eval.bootstrap_win_rate([2, 1] * 50, [1, 1] * 50, n=2000)      # half wins, half ties: 0.75
+    # the bootstrap of a mean of 100 outcomes in {1, 0.5}: sd = 0.25 / sqrt(100) = 0.025, so about +-0.049
+    assert rate == 0.75 and 0.69 < lo < 0.72 and 0.78 < hi < 0.81
+    once, again = (eval.bootstrap_win_rate([0, 1, 2], [1, 1, 1], seed=5) for _ in range(2))
+    assert once == again
+    with pytest.raises(ValueError):
+        eval.bootstrap_win_rate([1, 2], [1])
 
 
 def test_frechet_distance_matches_scipy():
@@ -2015,29 +1671,69 @@ def test_frechet_distance_matches_scipy():
         eval.frechet_distance(a[:1], b)
 
 
-def test_eval_cli_seed_table_text_alignment_and_style_fd(tmp_path, clip_folder, blip_folder, sbert_folder):
-    """The seed's table in one command (text alignment through the CLI, the seed's numbers in columns), and
-    --style-ref: report.json's style_fd for base and tuned, finite, equal to the FD of the saved images' CLIP
-    features; the toy's thumbnail features."""
-    base = make_hub(tmp_path / "sd15", "sd15")
-    sd = unet.load_sd(str(base))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in sd.unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    unet.save_unet(sd.unet, tmp_path / "tuned" / "unet")
+def test_eval_cli_end_to_end(tmp_path, hub, tuned_unet, clip_folder, hps_folder, aesthetic_folder, capsys):
+    """`python eval.py`: base and tuned images from the same seeds, all four scorers on tiny local models; the
+    report's scores are the scorers' on the saved images, the win rates are the bootstrap's. In this process: an
+    unknown scorer is a one-line error; --lora scores adapters the same way."""
+    base = hub["sd15"]
+    (tmp_path / "prompts.txt").write_text("a red circle on a blue background\na green square on a white background\n"
+                                          "a blue triangle on a red background\na white circle on a green background\n")
+    out = tmp_path / "eval"
+    r = run_cli(["eval.py", "--model", str(base), "--unet", str(tuned_unet), "--prompts",
+                 str(tmp_path / "prompts.txt"), "--num", "3", "--steps", "2", "--guidance", "3", "--out", str(out),
+                 "--scorer-model", f"pickscore={clip_folder}", "--scorer-model", f"clip={clip_folder}",
+                 "--scorer-model", f"hps={hps_folder[0]}", "--scorer-model", f"aesthetic={aesthetic_folder[0]}",
+                 "--device", "cpu"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(r.stdout)
+    report = json.loads((out / "report.json").read_text())
+    assert report["n"] == 3 and list(report["scorers"]) == ["pickscore", "hps", "aesthetic", "clip"]
+    folders = {"hps": hps_folder[0], "aesthetic": aesthetic_folder[0]}
+    for name, s in report["scorers"].items():
+        scorer = eval.load_scorer(name, folders.get(name, clip_folder))
+        for label in ("base", "tuned"):
+            ims = [Image.open(out / "images" / label / f"{i:05d}.png") for i in range(3)]
+            assert rel_err(torch.tensor(s[label]), scorer(ims, report["prompts"])) < 1e-5
+        assert (s["win_rate"], s["win_lo"], s["win_hi"]) == eval.bootstrap_win_rate(s["tuned"], s["base"])
+        assert s["base"] != s["tuned"]
+    md = (out / "report.md").read_text()
+    assert "| PickScore |" in md and "| HPSv2.1 (x100) |" in md and md.count("\n|") == 6
+    w, h, left, _, _ = sample.grid_layout((32, 32), ["base", "tuned"])
+    grid = Image.open(out / "wins_losses.png")
+    assert grid.size[0] == left + 3 * w and grid.size[1] > 2 * h
+    with pytest.raises(SystemExit) as bad:
+        eval.main(["--model", str(base), "--unet", str(tuned_unet), "--prompts", str(tmp_path / "prompts.txt"),
+                   "--out", str(out), "--scorers", "pickscore,nope"])
+    err = capsys.readouterr().err
+    assert bad.value.code == 2 and "nope" in err and "Traceback" not in err
+    # --lora: the tuned model as adapters on --model's UNet (non-zero B), scored the same way
+    adapted = unet.load_sd(str(base)).unet
+    random_lora(adapted, 4, std=0.5)
+    (tmp_path / "lora").mkdir()
+    lora.save_lora(adapted, tmp_path / "lora" / lora.LORA_FILE)
+    eval.main(["--model", str(base), "--lora", str(tmp_path / "lora"), "--prompts", str(tmp_path / "prompts.txt"),
+               "--num", "2", "--steps", "2", "--out", str(tmp_path / "eval-lora"), "--scorers", "clip",
+               "--scorer-model", f"clip={clip_folder}", "--device", "cpu"])
+    s = json.loads((tmp_path / "eval-lora" / "report.json").read_text())["scorers"]["clip"]
+    assert s["base"] != s["tuned"]
+
+
+def test_eval_cli_paper_table_text_alignment_and_style_fd(tmp_path, hub, tuned_unet, clip_folder, blip_folder,
+                                                           sbert_folder, capsys):
+    """The Diffusion-DPO paper's DrawBench table in one eval.py command (text alignment through the CLI's code, the
+    paper's numbers in their columns), and --style-ref: report.json's style_fd for base and tuned, finite, equal to
+    the FD of the saved images' CLIP features; the toy's thumbnail features."""
     (tmp_path / "prompts.txt").write_text("a red cube on a blue table\na photo of a cat\na green dog in the garden\n")
     (tmp_path / "style").mkdir()
     for i, im in enumerate(sample_images(seed=9)):
         im.save(tmp_path / "style" / f"{i}.png")
     out = tmp_path / "eval"
-    r = run_cli(["eval.py", "--model", str(base), "--unet", str(tmp_path / "tuned" / "unet"), "--prompts",
-                 str(tmp_path / "prompts.txt"), "--steps", "2", "--guidance", "3", "--out", str(out),
-                 "--scorers", "text-alignment,clip", "--scorer-model", f"text-alignment={sbert_folder}",
-                 "--captioner", str(blip_folder), "--scorer-model", f"clip={clip_folder}",
-                 "--style-ref", str(tmp_path / "style"), "--device", "cpu"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    print(r.stdout[-1500:])
+    eval.main(["--model", str(hub["sd15"]), "--unet", str(tuned_unet), "--prompts", str(tmp_path / "prompts.txt"),
+               "--steps", "2", "--guidance", "3", "--out", str(out), "--scorers", "text-alignment,clip",
+               "--scorer-model", f"text-alignment={sbert_folder}", "--captioner", str(blip_folder),
+               "--scorer-model", f"clip={clip_folder}", "--style-ref", str(tmp_path / "style"), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    print(printed[-1500:])
     report = json.loads((out / "report.json").read_text())
     ims = {label: [Image.open(out / "images" / label / f"{i:05d}.png") for i in range(3)]
            for label in ("base", "tuned")}
@@ -2053,16 +1749,172 @@ def test_eval_cli_seed_table_text_alignment_and_style_fd(tmp_path, clip_folder, 
     assert fd["images"] == 6 and fd["base"] != fd["tuned"]
     md = (out / "report.md").read_text()
     assert "| Text alignment (SBERT) |" in md and "| 0.6075 | 0.5720 |" in md and "Style FD to" in md
-    assert "| Text alignment (SBERT) |" in r.stdout and "| CLIP score |" in r.stdout and "| - | - |" in md
+    assert "| Text alignment (SBERT) |" in printed and "| CLIP score |" in printed and "| - | - |" in md
     toy = eval.style_fd(ref, {"base": ims["base"]}, toy=True)
     thumbs = lambda xs: np.stack([np.asarray(x.convert("RGB").resize((8, 8), Image.BOX)) for x in xs]) / 255  # noqa
     want = eval.frechet_distance(thumbs(ref).reshape(6, -1), thumbs(ims["base"]).reshape(3, -1))
     assert toy["features"] == "8x8 RGB thumbnail" and abs(toy["base"] - want) <= 1e-9 * want
 
 
+def test_choice_model_relabels_pairs(tmp_path, hub, shard, clip_folder):
+    """--choice-model (AI feedback): each pair is put in the reward model's order (here CLIP score with a random-weight
+    CLIP), the same images either way; the trainer runs on the relabelled stream and starts at ln 2."""
+    scorer = eval.load_scorer("clip", str(clip_folder))
+    pil = lambda x: Image.fromarray(((x + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())  # noqa: E731
+    plain = data.open_pairs(str(shard), resolution=32, flip=False)
+    relabelled = data.open_pairs(str(shard), resolution=32, flip=False, relabel=eval.relabeller(f"clip={clip_folder}"))
+    reversed_ = data.open_pairs(str(shard), resolution=32, flip=False, relabel=lambda caption, x: x[::-1])
+    for s in range(10):
+        a, b, r = plain.item(s), relabelled.item(s), reversed_.item(s)
+        assert a["key"] == b["key"] == r["key"]
+        assert torch.equal(r["chosen"], a["rejected"]) and torch.equal(r["rejected"], a["chosen"])
+        first, second = scorer([pil(b["chosen"]), pil(b["rejected"])], [b["caption"]] * 2).tolist()
+        assert first > second
+        plain_first, plain_second = scorer([pil(a["chosen"]), pil(a["rejected"])], [a["caption"]] * 2).tolist()
+        expect = (a["chosen"], a["rejected"]) if plain_first > plain_second else (a["rejected"], a["chosen"])
+        assert torch.equal(b["chosen"], expect[0]) and torch.equal(b["rejected"], expect[1])
+    out = tmp_path / "ai"
+    diffdpo.train(diffdpo.TrainConfig(model=str(hub["sd15"]), data=str(shard), out=str(out), resolution=32,
+                                      batch_size=2, max_steps=2, choice_model=f"clip={clip_folder}", device="cpu",
+                                      samples=False))
+    assert abs(read_metrics(out)[0]["loss"] - math.log(2)) < 1e-6
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# LCM (#19): the latent consistency sampler, LCM UNets (time_cond_proj_dim), kohya LoRA files with convs (LCM-LoRA's
+# LoRA (lora.py): our adapters against diffusers + peft, the trainer's --lora-rank, sample.py --lora
+
+
+LORA_ALL = "to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2"
+
+
+@pytest.mark.parametrize("kind,targets", [("sd15", LORA_ALL), ("sdxl", LORA_ALL + ",proj_in,proj_out")])
+def test_lora_file_matches_diffusers(tmp_path, hub, kind, targets):
+    """Adapters with random non-zero B and alpha = 2 r, written by save_lora: diffusers (pipeline.load_lora_weights
+    for SD1.5, UNet2DConditionModel.load_lora_adapter for SDXL) computes the same UNet output as ours, unmerged and
+    merged (load_sd(lora=)); the adapters' own contribution agrees too, so a wrong alpha / r would fail."""
+    model = unet.load_sd(str(hub[kind])).unet
+    names = random_lora(model, 4, 8, targets, std=0.05)
+    assert all(p.requires_grad == (".lora_" in n) for n, p in model.named_parameters())
+    lora.save_lora(model, tmp_path / lora.LORA_FILE)
+    x, t, ctx, added = unet_inputs(model)
+    with torch.no_grad():
+        ours = model(x, t, ctx, **added)
+        with lora.lora_disabled(model):
+            base = model(x, t, ctx, **added)
+        merged = unet.load_sd(str(hub[kind]), lora=tmp_path).unet(x, t, ctx, **added)
+        if kind == "sd15":
+            pipe = StableDiffusionPipeline.from_pretrained(hub[kind], safety_checker=None)
+            pipe.load_lora_weights(tmp_path)
+            ref = pipe.unet
+        else:
+            ref = UNet2DConditionModel.from_pretrained(hub[kind], subfolder="unet")
+            ref.load_lora_adapter(str(tmp_path / lora.LORA_FILE), prefix="unet")
+        theirs = ref_eps(ref, x, t, ctx, added)
+    n_ref = sum(1 for n, _ in ref.named_modules() if n.endswith(".lora_A.default_0") or n.endswith(".lora_A.default"))
+    print(f"{kind}: {len(names)} layers; ours vs diffusers {rel_err(ours, theirs):.1e}, adapter contribution "
+          f"{rel_err(ours - base, theirs - base):.1e}, merged {rel_err(merged, ours):.1e}; |lora| / |base| "
+          f"{rel_err(ours, base):.2f}")
+    assert n_ref == len(names)
+    assert rel_err(ours, base) > 0.05                     # the adapters matter
+    assert rel_err(ours, theirs) < 1e-4 and rel_err(ours - base, theirs - base) < 1e-3
+    assert rel_err(merged, ours) < 1e-4
+
+
+def test_lora_targets_and_file_errors(tmp_path, hub):
+    model = unet.load_sd(str(hub["sd15"])).unet
+    with pytest.raises(unet.LoadError, match="1x1 convolutions"):
+        lora.add_lora(model, 4, targets="proj_in")
+    with pytest.raises(unet.LoadError, match="'to_z'"):
+        lora.add_lora(model, 4, targets="to_q,to_z")
+    with pytest.raises(unet.LoadError, match="LoRA file not found"):
+        lora.load_lora(model, tmp_path)
+    save_file({"text_encoder.x.lora_A.weight": torch.zeros(1, 1)}, str(tmp_path / "te.safetensors"))
+    with pytest.raises(unet.LoadError, match="text_encoder.x"):
+        lora.load_lora(model, tmp_path / "te.safetensors")
+
+
+def lora_args(hub, shard, out, *extra):
+    return train_args(hub, shard, out, "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", LORA_ALL,
+                      "--lr", "1e-3", "--no-samples", *extra)
+
+
+def test_train_lora_end_to_end(tmp_path, hub, shard):
+    """--lora-rank: the printed trainable count is peft's for the same targets; step 0 is the base (loss ln 2);
+    OUT/pytorch_lora_weights.safetensors loads in diffusers and gives the adapters-applied output; checkpoint.pt
+    holds only the adapters; 2 steps + resume to 4 == 4 straight (exactly); --merge-lora's OUT/unet/ (at the last
+    step, or on a finished run) equals the adapters applied."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    r = run_here(lora_args(hub, shard, straight, "--max-steps", "4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(straight)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert abs(rows[0]["loss"] - math.log(2)) < 1e-6 and rows[0]["implicit_acc"] == 0.0
+    assert rows[0]["ref_mse_w"] == rows[0]["mse_w"] and rows[-1]["ref_mse_w"] != rows[-1]["mse_w"]
+
+    ref = UNet2DConditionModel.from_pretrained(hub["sd15"], subfolder="unet")
+    ref.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=LORA_ALL.split(",")))
+    n_peft = sum(p.numel() for n, p in ref.named_parameters() if ".lora_" in n)
+    assert f"{n_peft} trainable parameters" in r.stdout, r.stdout[-2000:]
+
+    adapters = load_file(straight / lora.LORA_FILE)
+    ckpt = torch.load(straight / "checkpoint.pt", weights_only=False)
+    n_layers = sum(1 for n, _ in ref.named_modules() if n.endswith(".lora_A.default"))
+    assert set(ckpt["unet"]) == {k[len("unet."):] for k in adapters} and len(adapters) == 2 * n_layers
+    assert min(v.abs().max().item() for k, v in adapters.items() if "lora_B" in k) > 0
+    assert not (straight / "unet").exists()
+
+    assert run_here(lora_args(hub, shard, resumed, "--max-steps", "2")).returncode == 0
+    r = run_here(lora_args(hub, shard, resumed, "--max-steps", "4", "--merge-lora"))
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-3000:]
+    assert max_diff(load_file(resumed / lora.LORA_FILE), adapters) == 0.0
+    r = run_here(lora_args(hub, shard, straight, "--max-steps", "4", "--merge-lora"))  # a finished run: merge only
+    assert r.returncode == 0 and "already at step 4" in r.stdout, r.stderr[-3000:]
+    assert max_diff(unet_weights(straight), unet_weights(resumed)) == 0.0
+
+    args = lora_args(hub, shard, tmp_path / "ddp", "--max-steps", "4")  # `torchrun`, 2 x batch 1 == 1 x batch 2
+    args[args.index("--batch-size") + 1] = "1"
+    r = run_cli(args, torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for a, b in zip(read_metrics(tmp_path / "ddp"), rows, strict=True):
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * b["grad_norm"] and abs(a["loss"] - b["loss"]) < 1e-3
+
+    sd = unet.load_sd(str(hub["sd15"]))
+    lora.load_lora(sd.unet, straight)
+    x, t, ctx, added = unet_inputs(sd.unet, seed=1)
+    with torch.no_grad():
+        ours = sd.unet(x, t, ctx)
+        with lora.lora_disabled(sd.unet):
+            base = sd.unet(x, t, ctx)
+        merged = unet.load_component(straight / "unet", "unet")(x, t, ctx)
+        merged_diffusers = ref_eps(UNet2DConditionModel.from_pretrained(straight, subfolder="unet"), x, t, ctx, {})
+        pipe = StableDiffusionPipeline.from_pretrained(hub["sd15"], safety_checker=None)
+        pipe.load_lora_weights(straight)
+        theirs = ref_eps(pipe.unet, x, t, ctx, {})
+    print(f"trained adapters: |lora - base| / |base| {rel_err(ours, base):.1e}; ours vs diffusers "
+          f"{rel_err(ours, theirs):.1e} (contribution {rel_err(ours - base, theirs - base):.1e}); merged folder "
+          f"{rel_err(merged, ours):.1e}, in diffusers {rel_err(merged_diffusers, ours):.1e}")
+    assert rel_err(ours, base) > 1e-3
+    assert rel_err(ours, theirs) < 1e-4 and rel_err(ours - base, theirs - base) < 1e-2
+    assert rel_err(merged, ours) < 1e-4 and rel_err(merged_diffusers, ours) < 1e-4
+
+
+def test_sample_cli_lora(tmp_path, hub):
+    """sample.py --lora FILE --compare (in this process): base and adapters-merged rows from the same seeds; the
+    second differs."""
+    model = unet.load_sd(str(hub["sd15"])).unet
+    random_lora(model, 4, std=0.2)
+    lora.save_lora(model, tmp_path / "mine.safetensors")
+    sample.main(["--model", str(hub["sd15"]), "--lora", str(tmp_path / "mine.safetensors"), "--prompt", "a red cube",
+                 "--compare", "--out", str(tmp_path / "grid.png"), "--steps", "2", "--height", "32", "--width", "32",
+                 "--device", "cpu"])
+    base, tuned = grid_rows(tmp_path / "grid.png", ["base", "tuned"], ["a red cube"])
+    assert np.abs(base - tuned).max() > 10
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LCM: the latent consistency sampler, LCM UNets (time_cond_proj_dim), kohya LoRA files with convs (LCM-LoRA's
 # format), stacked LoRAs (a DPO LoRA + LCM-LoRA), DPO on an LCM UNet
+
 
 # the layers the published LCM-LoRAs adapt: the target modules of diffusers' train_lcm_distill_lora_*.py
 LCM_LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
@@ -2117,15 +1969,12 @@ def lcm_pipeline(folder, hub):
             p.data.normal_(1.0 if "norm" in n and n.endswith("weight") else 0.0, 0.1)
     shutil.rmtree(folder / "unet")
     model.save_pretrained(folder / "unet")
-    LCMScheduler(**{k: v for k, v in SCHEDULER.items() if k != "timestep_spacing"}).save_pretrained(folder / "scheduler")
+    scheduler = LCMScheduler(**{k: v for k, v in SCHEDULER.items() if k != "timestep_spacing"})
+    scheduler.save_pretrained(folder / "scheduler")
     index = json.loads((folder / "model_index.json").read_text())
     index.update(_class_name="LatentConsistencyModelPipeline", scheduler=["diffusers", "LCMScheduler"])
     (folder / "model_index.json").write_text(json.dumps(index))
     return folder
-
-
-def pixel_diff(ours, theirs):
-    return max(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() for a, b in zip(ours, theirs))
 
 
 def test_lcm_sampler_matches_diffusers(hub):
@@ -2265,15 +2114,12 @@ def test_kohya_lora_with_convs_matches_diffusers(tmp_path, hub, kind):
 def test_stacked_loras_match_diffusers_and_sample_cli(tmp_path, hub):
     """A DPO LoRA in our peft format (save_lora) and an LCM-LoRA-like kohya file with convs, stacked: load_sd(lora=[a,
     b]) (merged in turn, in either order) equals diffusers with both adapters at weight 1.0, and neither alone does;
-    sample.py --lora a --lora b --sampler lcm --steps 4 draws the in-process images. Files this loader cannot apply
-    (text-encoder keys, SGM names, DoRA, a shape that does not fit) are one-line errors naming the key or layer."""
+    sample.py --lora a --lora b --sampler lcm --steps 4 (one image per UNet call) draws the images render() draws in
+    one batch. Files this loader cannot apply (text-encoder keys, SGM names, DoRA, a shape that does not fit) are
+    one-line errors naming the key or layer."""
     model = unet.load_sd(str(hub["sd15"])).unet
     save_file(kohya_lora(model, seed=2, attention_alpha=5.0), tmp_path / "lcm.safetensors")
-    lora.add_lora(model, 4, 8, LORA_ALL)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, lora.LoRALinear):
-                m.lora_B.weight.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(3))
+    random_lora(model, 4, 8, LORA_ALL, std=0.05, seed=3)
     lora.save_lora(model, tmp_path / "dpo" / lora.LORA_FILE)
     files = [tmp_path / "dpo", tmp_path / "lcm.safetensors"]
     x, t, ctx, _ = unet_inputs(model)
@@ -2290,11 +2136,9 @@ def test_stacked_loras_match_diffusers_and_sample_cli(tmp_path, hub):
           f"LCM-like LoRA alone {rel_err(alone, theirs):.2f}")
     assert rel_err(ours, theirs) < 1e-4 and rel_err(swapped, theirs) < 1e-4 and rel_err(alone, theirs) > 1e-2
 
-    r = run_cli(["sample.py", "--model", str(hub["sd15"]), "--lora", str(files[0]), "--lora", str(files[1]),
-                 "--sampler", "lcm", "--steps", "4", "--guidance", "1", "--prompt", "a red cube", "--prompt",
-                 "a blue ball", "--out", str(tmp_path / "grid.png"), "--height", "32", "--width", "32",
-                 "--batch-size", "1", "--device", "cpu"])
-    assert r.returncode == 0, r.stderr[-2000:]
+    sample.main(["--model", str(hub["sd15"]), "--lora", str(files[0]), "--lora", str(files[1]), "--sampler", "lcm",
+                 "--steps", "4", "--guidance", "1", "--prompt", "a red cube", "--prompt", "a blue ball", "--out",
+                 str(tmp_path / "grid.png"), "--height", "32", "--width", "32", "--batch-size", "1", "--device", "cpu"])
     sd = unet.load_sd(str(hub["sd15"]), lora=files)
     want = sample.render(sd, sd.unet, ["a red cube", "a blue ball"], [0, 1], batch_size=2, steps=4, guidance=1.0,
                          height=32, width=32, sampler="lcm")
@@ -2340,80 +2184,33 @@ def test_dpo_on_an_lcm_unet(tmp_path, hub):
     assert rel_err(torch.cat(errors[:2]), want) < 1e-4 and rel_err(torch.cat(other[:2]), want) > 1e-4
 
 
-# Diffusion-RPO measured (#21): the style world (--data shapes-style) and rpo.py's variants
+# ----------------------------------------------------------------------------------------------------------------
+# Diffusion-RPO (rpo.py): the loss and its variants, its B x B matrix over the global batch, image embeddings, style
+# pairs
 
 
-def test_style_edit_and_judge_known_images():
-    """The ink print of a drawn shape is paper exactly where the drawing's nearest palette color is the caption's
-    ground and ink elsewhere (recomputed here); it scores its border's paper share (1 unless the figure touches the
-    border), the drawing on a blue ground 0. Flat images: paper 1, ink or any other color 0 (the ground must be
-    paper); ink in a corner of paper: the border's paper share; a figure on yellow 0."""
-    p, names = "a red circle on a blue background", list(toy.COLORS)
-    palette = np.array(list(toy.COLORS.values()), dtype=np.float64)
-    for seed in range(5):
-        img = toy.render_shape(p, torch.Generator().manual_seed(seed))
-        nearest = np.linalg.norm(np.asarray(img, dtype=np.float64).reshape(-1, 1, 3) - palette, axis=-1).argmin(-1)
-        styled, ground = np.asarray(toy.style_edit(img, p)).reshape(-1, 3), nearest == names.index("blue")
-        assert 0.03 < (~ground).mean() < 0.5                                          # the figure: 3% .. 50%
-        assert (styled[ground] == toy.COLORS[toy.PAPER]).all() and (styled[~ground] == toy.COLORS[toy.INK]).all()
-        g = ground.reshape(32, 32)
-        border = np.concatenate([g[0], g[-1], g[1:-1, 0], g[1:-1, -1]])
-        assert toy.style_judge(toy.style_edit(img, p)) == pytest.approx(border.mean(), abs=1e-6) and border.mean() > 0.9
-        assert toy.style_judge(img) == 0.0
-    for name, rgb in toy.COLORS.items():
-        assert toy.style_judge(Image.new("RGB", (32, 32), rgb)) == float(name == toy.PAPER)
-    corner = Image.new("RGB", (32, 32), toy.COLORS[toy.PAPER])
-    corner.paste(toy.COLORS[toy.INK], (0, 0, 16, 16))                                # 31 of the 124 border pixels
-    assert toy.style_judge(corner) == pytest.approx(93 / 124, abs=1e-6)
-    assert toy.style_judge(toy.to_tensor(corner)) == pytest.approx(93 / 124, abs=1e-6)
-    center = Image.new("RGB", (32, 32), toy.COLORS["yellow"])
-    center.paste(toy.COLORS[toy.INK], (8, 8, 24, 24))
-    assert toy.style_judge(center) == 0.0
-    assert toy.style_edit(center, "a purple square on a yellow background").getcolors() == [
-        (768, toy.COLORS[toy.PAPER]), (256, toy.COLORS[toy.INK])]
-    assert toy.style_judge(toy.style_edit(center, "a purple square on a yellow background")) == 1.0
-
-
-@pytest.fixture
-def one_thread():
-    """The tiny model is overhead-bound: one thread is fastest, and on busy cores more threads spin against each
-    other (the shortened style run: 12 s with 1 thread, 145 s with 2 on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_style_world_run_end_to_end(tmp_path, monkeypatch, one_thread):
-    """A shortened `python rpo.py --model tiny --data shapes-style --rpo-shared-noise` (32 pairs, 3 steps, 1 seed
-    per held-out caption): the pairs (each preferred image the ink print of its rejected one), ln 2 at step 0, and
-    summary.json with every field; its style FD recomputed from 8x8 thumbnails of held-out-seed ink prints."""
-    monkeypatch.setattr(toy, "TOY_PAIRS", 32)
-    monkeypatch.setattr(eval, "TOY_SEEDS", 1)
-    out = tmp_path / "style"
-    cfg = rpo.RPOConfig.from_args(["--data", "shapes-style", "--out", str(out), "--max-steps", "3", "--device", "cpu",
-                                   "--rpo-shared-noise", "--no-samples"])
-    diffdpo.main(cfg, rpo.make_pair_loss(cfg))
-    t = pq.read_table(out / "shapes_style_pairs.parquet").to_pydict()
-    assert len(t["caption"]) == 32 and t["label_0"] == [1.0] * 32
-    assert set(t["caption"]) <= set(toy.shape_prompts("train"))
-    for k in (0, 17, 31):
-        rejected = Image.open(io.BytesIO(t["jpg_1"][k]))
-        assert np.array_equal(np.asarray(Image.open(io.BytesIO(t["jpg_0"][k]))),
-                              np.asarray(toy.style_edit(rejected, t["caption"][k])))
-    assert abs(read_metrics(out)[0]["loss"] - math.log(2)) < 1e-6 and len(read_metrics(out)) == 3
-    s = json.loads((out / "summary.json").read_text())
-    assert s["loss"] == "rpo (tau 0.5, text, shared noise)" and s["num_images"] == 18 and s["seconds"] > 0
-    assert (s["style_score_base"], s["style_score_tuned"]) == (s["judge_score_base"], s["judge_score_tuned"])
-    assert 0 <= s["style_score_base"] < 0.2 and 0 <= s["style_score_tuned"] <= 1 and 0 <= s["win_rate_vs_base"] <= 1
-    sd, prompts = unet.load_sd("tiny"), toy.shape_prompts("test")
-    base = sample.render(sd, sd.unet, prompts, list(range(18)), batch_size=18, **sample.TOY_SAMPLING)
-    ref = [toy.style_edit(im, p) for im, p in zip(sample.render(sd, sd.unet, prompts, list(range(18, 36)),
-                                                                batch_size=18, **sample.TOY_SAMPLING), prompts)]
-    thumbs = lambda xs: np.stack([np.asarray(x.resize((8, 8), Image.BOX)) for x in xs]).reshape(18, -1) / 255  # noqa
-    assert s["style_fd_base"] == pytest.approx(eval.frechet_distance(thumbs(ref), thumbs(base)), rel=1e-6)
-    assert s["style_fd_features"] == "8x8 RGB thumbnail" and s["style_fd_tuned"] > 0
-    assert s["style_score_base"] == pytest.approx(np.mean([toy.style_judge(im) for im in base]), abs=1e-9)
+def test_rpo_loss_reduces_to_dpo_and_uses_other_pairs():
+    g = torch.Generator().manual_seed(0)
+    mw, ml, rw, rl = (torch.rand(1, generator=g, dtype=torch.float64) for _ in range(4))
+    emb = torch.randn(1, 8, generator=g)
+    for beta in (1.0, 5000.0):
+        a, acc_a = rpo.rpo_loss(mw, ml, rw, rl, emb, emb, beta, 0.5)
+        b, acc_b = diffdpo.dpo_loss(mw, ml, rw, rl, beta)
+        assert abs(a.item() - b.item()) < 1e-12 and acc_a == acc_b
+    # four pairs: the loss differs from DPO's, and a loser gets gradient from the other pairs' winners
+    mw, ml, rw, rl = (torch.rand(4, generator=g, dtype=torch.float64).requires_grad_() for _ in range(4))
+    emb = torch.randn(4, 8, generator=g)
+    loss, _ = rpo.rpo_loss(mw, ml, rw, rl, emb, emb, 100.0, 0.5)
+    assert abs(loss.item() - diffdpo.dpo_loss(mw, ml, rw, rl, 100.0)[0].item()) > 1e-3
+    # the same loss written out term by term
+    w = torch.softmax(torch.nn.functional.cosine_similarity(emb[:, None], emb[None], dim=-1) / 0.5, dim=-1)
+    terms = [-torch.nn.functional.logsigmoid(100.0 * w[i, j] * -0.5 * ((mw[i] - rw[i]) - (ml[j] - rl[j])))
+             for i in range(4) for j in range(4)]
+    assert abs(loss.item() - (sum(terms) / 16).item()) < 1e-6  # the weights are float32 (cosines computed two ways)
+    ml.grad = None
+    loss_off = -torch.nn.functional.logsigmoid(100.0 * w[1, 0] * -0.5 * ((mw[1] - rw[1]) - (ml[0] - rl[0])))
+    loss_off.backward()
+    assert ml.grad[0].abs() > 0
 
 
 def test_rpo_variants_reduce_to_dpo_with_one_pair():
@@ -2465,3 +2262,441 @@ def test_rpo_shared_noise_is_one_draw_per_global_batch(shard):
         want = diffdpo.pair_noise(range(4 * k, 4 * k + 4), shape, 3, 1000)
         assert torch.equal(eps1, want[0]) and torch.equal(torch.cat([eps_a, eps_b]), eps1)
         assert (eps1[0] - eps1[1]).abs().max() > 0.5
+
+
+def test_rpo_cli_two_processes_equal_one(tmp_path, hub, shard):
+    """rpo.py reuses the trainer; its B x B matrix spans the global batch: `torchrun --nproc_per_node 2 rpo.py`
+    (gloo) == 1 process (here, in this one)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = lambda out, bs: ["rpo.py"] + train_args(hub, shard, out, "--max-steps", "3", "--grad-accum", "1",  # noqa
+                                                   "--batch-size", bs, "--beta", "500", "--no-samples")[1:]
+    r = run_here(args(one, "4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows1 = read_metrics(one)
+    assert abs(rows1[0]["loss"] - math.log(2)) < 1e-6
+    r = run_cli(args(two, "2"), torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for a, b in zip(read_metrics(two), rows1, strict=True):
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * b["grad_norm"] and abs(a["loss"] - b["loss"]) < 1e-3
+    print(f"rpo 2 vs 1 process: grad norms {[round(r['grad_norm'], 4) for r in read_metrics(two)]} vs "
+          f"{[round(r['grad_norm'], 4) for r in rows1]}")
+
+
+def test_rpo_image_embeddings(tmp_path, hub, shard, clip_folder):
+    """rpo.py --rpo-embed image|both: each training image's CLIP embedding (scorer_nets.py's vision tower) rides in
+    the batch, equal to transformers' get_image_features (normalized) on the same 8-bit image; the weights from
+    images differ from the text ones; with --cache the embeddings are stored with the latents and the run is
+    identical to the uncached one."""
+    embed = rpo.image_embedder(str(clip_folder))("cpu")
+    batch = next(data.open_pairs(str(shard), resolution=32, embed=embed, flip=False).batches(4))
+    ref, proc = CLIPModel.from_pretrained(clip_folder).eval(), CLIPImageProcessorPil.from_pretrained(clip_folder)
+    images = [eval.to_pil(x) for x in batch["chosen"]]
+    with torch.no_grad():
+        want = ref.get_image_features(**proc(images, return_tensors="pt"))
+    want = F.normalize(want.pooler_output, dim=-1)                      # ours are unit-norm
+    assert rel_err(batch["chosen_emb"], want) < 1e-5
+    sd = unet.load_sd(str(hub["sd15"]))
+    w = {k: rpo.rpo_weights(*rpo.pair_embeddings(k, sd, batch), 0.5) for k in ("text", "image", "both")}
+    assert not torch.allclose(w["text"], w["image"], atol=1e-3) and not torch.allclose(w["both"], w["image"], atol=1e-3)
+    runs = {}
+    for name, extra in (("plain", {}), ("cached", dict(cache=True, cache_dir=str(tmp_path / "cache")))):
+        cfg = rpo.RPOConfig(model=str(hub["sd15"]), data=str(shard), out=str(tmp_path / name), resolution=32,
+                            batch_size=3, max_steps=3, lr=1e-4, warmup_steps=1, device="cpu", samples=False,
+                            rpo_embed="both", rpo_clip=str(clip_folder), **extra)
+        diffdpo.train(cfg, rpo.make_pair_loss(cfg), rpo.image_embedder(cfg.rpo_clip))
+        runs[name] = unet_weights(tmp_path / name)
+        assert abs(read_metrics(tmp_path / name)[0]["loss"] - math.log(2)) < 1e-6
+    assert max_diff(runs["plain"], runs["cached"]) == 0.0
+    stored = next((tmp_path / "cache").rglob("pairs/*/*.safetensors"))
+    with safe_open(str(stored), framework="pt") as f:
+        assert {"chosen_emb", "rejected_emb"} <= set(f.keys())
+
+
+def test_style_pairs_and_rpo_on_them(tmp_path):
+    """`rpo.py --data style:FOLDER`: each style image (with its caption file) is preferred over the base model's own
+    generation for its caption; the pairs file says so and the RPO run trains on it (ln 2 at step 0)."""
+    style = tmp_path / "style"
+    style.mkdir()
+    prompts = toy.shape_prompts("train")[:6]
+    for i, p in enumerate(prompts):
+        img = toy.render_shape(p, torch.Generator().manual_seed(i))
+        img.save(style / f"{i:02d}.png")
+        (style / f"{i:02d}.txt").write_text(p + "\n")
+    out = tmp_path / "rpo"
+    r = run_here(["rpo.py", "--model", "tiny", "--data", f"style:{style}", "--out", str(out), "--max-steps", "2",
+                  "--batch-size", "3", "--device", "cpu", "--sample-steps", "2", "--no-samples"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    t = pq.read_table(out / "style_pairs.parquet").to_pydict()
+    assert t["caption"] == prompts and t["label_0"] == [1.0] * 6
+    assert t["jpg_0"][2] == (style / "02.png").read_bytes()
+    assert abs(read_metrics(out)[0]["loss"] - math.log(2)) < 1e-6
+    (style / "03.txt").unlink()
+    with pytest.raises(ValueError, match="03.png has no caption file 03.txt"):
+        data.style_items(style)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reliability: checkpoints that cannot run code, resumes that never wedge, runs that stop cleanly, bounded inputs,
+# one-line errors
+
+
+class Evil:
+    """Unpickling this runs a command (what a crafted checkpoint.pt could do to a weights_only=False load)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoints_run_no_code_and_damage_is_one_line(tmp_path, hub, shard, dpo_two_steps, monkeypatch):
+    """checkpoint.pt loads with weights_only=True: a crafted one runs nothing and stops the run with one line; so do a
+    truncated, an empty and a foreign one. A full disk while saving leaves the previous checkpoint intact."""
+    out = tmp_path / "evil"
+    out.mkdir()
+    torch.save({"unet": {}, "step": Evil(tmp_path / "pwned")}, out / "checkpoint.pt")
+    r = run_here(train_args(hub, shard, out, "--max-steps", "1"))
+    assert r.returncode == 2 and "not a readable diffdpo checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "pwned").exists()
+    good = copy_run(dpo_two_steps, tmp_path / "good")
+    blob = (good / "checkpoint.pt").read_bytes()
+    for name, damaged in [("truncated", blob[: len(blob) // 2]), ("empty", b"")]:
+        (tmp_path / name).write_bytes(damaged)
+        with pytest.raises(UserError, match=f"{name}: not a readable diffdpo checkpoint .*delete it"):
+            runs.load_checkpoint(tmp_path / name)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign")
+    with pytest.raises(UserError, match="foreign: not a diffdpo checkpoint .no unet, optimizer"):
+        runs.load_checkpoint(tmp_path / "foreign")
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(UserError, match="No space left on device.*previous checkpoint is intact"):
+        runs.save_checkpoint(good / "checkpoint.pt", {"step": 3})
+    assert (good / "checkpoint.pt").read_bytes() == blob and not list(good.glob("*.tmp*"))
+
+
+def test_resume_policy_lock_and_torn_metrics(tmp_path, hub, shard, dpo_two_steps):
+    """Resuming (the session's 2-step run): a "new" setting (--lr) takes effect and is recorded, a "fixed" one
+    (--optimizer) is refused in one line; a torn last line in metrics.jsonl is dropped; a second run (a `python
+    diffdpo.py` process) on a busy --out is refused, and a lock left by a process that died does not block."""
+    out = copy_run(dpo_two_steps, tmp_path / "run")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.6')                            # a disk that filled up mid-line
+    r = run_here(train_args(hub, shard, out, "--max-steps", "3", "--no-samples", "--lr", "3e-4"))
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-2000:]
+    rows = read_metrics(out)
+    assert [row["step"] for row in rows] == [1, 2, 3] and rows[-1]["lr"] == pytest.approx(3e-4)
+    assert json.loads((out / "config.json").read_text())["lr_used"] == 3e-4
+    r = run_here(train_args(hub, shard, out, "--max-steps", "4", "--optimizer", "adafactor"))
+    assert r.returncode == 2 and "optimizer='adamw'" in r.stderr and r.stderr.count("\n") == 1
+    lock = runs.lock(out)                                         # this process holds --out: for another, it is busy
+    r = run_cli(train_args(hub, shard, out, "--max-steps", "4"))
+    assert r.returncode == 2 and "in use by another run (pid" in r.stderr and "Traceback" not in r.stderr
+    lock.close()
+    (out / ".lock").write_text("pid 999999")                       # what a killed run leaves: no lock is held
+    assert run_here(train_args(hub, shard, out, "--max-steps", "4", "--no-samples")).returncode == 0
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, hub, shard):
+    """An absurd learning rate blows the weights up: the non-finite steps are skipped and counted, and the run
+    stops with a one-line message after --max-bad-steps of them in a row. It does not overwrite the last checkpoint
+    with diverged weights: the checkpoint it names holds finite weights."""
+    r = run_here(train_args(hub, shard, tmp_path / "nan", "--max-steps", "20", "--lr", "1e30", "--max-bad-steps", "3"))
+    assert r.returncode == 2 and "non-finite" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    rows = read_metrics(tmp_path / "nan")
+    assert rows[-1]["skipped"] == 3 and len(rows) < 20
+    ckpt = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
+    assert f"holds step {ckpt['step']}" in r.stderr and ckpt["step"] < rows[-1]["step"]
+    assert all(torch.isfinite(v).all() for v in ckpt["unet"].values())
+
+
+def test_arguments_are_checked_before_any_work(tmp_path):
+    """Bad settings end in one line, exit 2, within seconds, before pairs are built (the toy's --data shapes would
+    sample 2,048 images first), and a run that stopped there leaves no half-made folder behind (diffdpo.py's code
+    path, in this process)."""
+    (tmp_path / "file").write_text("")
+    cases = [(["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+             (["--resolution", "33"], "--resolution 33: must be a multiple of 8"),
+             (["--loss", "ipo"], "--loss ipo: expected one of dpo, sft"),
+             (["--out", str(tmp_path / "file" / "run")], "cannot be created or written"),
+             (["--data", str(tmp_path / "nothing.parquet")], "no such file or folder")]
+    for args, message in cases:
+        t0 = time.time()
+        r = run_here(["diffdpo.py", "--device", "cpu", "--out", str(tmp_path / "o"), *args])
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-1000:])
+        assert r.stderr.count("\n") == 1 and time.time() - t0 < 20
+    assert not (tmp_path / "o").exists()
+
+
+def png_bytes(array, mode=None):
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_images_and_columns_are_bounded_and_counted(tmp_path, shard):
+    """A 1x6000 PNG is skipped and counted before it is decoded (peak memory < 2.5 GB; it took 6.7 GB); a 16-bit PNG
+    keeps its gray levels (it came out white); image columns of strings (file paths: a FIFO would hang the run),
+    captions that are not text and labels that do not sum to 1 are one-line errors or counted, never trained on."""
+    thin = png_bytes(np.zeros((1, 6000, 3), np.uint8))
+    rows = [dict(caption="thin", jpg_0=thin, jpg_1=jpeg((200, 40, 40)), label_0=1.0, label_1=0.0),
+            dict(caption="ok", jpg_0=jpeg((200, 40, 40)), jpg_1=jpeg((40, 40, 200)), label_0=1.0, label_1=0.0),
+            dict(caption="both", jpg_0=jpeg((1, 2, 3)), jpg_1=jpeg((3, 2, 1)), label_0=1.0, label_1=1.0)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "thin.parquet")
+    code = (f"import data; src = data.open_pairs({str(tmp_path / 'thin.parquet')!r}, resolution=512); "
+            f"b = next(src.batches(2)); print(b['prompts'], src.counts(), {PEAK_RSS_GIB})")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    prompts, counts, rss = r.stdout.rsplit(" ", 1)[0], r.stdout, float(r.stdout.split()[-1])
+    assert "'thin'" not in prompts and "'too_large': 1" in counts and "'bad_labels': 1" in counts and rss < 2.5
+
+    gray = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)          # 16-bit, 0 .. 65520
+    x = data.decode_pair([png_bytes(gray), png_bytes(gray)], 16)[0]
+    assert abs(((x + 1) * 127.5).mean().item() - (gray / 257).mean()) < 1.0    # not 255 (white)
+
+    for column, value, message in [("jpg_0", "/tmp/fifo", "column jpg_0 holds string; expected image bytes"),
+                                   ("caption", 7, "column caption holds int64; expected text")]:
+        table = pq.read_table(shard).drop_columns([column]).append_column(column, pa.array([value] * 24))
+        pq.write_table(table, tmp_path / f"{column}.parquet")
+        with pytest.raises(data.DataError, match=message):
+            data.open_pairs(str(tmp_path / f"{column}.parquet"), resolution=16)
+    os.mkfifo(tmp_path / "fifo.png")                                   # JSONL pairs name image files: not a FIFO
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(dict(prompt="x", chosen="fifo.png", rejected="fifo.png")))
+    with pytest.raises(data.DataError, match="not a regular file"):
+        next(data.open_pairs(str(tmp_path / "pairs.jsonl"), resolution=16).batches(1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The toy world (toy.py): the judges, the committed tiny model (a valid diffusers pipeline), the toy runs end to end
+
+
+def test_judge_scores_the_caption_color_area():
+    """The judge's known answers: an image all of the shape's color scores 1, all background 0; on a drawn shape it
+    is the shape's share of the pixels (here recomputed from the drawing itself); bigger shapes score higher."""
+    p = "a red circle on a blue background"
+    assert toy.judge(Image.new("RGB", (32, 32), toy.COLORS["red"]), p) == 1.0
+    assert toy.judge(Image.new("RGB", (32, 32), toy.COLORS["blue"]), p) == 0.0
+    assert toy.judge(torch.ones(3, 8, 8) * (torch.tensor(toy.COLORS["red"]) / 127.5 - 1).view(3, 1, 1), p) == 1.0
+    scores = []
+    for seed in range(20):
+        img = toy.render_shape(p, torch.Generator().manual_seed(seed))
+        a = np.asarray(img, dtype=np.float64).reshape(-1, 1, 3)                          # (HW, 1, 3)
+        nearest = np.linalg.norm(a - np.array(list(toy.COLORS.values()))[None], axis=-1).argmin(-1)
+        pure_red = (a[:, 0] == toy.COLORS["red"]).all(-1).mean()
+        assert toy.judge(img, p) == pytest.approx((nearest == 0).mean(), abs=1e-6) and toy.judge(img, p) >= pure_red
+        scores.append(toy.judge(img, p))
+    assert 0.02 < min(scores) < max(scores) < 0.5
+    assert toy.judge(img, p) == toy.judge(img.copy(), p)                                      # deterministic
+    with pytest.raises(ValueError, match="not of the form"):
+        toy.judge(img, "a photo of a cat")
+    assert len(toy.shape_prompts("train")) == 72 and len(toy.shape_prompts("test")) == 18
+    assert not set(toy.shape_prompts("train")) & set(toy.shape_prompts("test"))
+
+
+def test_tiny_model_is_a_diffusers_pipeline():
+    """The committed tiny/ folder is SD1.5's layout: diffusers and transformers load it, its tokenizer gives
+    transformers' ids, and our sampler gives the pipeline's images (DDIM, guidance 4, 12 steps, same latents)."""
+    sd = unet.load_sd("tiny")
+    prompts = toy.shape_prompts()[:30:7] + ["a red circle", "", "A GREEN Triangle!! on 2 backgrounds"]
+    ref_tok = HFCLIPTokenizer.from_pretrained(unet.TINY_FOLDER / "tokenizer")
+    ref_ids = ref_tok(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(sd.tokenizers[0](prompts), ref_ids)
+    assert all(len(sd.tokenizers[0].bpe(w)) == 1 for w in "a red circle on blue background".split())  # whole words
+    pipe = StableDiffusionPipeline.from_pretrained(unet.TINY_FOLDER, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    latents = sample.initial_latents(sd, 4, 32, 32, seed=0)
+    ours = sample.generate(sd, prompts[:4], steps=12, guidance=4.0, latents=latents)
+    ref = pipe(prompts[:4], num_inference_steps=12, guidance_scale=4.0, latents=latents, height=32, width=32,
+               output_type="np").images
+    diff = np.abs(np.stack([np.asarray(i, dtype=np.float32) for i in ours]) - np.round(ref * 255)).max()
+    print(f"tiny pipeline: max pixel difference {diff}/255")
+    assert diff <= 2
+
+
+def test_pretrain_tiny_writes_the_committed_layout(tmp_path):
+    """`python diffdpo.py --pretrain-tiny DIR` (here 3 + 3 steps) writes what load_sd("tiny") reads: the same files,
+    configs and tensor names and shapes as the committed tiny/, a tokenizer with the same vocabulary and merges."""
+    folder = toy.pretrain_tiny(tmp_path / "tiny", vae_steps=3, unet_steps=3, batch_size=4, vae_batch_size=2)
+    def files(root):
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    new, old = files(folder), files(unet.TINY_FOLDER)
+    assert new == old
+    for f in old:
+        if f.endswith(".safetensors"):
+            with safe_open(str(folder / f), "pt") as a, safe_open(str(unet.TINY_FOLDER / f), "pt") as b:
+                shapes = lambda f: {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: E731
+                assert shapes(a) == shapes(b)
+        elif not f.endswith("vae/config.json"):  # the VAE's scaling_factor is measured
+            assert (folder / f).read_text() == (unet.TINY_FOLDER / f).read_text(), f
+    sd = unet.load_sd(str(folder))
+    assert sd.kind == "sd15" and 0.1 < sd.vae.scaling_factor < 10
+
+
+def test_toy_run_end_to_end(tmp_path, monkeypatch, capsys):
+    """A shortened `python diffdpo.py` (16 pairs, 4 steps, 1 seed per held-out caption): the pairs file in
+    Pick-a-Pic's schema, ln 2 at step 0, summary.json with its fields, compare.png, the grids; the banner names the
+    toy model, method and precision, the last lines where the results are. A run whose summary.json went missing is
+    evaluated again on re-running (it is not finished without it). Then every README command that samples or
+    evaluates the toy model runs as printed (in this process), on this run as runs/toy."""
+    monkeypatch.setattr(toy, "TOY_PAIRS", 16)
+    monkeypatch.setattr(eval, "TOY_SEEDS", 1)
+    out = tmp_path / "runs" / "toy"
+    cfg = diffdpo.TrainConfig.from_args(["--out", str(out), "--max-steps", "4", "--device", "cpu"])
+    assert (cfg.model, cfg.data, cfg.resolution, cfg.threads) == ("tiny", "shapes", 32, 1)
+    assert diffdpo.TrainConfig(out=cfg.out, max_steps=4, device="cpu") == cfg     # Python callers get the same run
+    diffdpo.main(cfg)
+    assert torch.get_num_threads() == 1           # the toy's --threads 1 (suite_threads restores the suite's after)
+    printed = capsys.readouterr().out
+    assert "dpo on tiny, the toy model (SD1.5's layout" in printed and "fp32 precision" in printed
+    assert "held-out judge score" in printed and "compare.png (base above, tuned below)" in printed
+    table = pq.read_table(out / "shapes_pairs.parquet")
+    assert table.num_rows == 16 and set(shards.COLUMNS) <= set(table.column_names)
+    assert set(table.column("caption").to_pylist()) <= set(toy.shape_prompts("train"))
+    rows = read_metrics(out)
+    assert len(rows) == 4 and abs(rows[0]["loss"] - math.log(2)) < 1e-6
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"] == 4 and s["num_images"] == 18 and 0 <= s["win_rate_vs_base"] <= 1
+    assert 0 < s["judge_score_base"] < 1 and s["seconds"] > 0 and s["loss"] == "dpo"
+    assert Image.open(out / "compare.png").size[1] >= 2 * sample.MIN_CELL
+    base, tuned = grid_rows(out / "samples" / "step000004.png", ["base", "step 4"], toy.shape_prompts("test")[:8])
+    assert base.shape == (128, 8 * 128, 3)
+    (out / "summary.json").unlink()
+    diffdpo.main(cfg)
+    assert "already at step 4" in capsys.readouterr().out and (out / "summary.json").is_file()
+
+    text = (ROOT / "README.md").read_text()
+    commands = [c for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+                for c in block.replace("\\\n", " ").splitlines()
+                if c.startswith(("python sample.py", "python eval.py")) and ("runs/toy" in c or "--model" not in c)]
+    assert len(commands) >= 2, commands
+    monkeypatch.chdir(tmp_path)                                  # the commands name runs/toy
+    for command in commands:                                     # a failing command raises (SystemExit or other)
+        args = shlex.split(command.split("#")[0])
+        {"sample.py": sample.main, "eval.py": eval.main}[args[1]](args[2:] + ["--device", "cpu"])
+    report = json.loads((out / "eval" / "report.json").read_text())["scorers"]["judge"]
+    ims = [Image.open(out / "eval" / "images" / "tuned" / f"{i:05d}.png") for i in range(3)]
+    assert report["tuned"][:3] == pytest.approx([toy.judge(im, p) for im, p in zip(ims, toy.shape_prompts("test"))])
+
+
+def test_style_edit_and_judge_known_images():
+    """The ink print of a drawn shape is paper exactly where the drawing's nearest palette color is the caption's
+    ground and ink elsewhere (recomputed here); it scores its border's paper share (1 unless the figure touches the
+    border), the drawing on a blue ground 0. Flat images: paper 1, ink or any other color 0 (the ground must be
+    paper); ink in a corner of paper: the border's paper share; a figure on yellow 0."""
+    p, names = "a red circle on a blue background", list(toy.COLORS)
+    palette = np.array(list(toy.COLORS.values()), dtype=np.float64)
+    for seed in range(5):
+        img = toy.render_shape(p, torch.Generator().manual_seed(seed))
+        nearest = np.linalg.norm(np.asarray(img, dtype=np.float64).reshape(-1, 1, 3) - palette, axis=-1).argmin(-1)
+        styled, ground = np.asarray(toy.style_edit(img, p)).reshape(-1, 3), nearest == names.index("blue")
+        assert 0.03 < (~ground).mean() < 0.5                                          # the figure: 3% .. 50%
+        assert (styled[ground] == toy.COLORS[toy.PAPER]).all() and (styled[~ground] == toy.COLORS[toy.INK]).all()
+        g = ground.reshape(32, 32)
+        border = np.concatenate([g[0], g[-1], g[1:-1, 0], g[1:-1, -1]])
+        assert toy.style_judge(toy.style_edit(img, p)) == pytest.approx(border.mean(), abs=1e-6) and border.mean() > 0.9
+        assert toy.style_judge(img) == 0.0
+    for name, rgb in toy.COLORS.items():
+        assert toy.style_judge(Image.new("RGB", (32, 32), rgb)) == float(name == toy.PAPER)
+    corner = Image.new("RGB", (32, 32), toy.COLORS[toy.PAPER])
+    corner.paste(toy.COLORS[toy.INK], (0, 0, 16, 16))                                # 31 of the 124 border pixels
+    assert toy.style_judge(corner) == pytest.approx(93 / 124, abs=1e-6)
+    assert toy.style_judge(toy.to_tensor(corner)) == pytest.approx(93 / 124, abs=1e-6)
+    center = Image.new("RGB", (32, 32), toy.COLORS["yellow"])
+    center.paste(toy.COLORS[toy.INK], (8, 8, 24, 24))
+    assert toy.style_judge(center) == 0.0
+    assert toy.style_edit(center, "a purple square on a yellow background").getcolors() == [
+        (768, toy.COLORS[toy.PAPER]), (256, toy.COLORS[toy.INK])]
+    assert toy.style_judge(toy.style_edit(center, "a purple square on a yellow background")) == 1.0
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny model is overhead-bound: one thread is fastest, and on busy cores more threads spin against each
+    other (the shortened style run: 12 s with 1 thread, 145 s with 2 on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_style_world_run_end_to_end(tmp_path, monkeypatch, one_thread):
+    """A shortened `python rpo.py --model tiny --data shapes-style --rpo-shared-noise` (16 pairs, 3 steps, 1 seed
+    per held-out caption): the pairs (each preferred image the ink print of its rejected one), ln 2 at step 0, and
+    summary.json with every field; its style FD recomputed from 8x8 thumbnails of held-out-seed ink prints."""
+    monkeypatch.setattr(toy, "TOY_PAIRS", 16)
+    monkeypatch.setattr(eval, "TOY_SEEDS", 1)
+    out = tmp_path / "style"
+    cfg = rpo.RPOConfig.from_args(["--data", "shapes-style", "--out", str(out), "--max-steps", "3", "--device", "cpu",
+                                   "--rpo-shared-noise", "--no-samples"])
+    diffdpo.main(cfg, rpo.make_pair_loss(cfg))
+    t = pq.read_table(out / "shapes_style_pairs.parquet").to_pydict()
+    assert len(t["caption"]) == 16 and t["label_0"] == [1.0] * 16
+    assert set(t["caption"]) <= set(toy.shape_prompts("train"))
+    for k in (0, 7, 15):
+        rejected = Image.open(io.BytesIO(t["jpg_1"][k]))
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(t["jpg_0"][k]))),
+                              np.asarray(toy.style_edit(rejected, t["caption"][k])))
+    assert abs(read_metrics(out)[0]["loss"] - math.log(2)) < 1e-6 and len(read_metrics(out)) == 3
+    s = json.loads((out / "summary.json").read_text())
+    assert s["loss"] == "rpo (tau 0.5, text, shared noise)" and s["num_images"] == 18 and s["seconds"] > 0
+    assert (s["style_score_base"], s["style_score_tuned"]) == (s["judge_score_base"], s["judge_score_tuned"])
+    assert 0 <= s["style_score_base"] < 0.2 and 0 <= s["style_score_tuned"] <= 1 and 0 <= s["win_rate_vs_base"] <= 1
+    sd, prompts = unet.load_sd("tiny"), toy.shape_prompts("test")
+    base = sample.render(sd, sd.unet, prompts, list(range(18)), batch_size=18, **sample.TOY_SAMPLING)
+    ref = [toy.style_edit(im, p) for im, p in zip(sample.render(sd, sd.unet, prompts, list(range(18, 36)),
+                                                                batch_size=18, **sample.TOY_SAMPLING), prompts)]
+    thumbs = lambda xs: np.stack([np.asarray(x.resize((8, 8), Image.BOX)) for x in xs]).reshape(18, -1) / 255  # noqa
+    assert s["style_fd_base"] == pytest.approx(eval.frechet_distance(thumbs(ref), thumbs(base)), rel=1e-6)
+    assert s["style_fd_features"] == "8x8 RGB thumbnail" and s["style_fd_tuned"] > 0
+    assert s["style_score_base"] == pytest.approx(np.mean([toy.style_judge(im) for im in base]), abs=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bench.py: its FLOP count is what a step executes, its real-architecture models are the same on both sides
+
+
+def test_bench_flops_and_real_architecture_models(monkeypatch, tmp_path):
+    """step_flops (counted on the meta device) equals what torch.utils.flop_counter counts in a real step of ours
+    and of the reference; random_models builds both sides with the same weights (same UNet output), at sizes
+    shrunk here to the test configs; and the full benchmark driver runs end to end on the CPU."""
+    for a, b in [(dict(parity.SD_VAE, _class_name="AutoencoderKL"), unet.VAEConfig.sd15()),
+                 (dict(parity.CLIP_L, architectures=["CLIPTextModel"]), unet.CLIPTextConfig.sd15()),
+                 (dict(parity.CLIP_BIGG, architectures=["CLIPTextModelWithProjection"]), unet.CLIPTextConfig.sdxl())]:
+        norm = lambda c: {k: tuple(v) if isinstance(v, list) else v for k, v in vars(c).items() if k != "raw"}  # noqa
+        assert norm(type(b).from_dict(a)) == norm(b)  # the bench's real sizes are our presets
+    names = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H200": 989, "NVIDIA A100-SXM4-80GB": 312,
+             "NVIDIA L40S": 362, "NVIDIA L4": 121, "NVIDIA GeForce RTX 4090": 165, "Tesla T4": None}
+    assert {n: bench.peak_tflops(n) for n in names} == names
+    for kind, cfg in (("sd15", SD15_TEST), ("sdxl", SDXL_TEST)):
+        monkeypatch.setitem(parity.REAL, kind, dict(unet=cfg["unet"], vae=cfg["vae"],
+                                                   text=[cfg["text"]] + ([cfg["text2"]] if kind == "sdxl" else [])))
+        sd, ref = parity.random_models(kind, torch.device("cpu"), str(tmp_path / kind))
+        x, t, ctx, added = unet_inputs(sd.unet)
+        assert rel_err(sd.unet(x, t, ctx, **added), ref_eps(ref.unet, x, t, ctx, added)) < 1e-5
+        context, _ = sd.encode_prompt(["a red cube"])
+        ids = ref.tokenizers[0](["a red cube"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        if kind == "sd15":
+            assert rel_err(context, ref.text_encoders[0](ids)[0]) < 1e-5
+        R, pairs = sample.default_size(sd), 2
+        counted = []
+        # the CPU's fused attention kernel has no FLOP formula in torch.utils.flop_counter (CUDA's have): the math
+        # backend spells attention out as matmuls, so every FLOP of the step is counted
+        with sdpa_kernel(SDPBackend.MATH):
+            for step in (bench.our_dpo_step(sd, torch.float32), parity.reference_dpo_step(ref, torch.float32)):
+                batch = parity.make_batch(pairs, R)
+                args = parity.reference_inputs(ref, batch, torch.device("cpu")) if step.policy is ref.unet else ()
+                with FlopCounterMode(display=False) as fc:
+                    step(batch, *args)
+                counted.append(fc.get_total_flops())
+            step, batch = bench.our_dpo_step(sd, torch.float32), parity.make_batch(pairs, R)
+            cached = bench.cached_batch(sd, batch, R, torch.float32)
+            with FlopCounterMode(display=False) as fc:
+                step(cached)
+        unets, encoders = bench.step_flops(sd, pairs, R)
+        assert counted[0] == counted[1] == unets + encoders, (counted, unets, encoders)
+        assert fc.get_total_flops() == unets and encoders > 0
+    out = bench.step_table(torch.device("cpu"), ["tiny"], 1, 1, False, 2, str(tmp_path / "t"))["tiny"]
+    assert set(out["step"]) == {"reference", "ours"} and out["step"]["ours"]["pairs_per_s"] > 0
+    assert out["sampling"]["ours_images_per_s"] > 0 and out["sampling"]["reference_images_per_s"] > 0
