@@ -575,9 +575,9 @@ def test_generate_matches_pipelines(hub, kind, sampler):
     assert worst <= 2 and ours[0].size == (32, 32)
 
 
-def test_sample_cli_compare_grid(tmp_path, hub, tuned_unet):
+def test_sample_cli_compare_grid(tmp_path, hub, tuned_unet, capsys):
     """`python sample.py --compare` renders base and tuned rows from the same seeds; the tuned row differs. A missing
-    prompt file is a one-line error."""
+    prompt file is a one-line error, exit status 2."""
     (tmp_path / "prompts.txt").write_text("a red cube\n\na blue ball\n")
     r = run_cli(["sample.py", "--model", str(hub["sd15"]), "--unet", str(tuned_unet), "--prompts",
                  str(tmp_path / "prompts.txt"), "--compare", "--out", str(tmp_path / "grid.png"), "--steps", "4",
@@ -585,9 +585,11 @@ def test_sample_cli_compare_grid(tmp_path, hub, tuned_unet):
     assert r.returncode == 0, r.stderr[-2000:]
     base, tuned = grid_rows(tmp_path / "grid.png", ["base", "tuned"], ["a red cube", "a blue ball"])
     assert base.shape == tuned.shape == (128, 2 * 128, 3) and np.abs(base - tuned).max() > 10
-    with pytest.raises(SystemExit) as e:                          # sys.exit(message): the message, no traceback
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:                          # one line on stderr, no traceback
         sample.main(["--model", str(hub["sd15"]), "--prompts", str(tmp_path / "nope.txt")])
-    assert str(e.value.code).startswith("error: --prompts ") and "nope.txt" in str(e.value.code)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --prompts ") and "nope.txt" in err and err.count("\n") == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
