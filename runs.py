@@ -41,9 +41,13 @@ def validate(cfg, device, built):
     for k, low in at_least.items():
         if getattr(cfg, k) < low:
             raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: must be at least {low}")
-    for k in ("lr", "beta", "grad_clip"):
+    for k in ("lr", "beta", "grad_clip", "desirable_weight", "undesirable_weight"):
         if not getattr(cfg, k) > 0:
             raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: must be positive")
+    for k in ("label_smoothing", "label_noise"):
+        if not 0 <= getattr(cfg, k) < (0.5 if k == "label_smoothing" else 1):
+            raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: must be a probability in [0, "
+                            f"{'0.5' if k == 'label_smoothing' else '1'})")
     if cfg.resolution < 0 or cfg.resolution % 8:
         raise UserError(f"--resolution {cfg.resolution}: must be a multiple of 8 (0: the model's own)")
     if not 0 <= cfg.caption_dropout <= 1:
@@ -55,14 +59,15 @@ def validate(cfg, device, built):
     if cfg.report_to and importlib.util.find_spec(cfg.report_to) is None:
         raise UserError(f"--report-to {cfg.report_to}: the {cfg.report_to} package is not installed "
                         f"(pip install {cfg.report_to})")
-    if not built:
-        find_shards(cfg.data)                   # the data is there (a local path; a Hub dataset that can be listed)
+    if not built and any(s.unpaired for s in find_shards(cfg.data)) and cfg.loss != "kto":  # and reachable now
+        raise UserError(f"--data {cfg.data}: labelled single images, not pairs: they train with --loss kto")
 
 
-def parse_config(cls, argv, description, presets, auto_preset):
+def parse_config(cls, argv, description, presets, auto_preset, loss_presets=None):
     """A config dataclass from the command line: one flag per field (defaults and help from the field's metadata);
-    the preset chosen by --preset (or, when "auto", by auto_preset(--model)) replaces the defaults, and the flags
-    given on the command line replace those."""
+    the preset chosen by --preset (or, when "auto", by auto_preset(--model)) replaces the defaults, then that
+    preset's settings for --loss (loss_presets[preset][loss], e.g. each loss's beta), and the flags given on the
+    command line replace those."""
     help_format = type("Help", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
     p = argparse.ArgumentParser(description=description, formatter_class=help_format,
                                 epilog=presets_help(cls, presets))
@@ -76,7 +81,7 @@ def parse_config(cls, argv, description, presets, auto_preset):
     preset = auto_preset(first.model) if first.preset == "auto" else first.preset
     if preset not in presets:
         p.error(f"--preset {preset}: expected one of {', '.join(presets)} or auto")
-    p.set_defaults(**presets[preset])
+    p.set_defaults(**{**presets[preset], **(loss_presets or {}).get(preset, {}).get(first.loss, {})})
     return cls(**dict(vars(p.parse_args(argv)), preset=preset))
 
 
