@@ -8,8 +8,7 @@ spec is one of
     hub:OWNER/NAME, OWNER/NAME a Hub dataset of parquet shards in the Pick-a-Pic v2 schema, fetched shard by shard
     FILE.parquet, FOLDER/      local parquet shards in that schema: jpg_0, jpg_1 (JPEG bytes), label_0, label_1, caption
     pairs.jsonl, FOLDER/       our own format: {"prompt": ..., "chosen": image path, "rejected": image path} per line
-    images.jsonl, parquet      labelled single images for --loss kto (prompt, image, label 1 | 0; shards.py): an item
-                               is then one image, batch["images"] with batch["labels"]
+    images.jsonl, parquet      labelled single images for --loss kto (shards.py): batch["images"], batch["labels"]
 and, built by the trainer with the base model before training (diffdpo.build_pairs), then read as parquet:
     shapes                     the toy world's on-policy pairs, labelled by its judge (toy.py)
     style:FOLDER               style images (with captions) preferred over the base model's generations
@@ -289,9 +288,6 @@ def open_pairs(spec, *, resolution, random_crop=False, flip=True, caption_dropou
     if not 0.0 <= caption_dropout <= 1.0:
         raise DataError(f"caption dropout {caption_dropout} is not a probability in [0, 1]")
     shards = find_shards(str(spec), split)
-    if any(s.unpaired for s in shards) and (cache or relabel or embed or not all(s.unpaired for s in shards)):
-        raise DataError(f"{spec}: labelled single images (for --loss kto) go without --cache, --choice-model, image "
-                        f"embeddings and pair files")
     for s in shards:
         if isinstance(s, ParquetShard) and s.path is not None:
             s.check()

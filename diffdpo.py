@@ -17,7 +17,6 @@ import copy
 import datetime
 import json
 import os
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -33,12 +32,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import eval
 import runs
 import toy
-from data import open_pairs, style_items
+from data import open_pairs
 from files import DTYPE_NAMES, DTYPES, UserError, read_json, write_atomic, write_text_atomic
 from lora import LORA_FILE, LORA_TARGETS, LoRALinear, add_lora, lora_disabled, save_lora
 from sample import (add_noise, alphas_cumprod, default_size, guidance_embedding, image_grid, render,
                     sampling_defaults, vae_factor)
-from shards import labelled_images, latent_cache, png_bytes, prefetch, write_pairs
+from shards import labelled_images, latent_cache, prefetch
 from unet import ALIASES, load_sd, save_unet
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,16 +97,14 @@ def mapo_loss(err_w, err_l, beta, gamma=0.5, num_timesteps=1000):
     Images"; their utils.compute_loss, snr_value = gamma) and the implicit accuracy: no reference model at all.
         s(err) = gamma err / (exp(gamma err) - 1)           a decreasing map of the error to a likelihood-like score
         margin = T (s(err_w) - s(err_l))                    T = num_timesteps, the scheduler's (1000)
-        loss   = mean(err_w) - beta mean(log sigmoid(margin))
-    the plain diffusion loss on the winners plus a margin that pushes the winners' errors below the losers'."""
+        loss   = mean(err_w) - beta mean(log sigmoid(margin))      the diffusion loss on the winners, and the margin"""
     margin = num_timesteps * (gamma * err_w / torch.expm1(gamma * err_w) - gamma * err_l / torch.expm1(gamma * err_l))
     return err_w.mean() - beta * F.logsigmoid(margin).mean(), (margin > 0).float().mean()
 
 
 def kto_loss(err, ref_err, labels, beta, world=1, desirable_weight=1.0, undesirable_weight=1.0):
-    """Diffusion-KTO (Li et al. 2024, "Aligning Diffusion Models by Optimizing Human Utility"; their
-    train_kto_sd_v1.5.py) on N single images, each labelled y = 1 (desirable) or 0 (undesirable), and the implicit
-    accuracy. err, ref_err: the policy's and the reference's denoising errors (N,), each image its own t and eps.
+    """Diffusion-KTO (Li et al. 2024, "Aligning Diffusion Models by Optimizing Human Utility"; train_kto_sd_v1.5.py)
+    and the implicit accuracy, on N images labelled y = 1 (desirable) or 0 (undesirable), each its own t and eps:
         g    = ref_err - err                  the policy's ELBO gain over the reference, per image
         z    = max(0, mean g over the global batch), detached      the reference point (all ranks' mean of means)
         h    = sigmoid((2y - 1) beta (g - z))
@@ -181,9 +178,8 @@ def pair_noise(indices, latent_shape, seed, num_timesteps, stream=0):
 
 
 def posterior_noise(indices, latent_shape, seed, sides=2):
-    """z (2B, C, h, w) = [z_winners; z_losers] ~ N(0, I) (sides=1: (B, C, h, w) for single images), which turn the
-    VAE's posteriors into latents: mean + std * z, the official code's `vae.encode(x).latent_dist.sample()`, drawn per
-    pair like pair_noise."""
+    """z (2B, C, h, w) = [z_winners; z_losers] ~ N(0, I) (sides=1: one per image), which turn the VAE's posteriors
+    into latents: mean + std * z, the official code's `vae.encode(x).latent_dist.sample()`, per pair like pair_noise."""
     z = torch.stack([torch.randn((sides, *latent_shape), generator=pair_generator(seed, i, stream=1)) for i in indices])
     return torch.cat(z.unbind(1))
 
@@ -230,8 +226,7 @@ class Setup:
     resolution: int             # image side in pixels
     latent_shape: tuple         # (C, R/8, R/8)
     autocast: object            # torch.autocast in the --mixed-precision dtype, or a null context for fp32
-    pair_loss: object           # (err_w, err_l, ref_err_w, ref_err_l, batch, sd, world) -> (loss, implicit accuracy)
-                                # (KTO's: (err, ref_err, labels, world))
+    pair_loss: object           # (err_w, err_l, ref_err_w, ref_err_l, batch, sd, world) -> (loss, acc); KTO: image_step
 
 
 def micro_step(s, batch, policy, reference, world=1):
@@ -254,9 +249,8 @@ def micro_step(s, batch, policy, reference, world=1):
 
 
 def image_step(s, batch, policy, reference, world=1):
-    """One micro-batch of N labelled images (KTO; pairs come as shards.labelled_images): each image its own
-    posterior draw, t and eps (pair_noise of its index, stream 2). Returns as micro_step, the errors split into the
-    desirable and the undesirable images' (err_w, err_l, ref_err_w, ref_err_l) for the metrics."""
+    """One micro-batch of N labelled images (KTO; pairs as shards.labelled_images), each its own posterior draw, t and
+    eps (pair_noise of its index, stream 2). Returns as micro_step, the errors split by label (desirable as "_w")."""
     index, labels = batch["index"], batch["labels"].to(s.sd.device)
     z = posterior_noise(index, s.latent_shape, s.cfg.seed, sides=1) if s.cfg.vae_latents == "sample" else None
     latents, cond = unet_inputs(s.sd, batch, s.resolution, z, s.cfg.lcm_guidance)
@@ -279,7 +273,7 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
     Returns the run folder."""
     rank, world, device = setup_distributed(cfg)
     out = Path(cfg.out)
-    runs.validate(cfg, device, built=built_pairs_path(cfg, out) is not None)
+    runs.validate(cfg, device, built=toy.built_pairs_path(cfg, out) is not None)
     lock = runs.lock(out) if rank == 0 else None                  # one run per --out, held until this one ends
     torch.manual_seed(cfg.seed)
     s = setup(cfg, load_sd(cfg.model, device=device, dtype=torch.float32), pair_loss)
@@ -339,7 +333,7 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
             save_merged_unet(cfg, out)
         counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in row.items() if k in SKIP_COUNTS)
         print(f"done: {state['step']} steps ({state['skipped']} skipped, {row['pairs_per_s']:.2f} pairs/s at the last, "
-              f"peak memory {peak_memory_gib(device):.1f} GiB); pairs left out: {counts}; weights in "
+              f"peak memory {runs.peak_memory_gib(device):.1f} GiB); pairs left out: {counts}; weights in "
               f"{out / (LORA_FILE if cfg.lora_rank else 'unet')}")
     return finish(world, out, lock)
 
@@ -442,8 +436,8 @@ class TrainConfig:
         """A config with a named preset's defaults (see PRESETS and LOSS_PRESETS), then `overrides`."""
         if name not in PRESETS:
             raise UserError(f"--preset {name}: expected one of {', '.join(PRESETS)} or auto")
-        by_loss = LOSS_PRESETS[name].get(overrides.get("loss"), {})
-        return cls(**{**PRESETS[name], **by_loss, "preset": name, **overrides})
+        return cls(**{**PRESETS[name], **LOSS_PRESETS[name].get(overrides.get("loss"), {}), "preset": name,
+                      **overrides})
 
     @classmethod
     def from_args(cls, argv=None, description=__doc__):
@@ -542,8 +536,7 @@ def setup(cfg, sd, pair_loss=None):
 
 def policy_and_reference(cfg, unet, amp_dtype):
     """The policy (the UNet, trainable, fp32 master weights) and the reference: a frozen copy, the policy itself with
-    LoRA (run with the adapters switched off), or None for SFT and MaPO (one UNet in memory). Frozen weights are
-    kept as autocast_weights says."""
+    LoRA (adapters switched off), or None (SFT, MaPO: one UNet). Frozen weights are kept as autocast_weights says."""
     if cfg.channels_last:  # weights in NHWC: convolutions then keep activations NHWC too (the reference copies it)
         unet.to(memory_format=torch.channels_last)
     reference = None
@@ -625,7 +618,8 @@ def warmup_constant(warmup_steps):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The pairs: data.open_pairs for --data, after the pairs the run builds itself, with the --cache store
+# The pairs: data.open_pairs for --data, after the pairs the run builds itself (shapes, shapes-style, style:FOLDER:
+# toy.build_pairs), with the --cache store
 
 
 def open_training_pairs(s, out, image_embedder, rank, world):
@@ -633,7 +627,7 @@ def open_training_pairs(s, out, image_embedder, rank, world):
     first (rank 0 only, kept under OUT; the other ranks wait for the file, in no collective that could time out),
     the --cache store, image embeddings, --choice-model relabelling and --val-pairs held out, as configured."""
     cfg, device = s.cfg, s.sd.device
-    spec = build_pairs(s, out) if rank == 0 else wait_for(built_pairs_path(cfg, out))
+    spec = toy.build_pairs(s, out) if rank == 0 else wait_for(toy.built_pairs_path(cfg, out))
     embed = image_embedder(device) if image_embedder else None
     key = ["posterior", s.sd.source, cfg.data, s.resolution, s.sd.vae.scaling_factor, DTYPE_NAMES[s.sd.vae.dtype]]
     key += [x for x in (cfg.choice_model, getattr(embed, "key", None)) if x]
@@ -651,51 +645,6 @@ def wait_for(path, poll=1.0):
     while path is not None and not path.exists():
         time.sleep(poll)
     return path
-
-
-# Pairs the run builds itself with the base model before training (then read as any parquet shard):
-#   shapes        the toy world's on-policy pairs, labelled by its judge (toy.build_shape_pairs)
-#   shapes-style  its style alignment: each base generation's styled edit preferred (toy.build_style_pairs)
-#   style:FOLDER  style alignment (Diffusion-RPO's second task): each style image preferred over the base model's
-#                 own generation for its caption
-
-
-def built_pairs_path(cfg, out):
-    """Where the pairs of a built --data spec live (OUT/shapes_pairs.parquet, OUT/shapes_style_pairs.parquet,
-    OUT/style_pairs.parquet), or None."""
-    if cfg.data in toy.WORLDS:
-        return out / f"{cfg.data.replace('-', '_')}_pairs.parquet"
-    return out / "style_pairs.parquet" if cfg.data.startswith("style:") else None
-
-
-def build_pairs(s, out):
-    """Build the pairs of --data shapes / shapes-style / style:FOLDER unless OUT already holds them; returns their
-    path (None for data that is read, not built)."""
-    cfg = s.cfg
-    path = built_pairs_path(cfg, out)
-    if path is None or path.exists():
-        return path
-    t0, guidance = time.time(), sampling_defaults(cfg.model)[1]
-    with s.autocast:
-        if cfg.data in toy.WORLDS:
-            n = toy.build_world_pairs(cfg.data, s.sd, path, toy.TOY_PAIRS, cfg.seed)
-        else:
-            n = build_style_pairs(s.sd, cfg.data[len("style:"):], path, s.resolution, cfg.sample_steps, guidance,
-                                  cfg.seed)
-    print0(f"built {path}: {n} pairs ({time.time() - t0:.0f} s)")
-    return path
-
-
-@torch.no_grad()
-def build_style_pairs(sd, folder, path, resolution, steps, guidance, seed=0):
-    """Style image i (preferred) against the base model's generation for its caption (seed --seed + i, `steps` DDIM
-    steps). Returns the number of pairs."""
-    items = style_items(folder)
-    prompts = [c for c, _ in items]
-    images = render(sd, sd.unet, prompts, [seed + i for i in range(len(items))], batch_size=8, steps=steps,
-                    guidance=guidance, height=resolution, width=resolution)
-    write_pairs(path, prompts, [p.read_bytes() for _, p in items], [png_bytes(i) for i in images], [1.0] * len(items))
-    return len(items)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -902,13 +851,6 @@ def save_merged_unet(cfg, out):
     """--merge-lora: OUT/unet/, --model's UNet (fp32, freshly loaded) with OUT's LoRA file merged in, as sample.py
     --lora merges it; the policy itself is left as it trained."""
     save_unet(load_sd(cfg.model, lora=out / LORA_FILE).unet, out / "unet")
-
-
-def peak_memory_gib(device):
-    """This process's peak memory: the GPU's allocations, or on the CPU its resident set (Linux counts KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def finish(world, out, lock):

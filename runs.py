@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import pickle
+import resource
 import zipfile
 from dataclasses import fields
 from pathlib import Path
@@ -59,8 +60,17 @@ def validate(cfg, device, built):
     if cfg.report_to and importlib.util.find_spec(cfg.report_to) is None:
         raise UserError(f"--report-to {cfg.report_to}: the {cfg.report_to} package is not installed "
                         f"(pip install {cfg.report_to})")
-    if not built and any(s.unpaired for s in find_shards(cfg.data)) and cfg.loss != "kto":  # and reachable now
-        raise UserError(f"--data {cfg.data}: labelled single images, not pairs: they train with --loss kto")
+    unpaired = not built and any(s.unpaired for s in find_shards(cfg.data))  # and the data is reachable now
+    if unpaired and (cfg.loss != "kto" or cfg.cache or cfg.choice_model):
+        raise UserError(f"--data {cfg.data}: labelled single images, not pairs: they train with --loss kto, without "
+                        f"--cache and --choice-model")
+
+
+def peak_memory_gib(device):
+    """This process's peak memory: the GPU's allocations, or on the CPU its resident set (Linux counts KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def parse_config(cls, argv, description, presets, auto_preset, loss_presets=None):
@@ -70,7 +80,7 @@ def parse_config(cls, argv, description, presets, auto_preset, loss_presets=None
     command line replace those."""
     help_format = type("Help", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
     p = argparse.ArgumentParser(description=description, formatter_class=help_format,
-                                epilog=presets_help(cls, presets))
+                                epilog=presets_help(cls, presets, loss_presets or {}))
     for f in fields(cls):
         name, kw = "--" + f.name.replace("_", "-"), dict(default=f.default, help=f.metadata["help"])
         if f.type in (bool, "bool"):
@@ -85,14 +95,17 @@ def parse_config(cls, argv, description, presets, auto_preset, loss_presets=None
     return cls(**dict(vars(p.parse_args(argv)), preset=preset))
 
 
-def presets_help(cls, presets):
-    """--help's epilog: each preset's defaults, and what a resumed run does with each setting."""
+def presets_help(cls, presets, loss_presets):
+    """--help's epilog: each preset's defaults (and its settings for a --loss), and what a resumed run does with each
+    setting."""
     defaults = {f.name: f.default for f in fields(cls)}
     shown = ("beta", "max_steps", "batch_size", "lr", "warmup_steps", "resolution", "threads", "vae_latents")
     rows = [f"  {name:5} " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items()
                                        if k not in ("model", "data") and (v != defaults[k] or name == "toy" and
                                                                           k in shown))
             for name, values in presets.items()]
+    rows += [f"  {name:5} with " + "; ".join(f"--loss {loss}: " + ", ".join(f"--{k} {v}" for k, v in kw.items())
+                                          for loss, kw in by_loss.items()) for name, by_loss in loss_presets.items()]
     policy = {r: [f"--{f.name.replace('_', '-')}" for f in fields(cls) if f.metadata["resume"] == r]
               for r in ("fixed", "new")}
     return ("presets (the defaults shown above are the toy's):\n" + "\n".join(rows) + "\n\nresuming (the same --out "
