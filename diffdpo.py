@@ -98,7 +98,8 @@ def mapo_loss(err_w, err_l, beta, gamma=0.5, num_timesteps=1000):
         s(err) = gamma err / (exp(gamma err) - 1)           a decreasing map of the error to a likelihood-like score
         margin = T (s(err_w) - s(err_l))                    T = num_timesteps, the scheduler's (1000)
         loss   = mean(err_w) - beta mean(log sigmoid(margin))      the diffusion loss on the winners, and the margin"""
-    margin = num_timesteps * (gamma * err_w / torch.expm1(gamma * err_w) - gamma * err_l / torch.expm1(gamma * err_l))
+    s_w, s_l = (gamma * err / (torch.exp(gamma * err) - 1) for err in (err_w, err_l))
+    margin = num_timesteps * (s_w - s_l)                                               # (B,)
     return err_w.mean() - beta * F.logsigmoid(margin).mean(), (margin > 0).float().mean()
 
 
