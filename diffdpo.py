@@ -7,10 +7,10 @@ from the ELBO surrogate to a multi-GPU training run, in one file.
     torchrun --nproc_per_node 8 diffdpo.py --model sdxl --data hub:OWNER/NAME --out runs/dpo-sdxl
     python diffdpo.py --pretrain-tiny [DIR]                      # remake the toy model (default: tiny/)
 
-Read top to bottom: the method (the ELBO surrogate and the DPO loss, the paper's Eq. 14), one step (winner and loser
-share t and eps; training, validation and bench.py all run `micro_step`), the training loop, then the configuration
-and presets, then the pieces the loop calls, in the order it calls them, and the CLI. The noise schedule and the
-samplers are in sample.py, the networks in unet.py, the data in data.py.
+Read top to bottom: the method (the ELBO surrogate, the DPO loss of the paper's Eq. 14 and its family: cDPO, MaPO,
+KTO; docs/LOSSES.md), one step (winner and loser share t and eps; training, validation and bench.py run `micro_step`),
+the loop, the configuration and presets, the pieces the loop calls, in the order it calls them, and the CLI. The
+noise schedule and the samplers are in sample.py, the networks in unet.py, the data in data.py.
 """
 import contextlib
 import copy
@@ -458,7 +458,7 @@ PRESETS = {
 }
 # each loss's beta: the papers' for sd15 / sdxl (MaPO 0.1, Diffusion-KTO 1000), measured sweeps for the toy (LOSSES.md)
 PAPERS_BETAS = dict(mapo=dict(beta=0.1), kto=dict(beta=1000.0))
-LOSS_PRESETS = {"toy": dict(mapo=dict(beta=0.1), kto=dict(beta=1000.0)), "sd15": PAPERS_BETAS, "sdxl": PAPERS_BETAS}
+LOSS_PRESETS = {"toy": dict(mapo=dict(beta=0.01), kto=dict(beta=250.0)), "sd15": PAPERS_BETAS, "sdxl": PAPERS_BETAS}
 
 
 def auto_preset(model):
