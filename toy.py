@@ -8,7 +8,8 @@ The toy world: a tiny text-to-image model and a programmatic judge, so the whole
 `tiny` is SD1.5's pipeline (the same UNet / VAE / CLIP classes, scheduler and loader) at about a million UNet
 parameters, pretrained here on captioned shapes drawn with Pillow; `shapes` pairs are two samples of that base model
 for one caption, the judge's favorite preferred. Read top to bottom: the world (captions, drawing, the judge), the
-pairs, the style world, the tiny model's tokenizer and pretraining.
+pairs, the style world, the pairs a run builds itself (diffdpo.py calls build_pairs; also style:FOLDER's), the tiny
+model's tokenizer and pretraining.
 """
 import json
 import re
@@ -211,7 +212,7 @@ def build_pairs(s, out):
             n = build_world_pairs(cfg.data, s.sd, path, TOY_PAIRS, cfg.seed)
         else:
             n = build_folder_pairs(s.sd, cfg.data[len("style:"):], path, s.resolution, cfg.sample_steps, guidance,
-                                  cfg.seed)
+                                   cfg.seed)
     print(f"built {path}: {n} pairs ({time.time() - t0:.0f} s)")
     return path
 
