@@ -284,8 +284,9 @@ def test_pairs_split_into_labelled_images(shard):
 
 
 def config(hub, data_spec, out, **kw):
-    return diffdpo.TrainConfig(model=str(hub["sd15"]), data=str(data_spec), out=str(out), resolution=32, batch_size=2,
-                               lr=1e-4, warmup_steps=2, device="cpu", checkpoint_every=2, samples=False, **kw)
+    kw = {**dict(resolution=32, batch_size=2, lr=1e-4, warmup_steps=2, device="cpu", checkpoint_every=2,
+                 samples=False), **kw}
+    return diffdpo.TrainConfig(model=str(hub["sd15"]), data=str(data_spec), out=str(out), **kw)
 
 
 def live_unets():
@@ -336,3 +337,24 @@ def test_kto_trains_on_labelled_images(tmp_path, hub, labelled):
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert rows[0]["loss"] == pytest.approx(1.0, rel=1e-6)       # mean(lambda_y) / 2 at policy == reference
     assert rows[-1]["bad_labels"] == 3 and all(np.isfinite(r["mse_w"]) for r in rows)
+
+
+def _train_rank(rank, world, port, cfg):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    diffdpo.train(cfg)
+
+
+def test_kto_two_processes_equal_one(tmp_path, hub, shard):
+    """KTO through the whole trainer on 2 gloo processes with batch 1 (each its 2 images, the baseline over all 4)
+    gives 1 process with batch 2: the same losses and gradient norms, and the same update up to Adam's first step
+    (lr * sign(g)) on gradients within float rounding of 0. A per-rank baseline would change the loss by O(0.1)."""
+    one = diffdpo.train(config(hub, shard, tmp_path / "one", loss="kto", beta=1000.0, max_steps=2))
+    two = config(hub, shard, tmp_path / "two", loss="kto", beta=1000.0, max_steps=2, batch_size=1)
+    mp.start_processes(_train_rank, args=(2, 29500 + (os.getpid() + 7) % 1000, two), nprocs=2, join=True,
+                       start_method="fork")
+    for a, b in zip(read_metrics(tmp_path / "two"), read_metrics(one)):
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * b["grad_norm"] and abs(a["loss"] - b["loss"]) < 1e-6
+    w0, w1, w2 = unet.load_sd(str(hub["sd15"])).unet.state_dict(), unet_weights(tmp_path / "two"), unet_weights(one)
+    rel = (sum(((w1[k] - w2[k]) ** 2).sum() for k in w0) / sum(((w2[k] - w0[k]) ** 2).sum() for k in w0)).sqrt()
+    assert rel < 1e-2
