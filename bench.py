@@ -20,6 +20,7 @@ compiled with the --cache (no VAE or text encoders in the step). Then 50-step DD
 diffusers pipeline. Ends with one JSON line.
 
     python bench.py --memory                  # peak memory of a DPO step: full fine-tuning vs LoRA (~20 GiB RAM)
+    python bench.py --losses                  # each --loss's step on the toy model vs DPO's, in one process (CPU)
 """
 import argparse
 import copy
@@ -46,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import diffdpo
 import sample
+import toy
 import unet
 from data import open_pairs
 from files import DTYPE_NAMES
@@ -215,18 +217,18 @@ def cached_batch(sd, batch, resolution, half):
 
 
 def our_dpo_step(sd, half=torch.bfloat16, beta=5000.0, optimizer="adamw", checkpointing=False, lr=1e-6,
-                 channels_last=False):
+                 channels_last=False, loss="dpo"):
     """diffdpo.py's training step as step(batch, compiled=False) -> loss: its setup (the policy, the reference in the
     autocast precision), then micro_step (encode with the VAE + text encoders, or take the cache's latents and
     embeddings; noise; policy and reference denoising errors; the DPO loss), backward and optimizer_step (gradient
     clipping, the optimizer). compiled=True runs torch.compile'd UNets (--compile) on the same weights and optimizer.
     The VAE posterior's mean, the batch's own pair indices and seed 0, as the reference step gets them."""
-    cfg = diffdpo.TrainConfig(beta=beta, optimizer=optimizer, lr=lr, warmup_steps=0, resolution=0,
+    cfg = diffdpo.TrainConfig(loss=loss, beta=beta, optimizer=optimizer, lr=lr, warmup_steps=0, resolution=0,
                               mixed_precision=DTYPE_NAMES[half], grad_checkpointing=checkpointing,
                               channels_last=channels_last, vae_latents="mean", seed=0)
     s = diffdpo.setup(cfg, sd)
     opt = diffdpo.make_optimizer(cfg, s.policy, 1, sd.device)
-    compiled_unets = torch.compile(s.policy), torch.compile(s.reference)  # compiled at their first call
+    compiled_unets = torch.compile(s.policy), s.reference and torch.compile(s.reference)  # at their first call
 
     def step(batch, compiled=False):
         policy, reference = compiled_unets if compiled else (s.policy, s.reference)
@@ -234,8 +236,51 @@ def our_dpo_step(sd, half=torch.bfloat16, beta=5000.0, optimizer="adamw", checkp
         opt.scaler.scale(loss).backward()
         diffdpo.optimizer_step(s.policy, opt, cfg.grad_clip)
         return loss.detach()
-    step.policy = s.policy
+    step.policy, step.setup, step.optimizer = s.policy, s, opt
     return step
+
+
+def held_bytes(step, batch):
+    """The memory a step holds, counted: the distinct UNets' weights, the policy's gradients and optimizer state,
+    and the activations saved for the backward pass (tensors, each storage once, no weights among them)."""
+    s, params = step.setup, {}
+    for net in (s.policy, s.reference):
+        params.update({p.data_ptr(): p for p in (net.parameters() if net is not None else ())})
+    saved = {}
+
+    def pack(x):
+        if x.data_ptr() not in params:
+            saved[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        step(batch)
+    state = [v for st in step.optimizer.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    weights = sum(p.numel() * p.element_size() for p in params.values())
+    grads = sum(p.numel() * p.element_size() for p in params.values() if p.requires_grad)
+    return weights + grads + sum(v.numel() * v.element_size() for v in state) + sum(saved.values())
+
+
+def bench_losses(reps):
+    """Each --loss's optimizer step on the toy model (the toy preset: batch 16 pairs at 32 px, fp32, each loss's
+    beta), the same batch, timed alternately in one process (medians) and as a ratio to DPO's; and the memory each
+    step holds (held_bytes) as a ratio to DPO's."""
+    torch.manual_seed(0)
+    prompts = [p for p in toy.shape_prompts("train")[:16]]
+    batch = dict(prompts=prompts, chosen=torch.rand(16, 3, 32, 32) * 2 - 1, rejected=torch.rand(16, 3, 32, 32) * 2 - 1,
+                 index=torch.arange(16), position=16)
+    steps, rows = {}, {}
+    for loss in ("dpo", "sft", "mapo", "kto"):
+        beta = diffdpo.TrainConfig.from_preset("toy", loss=loss).beta
+        steps[loss] = our_dpo_step(unet.load_sd("tiny"), torch.float32, beta, lr=3e-5, loss=loss)
+    medians = alternate({k: (lambda f=f: f(batch)) for k, f in steps.items()}, reps)
+    for loss, f in steps.items():
+        rows[loss] = dict(seconds_per_step=medians[loss], time_vs_dpo=medians[loss] / medians["dpo"],
+                          held_mib=held_bytes(f, batch) / 2 ** 20)
+    for loss, r in rows.items():
+        r["memory_vs_dpo"] = r["held_mib"] / rows["dpo"]["held_mib"]
+        print(f"{loss:5} {r['seconds_per_step']:.3f} s/step ({r['time_vs_dpo']:.2f}x DPO), holds "
+              f"{r['held_mib']:.1f} MiB ({r['memory_vs_dpo']:.2f}x DPO)")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -422,6 +467,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="CPU: 32x32 latents (256 px) and 5 repeats, else 64x64 and 7")
     p.add_argument("--memory", action="store_true", help="peak memory of a DPO step, full vs LoRA (needs ~20 GiB)")
     p.add_argument("--memory-step", choices=["full", "lora"], help=argparse.SUPPRESS)
+    p.add_argument("--losses", action="store_true", help="each --loss's step on the toy model, time and memory vs DPO")
     p.add_argument("--dpo-step", action="store_true", help="the DPO-step and sampling benchmarks (on by default "
                                                            "with --device cuda)")
     p.add_argument("--models", default="sd15,sdxl", help="for --dpo-step: sd15, sdxl (random weights at the real "
@@ -438,6 +484,10 @@ def main():
         return
     if args.memory:
         print(json.dumps(memory_table()))
+        return
+    if args.losses:
+        torch.set_num_threads(1)
+        print(json.dumps(dict(threads=1, torch=torch.__version__, **bench_losses(args.reps))))
         return
     missing = [m for m in ("diffusers", "transformers", "open_clip") if importlib.util.find_spec(m) is None]
     if missing:  # the references, and open-clip-torch's copy of CLIP's BPE file for the random-weight tokenizers

@@ -8,6 +8,7 @@ spec is one of
     hub:OWNER/NAME, OWNER/NAME a Hub dataset of parquet shards in the Pick-a-Pic v2 schema, fetched shard by shard
     FILE.parquet, FOLDER/      local parquet shards in that schema: jpg_0, jpg_1 (JPEG bytes), label_0, label_1, caption
     pairs.jsonl, FOLDER/       our own format: {"prompt": ..., "chosen": image path, "rejected": image path} per line
+    images.jsonl, parquet      labelled single images for --loss kto (shards.py): batch["images"], batch["labels"]
 and, built by the trainer with the base model before training (diffdpo.build_pairs), then read as parquet:
     shapes                     the toy world's on-policy pairs, labelled by its judge (toy.py)
     style:FOLDER               style images (with captions) preferred over the base model's generations
@@ -103,6 +104,12 @@ def _seed(*key):
     return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 2
 
 
+def label_flipped(seed, p, *where):
+    """--label-noise p: whether the label of the pair at `where` (shard, row group, row) is flipped, with probability
+    p, a pure function of (seed, the pair's place): the same pairs in every epoch, process and resume."""
+    return _seed(seed, "label-noise", *where) < p * 2 ** 62
+
+
 @functools.lru_cache(maxsize=256)
 def _perm(n, *key):
     """A seeded permutation of range(n), a pure function of key (read-only: it is shared)."""
@@ -119,6 +126,7 @@ class PairSource:
         self.embed = embed            # [preferred, rejected] -> (2, D) image embeddings (rpo.py --rpo-embed image)
         self.random_crop, self.flip, self.caption_dropout = random_crop, flip, caption_dropout
         self.rows = rows              # (shard, group) -> the usable rows this source reads (holdout), else all
+        self.label_noise = 0.0        # the probability that a pair's label is flipped (label_flipped)
         self.skipped = {reason: set() for reason in SKIPPED}  # the keys of the pairs skipped, by reason
         self._sizes = {}              # shard index -> number of usable pairs, once that shard was opened
         self._epoch_len = None
@@ -190,15 +198,21 @@ class PairSource:
             self.skipped[got].add(key)
         else:
             raise DataError(f"{shard.name}: no usable image pair in row group {g}")
+        flipped = bool(self.label_noise) and label_flipped(self.seed, self.label_noise, k, g, row)
         if self.cache is not None:  # both images' posteriors, flipped and not
             caption, x = got
-            names = [f"{n}_flip" if f else n for n, f in zip(("chosen", "rejected"), flips)]
+            sides = ("rejected", "chosen") if flipped else ("chosen", "rejected")     # the file's, in their new roles
+            names = [f"{n}_flip" if f else n for n, f in zip(sides, flips)]
             out = dict(chosen=x[names[0]], rejected=x[names[1]], chosen_std=x[names[0] + "_std"],
                        rejected_std=x[names[1] + "_std"])
-            emb = [x[n] for n in ("chosen_emb", "rejected_emb") if n in x] or None
+            emb = [x[n + "_emb"] for n in sides if n + "_emb" in x] or None
         else:
             caption, x, emb = got
-            out = dict(zip(("chosen", "rejected"), (xi.flip(-1) if f else xi for xi, f in zip(x, flips))))
+            x, emb = (x[::-1], emb if emb is None else emb[::-1]) if flipped else (x, emb)
+            names = ("images",) if shard.unpaired else ("chosen", "rejected")
+            out = dict(zip(names, (xi.flip(-1) if f else xi for xi, f in zip(x, flips))))
+        if shard.unpaired:  # a labelled image (KTO): its label, flipped by --label-noise
+            out["labels"] = torch.tensor(float(shard.label(g, row) != flipped))
         prompt = "" if drop else caption
         out.update(prompt=prompt, caption=caption, key=key, flips=flips)
         if emb is not None:  # of the unflipped images
@@ -213,8 +227,8 @@ class PairSource:
         if self._loaded[0] != (k, g):
             self._loaded = (None, None)  # free the previous group first
             self._loaded = ((k, g), self.shards[k].load(g))
-        caption, a, b = self.shards[k].pair(self._loaded[1], row)
-        x = decode_pair((a, b), self.resolution, gen, self.random_crop)
+        caption, *sources = self.shards[k].pair(self._loaded[1], row)         # two images, or one (labelled)
+        x = decode_pair(sources, self.resolution, gen, self.random_crop)
         if not isinstance(x, str) and self.relabel is not None:
             x = self.relabel(caption, x) or "ties"
         return x if isinstance(x, str) else (caption, x, self.embed(x) if self.embed else None)
@@ -234,7 +248,7 @@ class PairSource:
             batch = dict(prompts=[it["prompt"] for it in items], keys=[it["key"] for it in items],
                          index=torch.tensor(idx), position=pos)
             for k in ("chosen", "rejected", "chosen_std", "rejected_std", "context", "pooled", "chosen_emb",
-                      "rejected_emb"):
+                      "rejected_emb", "images", "labels"):
                 if k in items[0]:
                     batch[k] = torch.stack([it[k] for it in items])
             yield batch

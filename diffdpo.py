@@ -7,17 +7,16 @@ from the ELBO surrogate to a multi-GPU training run, in one file.
     torchrun --nproc_per_node 8 diffdpo.py --model sdxl --data hub:OWNER/NAME --out runs/dpo-sdxl
     python diffdpo.py --pretrain-tiny [DIR]                      # remake the toy model (default: tiny/)
 
-Read top to bottom: the method (the ELBO surrogate and the DPO loss, the paper's Eq. 14), one step (winner and loser
-share t and eps; training, validation and bench.py all run `micro_step`), the training loop, then the configuration
-and presets, then the pieces the loop calls, in the order it calls them, and the CLI. The noise schedule and the
-samplers are in sample.py, the networks in unet.py, the data in data.py.
+Read top to bottom: the method (the ELBO surrogate, the DPO loss of the paper's Eq. 14 and its family: cDPO, MaPO,
+KTO; docs/LOSSES.md), one step (winner and loser share t and eps; training, validation and bench.py run `micro_step`),
+the loop, the configuration and presets, the pieces the loop calls, in the order it calls them, and the CLI. The
+noise schedule and the samplers are in sample.py, the networks in unet.py, the data in data.py.
 """
 import contextlib
 import copy
 import datetime
 import json
 import os
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -33,12 +32,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import eval
 import runs
 import toy
-from data import open_pairs, style_items
+from data import open_pairs
 from files import DTYPE_NAMES, DTYPES, UserError, read_json, write_atomic, write_text_atomic
 from lora import LORA_FILE, LORA_TARGETS, LoRALinear, add_lora, lora_disabled, save_lora
 from sample import (add_noise, alphas_cumprod, default_size, guidance_embedding, image_grid, render,
                     sampling_defaults, vae_factor)
-from shards import latent_cache, png_bytes, prefetch, write_pairs
+from shards import labelled_images, latent_cache, prefetch
 from unet import ALIASES, load_sd, save_unet
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -80,15 +79,43 @@ def denoising_error(pred, target):
     return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
 
 
-def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta):
+def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta, label_smoothing=0.0):
     """Diffusion-DPO loss (Eq. 14 with constant weighting), and the implicit accuracy. err_*: the policy's per-image
     denoising errors on the winners / losers, ref_err_*: the reference's, each (B,).
         inside = -0.5 beta ((err_w - err_l) - (ref_err_w - ref_err_l))
-        loss   = -log sigmoid(inside), averaged over pairs
+        loss   = -(1 - eps) log sigmoid(inside) - eps log sigmoid(-inside), averaged over pairs
     inside > 0 means the policy improved on the winner relative to the loser more than the reference did; with
-    policy == reference inside = 0 and the loss is exactly ln 2 = 0.6931."""
+    policy == reference inside = 0 and the loss is exactly ln 2 = 0.6931. eps = label_smoothing > 0 is the
+    conservative DPO (cDPO, Mitchell 2023) for labels that are wrong with probability eps; eps = 0 is Eq. 14."""
     inside = -0.5 * beta * ((err_w - err_l) - (ref_err_w - ref_err_l))            # (B,)
-    return -F.logsigmoid(inside).mean(), (inside > 0).float().mean()
+    loss = -(1 - label_smoothing) * F.logsigmoid(inside) - label_smoothing * F.logsigmoid(-inside)
+    return loss.mean(), (inside > 0).float().mean()
+
+
+def mapo_loss(err_w, err_l, beta, gamma=0.5, num_timesteps=1000):
+    """MaPO (Hong et al. 2024, "Margin-aware Preference Optimization for Aligning Diffusion Models without Reference
+    Images"; their utils.compute_loss, snr_value = gamma) and the implicit accuracy: no reference model at all.
+        s(err) = gamma err / (exp(gamma err) - 1)           a decreasing map of the error to a likelihood-like score
+        margin = T (s(err_w) - s(err_l))                    T = num_timesteps, the scheduler's (1000)
+        loss   = mean(err_w) - beta mean(log sigmoid(margin))      the diffusion loss on the winners, and the margin"""
+    s_w, s_l = (gamma * err / (torch.exp(gamma * err) - 1) for err in (err_w, err_l))
+    margin = num_timesteps * (s_w - s_l)                                               # (B,)
+    return err_w.mean() - beta * F.logsigmoid(margin).mean(), (margin > 0).float().mean()
+
+
+def kto_loss(err, ref_err, labels, beta, world=1, desirable_weight=1.0, undesirable_weight=1.0):
+    """Diffusion-KTO (Li et al. 2024, "Aligning Diffusion Models by Optimizing Human Utility"; train_kto_sd_v1.5.py)
+    and the implicit accuracy, on N images labelled y = 1 (desirable) or 0 (undesirable), each its own t and eps:
+        g    = ref_err - err                  the policy's ELBO gain over the reference, per image
+        z    = max(0, mean g over the global batch), detached      the reference point (all ranks' mean of means)
+        h    = sigmoid((2y - 1) beta (g - z))
+        loss = mean lambda_y (1 - h)          lambda_1 = desirable_weight, lambda_0 = undesirable_weight
+    With policy == reference g = z = 0 and the loss is mean(lambda_y) / 2."""
+    g = ref_err - err                                                              # (N,)
+    z = all_mean(g.detach().mean(), world).clamp(min=0)
+    x = (2 * labels - 1) * beta * (g - z)
+    weight = torch.where(labels == 1, desirable_weight, undesirable_weight)
+    return (weight * (1 - torch.sigmoid(x))).mean(), (x > 0).float().mean()
 
 
 def sft_loss(err_w):
@@ -108,16 +135,23 @@ def denoising_errors(unet, latents, cond, eps, t, abar, prediction_type):
     return denoising_error(unet(x_t, t, **cond), prediction_target(latents, eps, t, abar, prediction_type))
 
 
+def image_errors(policy, reference, latents, cond, eps, t, abar, prediction_type):
+    """The policy's and the reference's denoising errors (N,) of N images. `reference` may be the policy itself with
+    LoRA adapters (then switched off for the reference's pass), or None (MaPO): then it is not run (zeros)."""
+    err = denoising_errors(policy, latents, cond, eps, t, abar, prediction_type)
+    if reference is None:
+        return err, torch.zeros_like(err)
+    with torch.no_grad(), lora_disabled(reference):
+        return err, denoising_errors(reference, latents, cond, eps, t, abar, prediction_type)
+
+
 def dpo_errors(policy, reference, latents, cond, eps, t, abar, prediction_type):
-    """What the DPO loss needs for B pairs: latents (2B, C, h, w) = [winners; losers] with their conditioning, eps
-    (B, C, h, w) and t (B,) drawn once per pair. Returns err_w, err_l, ref_err_w, ref_err_l, each (B,).
-    `reference` may be the policy itself with LoRA adapters (then switched off for the reference's pass)."""
+    """What the DPO (and MaPO) loss needs for B pairs: latents (2B, C, h, w) = [winners; losers] with their
+    conditioning, eps (B, C, h, w) and t (B,) drawn once per pair. Returns err_w, err_l, ref_err_w, ref_err_l (B,)."""
     eps = eps.repeat(2, 1, 1, 1)                # (2B, C, h, w): the official code's noise.chunk(2)[0].repeat(2,1,1,1)
     t = t.repeat(2)                             # (2B,):         and timesteps.chunk(2)[0].repeat(2)
-    err_w, err_l = denoising_errors(policy, latents, cond, eps, t, abar, prediction_type).chunk(2)
-    with torch.no_grad(), lora_disabled(reference):
-        ref_err_w, ref_err_l = denoising_errors(reference, latents, cond, eps, t, abar, prediction_type).chunk(2)
-    return err_w, err_l, ref_err_w, ref_err_l
+    err, ref_err = image_errors(policy, reference, latents, cond, eps, t, abar, prediction_type)
+    return (*err.chunk(2), *ref_err.chunk(2))
 
 
 def sft_errors(policy, latents, cond, eps, t, abar, prediction_type):
@@ -134,45 +168,45 @@ def pair_generator(seed, index, stream=0):
     return torch.Generator().manual_seed(seed * 1_000_003 + int(index) + stream * 2 ** 60)
 
 
-def pair_noise(indices, latent_shape, seed, num_timesteps):
-    """eps (B, C, h, w) and t (B,) for each pair: t ~ U{0..T-1}, eps ~ N(0, I)."""
+def pair_noise(indices, latent_shape, seed, num_timesteps, stream=0):
+    """eps (B, C, h, w) and t (B,) for each pair (KTO: each image, stream 2): t ~ U{0..T-1}, eps ~ N(0, I)."""
     eps, ts = [], []
     for i in indices:
-        g = pair_generator(seed, i)
+        g = pair_generator(seed, i, stream)
         eps.append(torch.randn(latent_shape, generator=g))
         ts.append(torch.randint(0, num_timesteps, (1,), generator=g))
     return torch.stack(eps), torch.cat(ts)
 
 
-def posterior_noise(indices, latent_shape, seed):
-    """z (2B, C, h, w) = [z_winners; z_losers] ~ N(0, I), which turn the VAE's posteriors into latents:
-    mean + std * z, the official code's `vae.encode(x).latent_dist.sample()`, drawn per pair like pair_noise."""
-    z = torch.stack([torch.randn((2, *latent_shape), generator=pair_generator(seed, i, stream=1)) for i in indices])
-    return torch.cat([z[:, 0], z[:, 1]])
+def posterior_noise(indices, latent_shape, seed, sides=2):
+    """z (2B, C, h, w) = [z_winners; z_losers] ~ N(0, I) (sides=1: one per image), which turn the VAE's posteriors
+    into latents: mean + std * z, the official code's `vae.encode(x).latent_dist.sample()`, per pair like pair_noise."""
+    z = torch.stack([torch.randn((sides, *latent_shape), generator=pair_generator(seed, i, stream=1)) for i in indices])
+    return torch.cat(z.unbind(1))
 
 
 @torch.no_grad()
 def unet_inputs(sd, batch, resolution, z=None, lcm_guidance=8.5):
-    """Images and prompts to the UNet's inputs, for the batch [winners; losers] (2B):
+    """Images and prompts to the UNet's inputs, for the batch [winners; losers] (2B) (KTO's: its N "images"):
     latents (2B, 4, R/8, R/8) = (mean + std * z) * scaling_factor from the VAE's posterior (its mean when z is None),
     and cond = dict(context (2B, 77, D)) plus for SDXL text_embeds (2B, 1280) and time_ids (2B, 6) with original =
     target = (R, R), crop (0, 0); for an LCM UNet timestep_cond (2B, time_cond_proj_dim), its guidance input held at
     lcm_guidance (the loss is unchanged). With --cache the batch already holds the posteriors and text embeddings.
     The images go to the VAE in the VAE's own precision (SDXL's stays fp32 under fp16); every tensor is made on (or
     moved to) the UNet's device."""
-    device = sd.device
+    device, sides = sd.device, [k for k in ("chosen", "rejected", "images") if k in batch]
     if "context" in batch:
-        mean = torch.cat([batch["chosen"], batch["rejected"]]).to(device, non_blocking=True).float()
-        std = torch.cat([batch["chosen_std"], batch["rejected_std"]]).to(device, non_blocking=True).float()
+        mean = torch.cat([batch[k] for k in sides]).to(device, non_blocking=True).float()
+        std = torch.cat([batch[k + "_std"] for k in sides]).to(device, non_blocking=True).float()
         context, pooled = batch["context"].to(device, non_blocking=True), batch.get("pooled")
     else:
-        images = torch.cat([batch["chosen"], batch["rejected"]]).to(device, sd.vae.dtype, non_blocking=True)
+        images = torch.cat([batch[k] for k in sides]).to(device, sd.vae.dtype, non_blocking=True)
         mean, std = (x.float() * sd.vae.scaling_factor for x in sd.vae.posterior(images))
         context, pooled = sd.encode_prompt(batch["prompts"])
     latents = mean if z is None else mean + std * z.to(device, non_blocking=True)
-    cond = dict(context=context.float().repeat(2, 1, 1))
+    cond = dict(context=context.float().repeat(len(sides), 1, 1))
     if sd.kind == "sdxl":
-        cond.update(text_embeds=pooled.to(device).float().repeat(2, 1),
+        cond.update(text_embeds=pooled.to(device).float().repeat(len(sides), 1),
                     time_ids=sd.time_ids(len(latents), resolution, resolution, device=device))
     if sd.unet.cfg.time_cond_proj_dim:
         w = torch.full((len(latents),), lcm_guidance - 1.0, device=device)
@@ -187,30 +221,45 @@ class Setup:
     cfg: "TrainConfig"
     sd: object                  # unet.SD: the frozen VAE, text encoders and tokenizers; sd.unet is the policy
     policy: nn.Module           # trainable (fp32 master weights)
-    reference: nn.Module        # a frozen copy, the policy itself with LoRA (adapters off), or None for SFT
+    reference: nn.Module        # a frozen copy, the policy itself with LoRA (adapters off), or None (SFT, MaPO)
     abar: torch.Tensor          # alphas_cumprod (T,) on the device
     prediction_type: str        # "epsilon" | "v_prediction"
     resolution: int             # image side in pixels
     latent_shape: tuple         # (C, R/8, R/8)
     autocast: object            # torch.autocast in the --mixed-precision dtype, or a null context for fp32
-    pair_loss: object           # (err_w, err_l, ref_err_w, ref_err_l, batch, sd, world) -> (loss, implicit accuracy)
+    pair_loss: object           # (err_w, err_l, ref_err_w, ref_err_l, batch, sd, world) -> (loss, acc); KTO: image_step
 
 
 def micro_step(s, batch, policy, reference, world=1):
     """One micro-batch of pairs through the method: the latents (posterior draws of each pair's own) and text
     conditioning, a (t, eps) per pair, the policy's and the reference's denoising errors, the loss. Training (with
     DDP / compiled wrappers as `policy`), validation and bench.py run this same function.
-    Returns (loss, implicit accuracy, (err_w, err_l, ref_err_w, ref_err_l))."""
+    Returns (loss, implicit accuracy, (err_w, err_l, ref_err_w, ref_err_l)). KTO runs image_step instead."""
+    if s.cfg.loss == "kto":
+        return image_step(s, batch if "images" in batch else labelled_images(batch), policy, reference, world)
     z = posterior_noise(batch["index"], s.latent_shape, s.cfg.seed) if s.cfg.vae_latents == "sample" else None
     latents, cond = unet_inputs(s.sd, batch, s.resolution, z, s.cfg.lcm_guidance)
     eps, t = (x.to(latents.device, non_blocking=True) for x in s.cfg.draw_noise(batch, s.latent_shape, len(s.abar)))
     with s.autocast:
-        if reference is None:  # SFT
+        if s.cfg.loss == "sft":
             errors = sft_errors(policy, latents, cond, eps, t, s.abar, s.prediction_type)
         else:
             errors = dpo_errors(policy, reference, latents, cond, eps, t, s.abar, s.prediction_type)
         loss, acc = s.pair_loss(*errors, batch, s.sd, world)
     return loss, acc, errors
+
+
+def image_step(s, batch, policy, reference, world=1):
+    """One micro-batch of N labelled images (KTO; pairs as shards.labelled_images), each its own posterior draw, t and
+    eps (pair_noise of its index, stream 2). Returns as micro_step, the errors split by label (desirable as "_w")."""
+    index, labels = batch["index"], batch["labels"].to(s.sd.device)
+    z = posterior_noise(index, s.latent_shape, s.cfg.seed, sides=1) if s.cfg.vae_latents == "sample" else None
+    latents, cond = unet_inputs(s.sd, batch, s.resolution, z, s.cfg.lcm_guidance)
+    eps, t = (x.to(latents.device) for x in pair_noise(index, s.latent_shape, s.cfg.seed, len(s.abar), stream=2))
+    with s.autocast:
+        err, ref_err = image_errors(policy, reference, latents, cond, eps, t, s.abar, s.prediction_type)
+        loss, acc = s.pair_loss(err, ref_err, labels, world)
+    return loss, acc, (err[labels == 1], err[labels == 0], ref_err[labels == 1], ref_err[labels == 0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,7 +274,7 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
     Returns the run folder."""
     rank, world, device = setup_distributed(cfg)
     out = Path(cfg.out)
-    runs.validate(cfg, device, built=built_pairs_path(cfg, out) is not None)
+    runs.validate(cfg, device, built=toy.built_pairs_path(cfg, out) is not None)
     lock = runs.lock(out) if rank == 0 else None                  # one run per --out, held until this one ends
     torch.manual_seed(cfg.seed)
     s = setup(cfg, load_sd(cfg.model, device=device, dtype=torch.float32), pair_loss)
@@ -285,7 +334,7 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
             save_merged_unet(cfg, out)
         counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in row.items() if k in SKIP_COUNTS)
         print(f"done: {state['step']} steps ({state['skipped']} skipped, {row['pairs_per_s']:.2f} pairs/s at the last, "
-              f"peak memory {peak_memory_gib(device):.1f} GiB); pairs left out: {counts}; weights in "
+              f"peak memory {runs.peak_memory_gib(device):.1f} GiB); pairs left out: {counts}; weights in "
               f"{out / (LORA_FILE if cfg.lora_rank else 'unet')}")
     return finish(world, out, lock)
 
@@ -307,13 +356,18 @@ class TrainConfig:
     model: str = flag("tiny", "tiny (the toy model, embedded) | alias (sd15, sdxl) | Hub id | diffusers folder | "
                               ".safetensors")
     data: str = flag("shapes", "shapes (the toy world) | pickapic | hub:OWNER/NAME | parquet file/folder | "
-                               "pairs.jsonl | style:FOLDER")
+                               "pairs.jsonl | style:FOLDER | labelled images for --loss kto (images.jsonl, parquet)")
     preset: str = flag("auto", "the defaults of: toy | sd15 | sdxl | auto (toy for --model tiny, sdxl for SDXL "
                                "models, else sd15); flags given on the command line win", resume="new")
     out: str = flag("", "run directory (re-running resumes from its checkpoint); default runs/PRESET[-METHOD]",
                     resume="new")
-    loss: str = flag("dpo", "dpo | sft (plain diffusion loss on the preferred image)", choices=("dpo", "sft"))
-    beta: float = flag(2000.0, "KL strength, with the official code's 0.5 factor")
+    loss: str = flag("dpo", "dpo | sft (plain diffusion loss on the preferred image) | mapo (no reference model) | "
+                            "kto (labelled single images; pairs are split)", choices=("dpo", "sft", "mapo", "kto"))
+    beta: float = flag(2000.0, "KL strength (DPO: with the official code's 0.5 factor); the preset's for --loss")
+    label_smoothing: float = flag(0.0, "conservative DPO: the share of labels assumed wrong (0: plain DPO)")
+    label_noise: float = flag(0.0, "flip each training pair's label with this probability (robustness experiments)")
+    desirable_weight: float = flag(1.0, "KTO's lambda_D, the weight of desirable images")
+    undesirable_weight: float = flag(1.0, "KTO's lambda_U, the weight of undesirable images")
     max_steps: int = flag(200, "optimizer steps", resume="new")
     batch_size: int = flag(16, "pairs per device per micro-step")
     grad_accum: int = flag(1, "micro-steps per optimizer step")
@@ -380,16 +434,17 @@ class TrainConfig:
 
     @classmethod
     def from_preset(cls, name, **overrides):
-        """A config with a named preset's defaults (see PRESETS), then `overrides`."""
+        """A config with a named preset's defaults (see PRESETS and LOSS_PRESETS), then `overrides`."""
         if name not in PRESETS:
             raise UserError(f"--preset {name}: expected one of {', '.join(PRESETS)} or auto")
-        return cls(**{**PRESETS[name], "preset": name, **overrides})
+        return cls(**{**PRESETS[name], **LOSS_PRESETS[name].get(overrides.get("loss"), {}), "preset": name,
+                      **overrides})
 
     @classmethod
     def from_args(cls, argv=None, description=__doc__):
         """One flag per field (defaults and help from the dataclass); the preset chosen by --preset (or by --model
         when auto) replaces the defaults, and the flags given on the command line replace those (runs.parse_config)."""
-        return runs.parse_config(cls, argv, description, PRESETS, auto_preset)
+        return runs.parse_config(cls, argv, description, PRESETS, auto_preset, LOSS_PRESETS)
 
 PAPER = dict(beta=5000.0, max_steps=2000, batch_size=1, resolution=0, lr=2.048e-5, warmup_steps=500,
              checkpoint_every=500, sample_steps=25, threads=0, vae_latents="sample")
@@ -401,6 +456,9 @@ PRESETS = {
     # and SDXL's: Adafactor, warmup 200, gradient checkpointing
     "sdxl": dict(PAPER, optimizer="adafactor", warmup_steps=200, grad_checkpointing=True),
 }
+# each loss's beta: the papers' for sd15 / sdxl (MaPO 0.1, Diffusion-KTO 1000), measured sweeps for the toy (LOSSES.md)
+PAPERS_BETAS = dict(mapo=dict(beta=0.1), kto=dict(beta=1000.0))
+LOSS_PRESETS = {"toy": dict(mapo=dict(beta=0.01), kto=dict(beta=250.0)), "sd15": PAPERS_BETAS, "sdxl": PAPERS_BETAS}
 
 
 def auto_preset(model):
@@ -479,17 +537,17 @@ def setup(cfg, sd, pair_loss=None):
 
 def policy_and_reference(cfg, unet, amp_dtype):
     """The policy (the UNet, trainable, fp32 master weights) and the reference: a frozen copy, the policy itself with
-    LoRA (run with the adapters switched off), or None for SFT. Frozen weights are kept as autocast_weights says."""
+    LoRA (adapters switched off), or None (SFT, MaPO: one UNet). Frozen weights are kept as autocast_weights says."""
     if cfg.channels_last:  # weights in NHWC: convolutions then keep activations NHWC too (the reference copies it)
         unet.to(memory_format=torch.channels_last)
     reference = None
-    if cfg.loss != "sft" and not cfg.lora_rank:
+    if cfg.loss not in ("sft", "mapo") and not cfg.lora_rank:
         reference = autocast_weights(copy.deepcopy(unet), amp_dtype)
     unet.requires_grad_(True).train()
     if cfg.lora_rank:  # only rank-r adapters train; the reference is the same UNet with them switched off
         layers = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         autocast_weights(unet, amp_dtype)
-        reference = unet if cfg.loss != "sft" else None
+        reference = unet if cfg.loss not in ("sft", "mapo") else None
         print0(f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha or cfg.lora_rank:g} on {len(layers)} layers: "
                f"{sum(p.numel() for p in unet.parameters() if p.requires_grad)} trainable parameters")
     unet.set_grad_checkpointing(cfg.grad_checkpointing)
@@ -511,12 +569,18 @@ def autocast_weights(net, dtype):
 
 def method_loss(cfg, pair_loss=None):
     """(err_w, err_l, ref_err_w, ref_err_l, batch, sd, world) -> (loss, implicit accuracy): rpo.py's `pair_loss` if
-    given, else DPO's (or SFT's, for --loss sft)."""
+    given, else --loss's (KTO's takes (err, ref_err, labels, world): image_step)."""
     if pair_loss is not None:
         return pair_loss
     if cfg.loss == "sft":
         return lambda err_w, *rest: sft_loss(err_w)
-    return lambda err_w, err_l, ref_err_w, ref_err_l, *rest: dpo_loss(err_w, err_l, ref_err_w, ref_err_l, cfg.beta)
+    if cfg.loss == "mapo":
+        return lambda err_w, err_l, *rest: mapo_loss(err_w, err_l, cfg.beta)
+    if cfg.loss == "kto":
+        return lambda err, ref_err, labels, world: kto_loss(err, ref_err, labels, cfg.beta, world,
+                                                            cfg.desirable_weight, cfg.undesirable_weight)
+    return lambda err_w, err_l, ref_err_w, ref_err_l, *rest: dpo_loss(err_w, err_l, ref_err_w, ref_err_l, cfg.beta,
+                                                                       cfg.label_smoothing)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -555,7 +619,8 @@ def warmup_constant(warmup_steps):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The pairs: data.open_pairs for --data, after the pairs the run builds itself, with the --cache store
+# The pairs: data.open_pairs for --data, after the pairs the run builds itself (shapes, shapes-style, style:FOLDER:
+# toy.build_pairs), with the --cache store
 
 
 def open_training_pairs(s, out, image_embedder, rank, world):
@@ -563,7 +628,7 @@ def open_training_pairs(s, out, image_embedder, rank, world):
     first (rank 0 only, kept under OUT; the other ranks wait for the file, in no collective that could time out),
     the --cache store, image embeddings, --choice-model relabelling and --val-pairs held out, as configured."""
     cfg, device = s.cfg, s.sd.device
-    spec = build_pairs(s, out) if rank == 0 else wait_for(built_pairs_path(cfg, out))
+    spec = toy.build_pairs(s, out) if rank == 0 else wait_for(toy.built_pairs_path(cfg, out))
     embed = image_embedder(device) if image_embedder else None
     key = ["posterior", s.sd.source, cfg.data, s.resolution, s.sd.vae.scaling_factor, DTYPE_NAMES[s.sd.vae.dtype]]
     key += [x for x in (cfg.choice_model, getattr(embed, "key", None)) if x]
@@ -571,7 +636,9 @@ def open_training_pairs(s, out, image_embedder, rank, world):
     relabel = eval.relabeller(cfg.choice_model, device) if cfg.choice_model else None
     pairs = open_pairs(spec or cfg.data, resolution=s.resolution, random_crop=cfg.random_crop, flip=cfg.flip,
                        caption_dropout=cfg.caption_dropout, seed=cfg.seed, cache=cache, relabel=relabel, embed=embed)
-    return pairs.holdout(cfg.val_pairs) if cfg.val_pairs else (pairs, None)
+    pairs, val = pairs.holdout(cfg.val_pairs) if cfg.val_pairs else (pairs, None)
+    pairs.label_noise = cfg.label_noise                                  # the training pairs', never the held-out
+    return pairs, val
 
 
 def wait_for(path, poll=1.0):
@@ -579,51 +646,6 @@ def wait_for(path, poll=1.0):
     while path is not None and not path.exists():
         time.sleep(poll)
     return path
-
-
-# Pairs the run builds itself with the base model before training (then read as any parquet shard):
-#   shapes        the toy world's on-policy pairs, labelled by its judge (toy.build_shape_pairs)
-#   shapes-style  its style alignment: each base generation's styled edit preferred (toy.build_style_pairs)
-#   style:FOLDER  style alignment (Diffusion-RPO's second task): each style image preferred over the base model's
-#                 own generation for its caption
-
-
-def built_pairs_path(cfg, out):
-    """Where the pairs of a built --data spec live (OUT/shapes_pairs.parquet, OUT/shapes_style_pairs.parquet,
-    OUT/style_pairs.parquet), or None."""
-    if cfg.data in toy.WORLDS:
-        return out / f"{cfg.data.replace('-', '_')}_pairs.parquet"
-    return out / "style_pairs.parquet" if cfg.data.startswith("style:") else None
-
-
-def build_pairs(s, out):
-    """Build the pairs of --data shapes / shapes-style / style:FOLDER unless OUT already holds them; returns their
-    path (None for data that is read, not built)."""
-    cfg = s.cfg
-    path = built_pairs_path(cfg, out)
-    if path is None or path.exists():
-        return path
-    t0, guidance = time.time(), sampling_defaults(cfg.model)[1]
-    with s.autocast:
-        if cfg.data in toy.WORLDS:
-            n = toy.build_world_pairs(cfg.data, s.sd, path, toy.TOY_PAIRS, cfg.seed)
-        else:
-            n = build_style_pairs(s.sd, cfg.data[len("style:"):], path, s.resolution, cfg.sample_steps, guidance,
-                                  cfg.seed)
-    print0(f"built {path}: {n} pairs ({time.time() - t0:.0f} s)")
-    return path
-
-
-@torch.no_grad()
-def build_style_pairs(sd, folder, path, resolution, steps, guidance, seed=0):
-    """Style image i (preferred) against the base model's generation for its caption (seed --seed + i, `steps` DDIM
-    steps). Returns the number of pairs."""
-    items = style_items(folder)
-    prompts = [c for c, _ in items]
-    images = render(sd, sd.unet, prompts, [seed + i for i in range(len(items))], batch_size=8, steps=steps,
-                    guidance=guidance, height=resolution, width=resolution)
-    write_pairs(path, prompts, [p.read_bytes() for _, p in items], [png_bytes(i) for i in images], [1.0] * len(items))
-    return len(items)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -830,13 +852,6 @@ def save_merged_unet(cfg, out):
     """--merge-lora: OUT/unet/, --model's UNet (fp32, freshly loaded) with OUT's LoRA file merged in, as sample.py
     --lora merges it; the policy itself is left as it trained."""
     save_unet(load_sd(cfg.model, lora=out / LORA_FILE).unet, out / "unet")
-
-
-def peak_memory_gib(device):
-    """This process's peak memory: the GPU's allocations, or on the CPU its resident set (Linux counts KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def finish(world, out, lock):

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import pickle
+import resource
 import zipfile
 from dataclasses import fields
 from pathlib import Path
@@ -41,9 +42,13 @@ def validate(cfg, device, built):
     for k, low in at_least.items():
         if getattr(cfg, k) < low:
             raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: must be at least {low}")
-    for k in ("lr", "beta", "grad_clip"):
+    for k in ("lr", "beta", "grad_clip", "desirable_weight", "undesirable_weight"):
         if not getattr(cfg, k) > 0:
             raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: must be positive")
+    for k in ("label_smoothing", "label_noise"):
+        if not 0 <= getattr(cfg, k) < (0.5 if k == "label_smoothing" else 1):
+            raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: must be a probability in [0, "
+                            f"{'0.5' if k == 'label_smoothing' else '1'})")
     if cfg.resolution < 0 or cfg.resolution % 8:
         raise UserError(f"--resolution {cfg.resolution}: must be a multiple of 8 (0: the model's own)")
     if not 0 <= cfg.caption_dropout <= 1:
@@ -55,17 +60,27 @@ def validate(cfg, device, built):
     if cfg.report_to and importlib.util.find_spec(cfg.report_to) is None:
         raise UserError(f"--report-to {cfg.report_to}: the {cfg.report_to} package is not installed "
                         f"(pip install {cfg.report_to})")
-    if not built:
-        find_shards(cfg.data)                   # the data is there (a local path; a Hub dataset that can be listed)
+    unpaired = not built and any(s.unpaired for s in find_shards(cfg.data))  # and the data is reachable now
+    if unpaired and (cfg.loss != "kto" or cfg.cache or cfg.choice_model):
+        raise UserError(f"--data {cfg.data}: labelled single images, not pairs: they train with --loss kto, without "
+                        f"--cache and --choice-model")
 
 
-def parse_config(cls, argv, description, presets, auto_preset):
+def peak_memory_gib(device):
+    """This process's peak memory: the GPU's allocations, or on the CPU its resident set (Linux counts KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def parse_config(cls, argv, description, presets, auto_preset, loss_presets=None):
     """A config dataclass from the command line: one flag per field (defaults and help from the field's metadata);
-    the preset chosen by --preset (or, when "auto", by auto_preset(--model)) replaces the defaults, and the flags
-    given on the command line replace those."""
+    the preset chosen by --preset (or, when "auto", by auto_preset(--model)) replaces the defaults, then that
+    preset's settings for --loss (loss_presets[preset][loss], e.g. each loss's beta), and the flags given on the
+    command line replace those."""
     help_format = type("Help", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
     p = argparse.ArgumentParser(description=description, formatter_class=help_format,
-                                epilog=presets_help(cls, presets))
+                                epilog=presets_help(cls, presets, loss_presets or {}))
     for f in fields(cls):
         name, kw = "--" + f.name.replace("_", "-"), dict(default=f.default, help=f.metadata["help"])
         if f.type in (bool, "bool"):
@@ -76,18 +91,21 @@ def parse_config(cls, argv, description, presets, auto_preset):
     preset = auto_preset(first.model) if first.preset == "auto" else first.preset
     if preset not in presets:
         p.error(f"--preset {preset}: expected one of {', '.join(presets)} or auto")
-    p.set_defaults(**presets[preset])
+    p.set_defaults(**{**presets[preset], **(loss_presets or {}).get(preset, {}).get(first.loss, {})})
     return cls(**dict(vars(p.parse_args(argv)), preset=preset))
 
 
-def presets_help(cls, presets):
-    """--help's epilog: each preset's defaults, and what a resumed run does with each setting."""
+def presets_help(cls, presets, loss_presets):
+    """--help's epilog: each preset's defaults (and its settings for a --loss), and what a resumed run does with each
+    setting."""
     defaults = {f.name: f.default for f in fields(cls)}
     shown = ("beta", "max_steps", "batch_size", "lr", "warmup_steps", "resolution", "threads", "vae_latents")
     rows = [f"  {name:5} " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items()
                                        if k not in ("model", "data") and (v != defaults[k] or name == "toy" and
                                                                           k in shown))
             for name, values in presets.items()]
+    rows += [f"  {name:5} with " + "; ".join(f"--loss {loss}: " + ", ".join(f"--{k} {v}" for k, v in kw.items())
+                                          for loss, kw in by_loss.items()) for name, by_loss in loss_presets.items()]
     policy = {r: [f"--{f.name.replace('_', '-')}" for f in fields(cls) if f.metadata["resume"] == r]
               for r in ("fixed", "new")}
     return ("presets (the defaults shown above are the toy's):\n" + "\n".join(rows) + "\n\nresuming (the same --out "

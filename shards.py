@@ -1,7 +1,8 @@
 """
 The machinery under data.py (a tutorial reader can skip it): the files pairs are read from (Pick-a-Pic-schema
-parquet shards, local or on the Hub fetched shard by shard as the stream reaches them; JSONL pair lists) and the
-parquet writer, the --cache store of VAE latents and text embeddings, and the thread that prefetches batches.
+parquet shards, local or on the Hub fetched shard by shard as the stream reaches them; JSONL pair lists), the files
+of labelled single images for KTO (JSONL, parquet), the parquet writer, the --cache store of VAE latents and text
+embeddings, and the thread that prefetches batches.
 """
 import atexit
 import csv
@@ -48,6 +49,8 @@ def arrow_kind(t):
 
 
 class ParquetShard:
+    unpaired = False                                                      # rows are pairs, not labelled images
+
     def __init__(self, name, path=None, fetch=None):  # a Hub shard: `fetch()` downloads it, giving its path
         self.name, self.fetch, self.path, self._groups = name, fetch, path or (None if fetch else name), None
         self.counts = dict(ties=0, bad_labels=0, empty_captions=0)   # of its pairs, once groups() has read it
@@ -111,6 +114,8 @@ class ParquetShard:
 
 
 class JsonlShard:
+    unpaired = False
+
     def __init__(self, path):
         self.name = self.path = str(path)
         self.rows = []
@@ -142,6 +147,121 @@ class JsonlShard:
             if not os.path.isfile(p):  # also refuses FIFOs and devices, which would block the run
                 raise DataError(f"{self.name}: image file {p} not found (or not a regular file)")
         return rows[i]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labelled single images (thumbs up / down), for --loss kto: each row a prompt, one image and a label, 1 (desirable)
+# or 0 (undesirable); true / false are read as 1 / 0. A row with any other label is dropped and counted (bad_labels).
+#   images.jsonl   {"prompt": ..., "image": path (relative to the file's folder), "label": 1} per line
+#   parquet        columns image (bytes, or a `datasets` Image struct), caption (text), label (numbers or bool)
+# A stream item is then one image: PairSource serves batch["images"] (B, 3, R, R) and batch["labels"] (B,).
+
+IMAGE_COLUMNS = ("image", "caption", "label")
+
+
+def read_label(v):
+    """1.0 / 0.0 for a valid label (1, 0, true, false), else None (the row is dropped and counted)."""
+    return float(v) if isinstance(v, (bool, int, float)) and v in (0, 1) else None
+
+
+class ImageJsonlShard(JsonlShard):
+    unpaired = True
+
+    def __init__(self, path, lines):
+        self.name = self.path = str(path)
+        self.rows, self.labels = [], []
+        for n, line in lines:
+            try:
+                r = json.loads(line)
+                if not isinstance(r["prompt"] or "", str):
+                    raise TypeError(f"prompt is {type(r['prompt']).__name__}")
+                row, label = (r["prompt"] or "", str(Path(path).parent / r["image"])), read_label(r["label"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{path}:{n}: expected a JSON object with keys prompt, image, label "
+                                f"({type(e).__name__}: {e})") from None
+            if label is not None:
+                self.rows.append(row)
+                self.labels.append(label)
+        bad = len(lines) - len(self.rows)
+        self.counts = dict(ties=0, bad_labels=bad, empty_captions=sum(not r[0] for r in self.rows))
+
+    def label(self, group, row):
+        return self.labels[row]
+
+
+class ImageParquetShard(ParquetShard):
+    unpaired = True
+
+    def check(self, f=None):
+        schema = (f or self.file()).schema_arrow
+        missing = [c for c in IMAGE_COLUMNS if c not in schema.names]
+        if missing:
+            raise DataError(f"{self.name}: missing column(s) {', '.join(missing)}; expected labelled images "
+                            f"({', '.join(IMAGE_COLUMNS)})")
+        for c, want in zip(IMAGE_COLUMNS, ("image bytes", "text", "numbers")):
+            t = schema.field(c).type
+            if arrow_kind(t) != want and not (c == "label" and pa.types.is_boolean(t)):
+                raise DataError(f"{self.name}: column {c} holds {t}; expected {want}")
+
+    def groups(self):
+        """Per row group, the rows with a valid label (1 / 0 / true / false); the others are counted (bad_labels)."""
+        if self._groups is None:
+            f = self.file()
+            self.check(f)
+            self._groups, self.labels = [], []
+            for g in range(f.num_row_groups):
+                t = f.read_row_group(g, columns=["label", "caption"])
+                labels = [read_label(v) for v in t.column("label").to_pylist()]
+                ok = np.array([v is not None for v in labels], dtype=bool)
+                self.counts["bad_labels"] += int((~ok).sum())
+                self.counts["empty_captions"] += sum(not c for c, o in zip(t.column("caption").to_pylist(), ok) if o)
+                self._groups.append(np.flatnonzero(ok))
+                self.labels.append(labels)
+        return self._groups
+
+    def label(self, group, row):
+        return self.labels[group][row]
+
+    def load(self, group):
+        return self.file().read_row_group(group, columns=["caption", "image"])
+
+    def pair(self, table, i):
+        caption, image = (table.column(c)[i].as_py() for c in ("caption", "image"))
+        return caption or "", image.get("bytes") if isinstance(image, dict) else image
+
+
+def labelled_images(batch):
+    """A batch of B pairs as KTO's 2B labelled images (as the Diffusion-KTO paper trains on Pick-a-Pic): the
+    preferred images desirable (1), the rejected ones undesirable (0); image 2i + 0 / 1 of pair i draws its noise."""
+    B = len(batch["index"])
+    out = dict(images=torch.cat([batch["chosen"], batch["rejected"]]), prompts=list(batch["prompts"]) * 2,
+               labels=torch.cat([torch.ones(B), torch.zeros(B)]),
+               index=torch.cat([2 * batch["index"], 2 * batch["index"] + 1]), position=batch["position"])
+    if "chosen_std" in batch:                                             # --cache: posteriors and text embeddings
+        out.update(images_std=torch.cat([batch["chosen_std"], batch["rejected_std"]]))
+        out.update({k: torch.cat([batch[k]] * 2) for k in ("context", "pooled") if k in batch})
+    return out
+
+
+def jsonl_shard(path):
+    """A .jsonl file as pairs (keys prompt, chosen, rejected) or labelled images (prompt, image, label), by the keys
+    of its first record."""
+    lines = [(n, line) for n, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
+    try:
+        first = json.loads(lines[0][1]) if lines else {}
+    except json.JSONDecodeError:
+        first = {}
+    return ImageJsonlShard(path, lines) if isinstance(first, dict) and "image" in first else JsonlShard(path)
+
+
+def parquet_shard(path):
+    """A local parquet file as pairs (the Pick-a-Pic schema) or labelled images (image, caption, label), by its
+    columns; an unreadable file is a ParquetShard, whose check names the problem."""
+    try:
+        names = pq.read_schema(path).names
+    except (OSError, ValueError):
+        return ParquetShard(path)
+    return ImageParquetShard(path) if "image" in names and "jpg_0" not in names else ParquetShard(path)
 
 
 def _split_of(path):
@@ -211,14 +331,15 @@ def find_shards(spec, split="train"):
         return hub_shards(spec[4:], split)
     p = Path(spec).expanduser()
     if p.is_file():
-        return [JsonlShard(p)] if p.suffix == ".jsonl" else [ParquetShard(str(p))]
+        return [jsonl_shard(p)] if p.suffix == ".jsonl" else [parquet_shard(str(p))]
     if p.is_dir():
-        if (p / "pairs.jsonl").is_file():
-            return [JsonlShard(p / "pairs.jsonl")]
+        for name in ("pairs.jsonl", "images.jsonl"):
+            if (p / name).is_file():
+                return [jsonl_shard(p / name)]
         files = select_split(sorted(f.relative_to(p).as_posix() for f in p.rglob("*.parquet")), split, str(p))
         if not files:
-            raise DataError(f"{p}: no *.parquet files and no pairs.jsonl in this folder")
-        return [ParquetShard(str(p / f)) for f in files]
+            raise DataError(f"{p}: no *.parquet files and no pairs.jsonl or images.jsonl in this folder")
+        return [parquet_shard(str(p / f)) for f in files]
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and p.suffix not in (".parquet", ".jsonl"):
         return hub_shards(spec, split, bare=True)
     raise DataError(f"--data {spec}: no such file or folder (expected pickapic, hub:OWNER/NAME, parquet shards "

@@ -8,7 +8,8 @@ The toy world: a tiny text-to-image model and a programmatic judge, so the whole
 `tiny` is SD1.5's pipeline (the same UNet / VAE / CLIP classes, scheduler and loader) at about a million UNet
 parameters, pretrained here on captioned shapes drawn with Pillow; `shapes` pairs are two samples of that base model
 for one caption, the judge's favorite preferred. Read top to bottom: the world (captions, drawing, the judge), the
-pairs, the style world, the tiny model's tokenizer and pretraining.
+pairs, the style world, the pairs a run builds itself (diffdpo.py calls build_pairs; also style:FOLDER's), the tiny
+model's tokenizer and pretraining.
 """
 import json
 import re
@@ -20,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from data import style_items
 from files import DataError
-from sample import TOY_SAMPLING, add_noise, alphas_cumprod, render
+from sample import TOY_SAMPLING, add_noise, alphas_cumprod, render, sampling_defaults
 from shards import png_bytes, write_pairs
 from tokenizer import CLIPTokenizer, bytes_to_unicode
 from unet import TINY_FOLDER, TINY_VOCAB, VAE, CLIPText, CLIPTextConfig, UNet, UNetConfig, VAEConfig, save_component
@@ -178,6 +180,53 @@ def build_style_pairs(sd, path, n=TOY_PAIRS, seed=0):
 def build_world_pairs(world, sd, path, n=TOY_PAIRS, seed=0):
     """The pairs of a toy world (see WORLDS) -> their number."""
     return (build_shape_pairs if world == "shapes" else build_style_pairs)(sd, path, n, seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pairs the run builds itself with the base model before training (then read as any parquet shard):
+#   shapes        the toy world's on-policy pairs, labelled by its judge (build_shape_pairs)
+#   shapes-style  its style alignment: each base generation's styled edit preferred (build_style_pairs)
+#   style:FOLDER  style alignment (Diffusion-RPO's second task): each style image preferred over the base model's
+#                 own generation for its caption
+
+
+def built_pairs_path(cfg, out):
+    """Where the pairs of a built --data spec live (OUT/shapes_pairs.parquet, OUT/shapes_style_pairs.parquet,
+    OUT/style_pairs.parquet), or None."""
+    if cfg.data in WORLDS:
+        return out / f"{cfg.data.replace('-', '_')}_pairs.parquet"
+    return out / "style_pairs.parquet" if cfg.data.startswith("style:") else None
+
+
+def build_pairs(s, out):
+    """Build the pairs of --data shapes / shapes-style / style:FOLDER unless OUT already holds them, with the
+    trainer's diffdpo.Setup `s` (its base model, resolution and precision); returns their path (None for data that is
+    read, not built)."""
+    cfg = s.cfg
+    path = built_pairs_path(cfg, out)
+    if path is None or path.exists():
+        return path
+    t0, guidance = time.time(), sampling_defaults(cfg.model)[1]
+    with s.autocast:
+        if cfg.data in WORLDS:
+            n = build_world_pairs(cfg.data, s.sd, path, TOY_PAIRS, cfg.seed)
+        else:
+            n = build_folder_pairs(s.sd, cfg.data[len("style:"):], path, s.resolution, cfg.sample_steps, guidance,
+                                   cfg.seed)
+    print(f"built {path}: {n} pairs ({time.time() - t0:.0f} s)")
+    return path
+
+
+@torch.no_grad()
+def build_folder_pairs(sd, folder, path, resolution, steps, guidance, seed=0):
+    """Style image i (preferred) against the base model's generation for its caption (seed --seed + i, `steps` DDIM
+    steps). Returns the number of pairs."""
+    items = style_items(folder)
+    prompts = [c for c, _ in items]
+    images = render(sd, sd.unet, prompts, [seed + i for i in range(len(items))], batch_size=8, steps=steps,
+                    guidance=guidance, height=resolution, width=resolution)
+    write_pairs(path, prompts, [p.read_bytes() for _, p in items], [png_bytes(i) for i in images], [1.0] * len(items))
+    return len(items)
 
 
 # ----------------------------------------------------------------------------------------------------------------
