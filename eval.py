@@ -43,9 +43,9 @@ import unet
 from scorer_nets import (BLIP, CLIP, SBERT, VIT_H_14, TextAlignment, clip_preprocess, frechet_distance, hps_preprocess,
                    load_captioner, load_sentence_encoder, openclip_configs, read_processor_config)
 from convert import openclip_to_ours
-from files import DTYPES, LoadError, UserError, first_line, hub_download, read_json, \
+from files import DTYPES, DataError, LoadError, UserError, first_line, hub_download, json_loads, read_json, \
     read_safetensors, weight_files, write_text_atomic
-from tokenizer import CLIPTokenizer, read_merges
+from tokenizer import MAX_PROMPT_CHARS, CLIPTokenizer, read_merges
 
 # ----------------------------------------------------------------------------------------------------------------
 # Scores: the formulas, then the scorer that runs them in batches
@@ -294,11 +294,12 @@ def read_prompts(path):
         return table.column(_column(path, table.column_names)).to_pylist()
     if path.suffix == ".json":
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
+            data = json_loads(text)
+        except ValueError as e:  # not JSON, or nested too deep
             data = e
         if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
-            raise LoadError(f"{path}: expected a JSON list of prompt strings (the HPSv2 benchmark format)")
+            why = f" ({first_line(data)})" if isinstance(data, ValueError) else ""
+            raise LoadError(f"{path}: expected a JSON list of prompt strings (the HPSv2 benchmark format){why}")
         return data
     if path.suffix == ".csv":
         rows = csv.DictReader(io.StringIO(text))
@@ -320,8 +321,9 @@ def read_prompts(path):
 def prompt_set(spec):
     """A list of prompts. Names: parti (PartiPrompts, 1,632), drawbench (200), hps (HPSv2's benchmark: anime,
     concept-art, paintings, photo, 800 each; hps:STYLE for one), pickapic (Pick-a-Pic v2 test_unique captions,
-    deduplicated in order), shapes (the toy world's held-out captions); from the HF cache when HF_HUB_OFFLINE=1, read
-    by read_prompts like local files. Or a path: a prompt file (read_prompts) or a folder of HPS style files."""
+    deduplicated in order, blank ones dropped), shapes (the toy world's held-out captions); from the HF cache when
+    HF_HUB_OFFLINE=1, read by read_prompts like local files. Or a path: a prompt file (read_prompts) or a folder of
+    HPS style files."""
     name, _, style = spec.partition(":")
     if spec == "shapes":  # the toy world's 18 held-out captions
         return toy.shape_prompts("test")
@@ -335,7 +337,7 @@ def prompt_set(spec):
         if not found:
             raise LoadError(f"prompt set {name!r}: dataset {repo!r} has no parquet/tsv/csv files")
         prompts = [p for f in found for p in read_prompts(f)]
-        return list(dict.fromkeys(prompts)) if name == "pickapic" else prompts
+        return list(dict.fromkeys(p for p in prompts if p and p.strip())) if name == "pickapic" else prompts
     path = Path(spec)
     if path.is_dir():
         found = [f for s in HPS_STYLES for f in (path / f"{s}.json", path / "benchmark" / f"{s}.json") if f.is_file()]
@@ -347,6 +349,25 @@ def prompt_set(spec):
                               f"({'|'.join(HPS_STYLES)}), shapes, a prompt file ({' '.join(PROMPT_FILES)}) or a "
                               f"folder of HPS style .json files")
     return read_prompts(path)
+
+
+def check_prompts(prompts, scorers, where):
+    """Every prompt, before any image is generated: text, not blank, at most MAX_PROMPT_CHARS characters, and one
+    the scorers can read (the toy judge scores only its world's captions). A bad one is a LoadError naming it."""
+    for i, p in enumerate(prompts, 1):
+        what = f"--prompts {where}: prompt {i}"
+        if not isinstance(p, str):
+            raise LoadError(f"{what} is {type(p).__name__}, not text")
+        if not p.strip():
+            raise LoadError(f"{what} is empty")
+        if len(p) > MAX_PROMPT_CHARS:
+            raise LoadError(f"{what} has {len(p):,} characters, more than {MAX_PROMPT_CHARS:,} (the text encoders read "
+                            f"77 tokens): is this the right file?")
+        if "judge" in scorers:
+            try:
+                toy.parse_shape_prompt(p)
+            except DataError as e:
+                raise LoadError(f"{what}: {first_line(e)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -567,6 +588,7 @@ def main(argv=None):
         prompts = prompt_set(a.prompts)[:a.num]
         if len(prompts) < (2 if ref else 1):
             fail(f"--prompts {a.prompts}: {len(prompts)} prompts; expected at least 1 (2 with --style-ref)")
+        check_prompts(prompts, scorers, a.prompts)
         sd = unet.load_sd(a.model, device=a.device, dtype=dtype, lora=a.lora[1:] if a.lora else None)
         tuned = (unet.load_component(a.unet, "unet", device=a.device, dtype=dtype) if a.unet else
                  unet.load_sd(a.model, device=a.device, dtype=dtype, lora=a.lora).unet)
