@@ -203,6 +203,9 @@ class TrainConfig:
     flip: bool = flag(True, "random horizontal flips (--no-flip to disable)")
     seed: int = flag(0, "seeds the data order, augmentation, noise and timesteps")
     checkpoint_every: int = flag(100, "optimizer steps between checkpoints (0: end only)", resume="new")
+    save_on_signal: str = flag("TERM,USR1", f"on these signals (SLURM's, Kubernetes'), finish the optimizer step, "
+                                            f"write the checkpoint and exit with status {runs.STOPPED}: re-run to "
+                                            f"resume; a second signal stops at once ('' for none)", resume="new")
     samples: bool = flag(True, "write a sample grid (fixed prompts and seeds) at each checkpoint, to OUT/samples/",
                          resume="new")
     sample_steps: int = flag(20, "DDIM steps for those grids (and for pairs the run builds itself)", resume="new")
@@ -417,17 +420,24 @@ def latent_cache(cfg, sd, resolution, device, dtype, embed_key=None):
 
 
 def save_checkpoint(cfg, out, policy, optimizer, scheduler, scaler, state, pairs):
-    """OUT/unet/ (or the LoRA file) for users, and OUT/checkpoint.pt to resume from: the trainable weights, the
-    optimizer, scheduler and scaler states, the stream position, the RNG and the pairs skipped so far."""
-    if cfg.lora_rank:  # the adapters alone (the base is --model's), also as diffusers' load_lora_weights reads
-        weights = {k: v for k, v in policy.state_dict().items() if ".lora_" in k}
-        save_lora(policy, out / LORA_FILE)
-    else:
-        weights = policy.state_dict()
-        save_unet(policy, out / "unet")
+    """OUT/checkpoint.pt to resume from (the trainable weights, the optimizer, scheduler and scaler states, the stream
+    position, the RNG and the pairs skipped so far), then the weights for users: written in this order, the user's
+    weights are never ahead of the checkpoint (a full disk stops the run between the two at worst)."""
+    weights = policy.state_dict()
+    if cfg.lora_rank:  # the adapters alone (the base is --model's)
+        weights = {k: v for k, v in weights.items() if ".lora_" in k}
     runs.save_checkpoint(out / "checkpoint.pt", dict(
         unet=weights, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
         rng=torch.get_rng_state(), skipped_pairs={k: sorted(v) for k, v in pairs.skipped.items()}, **state))
+    save_weights(cfg, out, policy)
+
+
+def save_weights(cfg, out, policy):
+    """OUT/unet/ in the diffusers layout, or with LoRA the adapters alone (as diffusers' load_lora_weights reads)."""
+    if cfg.lora_rank:
+        save_lora(policy, out / LORA_FILE)
+    else:
+        save_unet(policy, out / "unet")
 
 
 def resume(cfg, out, run_cfg, policy, optimizer, scheduler, scaler, pairs, rank):
@@ -474,6 +484,7 @@ def train(cfg: TrainConfig, pair_loss=None, image_embedder=None):
     out = Path(cfg.out)
     runs.validate(cfg, device, built=built_pairs_path(cfg, out) is not None)
     lock = runs.lock(out) if rank == 0 else None                  # one run per --out, held until this one ends
+    stop = runs.StopSignals(cfg.save_on_signal, rank)             # --save-on-signal; until the loop: stop at once
     torch.manual_seed(cfg.seed)
     precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
     amp_dtype = DTYPES[precision]
@@ -500,9 +511,11 @@ def train(cfg: TrainConfig, pair_loss=None, image_embedder=None):
     state = resume(cfg, out, run_cfg, policy, optimizer, scheduler, scaler, pairs, rank)
     if state["step"] >= cfg.max_steps:                                       # past the last checkpoint
         print0(f"{out} is already at step {state['step']} >= --max-steps {cfg.max_steps}", rank=rank)
-        if rank == 0 and cfg.lora_rank and cfg.merge_lora:
-            save_unet(merge_lora(policy), out / "unet")
-        return finish(world, out, lock)
+        if rank == 0:  # the checkpoint's weights again: a full disk may have stopped their last write
+            save_weights(cfg, out, policy)
+            if cfg.lora_rank and cfg.merge_lora:
+                save_unet(merge_lora(policy), out / "unet")
+        return finish(world, out, lock, stop)
 
     what = f"{LAYOUTS[sd.kind]}, UNet {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M params"
     print0(f"{cfg.method} on {model_name(cfg.model)} ({what}), {pairs_per_step} pairs/step on {world} x "
@@ -510,6 +523,7 @@ def train(cfg: TrainConfig, pair_loss=None, image_embedder=None):
     batches = prefetch(pairs.batches(cfg.batch_size, rank=rank, world_size=world, start=state["position"]))
     log = runs.Log(out, run_cfg, cfg.report_to, cfg.max_steps, state["step"]) if rank == 0 else None
     bad_in_a_row = 0
+    stop.at_step_end()
     while state["step"] < cfg.max_steps:
         t0, logs = time.time(), []
         for micro in range(cfg.grad_accum):
@@ -538,23 +552,30 @@ def train(cfg: TrainConfig, pair_loss=None, image_embedder=None):
             log.row(row)
         if bad_in_a_row >= cfg.max_bad_steps:
             raise diverged(out, bad_in_a_row)
-        if rank == 0 and (state["step"] == cfg.max_steps or cfg.checkpoint_every and
-                          state["step"] % cfg.checkpoint_every == 0):
+        saved = state["step"] == cfg.max_steps or cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0
+        if rank == 0 and saved:
             checkpoint(cfg, sd, out, policy, optimizer, scheduler, scaler, dict(state, config=run_cfg), pairs)
             if val is not None:
                 log.row(dict(step=state["step"], **validation(cfg, sd, policy, reference, val, pair_loss,
                                                               latent_shape, resolution, abar, ptype, autocast)))
             log.grid(samples(cfg, sd, out, policy, reference, state["step"], resolution), state["step"])
+        if stop.requested(device):  # a --save-on-signal signal on any rank: every rank stops after this step
+            if rank == 0 and not saved:
+                checkpoint(cfg, sd, out, policy, optimizer, scheduler, scaler, dict(state, config=run_cfg), pairs)
+            if rank == 0:
+                log.close()
+            batches.close()
+            stop.exit(state["step"], finish(world, out, lock, stop))
     batches.close()
     if rank == 0:
         log.close()
         counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in row.items() if k in SKIP_COUNTS)
         print(f"done: {state['step']} steps ({state['skipped']} skipped); pairs left out: {counts}; weights in "
               f"{out / (LORA_FILE if cfg.lora_rank else 'unet')}")
-    return finish(world, out, lock)
+    return finish(world, out, lock, stop)
 
 
-SKIP_COUNTS = ("corrupt", "too_large", "ties", "bad_labels", "empty_captions")
+SKIP_COUNTS = ("corrupt", "too_large", "ties", "bad_labels", "empty_captions", "long_captions")
 
 
 def metrics_row(state, logs, world, pairs, grad_norm, lr, pairs_per_step, seconds):
@@ -696,12 +717,14 @@ def samples(cfg, sd, out, policy, reference, step, resolution):
     return path
 
 
-def finish(world, out, lock):
+def finish(world, out, lock, stop=None):
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     if lock is not None:
         lock.close()
+    if stop is not None:
+        stop.close()
     return out
 
 
