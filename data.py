@@ -33,14 +33,13 @@ import copy
 import functools
 import hashlib
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from files import DataError
+from files import DataError, first_line, json_loads, jsonl_lines
 from shards import ParquetShard, find_shards
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,7 +151,8 @@ class PairSource:
 
     def counts(self):
         """Pairs left out so far, each counted once: unreadable ("corrupt"), too large, ties (in the labels, or to
-        the --choice-model), bad labels; and pairs with an empty caption (trained on the empty prompt)."""
+        the --choice-model), bad labels; and pairs with an empty caption (trained on the empty prompt) or one longer
+        than tokenizer.MAX_PROMPT_CHARS (cut to it)."""
         out = {reason: len(keys) for reason, keys in self.skipped.items()}
         for s in self.shards:
             for k, v in s.counts.items():
@@ -314,14 +314,13 @@ def style_items(folder):
         raise DataError(f"--data style:{folder}: no such folder (expected images with captions)")
     if (folder / "metadata.jsonl").is_file():
         items = []
-        for n, line in enumerate((folder / "metadata.jsonl").read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                    items.append((str(r["text"]), folder / r["file_name"]))
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise DataError(f"{folder / 'metadata.jsonl'}:{n}: expected a JSON object with keys file_name, "
-                                    f"text ({type(e).__name__}: {e})") from None
+        for n, line in jsonl_lines(folder / "metadata.jsonl"):
+            try:
+                r = json_loads(line)
+                items.append((str(r["text"]), folder / r["file_name"]))
+            except (ValueError, KeyError, TypeError) as e:  # ValueError: not JSON, or nested too deep
+                raise DataError(f"{folder / 'metadata.jsonl'}:{n}: expected a JSON object with keys file_name, "
+                                f"text ({type(e).__name__}: {first_line(e)[:200]})") from None
     else:
         images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         missing = [p.name for p in images if not p.with_suffix(".txt").is_file()]

@@ -112,7 +112,7 @@ def kto_loss(err, ref_err, labels, beta, world=1, desirable_weight=1.0, undesira
         loss = mean lambda_y (1 - h)          lambda_1 = desirable_weight, lambda_0 = undesirable_weight
     With policy == reference g = z = 0 and the loss is mean(lambda_y) / 2."""
     g = ref_err - err                                                              # (N,)
-    z = all_mean(g.detach().mean(), world).clamp(min=0)
+    z = runs.all_mean(g.detach().mean(), world).clamp(min=0)
     x = (2 * labels - 1) * beta * (g - z)
     weight = torch.where(labels == 1, desirable_weight, undesirable_weight)
     return (weight * (1 - torch.sigmoid(x))).mean(), (x > 0).float().mean()
@@ -276,6 +276,7 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
     out = Path(cfg.out)
     runs.validate(cfg, device, built=toy.built_pairs_path(cfg, out) is not None)
     lock = runs.lock(out) if rank == 0 else None                  # one run per --out, held until this one ends
+    stop = runs.StopSignals(cfg.save_on_signal, rank)             # --save-on-signal; until the loop: stop at once
     torch.manual_seed(cfg.seed)
     s = setup(cfg, load_sd(cfg.model, device=device, dtype=torch.float32), pair_loss)
     model = DDP(s.policy, gradient_as_bucket_view=True) if world > 1 else s.policy
@@ -287,9 +288,11 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
     state = resume(cfg, out, run_cfg, s.policy, opt, pairs, rank)
     if state["step"] >= cfg.max_steps:                                       # past the last checkpoint
         print0(f"{out} is already at step {state['step']} >= --max-steps {cfg.max_steps}", rank=rank)
-        if rank == 0 and cfg.lora_rank and cfg.merge_lora:
-            save_merged_unet(cfg, out)
-        return finish(world, out, lock)
+        if rank == 0:  # the checkpoint's weights again: a full disk may have stopped their last write
+            save_weights(s, out)
+            if cfg.lora_rank and cfg.merge_lora:
+                save_merged_unet(cfg, out)
+        return finish(world, out, lock, stop)
 
     print0(banner(s, run_cfg, world, device), rank=rank)
     if rank == 0:
@@ -298,6 +301,7 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
                        pin=device.type == "cuda")
     log = runs.Log(out, run_cfg, cfg.report_to, cfg.max_steps, state["step"]) if rank == 0 else None
     bad_in_a_row, gathered = 0, {}
+    stop.at_step_end()
     while state["step"] < cfg.max_steps:
         t0, logs = time.time(), []
         for micro in range(cfg.grad_accum):
@@ -320,23 +324,27 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
         if rank == 0:
             log.row(row)
         if bad_in_a_row >= cfg.max_bad_steps:
-            raise diverged(out, bad_in_a_row)
-        if rank == 0 and (state["step"] == cfg.max_steps or cfg.checkpoint_every and
-                          state["step"] % cfg.checkpoint_every == 0):
+            raise runs.diverged(out, bad_in_a_row)
+        stopping = stop.requested(device)   # a --save-on-signal signal on any rank: every rank stops after this step
+        due = state["step"] == cfg.max_steps or cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0
+        if rank == 0 and (due or stopping):
             save_checkpoint(s, out, opt, dict(state, config=run_cfg), pairs)
+        if rank == 0 and due and not stopping:
             if val is not None:
                 log.row(dict(step=state["step"], **validation(s, val)))
             log.grid(samples(s, out, state["step"]), state["step"])
+        if stopping:
+            break
     batches.close()
     if rank == 0:
         log.close()
-        if cfg.lora_rank and cfg.merge_lora:                # after the last validation and grid, from the LoRA file
+        if cfg.lora_rank and cfg.merge_lora and not stopping:   # after the last validation and grid, from the file
             save_merged_unet(cfg, out)
-        counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in row.items() if k in SKIP_COUNTS)
-        print(f"done: {state['step']} steps ({state['skipped']} skipped, {row['pairs_per_s']:.2f} pairs/s at the last, "
-              f"peak memory {runs.peak_memory_gib(device):.1f} GiB); pairs left out: {counts}; weights in "
-              f"{out / (LORA_FILE if cfg.lora_rank else 'unet')}")
-    return finish(world, out, lock)
+        if not stopping:
+            print(done_line(s, state, row, out))
+    if stopping:
+        stop.exit(state["step"], finish(world, out, lock, stop))
+    return finish(world, out, lock, stop)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -405,6 +413,9 @@ class TrainConfig:
     flip: bool = flag(True, "random horizontal flips (--no-flip to disable)")
     seed: int = flag(0, "seeds the data order, augmentation, noise and timesteps")
     checkpoint_every: int = flag(100, "optimizer steps between checkpoints (0: end only)", resume="new")
+    save_on_signal: str = flag("TERM,USR1", f"on these signals (SLURM's, Kubernetes'), finish the optimizer step, "
+                                            f"write the checkpoint and exit with status {runs.STOPPED}: re-run to "
+                                            f"resume; a second signal stops at once ('' for none)", resume="new")
     samples: bool = flag(True, "write a sample grid (fixed prompts and seeds) at each checkpoint, to OUT/samples/",
                          resume="new")
     sample_steps: int = flag(20, "DDIM steps for those grids (and for pairs the run builds itself)", resume="new")
@@ -721,47 +732,16 @@ def optimizer_step(policy, opt, grad_clip):
     return grad_norm, lr
 
 
-SKIP_COUNTS = ("corrupt", "too_large", "ties", "bad_labels", "empty_captions")
+SKIP_COUNTS = ("corrupt", "too_large", "ties", "bad_labels", "empty_captions", "long_captions")
 
 
 def metrics_row(state, logs, numbers, pairs, world, gathered):
     """metrics.jsonl's row of one optimizer step: the loss terms averaged over micro-steps and ranks (on the device:
     one copy to the host per step), the optimizer's `numbers`, and the counts of steps and pairs left out so far."""
-    m = all_mean(torch.stack(logs).mean(0), world).tolist()
+    m = runs.all_mean(torch.stack(logs).mean(0), world).tolist()
     return dict(step=state["step"], loss=m[0], implicit_acc=m[1], **numbers, mse_w=m[2], mse_l=m[3],
-                ref_mse_w=m[4], ref_mse_l=m[5], skipped=state["skipped"], **gathered_counts(pairs, world, gathered))
-
-
-def all_mean(x, world):
-    """Mean of a tensor over ranks (for logging)."""
-    if world > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= world
-    return x
-
-
-def gathered_counts(pairs, world, gathered):
-    """The stream's counts of pairs left out, each pair once (data.PairSource.counts): every rank's skipped pairs are
-    merged, so each rank counts the union. Only the keys not yet in `gathered` (the union so far) travel."""
-    if world > 1:
-        everyone = [None] * world
-        dist.all_gather_object(everyone, {r: keys - gathered.get(r, set()) for r, keys in pairs.skipped.items()})
-        for other in everyone:
-            for reason, keys in other.items():
-                pairs.skipped[reason] |= keys
-                gathered.setdefault(reason, set()).update(keys)
-    return {k: pairs.counts().get(k, 0) for k in SKIP_COUNTS}
-
-
-def diverged(out, bad_in_a_row):
-    """The error that stops a run after --max-bad-steps non-finite steps in a row, naming the step its last
-    checkpoint holds (checkpoints are written only with finite weights)."""
-    held = runs.load_checkpoint(out / "checkpoint.pt")
-    where = (f"{out / 'checkpoint.pt'} holds step {held['step']}, the last checkpoint (its weights are finite)" if held
-             else "no checkpoint was written yet")
-    return UserError(f"{bad_in_a_row} optimizer steps in a row had a non-finite loss/gradient; stopping: {where}; try "
-                     f"a lower --lr or --mixed-precision bf16 and re-run the command to resume")
+                ref_mse_w=m[4], ref_mse_l=m[5], skipped=state["skipped"],
+                **runs.gathered_counts(pairs, world, gathered, SKIP_COUNTS))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -769,23 +749,30 @@ def diverged(out, bad_in_a_row):
 
 
 def save_checkpoint(s, out, opt, state, pairs):
-    """OUT/unet/ (or the LoRA file) for users, and OUT/checkpoint.pt to resume from: the trainable weights, the
-    optimizer, scheduler and scaler states, the stream position, the RNG and the pairs skipped so far. Unless a
-    weight is not finite: then the last checkpoint, which is, stays."""
+    """OUT/checkpoint.pt to resume from (the trainable weights, the optimizer, scheduler and scaler states, the stream
+    position, the RNG and the pairs skipped so far), then the weights for users: in this order the user's weights are
+    never ahead of the checkpoint (a full disk stops the run between the two at worst). Unless a weight is not
+    finite: then the last checkpoint, which is, stays."""
     policy = s.policy
     if not all(torch.isfinite(p).all() for p in policy.parameters() if p.requires_grad):
         print0(f"step {state['step']}: non-finite weights, {out / 'checkpoint.pt'} is not overwritten")
         return
-    if s.cfg.lora_rank:  # the adapters alone (the base is --model's), also as diffusers' load_lora_weights reads
-        weights = {k: v for k, v in policy.state_dict().items() if ".lora_" in k}
-        save_lora(policy, out / LORA_FILE)
-    else:
-        weights = policy.state_dict()
-        save_unet(policy, out / "unet")
+    weights = policy.state_dict()
+    if s.cfg.lora_rank:  # the adapters alone (the base is --model's)
+        weights = {k: v for k, v in weights.items() if ".lora_" in k}
     runs.save_checkpoint(out / "checkpoint.pt", dict(
         unet=weights, optimizer=opt.optimizer.state_dict(), scheduler=opt.scheduler.state_dict(),
         scaler=opt.scaler.state_dict(), rng=torch.get_rng_state(),
         skipped_pairs={k: sorted(v) for k, v in pairs.skipped.items()}, **state))
+    save_weights(s, out)
+
+
+def save_weights(s, out):
+    """OUT/unet/ in the diffusers layout, or with LoRA the adapters alone (as diffusers' load_lora_weights reads)."""
+    if s.cfg.lora_rank:
+        save_lora(s.policy, out / LORA_FILE)
+    else:
+        save_unet(s.policy, out / "unet")
 
 
 @torch.no_grad()
@@ -848,18 +835,27 @@ def samples(s, out, step):
     return path
 
 
+def done_line(s, state, row, out):
+    counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in row.items() if k in SKIP_COUNTS)
+    return (f"done: {state['step']} steps ({state['skipped']} skipped, {row['pairs_per_s']:.2f} pairs/s at the last, "
+            f"peak memory {runs.peak_memory_gib(s.sd.device):.1f} GiB); pairs left out: {counts}; weights in "
+            f"{out / (LORA_FILE if s.cfg.lora_rank else 'unet')}")
+
+
 def save_merged_unet(cfg, out):
     """--merge-lora: OUT/unet/, --model's UNet (fp32, freshly loaded) with OUT's LoRA file merged in, as sample.py
     --lora merges it; the policy itself is left as it trained."""
     save_unet(load_sd(cfg.model, lora=out / LORA_FILE).unet, out / "unet")
 
 
-def finish(world, out, lock):
+def finish(world, out, lock, stop=None):
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     if lock is not None:
         lock.close()
+    if stop is not None:
+        stop.close()
     return out
 
 

@@ -22,7 +22,6 @@ Read top to bottom: the scores' formulas and the scorer, their loaders, prompt s
 toy world's evaluation, the report and the CLI. The networks (CLIP, BLIP, BERT) are in scorer_nets.py.
 """
 import argparse
-import html
 import json
 import time
 from pathlib import Path
@@ -33,16 +32,17 @@ import torch.nn as nn
 from PIL import Image
 
 import sample
-from sample import fail
 import toy
 import unet
-from scorer_nets import (BLIP, CLIP, SBERT, VIT_H_14, TextAlignment, clip_preprocess, frechet_distance, hps_preprocess,
-                   load_captioner, load_sentence_encoder, openclip_configs, read_processor_config)
 from convert import openclip_to_ours
-from files import DTYPES, LoadError, UserError, first_line, hub_download, model_folder, read_json, \
-    read_safetensors, weight_files, write_text_atomic
+from files import DTYPES, DataError, LoadError, UserError, first_line, hub_download, model_folder, read_json, \
+    write_text_atomic
+from sample import fail
+from scorer_nets import (BLIP, CLIP, SBERT, SMALL_FILES, VIT_H_14, TextAlignment, clip_processor, frechet_distance,
+                         hps_preprocess, load_captioner, load_clip, load_sentence_encoder, openclip_configs,
+                         openclip_tokenizer, tokenizer_folder, torch_load_weights)
 from shards import PROMPT_FILES, read_prompts
-from tokenizer import CLIPTokenizer, read_merges
+from tokenizer import MAX_PROMPT_CHARS, CLIPTokenizer
 
 # ----------------------------------------------------------------------------------------------------------------
 # Scores: the formulas, then the scorer that runs them in batches
@@ -136,49 +136,7 @@ HPS_REPO, HPS_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
 CLIP_L14 = "openai/clip-vit-large-patch14"
 AESTHETIC_REPO, AESTHETIC_FILE = "camenduru/improved-aesthetic-predictor", "sac+logos+ava1-l14-linearMSE.pth"
 SCORERS = ("pickscore", "hps", "aesthetic", "clip", "text-alignment", "judge")  # judge: the toy's (toy.judge)
-SMALL_FILES = ["*.json", "*.txt"]  # configs, tokenizer and preprocessor files
 CLIP_FILES = SMALL_FILES + ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
-
-
-def load_clip(folder, device="cpu", dtype=torch.float32):
-    """A transformers CLIPModel folder: config.json + model.safetensors (or shards) -> CLIP, strict."""
-    text_cfg, vision_cfg = CLIP.from_dict(read_json(Path(folder) / "config.json"))
-    weights = read_safetensors(weight_files(folder, "model"), dtype)
-    with torch.device("meta"):
-        model = CLIP(text_cfg, vision_cfg)
-    return unet.load_weights(model, weights, str(folder)).to(device=device, dtype=dtype).eval()
-
-
-def _tokenizer_folder(folder, fallback):
-    """Tokenizer files in the model's folder, else the processor repo's (PickScore_v1 defers to laion's)."""
-    return folder if (folder / "vocab.json").is_file() else model_folder(fallback, SMALL_FILES)
-
-
-def _processor(folder, fallback=None):
-    f = folder / "preprocessor_config.json"
-    if not f.is_file() and fallback:
-        f = model_folder(fallback, SMALL_FILES) / "preprocessor_config.json"
-    cfg = read_processor_config(f) if f.is_file() else {}
-    return lambda images: clip_preprocess(images, **cfg)
-
-
-def openclip_tokenizer(folder):
-    """OpenCLIP's `tokenize` (HPSv2's), exactly: ftfy.fix_text, html-unescaped twice, white space collapsed,
-    lower-cased, then the same BPE as CLIP: [sot] ids [eot], truncated to 77 keeping eot last, padded with 0 (the id
-    of "!", a plain symbol here, unlike transformers' tokenizers that pad with "!"). ftfy (HPS only) repairs curly
-    quotes, full-width forms and mojibake; without it the ids of some real prompts differ (12 of Parti's and
-    DrawBench's 1,832: curly apostrophes). open_clip spells its special tokens <start_of_text> and <end_of_text>:
-    a literal "<|endoftext|>" in a prompt is plain text."""
-    try:
-        import ftfy
-    except ImportError:
-        raise LoadError("hps: open_clip's tokenizer cleans prompts with ftfy.fix_text, which is not installed "
-                              "(pip install ftfy)") from None
-    vocab, merges = read_json(Path(folder) / "vocab.json"), read_merges(Path(folder) / "merges.txt")
-    vocab.update({"<start_of_text>": vocab["<|startoftext|>"], "<end_of_text>": vocab["<|endoftext|>"]})
-    tok = CLIPTokenizer(vocab, merges, pad_token="!", specials={"<start_of_text>": True, "<end_of_text>": True})
-    clean = lambda p: " ".join(html.unescape(html.unescape(ftfy.fix_text(p))).split()).lower()  # noqa: E731
-    return lambda prompts: tok([clean(p) for p in prompts])
 
 
 def load_scorer(name, model=None, device="cpu", dtype=torch.float32, batch_size=16, captioner=None):
@@ -202,16 +160,17 @@ def load_scorer(name, model=None, device="cpu", dtype=torch.float32, batch_size=
         return lambda images, prompts: torch.tensor([toy.judge(i, p) for i, p in zip(images, prompts)])
     if name in ("pickscore", "clip"):
         folder = model_folder(model or (PICKSCORE if name == "pickscore" else CLIP_L14), CLIP_FILES)
-        tok = CLIPTokenizer.from_folder(_tokenizer_folder(folder, PICKSCORE_PROCESSOR))
-        return Scorer(name, load_clip(folder, device, dtype), _processor(folder, PICKSCORE_PROCESSOR), tok,
+        tok = CLIPTokenizer.from_folder(tokenizer_folder(folder, PICKSCORE_PROCESSOR))
+        return Scorer(name, load_clip(folder, device, dtype), clip_processor(folder, PICKSCORE_PROCESSOR), tok,
                       device=device, batch_size=batch_size)
     if name == "aesthetic":
         folder = model_folder(model or CLIP_L14, CLIP_FILES + ["*.pth"])
         heads = sorted(folder.glob("*.pth"))
         head_file = heads[0] if heads else hub_download(AESTHETIC_REPO, filename=AESTHETIC_FILE)
         clip = load_clip(folder, device, dtype)
-        head = unet.load_weights(AestheticMLP(clip.vision_cfg.projection_dim), _torch_load(head_file), str(head_file))
-        return Scorer(name, clip, _processor(folder), head=head.to(device).eval(), device=device,
+        mlp = AestheticMLP(clip.vision_cfg.projection_dim)
+        head = unet.load_weights(mlp, torch_load_weights(head_file), str(head_file))
+        return Scorer(name, clip, clip_processor(folder), head=head.to(device).eval(), device=device,
                       batch_size=batch_size)
     path = Path(model) if model else hub_download(HPS_REPO, filename=HPS_FILE)
     if path.is_dir():
@@ -221,7 +180,7 @@ def load_scorer(name, model=None, device="cpu", dtype=torch.float32, batch_size=
         path = pts[0]
     cfg_files = [f for f in (path.parent / "open_clip_config.json", path.parent / "config.json") if f.is_file()]
     text_cfg, vision_cfg = openclip_configs(read_json(cfg_files[0]) if cfg_files else VIT_H_14)
-    weights = _torch_load(path)
+    weights = torch_load_weights(path)
     weights = openclip_to_ours(weights.get("state_dict", weights))
     with torch.device("meta"):
         clip = CLIP(text_cfg, vision_cfg)
@@ -229,17 +188,8 @@ def load_scorer(name, model=None, device="cpu", dtype=torch.float32, batch_size=
                                                                                                    dtype=dtype)
     size = vision_cfg.image_size
     return Scorer(name, clip.eval(), lambda images: hps_preprocess(images, size),
-                  openclip_tokenizer(_tokenizer_folder(path.parent, PICKSCORE_PROCESSOR)), device=device,
+                  openclip_tokenizer(tokenizer_folder(path.parent, PICKSCORE_PROCESSOR)), device=device,
                   batch_size=batch_size)
-
-
-def _torch_load(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise LoadError(f"{path}: file not found") from None
-    except Exception as e:
-        raise LoadError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,8 +206,9 @@ PROMPT_SETS = {  # name: (dataset repo, files to fetch)
 def prompt_set(spec):
     """A list of prompts. Names: parti (PartiPrompts, 1,632), drawbench (200), hps (HPSv2's benchmark: anime,
     concept-art, paintings, photo, 800 each; hps:STYLE for one), pickapic (Pick-a-Pic v2 test_unique captions,
-    deduplicated in order), shapes (the toy world's held-out captions); from the HF cache when HF_HUB_OFFLINE=1, read
-    by read_prompts like local files. Or a path: a prompt file (read_prompts) or a folder of HPS style files."""
+    deduplicated in order, blank ones dropped), shapes (the toy world's held-out captions); from the HF cache when
+    HF_HUB_OFFLINE=1, read by read_prompts like local files. Or a path: a prompt file (read_prompts) or a folder of
+    HPS style files."""
     name, _, style = spec.partition(":")
     if spec == "shapes":  # the toy world's 18 held-out captions
         return toy.shape_prompts("test")
@@ -271,7 +222,7 @@ def prompt_set(spec):
         if not found:
             raise LoadError(f"prompt set {name!r}: dataset {repo!r} has no parquet/tsv/csv files")
         prompts = [p for f in found for p in read_prompts(f)]
-        return list(dict.fromkeys(prompts)) if name == "pickapic" else prompts
+        return list(dict.fromkeys(p for p in prompts if p and p.strip())) if name == "pickapic" else prompts
     path = Path(spec)
     if path.is_dir():
         found = [f for s in HPS_STYLES for f in (path / f"{s}.json", path / "benchmark" / f"{s}.json") if f.is_file()]
@@ -283,6 +234,25 @@ def prompt_set(spec):
                               f"({'|'.join(HPS_STYLES)}), shapes, a prompt file ({' '.join(PROMPT_FILES)}) or a "
                               f"folder of HPS style .json files")
     return read_prompts(path)
+
+
+def check_prompts(prompts, scorers, where):
+    """Every prompt, before any image is generated: text, not blank, at most MAX_PROMPT_CHARS characters, and one
+    the scorers can read (the toy judge scores only its world's captions). A bad one is a LoadError naming it."""
+    for i, p in enumerate(prompts, 1):
+        what = f"--prompts {where}: prompt {i}"
+        if not isinstance(p, str):
+            raise LoadError(f"{what} is {type(p).__name__}, not text")
+        if not p.strip():
+            raise LoadError(f"{what} is empty")
+        if len(p) > MAX_PROMPT_CHARS:
+            raise LoadError(f"{what} has {len(p):,} characters, more than {MAX_PROMPT_CHARS:,} (the text encoders read "
+                            f"77 tokens): is this the right file?")
+        if "judge" in scorers:
+            try:
+                toy.parse_shape_prompt(p)
+            except DataError as e:
+                raise LoadError(f"{what}: {first_line(e)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -482,6 +452,7 @@ def main(argv=None):
         prompts = prompt_set(a.prompts)[:a.num]
         if len(prompts) < (2 if ref else 1):
             fail(f"--prompts {a.prompts}: {len(prompts)} prompts; expected at least 1 (2 with --style-ref)")
+        check_prompts(prompts, scorers, a.prompts)
         sd = unet.load_sd(a.model, device=a.device, dtype=dtype, lora=a.lora[1:] if a.lora else None)
         tuned = (unet.load_component(a.unet, "unet", device=a.device, dtype=dtype) if a.unet else
                  unet.load_sd(a.model, device=a.device, dtype=dtype, lora=a.lora).unet)

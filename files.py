@@ -3,8 +3,10 @@ File and Hub machinery shared by every module (a tutorial reader can skip it): o
 writes, JSON and safetensors reading, Hugging Face Hub downloads (HF cache and HF_HUB_OFFLINE honored), and the
 names of precisions.
 """
+import errno
 import json
 import os
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -67,19 +69,64 @@ def fits(value, kind):
 # Writing: every file a run leaves is written whole or not at all (a temporary file, then an atomic rename)
 
 
+TEMP_NAME = re.compile(r".+\.tmp(\d+)")    # write_atomic's temporary files: NAME.tmpPID (runs.lock removes stale ones)
+
+
 def write_atomic(path, write):
     """Call write(tmp_path) for a temporary file beside `path`, then rename it over `path` (atomic on POSIX), so a
-    crash or a kill never leaves half a file. The temporary name carries the process id: two writers never share it."""
+    crash or a kill never leaves half a file. The temporary name carries the process id: two writers never share it.
+    A write that fails for lack of disk space, whatever the writer calls it, is a NoSpaceError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except Exception as e:
+        if not isinstance(e, UserError) and out_of_space(e, path.parent):  # asked while tmp still holds its space
+            raise NoSpaceError(path, e) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+class NoSpaceError(UserError):
+    """A write that failed because the disk (or the quota) is full: one line, the previous file intact."""
+
+    def __init__(self, path, error, intact=None, then="re-run the same command"):
+        self.path, self.reason = Path(path), first_line(error)
+        kept = f"; {intact or f'the previous {self.path.name}'} is intact" if self.path.exists() else ""
+        super().__init__(f"no space left on the disk of {self.path.parent} to write {self.path.name} ({self.reason})"
+                         f"{kept}: free some disk space and {then}")
+
+
+# how the writers say "disk full" without an errno: safetensors (os error 28), torch.save (unexpected pos / file
+# write failed), quotas
+NO_SPACE_WORDS = ("no space left", "os error 28", "unexpected pos", "file write failed", "disk quota")
+
+
+def out_of_space(error, folder):
+    """Whether a failed write ran out of space: ENOSPC / EDQUOT, a writer's own words for it, or an I/O error on a disk
+    that now has less than 1 MiB free."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(w in str(error).lower() for w in NO_SPACE_WORDS):
+        return True
+    if not isinstance(error, (OSError, RuntimeError)):  # a bug in the writer is not a full disk
+        return False
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
+
+
+def raise_if_no_space(error, path):
+    """For writes that append in place (metrics.jsonl): a full disk is a NoSpaceError; other errors are the caller's."""
+    if out_of_space(error, Path(path).parent):
+        raise NoSpaceError(path, error) from None
 
 
 def write_text_atomic(path, text):
@@ -97,14 +144,59 @@ def save_safetensors(tensors, path, metadata=None):
 # Reading, with one-line errors
 
 
+MAX_JSON_DEPTH = 64            # arrays / objects nested deeper than this are refused (our files nest 1-5 levels)
+MAX_JSON_BYTES = 64 << 20      # and JSON files larger than this (a CLIP vocab.json is 1.6 MB)
+JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def too_deep(text):
+    """Whether arrays and objects nest deeper than MAX_JSON_DEPTH in JSON text (brackets in strings do not count)."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:   # the common case: too few brackets to nest that deep
+        return False
+    depth = 0
+    for c in re.sub(r"[^][{}]", "", JSON_STRING.sub("", text)):
+        depth += 1 if c in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            return True
+    return False
+
+
+def json_loads(text):
+    """json.loads that refuses nesting deeper than MAX_JSON_DEPTH with a ValueError, as it refuses any other text
+    that is not JSON, instead of recursing into Python's RecursionError."""
+    if too_deep(text):
+        raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
+    return json.loads(text)
+
+
 def read_json(path):
+    """A JSON file (a config, a vocabulary, an index); anything else is a one-line LoadError naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_JSON_BYTES:
+                raise ValueError(f"{size / 2**20:.0f} MB, more than the {MAX_JSON_BYTES >> 20} MB a JSON file of "
+                                 f"this kind may have")
+            return json_loads(f.read())
     except FileNotFoundError:
         raise LoadError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # also UnicodeDecodeError, json.JSONDecodeError
         raise LoadError(f"{path}: not a readable JSON file ({first_line(e)})") from None
+
+
+def jsonl_lines(path, error=DataError):
+    """(number, text) of each non-blank line of a JSONL file, reading one line at a time; a line longer than
+    MAX_JSON_BYTES, or a file that is not UTF-8 text, is a one-line `error` naming the file (and line)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(iter(lambda: f.readline(MAX_JSON_BYTES + 1), ""), 1):
+                if len(line) > MAX_JSON_BYTES:
+                    raise error(f"{path}:{n}: a line longer than {MAX_JSON_BYTES >> 20} MB; expected one JSON object "
+                                f"per line")
+                if line.strip():
+                    yield n, line
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not a readable UTF-8 text file ({first_line(e)})") from None
 
 
 def read_safetensors(files, dtype=None):

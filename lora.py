@@ -163,6 +163,18 @@ def read_lora_file(path):
         raise LoadError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def check_lora_tensors(sd, path):
+    """Every tensor of a LoRA file non-empty and finite: a rank-0 adapter ((0, in) / (out, 0)) fits no layer, and
+    NaN or Inf values (a file saved from a diverged run) would sample black images."""
+    for k, v in sd.items():
+        if v.numel() == 0:
+            raise LoadError(f"{path}: tensor {k} has shape {tuple(v.shape)}, an empty (rank-0) adapter; expected a "
+                            f"rank of at least 1")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise LoadError(f"{path}: tensor {k} holds NaN or Inf values; a LoRA file must be finite (was it saved "
+                            f"from a run that diverged?)")
+
+
 def peft_adapters(sd, meta, path):
     """The peft format (`unet.<layer>.lora_A.weight` (r, in[, k, k]) / `.lora_B.weight` (out, r[, 1, 1])): scale 1
     (alpha folded into B, as save_lora writes), or lora_alpha / r from the file's diffusers metadata."""
@@ -228,6 +240,7 @@ def load_lora(unet, path):
     LORA_FILE) or a .safetensors file in the peft format diffusers writes (`unet.<name>.lora_A.weight`, see
     peft_adapters) or in kohya's (`lora_unet_<name>.lora_down.weight`, see kohya_adapters)."""
     sd, meta, path = read_lora_file(path)
+    check_lora_tensors(sd, path)
     kohya = any(k.startswith(("lora_unet_", "lora_te")) for k in sd)
     adapters = kohya_adapters(sd, unet, path) if kohya else peft_adapters(sd, meta, path)
     if sd:  # lora_B biases, DoRA magnitudes, LoHa / LoCon-CP factors, ...

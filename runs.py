@@ -11,18 +11,21 @@ import fcntl
 import importlib.util
 import json
 import os
-import pickle
 import resource
+import signal
+import threading
 import zipfile
 from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from files import UserError, first_line, write_atomic, write_text_atomic
+from files import (TEMP_NAME, NoSpaceError, UserError, first_line, json_loads, raise_if_no_space, write_atomic,
+                   write_text_atomic)
 from shards import find_shards
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,6 +63,7 @@ def validate(cfg, device, built):
     if cfg.report_to and importlib.util.find_spec(cfg.report_to) is None:
         raise UserError(f"--report-to {cfg.report_to}: the {cfg.report_to} package is not installed "
                         f"(pip install {cfg.report_to})")
+    signal_numbers(cfg.save_on_signal)
     unpaired = not built and any(s.unpaired for s in find_shards(cfg.data))  # and the data is reachable now
     if unpaired and (cfg.loss != "kto" or cfg.cache or cfg.choice_model):
         raise UserError(f"--data {cfg.data}: labelled single images, not pairs: they train with --loss kto, without "
@@ -146,7 +150,109 @@ def lock(out):
     handle.flush()
     atexit.register(handle.close)
     HELD[out.resolve()] = handle
+    remove_stale_temp_files(out)
     return handle
+
+
+def remove_stale_temp_files(out):
+    """Delete the temporary files (NAME.tmpPID, files.write_atomic's) that writes killed mid-way (kill -9, a node
+    lost) left in OUT and its subfolders: with OUT locked, only a live process other than this one may still be
+    writing one. Says in one line how many and how large."""
+    stale = []
+    for folder, _, names in os.walk(out):
+        for name in names:
+            m, path = TEMP_NAME.fullmatch(name), Path(folder) / name
+            if m and path.is_file() and not path.is_symlink() and not alive(int(m[1])):
+                stale.append((path, path.stat().st_size))
+                path.unlink()
+    if stale:
+        print(f"removed {len(stale)} temporary file{'s' * (len(stale) > 1)} of interrupted writes from {out} "
+              f"({sum(size for _, size in stale) / 2**20:.1f} MB): " + ", ".join(p.name for p, _ in stale[:3]) +
+              (", ..." if len(stale) > 3 else ""), flush=True)
+    return len(stale)
+
+
+def alive(pid):
+    """Whether `pid` is a running process other than this one."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:          # another user's process
+        return True
+    except (ProcessLookupError, OverflowError):
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preemption: SLURM and Kubernetes send SIGTERM some seconds before they kill a job (SLURM's --signal=USR1@120 sends
+# SIGUSR1 earlier). With --save-on-signal the run finishes its optimizer step, writes its checkpoint, says where it
+# stopped and exits with STOPPED, a status a job script can requeue on; a second signal stops it at once.
+
+STOPPED = 75         # sysexits.h's EX_TEMPFAIL, "try again later": re-running the same command resumes
+CATCHABLE = ("TERM", "USR1", "USR2", "INT", "HUP", "XCPU")
+
+
+def signal_numbers(spec):
+    """--save-on-signal TERM,USR1 -> [SIGTERM, SIGUSR1]; "" -> []."""
+    names = [n.strip().upper().removeprefix("SIG") for n in spec.split(",") if n.strip()]
+    bad = [n for n in names if n not in CATCHABLE]
+    if bad:
+        raise UserError(f"--save-on-signal {spec}: {bad[0]} is not one of {', '.join(CATCHABLE)} ('' for none)")
+    return [signal.Signals[f"SIG{n}"] for n in names]
+
+
+class StopSignals:
+    """Handlers for --save-on-signal's signals, installed when the run holds its lock. Until at_step_end() (loading,
+    pair building: phases that resume from what they wrote) a signal stops the process at once; after it the first
+    signal is only recorded and the loop asks requested() after each optimizer step; a second one stops at once.
+    Stopping at once raises SystemExit(STOPPED): the atomic writes' `finally` clauses remove their temporary files."""
+
+    def __init__(self, spec, rank=0):
+        self.rank, self.received, self.deferred, self.previous = rank, None, False, {}
+        if threading.current_thread() is threading.main_thread():  # Python runs handlers in the main thread only
+            for number in signal_numbers(spec):
+                self.previous[number] = signal.signal(number, self.handle)
+
+    def handle(self, number, frame):
+        name = signal.Signals(number).name
+        if self.deferred and self.received is None:
+            self.received = name
+            if self.rank == 0:  # os.write: print() is not safe inside a handler
+                os.write(2, f"\n{name}: stopping after this optimizer step (another {name} stops at once)\n".encode())
+            return
+        self.close()
+        os.write(2, f"\n{name}: stopped at once, nothing half-written; re-run the same command to resume\n".encode())
+        raise SystemExit(STOPPED)
+
+    def at_step_end(self):
+        """From now on the first signal stops the run at the end of its optimizer step."""
+        self.deferred = True
+
+    def requested(self, device):
+        """Whether any rank received a signal. Every rank calls it after every step, so all stop after the same one."""
+        if not self.previous:
+            return False
+        flag = torch.tensor([float(self.received is not None)], device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def exit(self, step, out):
+        """Once the checkpoint of `step` is written and the lock released: one line from rank 0, exit with STOPPED."""
+        if self.rank == 0:
+            print(f"stopped by {self.received or 'a signal to another rank'} after step {step}: "
+                  f"{Path(out) / 'checkpoint.pt'} holds it; re-run the same command to resume (exit status {STOPPED})",
+                  flush=True)
+        self.close()
+        raise SystemExit(STOPPED)
+
+    def close(self):
+        """Put the previous handlers back."""
+        for number, previous in self.previous.items():
+            signal.signal(number, previous)
+        self.previous = {}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,9 +265,11 @@ def save_checkpoint(path, ckpt):
     """torch.save to a temporary file, then rename: a crash or a full disk leaves the previous checkpoint intact."""
     try:
         write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+    except NoSpaceError as e:
+        raise NoSpaceError(path, e.reason, "the previous checkpoint", "re-run the same command to resume") from None
     except OSError as e:
-        raise UserError(f"{path}: could not be written ({e.strerror or first_line(e)}); the previous checkpoint is "
-                        f"intact: free some disk space and re-run the same command to resume") from None
+        raise UserError(f"{path}: could not be written ({e.strerror or first_line(e)}); the previous checkpoint.pt is "
+                        f"intact: re-run the same command to resume") from None
 
 
 def load_checkpoint(path):
@@ -172,13 +280,51 @@ def load_checkpoint(path):
         return None
     what = "delete it to start this run over, or use another --out"
     try:
+        if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else would be read as a pickle
+            raise ValueError("not a zip archive, as torch.save writes")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+    except Exception as e:  # noqa: BLE001 (damaged or crafted files raise many kinds: UnpicklingError, KeyError, ...)
         raise UserError(f"{path}: not a readable diffdpo checkpoint ({first_line(e)[:160]}); {what}") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"{path}: not a diffdpo checkpoint (no {', '.join(missing)}); {what}")
     return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Across ranks: the logged numbers' mean, the pairs left out; the stop after too many non-finite steps
+
+
+def all_mean(x, world):
+    """Mean of a tensor over ranks (for logging)."""
+    if world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= world
+    return x
+
+
+def gathered_counts(pairs, world, gathered, names):
+    """The stream's counts of pairs left out, each pair once (data.PairSource.counts): every rank's skipped pairs are
+    merged, so each rank counts the union. Only the keys not yet in `gathered` (the union so far) travel."""
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, {r: keys - gathered.get(r, set()) for r, keys in pairs.skipped.items()})
+        for other in everyone:
+            for reason, keys in other.items():
+                pairs.skipped[reason] |= keys
+                gathered.setdefault(reason, set()).update(keys)
+    return {k: pairs.counts().get(k, 0) for k in names}
+
+
+def diverged(out, bad_in_a_row):
+    """The error that stops a run after --max-bad-steps non-finite steps in a row, naming the step its last
+    checkpoint holds (checkpoints are written only with finite weights)."""
+    held = load_checkpoint(out / "checkpoint.pt")
+    where = (f"{out / 'checkpoint.pt'} holds step {held['step']}, the last checkpoint (its weights are finite)" if held
+             else "no checkpoint was written yet")
+    return UserError(f"{bad_in_a_row} optimizer steps in a row had a non-finite loss/gradient; stopping: {where}; try "
+                     f"a lower --lr or --mixed-precision bf16 and re-run the command to resume")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,8 +338,8 @@ def read_metrics(path, upto_step=None):
     if Path(path).exists():
         for line in Path(path).read_text(errors="replace").splitlines():
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
+                row = json_loads(line)
+            except ValueError:
                 continue
             if isinstance(row, dict) and "step" in row and (upto_step is None or row["step"] <= upto_step):
                 rows.append(row)
@@ -206,8 +352,12 @@ def trim_metrics(path, step):
 
 
 def append_metrics(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:  # a torn last line is dropped on resume (read_metrics)
+        raise_if_no_space(e, path)
+        raise
 
 
 class Log:

@@ -307,7 +307,9 @@ def conditioning(sd, prompts, negative_prompt, guided, height, width, dtype):
 
 def decode(sd, latents):
     """Latents -> PIL images as diffusers: vae.decode(latents / scaling_factor) (in fp32 when an fp16 VAE asks
-    for `force_upcast`, SDXL's), then (x / 2 + 0.5).clamp(0, 1) * 255, rounded to uint8."""
+    for `force_upcast`, SDXL's), then (x / 2 + 0.5).clamp(0, 1) * 255, rounded to uint8. NaN or Inf in the latents
+    or the decoded pixels is an error, not a black picture."""
+    check_finite(latents, "the sampled latents")
     vae = sd.vae
     dtype = next(vae.parameters()).dtype
     upcast = dtype == torch.float16 and getattr(vae.cfg, "force_upcast", False)
@@ -317,8 +319,15 @@ def decode(sd, latents):
         x = vae.decode((latents / vae.scaling_factor).to(next(vae.parameters()).dtype))
     finally:
         vae.to(dtype)
+    check_finite(x, "the VAE's decoded images")
     x = (x / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
     return [Image.fromarray(a) for a in (x * 255).round().astype("uint8")]
+
+
+def check_finite(x, what):
+    if not torch.isfinite(x).all():
+        raise UserError(f"{what} hold NaN or Inf values: the UNet's weights, a LoRA or the precision (an fp16 "
+                        f"overflow: try bf16 or fp32) is broken; no image is made from them")
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ greedy decoding from [DEC]). Modules are named after the checkpoints' keys, so w
 Read top to bottom: CLIP, image preprocessing, OpenCLIP configs, WordPiece, BERT, Sentence-BERT, BLIP, the
 text-alignment scorer, the Fréchet distance.
 """
+import html
 import re
 import unicodedata
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,7 @@ from PIL import Image
 
 import files
 import unet
+from tokenizer import CLIPTokenizer, read_merges
 
 SBERT = "sentence-transformers/all-MiniLM-L6-v2"
 BLIP = "Salesforce/blip-image-captioning-base"   # or Salesforce/blip-image-captioning-large
@@ -136,6 +138,61 @@ class CLIP(unet.CLIPText):
 
     def encode_image(self, pixels):
         return F.normalize(self.visual_projection(self.vision_model(pixels)), dim=-1)  # (B, P)
+
+
+SMALL_FILES = ["*.json", "*.txt"]  # configs, tokenizer and preprocessor files
+
+
+def load_clip(folder, device="cpu", dtype=torch.float32):
+    """A transformers CLIPModel folder: config.json + model.safetensors (or shards) -> CLIP, strict."""
+    text_cfg, vision_cfg = CLIP.from_dict(files.read_json(Path(folder) / "config.json"))
+    weights = files.read_safetensors(files.weight_files(folder, "model"), dtype)
+    with torch.device("meta"):
+        model = CLIP(text_cfg, vision_cfg)
+    return unet.load_weights(model, weights, str(folder)).to(device=device, dtype=dtype).eval()
+
+
+def tokenizer_folder(folder, fallback):
+    """Tokenizer files in the model's folder, else the processor repo's (PickScore_v1 defers to laion's)."""
+    return folder if (folder / "vocab.json").is_file() else files.model_folder(fallback, SMALL_FILES)
+
+
+def clip_processor(folder, fallback=None):
+    """CLIP's image preprocessing as the folder's preprocessor_config.json (or the fallback repo's) sets it."""
+    f = folder / "preprocessor_config.json"
+    if not f.is_file() and fallback:
+        f = files.model_folder(fallback, SMALL_FILES) / "preprocessor_config.json"
+    cfg = read_processor_config(f) if f.is_file() else {}
+    return lambda images: clip_preprocess(images, **cfg)
+
+
+def openclip_tokenizer(folder):
+    """OpenCLIP's `tokenize` (HPSv2's), exactly: ftfy.fix_text, html-unescaped twice, white space collapsed,
+    lower-cased, then the same BPE as CLIP: [sot] ids [eot], truncated to 77 keeping eot last, padded with 0 (the id
+    of "!", a plain symbol here, unlike transformers' tokenizers that pad with "!"). ftfy (HPS only) repairs curly
+    quotes, full-width forms and mojibake; without it the ids of some real prompts differ (12 of Parti's and
+    DrawBench's 1,832: curly apostrophes). open_clip spells its special tokens <start_of_text> and <end_of_text>:
+    a literal "<|endoftext|>" in a prompt is plain text."""
+    try:
+        import ftfy
+    except ImportError:
+        raise files.LoadError("hps: open_clip's tokenizer cleans prompts with ftfy.fix_text, which is not installed "
+                              "(pip install ftfy)") from None
+    vocab, merges = files.read_json(Path(folder) / "vocab.json"), read_merges(Path(folder) / "merges.txt")
+    vocab.update({"<start_of_text>": vocab["<|startoftext|>"], "<end_of_text>": vocab["<|endoftext|>"]})
+    tok = CLIPTokenizer(vocab, merges, pad_token="!", specials={"<start_of_text>": True, "<end_of_text>": True})
+    clean = lambda p: " ".join(html.unescape(html.unescape(ftfy.fix_text(p))).split()).lower()  # noqa: E731
+    return lambda prompts: tok([clean(p) for p in prompts])
+
+
+def torch_load_weights(path):
+    """A .pt / .pth state dict, read with weights_only=True; a missing or damaged file is one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise files.LoadError(f"{path}: file not found") from None
+    except Exception as e:
+        raise files.LoadError(f"{path}: not a readable PyTorch checkpoint ({files.first_line(e)})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

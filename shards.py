@@ -8,7 +8,6 @@ import atexit
 import csv
 import hashlib
 import io
-import json
 import os
 import queue
 import re
@@ -18,12 +17,14 @@ from pathlib import Path
 import huggingface_hub as hh
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from huggingface_hub.errors import RepositoryNotFoundError
 from safetensors import safe_open
 
-from files import DataError, first_line, hub_download, offline, save_safetensors, write_atomic
+from files import DataError, first_line, hub_download, json_loads, jsonl_lines, offline, save_safetensors, write_atomic
+from tokenizer import MAX_PROMPT_CHARS
 
 COLUMNS = ("jpg_0", "jpg_1", "label_0", "label_1", "caption")
 PICKAPIC = "yuvalkirstain/pickapic_v2"
@@ -48,12 +49,19 @@ def arrow_kind(t):
     return "numbers" if pa.types.is_integer(t) or pa.types.is_floating(t) else str(t)
 
 
+def caption_lengths(column):
+    """The characters of each caption of an arrow column (0 for a missing one), without making Python strings."""
+    if pa.types.is_null(column.type):
+        return np.zeros(len(column), dtype=np.int64)
+    return pc.fill_null(pc.utf8_length(column), 0).to_numpy(zero_copy_only=False)
+
+
 class ParquetShard:
     unpaired = False                                                      # rows are pairs, not labelled images
 
     def __init__(self, name, path=None, fetch=None):  # a Hub shard: `fetch()` downloads it, giving its path
         self.name, self.fetch, self.path, self._groups = name, fetch, path or (None if fetch else name), None
-        self.counts = dict(ties=0, bad_labels=0, empty_captions=0)   # of its pairs, once groups() has read it
+        self.counts = dict(ties=0, bad_labels=0, empty_captions=0, long_captions=0)  # once groups() has read it
 
     def file(self):
         if self.path is None:
@@ -81,20 +89,21 @@ class ParquetShard:
         """Per row group, the indices of its usable rows, reading only the labels and captions: label_0 1 (jpg_0
         preferred) or 0 (jpg_1), and label_1 = 1 - label_0. A tie (0.5 / 0.5) is dropped and counted, as is any other
         label (missing, NaN, out of range, the two not summing to 1); empty captions are counted (they train as the
-        empty prompt)."""
+        empty prompt), as are captions longer than MAX_PROMPT_CHARS (cut to it)."""
         if self._groups is None:
             f = self.file()
             self.check(f)
             groups = []
             for g in range(f.num_row_groups):
-                t = f.read_row_group(g, columns=["label_0", "label_1", "caption"])
+                t = f.read_row_group(g, columns=["label_0", "label_1", "caption"], use_threads=False)
                 l0, l1 = (t.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in ("label_0", "label_1"))
                 ok = ((l0 == 0) | (l0 == 1)) & (l1 == 1 - l0)
                 tie = (l0 == 0.5) & (l1 == 0.5)
-                captions = t.column("caption").to_pylist()
+                chars = caption_lengths(t.column("caption"))   # the lengths only: a caption may be megabytes
                 self.counts["ties"] += int(tie.sum())
                 self.counts["bad_labels"] += int((~ok & ~tie).sum())
-                self.counts["empty_captions"] += sum(not captions[i] for i in np.flatnonzero(ok))
+                self.counts["empty_captions"] += int((ok & (chars == 0)).sum())
+                self.counts["long_captions"] += int((ok & (chars > MAX_PROMPT_CHARS)).sum())
                 groups.append(np.flatnonzero(ok))
             self._groups = groups
         return self._groups
@@ -105,7 +114,11 @@ class ParquetShard:
         return f"{self.name}@{st.st_size}-{st.st_mtime_ns}:{group}:{row}"
 
     def load(self, group):
-        return self.file().read_row_group(group, columns=["caption", "label_0", "jpg_0", "jpg_1"])
+        """The row group's columns, captions cut to MAX_PROMPT_CHARS."""
+        t = self.file().read_row_group(group, columns=["caption", "label_0", "jpg_0", "jpg_1"], use_threads=False)
+        if pa.types.is_null(t.schema.field("caption").type):
+            return t
+        return t.set_column(0, "caption", pc.utf8_slice_codeunits(t.column("caption"), 0, MAX_PROMPT_CHARS))
 
     def pair(self, table, i):
         caption, label_0, a, b = (table.column(c)[i].as_py() for c in ("caption", "label_0", "jpg_0", "jpg_1"))
@@ -118,19 +131,19 @@ class JsonlShard:
 
     def __init__(self, path):
         self.name = self.path = str(path)
-        self.rows = []
-        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
+        self.rows, long = [], 0
+        for n, line in jsonl_lines(path):
             try:
-                r = json.loads(line)
+                r = json_loads(line)
                 if not isinstance(r["prompt"] or "", str):
                     raise TypeError(f"prompt is {type(r['prompt']).__name__}")
-                self.rows.append((r["prompt"] or "", *(str(Path(path).parent / r[k]) for k in ("chosen", "rejected"))))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                long += len(r["prompt"] or "") > MAX_PROMPT_CHARS
+                self.rows.append(((r["prompt"] or "")[:MAX_PROMPT_CHARS],
+                                  *(str(Path(path).parent / r[k]) for k in ("chosen", "rejected"))))
+            except (ValueError, KeyError, TypeError) as e:  # ValueError: not JSON, or nested too deep
                 raise DataError(f"{path}:{n}: expected a JSON object with keys prompt, chosen, rejected "
-                                f"({type(e).__name__}: {e})") from None
-        self.counts = dict(ties=0, bad_labels=0, empty_captions=sum(not r[0] for r in self.rows))
+                                f"({type(e).__name__}: {first_line(e)[:200]})") from None
+        self.counts = dict(ties=0, bad_labels=0, empty_captions=sum(not r[0] for r in self.rows), long_captions=long)
 
     def groups(self):
         return [np.arange(len(self.rows))]
@@ -172,11 +185,11 @@ class ImageJsonlShard(JsonlShard):
         self.rows, self.labels = [], []
         for n, line in lines:
             try:
-                r = json.loads(line)
+                r = json_loads(line)
                 if not isinstance(r["prompt"] or "", str):
                     raise TypeError(f"prompt is {type(r['prompt']).__name__}")
                 row, label = (r["prompt"] or "", str(Path(path).parent / r["image"])), read_label(r["label"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError) as e:  # not JSON (or nested too deep), keys, types
                 raise DataError(f"{path}:{n}: expected a JSON object with keys prompt, image, label "
                                 f"({type(e).__name__}: {e})") from None
             if label is not None:
@@ -246,10 +259,10 @@ def labelled_images(batch):
 def jsonl_shard(path):
     """A .jsonl file as pairs (keys prompt, chosen, rejected) or labelled images (prompt, image, label), by the keys
     of its first record."""
-    lines = [(n, line) for n, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
+    lines = list(jsonl_lines(path))
     try:
-        first = json.loads(lines[0][1]) if lines else {}
-    except json.JSONDecodeError:
+        first = json_loads(lines[0][1]) if lines else {}
+    except ValueError:
         first = {}
     return ImageJsonlShard(path, lines) if isinstance(first, dict) and "image" in first else JsonlShard(path)
 
@@ -396,11 +409,12 @@ def read_prompts(path):
         return table.column(_column(path, table.column_names)).to_pylist()
     if path.suffix == ".json":
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
+            data = json_loads(text)
+        except ValueError as e:  # not JSON, or nested too deep
             data = e
         if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
-            raise DataError(f"{path}: expected a JSON list of prompt strings (the HPSv2 benchmark format)")
+            why = f" ({first_line(data)})" if isinstance(data, ValueError) else ""
+            raise DataError(f"{path}: expected a JSON list of prompt strings (the HPSv2 benchmark format){why}")
         return data
     if path.suffix == ".csv":
         rows = csv.DictReader(io.StringIO(text))
@@ -428,7 +442,7 @@ def latent_cache(sd, key, cache_dir=""):
     """The --cache store of the pipeline `sd`, whose frozen VAE and text encoders fill it (per image the posterior's
     mean and std, scaled), in cache_dir (default ~/.cache/diffdpo), in a folder named by a hash of `key`: all that
     the values depend on besides the pairs (the model, data, resolution, VAE precision, ...)."""
-    name = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    name = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
 
     @torch.no_grad()
     def encode_images(xs):

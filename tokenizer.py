@@ -12,6 +12,8 @@ import torch
 
 from files import LoadError, first_line, read_json
 
+MAX_PROMPT_CHARS = 4000   # prompts / captions are cut to this many characters: 77 tokens never need more
+
 # ----------------------------------------------------------------------------------------------------------------
 # CLIP BPE tokenizer
 # Exactly what transformers' CLIPTokenizer (the `tokenizers` backend) does, in plain Python:
@@ -161,8 +163,10 @@ class CLIPTokenizer:
         return [self.bos] + ids + [self.eos]
 
     def __call__(self, prompts):
-        rows = []
-        for ids in map(self.encode, [prompts] if isinstance(prompts, str) else prompts):
+        """Prompts -> (B, max_length) ids; each prompt cut to MAX_PROMPT_CHARS first (a 20 MB caption would take
+        seconds and gigabytes to encode, only to be truncated to 77 tokens)."""
+        rows, prompts = [], [prompts] if isinstance(prompts, str) else prompts
+        for ids in map(self.encode, [p[:MAX_PROMPT_CHARS] for p in prompts]):
             ids = ids[: self.max_length - 1] + [self.eos] if len(ids) > self.max_length else ids
             rows.append(ids + [self.pad] * (self.max_length - len(ids)))
         return torch.tensor(rows, dtype=torch.long)
