@@ -827,8 +827,12 @@ def samples(s, out, step):
         return None
     prompts, seeds, kw = sample_prompts(s)
     base = [Image.open(p).convert("RGB") for p in base_samples(s, out, step)]
-    with s.autocast:
-        tuned = render(s.sd, s.policy, prompts, seeds, **kw)
+    try:
+        with s.autocast:
+            tuned = render(s.sd, s.policy, prompts, seeds, **kw)
+    except UserError as e:  # finite weights that sample NaN (a run diverging): no grid; --max-bad-steps decides
+        print0(f"step {step}: no sample grid: {e}")
+        return None
     grid = image_grid([base, tuned], ["base", f"step {step}"], prompts)
     path = out / "samples" / f"step{step:06d}.png"
     write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
