@@ -1346,10 +1346,13 @@ def test_process_group_serves_cpu_tensors_on_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    for module, flag in ((torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"),
-                         (torch.backends.cudnn, "benchmark")):
-        monkeypatch.setattr(module, flag, getattr(module, flag))         # restored after the test
-    rank, world, device = diffdpo.setup_distributed(diffdpo.TrainConfig(device="auto", dist_timeout=1234, threads=0))
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        cfg = diffdpo.TrainConfig(device="auto", dist_timeout=1234, threads=0)
+        rank, world, device = diffdpo.setup_distributed(cfg)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.benchmark
+    finally:  # the CUDA flags back as they were (they change nothing on the CPU)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags
     assert (rank, world, str(device)) == (1, 2, "cuda:1")
     assert calls[-1] == (("cpu:gloo,cuda:nccl",), dict(timeout=datetime.timedelta(seconds=1234)))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -1372,7 +1375,8 @@ def test_from_preset_is_the_command_lines_preset():
     """TrainConfig.from_preset (README's Python use) equals the command line's --preset; toy is TrainConfig()."""
     cfg = diffdpo.TrainConfig.from_preset("sd15", data="d", out="o")
     assert cfg == diffdpo.TrainConfig.from_args(["--preset", "sd15", "--data", "d", "--out", "o"])
-    assert (cfg.beta, cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.vae_latents) == (5000.0, 2.048e-5, 2000, 500, "sample")
+    want = (5000.0, 2.048e-5, 2000, 500, "sample")
+    assert (cfg.beta, cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.vae_latents) == want
     assert diffdpo.TrainConfig.from_preset("sdxl").optimizer == "adafactor"
     assert diffdpo.TrainConfig.from_preset("toy") == diffdpo.TrainConfig()
     with pytest.raises(UserError, match="--preset nope: expected one of toy, sd15, sdxl"):
