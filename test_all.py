@@ -148,6 +148,15 @@ def shard(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def signal_handlers():
+    """A run that failed in-process leaves its handlers installed (the CLI exits): put the test's back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+@pytest.fixture(autouse=True)
 def suite_threads():
     """Every test starts and ends at the suite's torch threads. A run of the toy model sets 1 (its --threads), and
     the session's runs (fixtures, made during some test's setup) must all see the same number: their comparisons
@@ -2827,18 +2836,10 @@ CAPTION = "a red circle on a blue background"
 DEEP = "[" * 200_000 + "]" * 200_000           # 200,000 nested brackets: Python's parser recurses past its limit
 
 
-def jpeg32(color, seed):
-    rng = np.random.default_rng(seed)
-    arr = np.clip(np.array(color)[None, None] + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype("uint8")
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
 def make_caption_shard(path, n=8, first_caption=CAPTION):
     """n pairs in the Pick-a-Pic schema, a reddish image preferred over a bluish one; the first with its own caption."""
-    rows = [dict(caption=first_caption if i == 0 else CAPTION, jpg_0=jpeg32((200, 40, 40), 2 * i),
-                 jpg_1=jpeg32((40, 40, 200), 2 * i + 1), label_0=1.0, label_1=0.0) for i in range(n)]
+    rows = [dict(caption=first_caption if i == 0 else CAPTION, jpg_0=jpeg((200, 40, 40), (32, 32), 2 * i),
+                 jpg_1=jpeg((40, 40, 200), (32, 32), 2 * i + 1), label_0=1.0, label_1=0.0) for i in range(n)]
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
 
@@ -2846,15 +2847,6 @@ def make_caption_shard(path, n=8, first_caption=CAPTION):
 @pytest.fixture(scope="module")
 def caption_shard(tmp_path_factory):
     return make_caption_shard(tmp_path_factory.mktemp("data") / "pairs.parquet")
-
-
-@pytest.fixture(autouse=True)
-def signal_handlers():
-    """A run that failed in-process leaves its handlers installed (the CLI exits): put the test's back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
 def toy_config(shard, out, **kw):
