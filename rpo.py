@@ -174,6 +174,8 @@ def make_pair_loss(cfg):
     """diffdpo.train's pair_loss: the RPO loss over the global batch (each rank's errors and embeddings gathered)."""
     if not 0 <= cfg.rpo_diagonal <= 1:
         raise UserError(f"--rpo-diagonal {cfg.rpo_diagonal:g}: expected a weight in [0, 1]")
+    if cfg.loss != "dpo":
+        raise UserError(f"--loss {cfg.loss}: rpo.py trains the RPO loss; use diffdpo.py --loss {cfg.loss}")
 
     def pair_loss(err_w, err_l, ref_err_w, ref_err_l, batch, sd, world):
         emb_w, emb_l = (gather(e, world) for e in pair_embeddings(cfg.rpo_embed, sd, batch))
