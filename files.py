@@ -199,13 +199,16 @@ def jsonl_lines(path, error=DataError):
         raise error(f"{path}: not a readable UTF-8 text file ({first_line(e)})") from None
 
 
-def read_safetensors(files, dtype=None):
-    """Read safetensors file(s) into one {key: tensor} dict, casting each tensor as it is read (one copy in memory)."""
+def read_safetensors(files, dtype=None, metadata=None):
+    """Read safetensors file(s) into one {key: tensor} dict, casting each tensor as it is read (one copy in memory);
+    `metadata`, a dict, receives the files' string metadata."""
     from safetensors import safe_open
     out = {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
+                if metadata is not None:
+                    metadata.update(st.metadata() or {})
                 for k in st.keys():
                     t = st.get_tensor(k)
                     out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t

@@ -9,7 +9,6 @@ sd-scripts files many published LoRAs use (LCM-LoRA among them), with conv layer
     merge_lora_files(unet, paths)          several LoRA files merged in turn (a DPO LoRA + LCM-LoRA)
 """
 import contextlib
-import json
 import math
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from files import LoadError, save_safetensors
+from files import LoadError, first_line, json_loads, read_safetensors, save_safetensors
 
 # ----------------------------------------------------------------------------------------------------------------
 # LoRA (Hu et al. 2021): a frozen layer W plus a trained low-rank update, y = W x + (alpha / r) B A x,
@@ -150,17 +149,16 @@ KOHYA = (".lora_down.weight", ".lora_up.weight", ".alpha")  # A, B and alpha of 
 
 def read_lora_file(path):
     """A LoRA file's tensors and diffusers metadata. `path`: a run folder (its LORA_FILE) or a .safetensors file."""
-    from safetensors import safe_open
     path = Path(path)
     path = path / LORA_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise LoadError(f"{path}: LoRA file not found (expected a run folder with {LORA_FILE}, or the file)")
+    meta = {}
+    sd = read_safetensors([path], metadata=meta)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
-            return {k: f.get_tensor(k) for k in f.keys()}, meta, path
-    except FileNotFoundError:
-        raise LoadError(f"{path}: LoRA file not found (expected a run folder with {LORA_FILE}, or the file)") from None
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise LoadError(f"{path}: not a readable safetensors file ({e})") from None
+        return sd, json_loads(meta.get("lora_adapter_metadata", "{}")), path
+    except ValueError as e:
+        raise LoadError(f"{path}: unreadable lora_adapter_metadata ({first_line(e)})") from None
 
 
 def check_lora_tensors(sd, path):
