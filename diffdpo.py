@@ -26,17 +26,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import eval
+import onpolicy
 import runs
 import toy
 from data import open_pairs
-from files import DTYPE_NAMES, DTYPES, UserError, read_json, write_atomic, write_text_atomic
+from files import DTYPE_NAMES, DTYPES, UserError, read_json, write_text_atomic
 from lora import LORA_FILE, LORA_TARGETS, LoRALinear, add_lora, lora_disabled, save_lora
-from sample import (add_noise, alphas_cumprod, default_size, guidance_embedding, image_grid, render,
-                    sampling_defaults, vae_factor)
+from sample import add_noise, alphas_cumprod, default_size, guidance_embedding, vae_factor
 from shards import labelled_images, latent_cache, prefetch
 from unet import ALIASES, load_sd, save_unet
 
@@ -274,7 +273,7 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
     Returns the run folder."""
     rank, world, device = setup_distributed(cfg)
     out = Path(cfg.out)
-    runs.validate(cfg, device, built=toy.built_pairs_path(cfg, out) is not None)
+    runs.validate(cfg, device, built=onpolicy.builds_pairs(cfg))
     lock = runs.lock(out) if rank == 0 else None                  # one run per --out, held until this one ends
     stop = runs.StopSignals(cfg.save_on_signal, rank)             # --save-on-signal; until the loop: stop at once
     torch.manual_seed(cfg.seed)
@@ -283,26 +282,23 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
     fwd_policy = torch.compile(model) if cfg.compile else model
     fwd_reference = torch.compile(s.reference) if cfg.compile and s.reference is not None else s.reference
     opt = make_optimizer(cfg, s.policy, world, device)
-    pairs, val = open_training_pairs(s, out, image_embedder, rank, world)
     run_cfg = run_config(cfg, s, opt, world)
-    state = resume(cfg, out, run_cfg, s.policy, opt, pairs, rank)
+    state = resume(cfg, out, run_cfg, s, opt, rank)
     if state["step"] >= cfg.max_steps:                                       # past the last checkpoint
-        print0(f"{out} is already at step {state['step']} >= --max-steps {cfg.max_steps}", rank=rank)
-        if rank == 0:  # the checkpoint's weights again: a full disk may have stopped their last write
-            save_weights(s, out)
-            if cfg.lora_rank and cfg.merge_lora:
-                save_merged_unet(cfg, out)
+        save_final_weights(s, out, state["step"], rank)
         return finish(world, out, lock, stop)
 
     print0(banner(s, run_cfg, world, device), rank=rank)
     if rank == 0:
-        base_samples(s, out, state["step"])                # the grids' base row, before the policy moves
-    batches = prefetch(pairs.batches(cfg.batch_size, rank=rank, world_size=world, start=state["position"]),
-                       pin=device.type == "cuda")
+        runs.base_samples(s, out, state["step"])           # the grids' base row, before the policy moves
+    pairs, val, batches = training_stream(s, out, state, image_embedder, rank, world)
     log = runs.Log(out, run_cfg, cfg.report_to, cfg.max_steps, state["step"]) if rank == 0 else None
     bad_in_a_row, gathered = 0, {}
     stop.at_step_end()
     while state["step"] < cfg.max_steps:
+        if onpolicy.next_round(cfg, state):                # --rebuild-every: new pairs from the policy as it is now
+            batches.close()
+            pairs, val, batches = training_stream(s, out, state, image_embedder, rank, world)
         t0, logs = time.time(), []
         for micro in range(cfg.grad_accum):
             batch = next(batches)
@@ -332,7 +328,7 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
         if rank == 0 and due and not stopping:
             if val is not None:
                 log.row(dict(step=state["step"], **validation(s, val)))
-            log.grid(samples(s, out, state["step"]), state["step"])
+            log.grid(runs.samples(s, out, state["step"]), state["step"])
         if stopping:
             break
     batches.close()
@@ -363,8 +359,9 @@ def flag(default, help, resume="fixed", choices=None):
 class TrainConfig:
     model: str = flag("tiny", "tiny (the toy model, embedded) | alias (sd15, sdxl) | Hub id | diffusers folder | "
                               ".safetensors")
-    data: str = flag("shapes", "shapes (the toy world) | pickapic | hub:OWNER/NAME | parquet file/folder | "
-                               "pairs.jsonl | style:FOLDER | labelled images for --loss kto (images.jsonl, parquet)")
+    data: str = flag("shapes", "shapes (the toy world) | prompts:SPEC (pairs the run makes from prompts) | pickapic | "
+                               "hub:OWNER/NAME | parquet file/folder | pairs.jsonl | style:FOLDER | labelled images "
+                               "for --loss kto (images.jsonl, parquet)")
     preset: str = flag("auto", "the defaults of: toy | sd15 | sdxl | auto (toy for --model tiny, sdxl for SDXL "
                                "models, else sd15); flags given on the command line win", resume="new")
     out: str = flag("", "run directory (re-running resumes from its checkpoint); default runs/PRESET[-METHOD]",
@@ -399,6 +396,16 @@ class TrainConfig:
     merge_lora: bool = flag(False, "at the last step, also write the merged OUT/unet/", resume="new")
     choice_model: str = flag("", "AI feedback: relabel every pair with a reward model, "
                                  "pickscore|hps|aesthetic|clip[=PATH] (ties dropped)")
+    pair_scorer: str = flag("", "prompts:SPEC: the reward model that ranks candidates, any of eval.py's (NAME or "
+                                "NAME=PATH; default: judge for the toy's shapes, else pickscore)")
+    candidates: int = flag(2, "prompts:SPEC: images per prompt; the best against the worst is the pair")
+    min_margin: float = flag(0.0, "prompts:SPEC: a pair whose best - worst score margin is smaller is a tie (dropped)")
+    prompt_pairs: int = flag(toy.TOY_PAIRS, "prompts:SPEC: pairs to make per build (each round's), pair i for prompt "
+                                            "i mod the set's size (0: one per prompt)")
+    rebuild_every: int = flag(0, "prompts:SPEC: online rounds, new pairs from the policy every N steps (0: offline)")
+    reference_update: str = flag("base", "at each round the reference stays the base model | becomes the policy "
+                                         "(current: iterated DPO)", choices=("base", "current"))
+    render_batch: int = flag(256, "images per batch when the run renders pairs (a build resumes by these chunks)")
     lcm_guidance: float = flag(8.5, "an LCM UNet's (time_cond_proj_dim) guidance-scale input while training "
                                     "(LatentConsistencyModelPipeline's default); other UNets ignore it")
     caption_dropout: float = flag(0.0, "probability of training on the empty prompt")
@@ -458,7 +465,8 @@ class TrainConfig:
         return runs.parse_config(cls, argv, description, PRESETS, auto_preset, LOSS_PRESETS)
 
 PAPER = dict(beta=5000.0, max_steps=2000, batch_size=1, resolution=0, lr=2.048e-5, warmup_steps=500,
-             checkpoint_every=500, sample_steps=25, threads=0, vae_latents="sample")
+             checkpoint_every=500, sample_steps=25, threads=0, vae_latents="sample", candidates=4, prompt_pairs=0,
+             render_batch=8)
 PRESETS = {
     # the toy world: the field defaults above (200 steps of batch 16 on the tiny model's own shapes pairs)
     "toy": {f.name: f.default for f in fields(TrainConfig) if f.name not in ("preset", "out")},
@@ -630,16 +638,17 @@ def warmup_constant(warmup_steps):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The pairs: data.open_pairs for --data, after the pairs the run builds itself (shapes, shapes-style, style:FOLDER:
-# toy.build_pairs), with the --cache store
+# The pairs: data.open_pairs for --data, after the pairs the run builds itself (prompts:SPEC and shapes:
+# onpolicy.py; shapes-style, style:FOLDER: toy.build_pairs), with the --cache store
 
 
-def open_training_pairs(s, out, image_embedder, rank, world):
-    """(training stream, validation pairs or None): data.open_pairs for --data, with pairs the run builds itself
-    first (rank 0 only, kept under OUT; the other ranks wait for the file, in no collective that could time out),
-    the --cache store, image embeddings, --choice-model relabelling and --val-pairs held out, as configured."""
+def training_stream(s, out, state, image_embedder, rank, world):
+    """(training pairs, validation pairs or None, batches from the state's stream position): data.open_pairs for
+    --data, with the pairs of the state's round built first (onpolicy.round_pairs: rank 0 builds them, the others wait
+    for the file, in no collective that could time out), the --cache store, image embeddings, --choice-model
+    relabelling and --val-pairs held out, as configured."""
     cfg, device = s.cfg, s.sd.device
-    spec = toy.build_pairs(s, out) if rank == 0 else wait_for(toy.built_pairs_path(cfg, out))
+    spec = onpolicy.round_pairs(s, out, state, rank)
     embed = image_embedder(device) if image_embedder else None
     key = ["posterior", s.sd.source, cfg.data, s.resolution, s.sd.vae.scaling_factor, DTYPE_NAMES[s.sd.vae.dtype]]
     key += [x for x in (cfg.choice_model, getattr(embed, "key", None)) if x]
@@ -649,14 +658,10 @@ def open_training_pairs(s, out, image_embedder, rank, world):
                        caption_dropout=cfg.caption_dropout, seed=cfg.seed, cache=cache, relabel=relabel, embed=embed)
     pairs, val = pairs.holdout(cfg.val_pairs) if cfg.val_pairs else (pairs, None)
     pairs.label_noise = cfg.label_noise                                  # the training pairs', never the held-out
-    return pairs, val
-
-
-def wait_for(path, poll=1.0):
-    """Wait until rank 0 has written `path` (None: nothing to wait for); torchrun ends the job if rank 0 dies."""
-    while path is not None and not path.exists():
-        time.sleep(poll)
-    return path
+    pairs.skipped.update(state.pop("skipped_pairs", {}))                 # a resumed stream's
+    pairs.round_stats = onpolicy.round_stats(spec, state["round"]) if onpolicy.build_of(cfg) else {}
+    batches = pairs.batches(cfg.batch_size, rank=rank, world_size=world, start=state["position"])
+    return pairs, val, prefetch(batches, pin=device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -670,18 +675,21 @@ def run_config(cfg, s, opt, world):
                 mixed_precision=amp_precision(cfg, s.sd.device), pairs_per_step=opt.pairs_per_step, fixed=fixed)
 
 
-def resume(cfg, out, run_cfg, policy, opt, pairs, rank):
-    """Load OUT/checkpoint.pt into the models, optimizer and data stream if there is one (refusing a changed "fixed"
-    setting; applying the new learning rate, warmup and weight decay), write OUT/config.json and trim
-    OUT/metrics.jsonl to the checkpoint's step. Returns the loop's state: step, position, skipped (steps)."""
-    state = dict(step=0, position=0, skipped=0)
+def resume(cfg, out, run_cfg, s, opt, rank):
+    """Load OUT/checkpoint.pt into the models and optimizer if there is one (refusing a changed "fixed" setting;
+    applying the new learning rate, warmup and weight decay), write OUT/config.json and trim OUT/metrics.jsonl to the
+    checkpoint's step. Returns the loop's state: step, position (in the round's stream), skipped (steps), round, and
+    the pairs skipped so far (for training_stream)."""
+    state = dict(step=0, position=0, skipped=0, round=0)
     ckpt = runs.load_checkpoint(out / "checkpoint.pt")
     if ckpt is not None:
         for k in run_cfg["fixed"] + ["world_size"]:
             if k in ckpt["config"] and ckpt["config"][k] != run_cfg[k]:
                 raise UserError(f"{out / 'checkpoint.pt'} was made with {k}={ckpt['config'][k]!r}, this command has "
                                 f"{k}={run_cfg[k]!r}; use another --out or the same settings to resume")
-        policy.load_state_dict(ckpt["unet"], strict=not cfg.lora_rank)  # with LoRA: the adapters only
+        s.policy.load_state_dict(ckpt["unet"], strict=not cfg.lora_rank)  # with LoRA: the adapters only
+        if ckpt.get("reference") is not None:                             # --reference-update current
+            s.reference.load_state_dict(ckpt["reference"])
         opt.optimizer.load_state_dict(ckpt["optimizer"])
         opt.scheduler.load_state_dict(ckpt["scheduler"])
         if opt.scaler.is_enabled() and ckpt["scaler"]:                    # fp16's loss scale (none for fp32, bf16)
@@ -690,8 +698,8 @@ def resume(cfg, out, run_cfg, policy, opt, pairs, rank):
         for group in opt.optimizer.param_groups:                          # "new" settings take effect now
             group.update(initial_lr=opt.lr, weight_decay=cfg.weight_decay,
                          lr=opt.lr * warmup_constant(cfg.warmup_steps)(opt.scheduler.last_epoch))
-        state = {k: ckpt[k] for k in state}
-        pairs.skipped.update({k: set(v) for k, v in ckpt["skipped_pairs"].items()})
+        state = {k: ckpt.get(k, 0) for k in state}
+        state["skipped_pairs"] = {k: set(v) for k, v in ckpt["skipped_pairs"].items()}
         torch.set_rng_state(ckpt["rng"])
         print0(f"resuming {out} from step {state['step']}", rank=rank)
     if rank == 0:
@@ -740,7 +748,7 @@ def metrics_row(state, logs, numbers, pairs, world, gathered):
     one copy to the host per step), the optimizer's `numbers`, and the counts of steps and pairs left out so far."""
     m = runs.all_mean(torch.stack(logs).mean(0), world).tolist()
     return dict(step=state["step"], loss=m[0], implicit_acc=m[1], **numbers, mse_w=m[2], mse_l=m[3],
-                ref_mse_w=m[4], ref_mse_l=m[5], skipped=state["skipped"],
+                ref_mse_w=m[4], ref_mse_l=m[5], skipped=state["skipped"], **pairs.round_stats,
                 **runs.gathered_counts(pairs, world, gathered, SKIP_COUNTS))
 
 
@@ -763,8 +771,18 @@ def save_checkpoint(s, out, opt, state, pairs):
     runs.save_checkpoint(out / "checkpoint.pt", dict(
         unet=weights, optimizer=opt.optimizer.state_dict(), scheduler=opt.scheduler.state_dict(),
         scaler=opt.scaler.state_dict(), rng=torch.get_rng_state(),
+        reference=s.reference.state_dict() if s.cfg.reference_update == "current" else None,
         skipped_pairs={k: sorted(v) for k, v in pairs.skipped.items()}, **state))
     save_weights(s, out)
+
+
+def save_final_weights(s, out, step, rank):
+    """A run already at --max-steps: its checkpoint's weights again (a full disk may have stopped their last write)."""
+    print0(f"{out} is already at step {step} >= --max-steps {s.cfg.max_steps}", rank=rank)
+    if rank == 0:
+        save_weights(s, out)
+        if s.cfg.lora_rank and s.cfg.merge_lora:
+            save_merged_unet(s.cfg, out)
 
 
 def save_weights(s, out):
@@ -790,53 +808,6 @@ def validation(s, val):
         totals = totals + torch.stack([loss.float(), acc.float()]) * len(idx)
     loss, acc = (totals / n).tolist()
     return dict(val_loss=loss, val_implicit_acc=acc, val_pairs=n)
-
-
-SAMPLE_PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a red cube on top of a blue sphere",
-                  "a watercolor painting of a fox in the snow", "a close-up portrait of an old fisherman"]
-
-
-def sample_prompts(s):
-    """The grids' fixed prompts, seeds and sampling settings."""
-    prompts = toy.shape_prompts("test")[:8] if s.cfg.data in toy.WORLDS else SAMPLE_PROMPTS
-    kw = dict(steps=s.cfg.sample_steps, height=s.resolution, width=s.resolution,
-              guidance=sampling_defaults(s.cfg.model)[1])
-    return prompts, list(range(len(prompts))), kw
-
-
-def base_samples(s, out, step):
-    """OUT/samples/base/NN.png, the grids' first row: the base model's images for the fixed prompts and seeds,
-    rendered once, by the reference (or the policy with LoRA switched off; for SFT the policy before it moves)."""
-    prompts, seeds, kw = sample_prompts(s)
-    paths = [out / "samples" / "base" / f"{i:02d}.png" for i in seeds]
-    if not s.cfg.samples or all(p.is_file() for p in paths):
-        return paths
-    base = s.reference if s.reference is not None else s.policy
-    if base is s.policy and step > 0 and not s.cfg.lora_rank:   # SFT resumed with no base row: the base again
-        base = load_sd(s.cfg.model).unet.to(s.sd.device)
-    with lora_disabled(base), s.autocast:
-        for path, image in zip(paths, render(s.sd, base, prompts, seeds, **kw)):
-            write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
-    return paths
-
-
-def samples(s, out, step):
-    """OUT/samples/stepNNNNNN.png: the base model's images (row 1) and the policy's at this step (row 2), for fixed
-    prompts and seeds, so grids across checkpoints are comparable."""
-    if not s.cfg.samples:
-        return None
-    prompts, seeds, kw = sample_prompts(s)
-    base = [Image.open(p).convert("RGB") for p in base_samples(s, out, step)]
-    try:
-        with s.autocast:
-            tuned = render(s.sd, s.policy, prompts, seeds, **kw)
-    except UserError as e:  # finite weights that sample NaN (a run diverging): no grid; --max-bad-steps decides
-        print0(f"step {step}: no sample grid: {e}")
-        return None
-    grid = image_grid([base, tuned], ["base", f"step {step}"], prompts)
-    path = out / "samples" / f"step{step:06d}.png"
-    write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
-    return path
 
 
 def done_line(s, state, row, out):
@@ -875,10 +846,10 @@ def main(cfg, pair_loss=None, image_embedder=None):
     print0(f"diffdpo: {cfg.method} on {model_name(cfg.model)}, --data {cfg.data}, writing {cfg.out}/", rank=rank)
     try:
         out = train(cfg, pair_loss, image_embedder)
-        if rank == 0 and cfg.data in toy.WORLDS:
+        if rank == 0 and toy.world_of(cfg.data):
             pairs_per_step = cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", 1))
             run = dict(loss=getattr(pair_loss, "name", cfg.method), steps=cfg.max_steps, pairs_per_step=pairs_per_step)
-            eval.evaluate_toy(cfg.model, cfg.data, out, run, t_start)
+            eval.evaluate_toy(cfg.model, toy.world_of(cfg.data), out, run, t_start)
         if rank == 0 and cfg.push_to_hub:
             config = dict(read_json(out / "config.json"), method=getattr(pair_loss, "name", cfg.method))
             weights = LORA_FILE if cfg.lora_rank and not cfg.merge_lora else "unet"

@@ -240,7 +240,7 @@ def check_prompts(prompts, scorers, where):
     """Every prompt, before any image is generated: text, not blank, at most MAX_PROMPT_CHARS characters, and one
     the scorers can read (the toy judge scores only its world's captions). A bad one is a LoadError naming it."""
     for i, p in enumerate(prompts, 1):
-        what = f"--prompts {where}: prompt {i}"
+        what = f"{where}: prompt {i}"
         if not isinstance(p, str):
             raise LoadError(f"{what} is {type(p).__name__}, not text")
         if not p.strip():
@@ -452,7 +452,7 @@ def main(argv=None):
         prompts = prompt_set(a.prompts)[:a.num]
         if len(prompts) < (2 if ref else 1):
             fail(f"--prompts {a.prompts}: {len(prompts)} prompts; expected at least 1 (2 with --style-ref)")
-        check_prompts(prompts, scorers, a.prompts)
+        check_prompts(prompts, scorers, f"--prompts {a.prompts}")
         sd = unet.load_sd(a.model, device=a.device, dtype=dtype, lora=a.lora[1:] if a.lora else None)
         tuned = (unet.load_component(a.unet, "unet", device=a.device, dtype=dtype) if a.unet else
                  unet.load_sd(a.model, device=a.device, dtype=dtype, lora=a.lora).unet)

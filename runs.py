@@ -2,8 +2,8 @@
 The machinery under diffdpo.py's trainer (a tutorial reader can skip it): the command line built from a config
 dataclass, the settings checked before any work, the lock that keeps two runs out of one --out, checkpoints that
 hold tensors and plain data only (loaded with weights_only=True, so a checkpoint cannot run code), metrics.jsonl that
-survives a torn last line, optional TensorBoard / W&B logging, the model card pushed with the weights to the Hugging
-Face Hub, and Adafactor.
+survives a torn last line, optional TensorBoard / W&B logging, the sample grids at checkpoints, the model card pushed
+with the weights to the Hugging Face Hub, and Adafactor.
 """
 import argparse
 import atexit
@@ -24,9 +24,13 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+import toy
 from files import (TEMP_NAME, NoSpaceError, UserError, first_line, json_loads, raise_if_no_space, write_atomic,
                    write_text_atomic)
+from lora import lora_disabled
+from sample import image_grid, render, sampling_defaults
 from shards import find_shards
+from unet import load_sd
 
 # ----------------------------------------------------------------------------------------------------------------
 # Settings
@@ -400,6 +404,57 @@ class Log:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sample grids at each checkpoint (rank 0): fixed prompts and seeds, the base model's row and the policy's
+
+
+SAMPLE_PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a red cube on top of a blue sphere",
+                  "a watercolor painting of a fox in the snow", "a close-up portrait of an old fisherman"]
+
+
+def sample_prompts(s):
+    """The grids' fixed prompts, seeds and sampling settings."""
+    prompts = toy.shape_prompts("test")[:8] if toy.world_of(s.cfg.data) else SAMPLE_PROMPTS
+    kw = dict(steps=s.cfg.sample_steps, height=s.resolution, width=s.resolution,
+              guidance=sampling_defaults(s.cfg.model)[1])
+    return prompts, list(range(len(prompts))), kw
+
+
+def base_samples(s, out, step):
+    """OUT/samples/base/NN.png, the grids' first row: the base model's images for the fixed prompts and seeds,
+    rendered once, by the reference (or the policy with LoRA switched off; for SFT the policy before it moves)."""
+    prompts, seeds, kw = sample_prompts(s)
+    paths = [out / "samples" / "base" / f"{i:02d}.png" for i in seeds]
+    if not s.cfg.samples or all(p.is_file() for p in paths):
+        return paths
+    base = s.reference if s.reference is not None else s.policy
+    if base is s.policy and step > 0 and not s.cfg.lora_rank:   # SFT resumed with no base row: the base again
+        base = load_sd(s.cfg.model).unet.to(s.sd.device)
+    with lora_disabled(base), s.autocast:
+        for path, image in zip(paths, render(s.sd, base, prompts, seeds, **kw)):
+            write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    return paths
+
+
+def samples(s, out, step):
+    """OUT/samples/stepNNNNNN.png: the base model's images (row 1) and the policy's at this step (row 2), for fixed
+    prompts and seeds, so grids across checkpoints are comparable."""
+    if not s.cfg.samples:
+        return None
+    prompts, seeds, kw = sample_prompts(s)
+    base = [Image.open(p).convert("RGB") for p in base_samples(s, out, step)]
+    try:
+        with s.autocast:
+            tuned = render(s.sd, s.policy, prompts, seeds, **kw)
+    except UserError as e:  # finite weights that sample NaN (a run diverging): no grid; --max-bad-steps decides
+        print(f"step {step}: no sample grid: {e}")
+        return None
+    grid = image_grid([base, tuned], ["base", f"step {step}"], prompts)
+    path = out / "samples" / f"step{step:06d}.png"
+    write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ import diffdpo
 import eval
 import files
 import lora
+import onpolicy
 import parity
 import rpo
 import runs
@@ -741,7 +742,7 @@ def test_train_end_to_end_resume_and_ddp(tmp_path, hub, shard, dpo_run, dpo_two_
     assert abs(rows[0]["loss"] - math.log(2)) < 1e-6 and rows[0]["implicit_acc"] == 0.0
     assert rows[-1]["corrupt"] >= 1 and "pairs_per_s" in rows[0] and rows[0]["lr"] > 0
     assert sorted(p.name for p in (straight / "samples").glob("step*.png")) == ["step000002.png", "step000004.png"]
-    assert len(list((straight / "samples" / "base").glob("*.png"))) == len(diffdpo.SAMPLE_PROMPTS)
+    assert len(list((straight / "samples" / "base").glob("*.png"))) == len(runs.SAMPLE_PROMPTS)
     assert json.loads((straight / "config.json").read_text())["pairs_per_step"] == 4
     tuned = UNet2DConditionModel.from_pretrained(straight, subfolder="unet")
     base = UNet2DConditionModel.from_pretrained(hub["sd15"], subfolder="unet")
@@ -1266,6 +1267,147 @@ def test_kto_two_processes_equal_one(tmp_path, hub, shard):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Pairs from prompts (onpolicy.py): the candidates' seeds, best against worst, a build that resumes mid-way, online
+# rounds that resume exactly, a random-weight SD1.5-layout model ranked by a random-weight PickScore
+
+
+def candidates(folder):
+    """A build's candidates, chunk after chunk, as {column: values}."""
+    return pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("candidates-*.parquet"))]).to_pydict()
+
+
+def test_candidate_seeds_and_best_against_worst():
+    """Candidate k of pair i: seed 1,000,000 (seed + 1) + K i + k (2 candidates: the toy world's 2i, 2i + 1), so no
+    two candidates of a run share one; the pair is the best and the worst in candidate order, label_0 which is
+    preferred, 0.5 for a tie or a margin under --min-margin."""
+    seeds = [onpolicy.candidate_seed(3, i, k, 4) for i in range(50) for k in range(4)]
+    assert len(set(seeds)) == 200 and seeds[:5] == [4_000_000, 4_000_001, 4_000_002, 4_000_003, 4_000_004]
+    assert [onpolicy.candidate_seed(0, 7, k, 2) for k in range(2)] == [1_000_014, 1_000_015]
+    best = onpolicy.best_and_worst
+    assert best([0.25, 0.75, 0.125, 0.5]) == (1, 2, 1.0, 0.625)        # the best first: label_0 1
+    assert best([0.125, 0.75, 0.25]) == (0, 1, 0.0, 0.625)             # the worst first: label_0 0
+    assert best([0.9, 0.1, 0.9, 0.1]) == (0, 3, 1.0, 0.8)              # the first best, the last worst
+    assert best([0.4, 0.4]) == (0, 1, 0.5, 0.0)                        # a tie
+    assert best([0.25, 0.75, 0.5], min_margin=0.5)[2] == 0.0 and best([0.25, 0.75, 0.5], min_margin=0.6)[2] == 0.5
+    shapes = dict(diffdpo.TrainConfig().__dict__, data="prompts:shapes", pair_scorer="judge")
+    assert onpolicy.build_of(diffdpo.TrainConfig()) == onpolicy.build_of(diffdpo.TrainConfig(**shapes))
+
+
+def test_prompt_pairs_errors(tmp_path):
+    """One line each, before any image is rendered: an unknown scorer, K < 2, an empty prompt set, online rounds
+    without prompts, a reference that cannot follow the policy."""
+    (tmp_path / "empty.txt").write_text("\n")
+    cases = [(dict(pair_scorer="imagereward"), "--pair-scorer imagereward: expected one of pickscore"),
+             (dict(candidates=1), "--candidates 1: must be at least 2"),
+             (dict(min_margin=-0.1), "--min-margin -0.1: must be >= 0"),
+             (dict(data="prompts:"), "SPEC is empty"),
+             (dict(data=str(tmp_path), rebuild_every=5), "--data prompts:SPEC"),
+             (dict(reference_update="current", lora_rank=4), "--reference-update current: needs a reference UNet"),
+             (dict(reference_update="current", loss="mapo"), "--reference-update current: needs a reference UNet")]
+    for overrides, words in cases:
+        with pytest.raises(UserError, match=re.escape(words)) as e:
+            onpolicy.build_of(diffdpo.TrainConfig(**dict(dict(data="prompts:shapes"), **overrides)))
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"empty.txt: the prompt set is empty"):
+        onpolicy.training_prompts(onpolicy.build_of(diffdpo.TrainConfig(data=f"prompts:{tmp_path / 'empty.txt'}",
+                                                                        pair_scorer="clip")))
+    with pytest.raises(UserError, match=r"prompt 2: .*not of the form 'a COLOR SHAPE"):   # the judge reads shapes only
+        (tmp_path / "p.txt").write_text("a red circle on a blue background\na photo of a cat\n")
+        onpolicy.training_prompts(onpolicy.build_of(diffdpo.TrainConfig(data=f"prompts:{tmp_path / 'p.txt'}",
+                                                                        pair_scorer="judge")))
+
+
+def test_prompt_pairs_build_resumes_mid_build(tmp_path, monkeypatch):
+    """A build of 8 pairs x 3 candidates in chunks of 2 pairs, killed after its second chunk: the same command goes
+    on with the third (every candidate rendered once over both) and writes the same pairs.parquet as a build in one
+    go: the Pick-a-Pic columns, every candidate's score, the margin, each pair its best and worst candidate's image."""
+    cfg = diffdpo.TrainConfig(data="prompts:shapes", candidates=3, prompt_pairs=8, render_batch=6, sample_steps=4,
+                              min_margin=0.05, out=str(tmp_path))
+    s = diffdpo.setup(cfg, unet.load_sd("tiny"), None)
+    build = onpolicy.build_of(cfg)
+    whole = onpolicy.build_round(s, tmp_path / "whole", build, 0)
+    rendered, killed, real_render = [], [], onpolicy.render
+
+    def render(sd, net, prompts, seeds, **kw):
+        if len(rendered) == 2 and not killed:
+            killed.append(1)
+            raise KeyboardInterrupt                    # a kill between chunks
+        rendered.append(seeds)
+        return real_render(sd, net, prompts, seeds, **kw)
+    monkeypatch.setattr(onpolicy, "render", render)
+    with pytest.raises(KeyboardInterrupt):
+        onpolicy.build_round(s, tmp_path / "pieces", build, 0)
+    folder = onpolicy.round_folder(tmp_path / "pieces", 0)
+    assert len(list(folder.glob("candidates-*.parquet"))) == 2 and not (folder / "pairs.parquet").exists()
+    path = onpolicy.build_round(s, tmp_path / "pieces", build, 0)
+    seeds = [x for r in rendered for x in r]
+    assert sorted(seeds) == [onpolicy.candidate_seed(0, i, k, 3) for i in range(8) for k in range(3)]
+    a, b = pq.read_table(whole), pq.read_table(path)
+    assert a.equals(b) and set(shards.COLUMNS) | {"scores", "margin", "pair"} == set(a.column_names)
+    t = a.to_pydict()
+    cands = candidates(folder)                                        # every candidate: pair, caption, k, seed, score
+    assert t["pair"] == list(range(8)) and cands["seed"] == sorted(seeds) and set(cands["caption"]) <= set(
+        toy.shape_prompts("train"))
+    for i in range(8):
+        scores = t["scores"][i]
+        first, second, label_0, margin = onpolicy.best_and_worst(scores, 0.05)
+        assert scores == cands["score"][3 * i:3 * i + 3] and t["label_0"][i] == label_0 and t["margin"][i] == margin
+        assert (t["jpg_0"][i], t["jpg_1"][i]) == (cands["image"][3 * i + first], cands["image"][3 * i + second])
+        assert scores[first if label_0 != 0 else second] == max(scores)
+        judged = toy.judge(Image.open(io.BytesIO(cands["image"][3 * i])), t["caption"][i])
+        assert judged == scores[0] and t["caption"][i] == toy.shape_prompts("train")[i]
+
+
+def test_online_rounds_resume_exactly(tmp_path):
+    """--rebuild-every 2 with --reference-update current, 4 steps of 8-pair rounds: round 1's pairs are rendered by
+    the policy of step 2 (not the base: they differ), its first step starts at ln 2 (the reference is the policy
+    again), metrics.jsonl carries each round's mean reward and margin; stopped at step 3 (mid-round, the reference
+    in the checkpoint) and resumed, the run ends with the uninterrupted run's weights and losses. On 2 processes the
+    rounds are built once and both ranks' references move."""
+    common = dict(data="prompts:shapes", prompt_pairs=8, batch_size=4, rebuild_every=2, reference_update="current",
+                  sample_steps=4, samples=False, checkpoint_every=1, warmup_steps=1, lr=1e-3)
+    one = diffdpo.train(diffdpo.TrainConfig(out=str(tmp_path / "one"), max_steps=4, **common))
+    rows = read_metrics(one)
+    assert [r["round"] for r in rows] == [0, 0, 1, 1] and abs(rows[2]["loss"] - math.log(2)) < 1e-6
+    stats = [onpolicy.round_stats(onpolicy.round_folder(one, r) / "pairs.parquet", r) for r in (0, 1)]
+    assert all(dict(rows[2 * r], **stats[r]) == rows[2 * r] for r in (0, 1))
+    r1 = pq.read_table(onpolicy.round_folder(one, 1) / "candidates-0000008.parquet").to_pydict()
+    sd = unet.load_sd("tiny")
+    again = sample.render(sd, sd.unet, r1["caption"][:1], r1["seed"][:1], steps=4, guidance=4.0, height=32, width=32)
+    assert shards.png_bytes(again[0]) != r1["image"][0]               # the policy of step 2 drew it, not the base
+    two = diffdpo.train(diffdpo.TrainConfig(out=str(tmp_path / "two"), max_steps=3, **common))
+    two = diffdpo.train(diffdpo.TrainConfig(out=str(two), max_steps=4, **common))
+    assert [r["loss"] for r in read_metrics(two)] == [r["loss"] for r in rows]
+    w1, w2 = unet_weights(one), unet_weights(two)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    # 2 gloo processes of batch 2: rank 0 builds each round, rank 1 waits for it; both references follow the policy
+    ddp = diffdpo.TrainConfig(out=str(tmp_path / "ddp"), max_steps=4, **dict(common, batch_size=2))
+    mp.start_processes(_train_rank, args=(2, 29500 + (os.getpid() + 11) % 1000, ddp), nprocs=2, join=True,
+                       start_method="fork")
+    rows2 = read_metrics(tmp_path / "ddp")
+    assert [r["round"] for r in rows2] == [0, 0, 1, 1] and abs(rows2[2]["loss"] - math.log(2)) < 1e-6
+    assert all(abs(a["loss"] - b["loss"]) < 1e-5 for a, b in zip(rows2[:2], rows[:2]))   # round 0: the same pairs
+
+
+def test_prompt_pairs_on_an_sd15_layout_model_with_pickscore(hub, clip_folder, tmp_path):
+    """`--model SD15-LAYOUT --data prompts:FILE --pair-scorer pickscore=FOLDER` end to end on random weights: the
+    pairs' scores are the scorer's on the candidates' images, and the run trains on them."""
+    (tmp_path / "prompts.txt").write_text("a photo of a cat\na red bicycle\na bowl of soup\n")
+    cfg = diffdpo.TrainConfig.from_args(["--model", str(hub["sd15"]), "--data", f"prompts:{tmp_path / 'prompts.txt'}",
+                                         "--pair-scorer", f"pickscore={clip_folder}", "--out", str(tmp_path / "run"),
+                                         "--resolution", "32", "--sample-steps", "2", "--max-steps", "1",
+                                         "--batch-size", "2", "--no-samples", "--checkpoint-every", "0"])
+    assert (cfg.candidates, cfg.prompt_pairs, cfg.render_batch) == (4, 0, 8)       # the sd15 preset's
+    out = diffdpo.train(cfg)
+    t = pq.read_table(out / "pairs" / "round-000" / "pairs.parquet").to_pydict()
+    cands = candidates(onpolicy.round_folder(out, 0))
+    images = [Image.open(io.BytesIO(b)) for b in cands["image"]]
+    scores = eval.load_scorer("pickscore", str(clip_folder))(images, cands["caption"]).double().tolist()
+    assert len(t["caption"]) == 3 and [x for s in t["scores"] for x in s] == pytest.approx(scores, rel=1e-5)
+    assert len(read_metrics(out)) == 1 and math.isfinite(read_metrics(out)[0]["loss"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Ready for a GPU without one: the CUDA-only paths exercised on the CPU (the meta device stands in for a device the
 # step must not leave; bf16 / fp16 autocast runs on the CPU too; torch.distributed is mocked where it must be)
 
@@ -1300,7 +1442,7 @@ def test_merge_lora_validates_and_draws_the_unmerged_policy(tmp_path, hub, shard
     diffdpo.train(cfg)
     val = [r for r in read_metrics(out) if "val_loss" in r]
     assert len(val) == 1 and abs(val[0]["val_loss"] - math.log(2)) > 1e-4, val
-    base, tuned = grid_rows(out / "samples" / "step000003.png", ["base", "step 3"], diffdpo.SAMPLE_PROMPTS)
+    base, tuned = grid_rows(out / "samples" / "step000003.png", ["base", "step 3"], runs.SAMPLE_PROMPTS)
     assert np.abs(base - tuned).max() > 10
     merged = unet.load_sd(str(hub["sd15"]), lora=out / "pytorch_lora_weights.safetensors").unet.state_dict()
     saved = unet.load_component(out / "unet", "unet").state_dict()
@@ -3277,18 +3419,18 @@ def test_toy_run_end_to_end(tmp_path, monkeypatch, capsys):
     toy model, method and precision, the last lines where the results are. A run whose summary.json went missing is
     evaluated again on re-running (it is not finished without it). Then every README command that samples or
     evaluates the toy model runs as printed (in this process), on this run as runs/toy."""
-    monkeypatch.setattr(toy, "TOY_PAIRS", 16)
     monkeypatch.setattr(eval, "TOY_SEEDS", 1)
     out = tmp_path / "runs" / "toy"
-    cfg = diffdpo.TrainConfig.from_args(["--out", str(out), "--max-steps", "4", "--device", "cpu"])
+    cfg = diffdpo.TrainConfig.from_args(["--out", str(out), "--max-steps", "4", "--device", "cpu", "--prompt-pairs",
+                                         "16"])
     assert (cfg.model, cfg.data, cfg.resolution, cfg.threads) == ("tiny", "shapes", 32, 1)
-    assert diffdpo.TrainConfig(out=cfg.out, max_steps=4, device="cpu") == cfg     # Python callers get the same run
+    assert diffdpo.TrainConfig(out=cfg.out, max_steps=4, device="cpu", prompt_pairs=16) == cfg  # Python's the same
     diffdpo.main(cfg)
     assert torch.get_num_threads() == 1           # the toy's --threads 1 (suite_threads restores the suite's after)
     printed = capsys.readouterr().out
     assert "dpo on tiny, the toy model (SD1.5's layout" in printed and "fp32 precision" in printed
     assert "held-out judge score" in printed and "compare.png (base above, tuned below)" in printed
-    table = pq.read_table(out / "shapes_pairs.parquet")
+    table = pq.read_table(out / "pairs" / "round-000" / "pairs.parquet")
     assert table.num_rows == 16 and set(shards.COLUMNS) <= set(table.column_names)
     assert set(table.column("caption").to_pylist()) <= set(toy.shape_prompts("train"))
     rows = read_metrics(out)

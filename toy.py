@@ -103,26 +103,17 @@ def judge(image, prompt):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# On-policy pairs, as Pick-a-Pic's: two samples of the base model for a training caption, the judge's favorite first
+# On-policy pairs, as Pick-a-Pic's: two samples of the base model for a training caption, the judge's favorite first.
+# `--data shapes` is `--data prompts:shapes` (onpolicy.py) with the judge, 2 candidates and TOY_PAIRS pairs: pair k
+# is caption k mod 72's two samples (seeds 2k, 2k + 1 offset by --seed), a tie labelled 0.5 (the reader skips it).
 
 WORLDS = ("shapes", "shapes-style")   # the toy worlds, as --data specs: the trainer builds and evaluates them
 TOY_PAIRS = 1024          # pairs built for each toy world (shapes: ties dropped)
 
 
-@torch.no_grad()
-def build_shape_pairs(sd, path, n=TOY_PAIRS, seed=0):
-    """On-policy preference pairs, as Pick-a-Pic's: for pair k, two samples of the base model for training caption
-    k mod 72 (seeds 2k, 2k+1 offset by --seed), labelled by judge (label_0 = 1 if the first scores higher, 0.5
-    on a tie, which the reader skips). Returns the number of pairs without a tie."""
-    train = shape_prompts("train")
-    prompts = [train[k % len(train)] for k in range(n) for _ in range(2)]
-    seeds = [1_000_000 * (seed + 1) + i for i in range(2 * n)]
-    images = render(sd, sd.unet, prompts, seeds, batch_size=256, desc=f"sampling {n} pairs", **TOY_SAMPLING)
-    scores = [judge(img, p) for img, p in zip(images, prompts)]
-    label_0 = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(scores[0::2], scores[1::2])]
-    png = [png_bytes(img) for img in images]
-    write_pairs(path, prompts[0::2], png[0::2], png[1::2], label_0)
-    return sum(v != 0.5 for v in label_0)
+def world_of(data):
+    """The toy world a --data spec trains in (shapes also as prompts:shapes), or None."""
+    return "shapes" if data == "prompts:shapes" else data if data in WORLDS else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,29 +168,24 @@ def build_style_pairs(sd, path, n=TOY_PAIRS, seed=0):
     return n
 
 
-def build_world_pairs(world, sd, path, n=TOY_PAIRS, seed=0):
-    """The pairs of a toy world (see WORLDS) -> their number."""
-    return (build_shape_pairs if world == "shapes" else build_style_pairs)(sd, path, n, seed)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Pairs the run builds itself with the base model before training (then read as any parquet shard):
-#   shapes        the toy world's on-policy pairs, labelled by its judge (build_shape_pairs)
+# Pairs the run builds itself with the base model before training (then read as any parquet shard), besides those
+# it builds from prompts (onpolicy.py: --data prompts:SPEC, and shapes):
 #   shapes-style  its style alignment: each base generation's styled edit preferred (build_style_pairs)
 #   style:FOLDER  style alignment (Diffusion-RPO's second task): each style image preferred over the base model's
 #                 own generation for its caption
 
 
 def built_pairs_path(cfg, out):
-    """Where the pairs of a built --data spec live (OUT/shapes_pairs.parquet, OUT/shapes_style_pairs.parquet,
+    """Where the pairs of --data shapes-style or style:FOLDER live (OUT/shapes_style_pairs.parquet,
     OUT/style_pairs.parquet), or None."""
-    if cfg.data in WORLDS:
-        return out / f"{cfg.data.replace('-', '_')}_pairs.parquet"
+    if cfg.data == "shapes-style":
+        return out / "shapes_style_pairs.parquet"
     return out / "style_pairs.parquet" if cfg.data.startswith("style:") else None
 
 
 def build_pairs(s, out):
-    """Build the pairs of --data shapes / shapes-style / style:FOLDER unless OUT already holds them, with the
+    """Build the pairs of --data shapes-style / style:FOLDER unless OUT already holds them, with the
     trainer's diffdpo.Setup `s` (its base model, resolution and precision); returns their path (None for data that is
     read, not built)."""
     cfg = s.cfg
@@ -208,8 +194,8 @@ def build_pairs(s, out):
         return path
     t0, guidance = time.time(), sampling_defaults(cfg.model)[1]
     with s.autocast:
-        if cfg.data in WORLDS:
-            n = build_world_pairs(cfg.data, s.sd, path, TOY_PAIRS, cfg.seed)
+        if cfg.data == "shapes-style":
+            n = build_style_pairs(s.sd, path, TOY_PAIRS, cfg.seed)
         else:
             n = build_folder_pairs(s.sd, cfg.data[len("style:"):], path, s.resolution, cfg.sample_steps, guidance,
                                    cfg.seed)

@@ -1,0 +1,234 @@
+"""
+Preference pairs made from prompts alone: the model being tuned draws K candidates per prompt, a reward model ranks
+them, best against worst becomes a pair (Syn-Pic / RankDPO, Karthik et al. 2024, "Scalable Ranked Preference
+Optimization"; flow_grpo's DPO takes the best and worst of 24 samples; the Diffusion-DPO paper's AI feedback relabels
+pairs with PickScore). No dataset needed:
+
+    python diffdpo.py --model sd15 --data prompts:parti --pair-scorer pickscore --candidates 4
+    python diffdpo.py --data prompts:shapes --pair-scorer judge --candidates 4      the toy, on a laptop CPU
+    python diffdpo.py --data prompts:shapes --rebuild-every 50                      online rounds
+
+The toy world's `--data shapes` is such a build: its 72 training captions, its judge, 2 candidates, 1,024 pairs.
+
+Pair i of a build is drawn for prompt i mod len(set); its candidate k from seed 1,000,000 (seed + 1) + K i + k, a pure
+function of (--seed, i, k): a build is the same in one go or in pieces (up to the float rounding of other batch
+sizes). A round's build writes under OUT/pairs/round-RRR/
+    candidates-IIIIIII.parquet   one chunk of --render-batch images (pair, caption, k, seed, score, image as PNG),
+                                 written atomically as it finishes: a build that is stopped or killed continues with
+                                 the first missing chunk, and no finished image is rendered again
+    pairs.parquet                the pairs in the Pick-a-Pic schema the trainer reads: for each pair its best and its
+                                 worst candidate, in candidate order, label_0 saying which is preferred, or 0.5 (a tie,
+                                 which the reader skips and counts) when their score margin is under --min-margin;
+                                 plus every candidate's score (`scores`), the `margin` and the `pair` index, to inspect
+                                 and re-threshold
+Online rounds (--rebuild-every N): round r renders pairs [r P, (r + 1) P) (P = --prompt-pairs, so the prompts go on
+through the set) with the policy as it is at step r N: each round's pairs come from the model being tuned (iterative
+DPO). The reference stays the base model, or with --reference-update current becomes the policy at each round.
+"""
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+import eval
+import toy
+from files import UserError, write_atomic
+from sample import render, sampling_defaults
+from shards import png_bytes, write_pairs
+
+# ----------------------------------------------------------------------------------------------------------------
+# The rule: candidates' seeds, and best against worst
+
+
+def candidate_seed(seed, i, k, candidates):
+    """Candidate k of pair i's seed (for 2 candidates: the toy world's pairs, seeds 2i and 2i + 1)."""
+    return 1_000_000 * (seed + 1) + candidates * i + k
+
+
+def best_and_worst(scores, min_margin=0.0):
+    """One pair's candidate scores (K,) -> (first, second, label_0, margin): the best and the worst candidate in
+    candidate order, label_0 = 1 if the first is the best, 0 if the second, 0.5 (a tie, skipped by the reader) when
+    margin = best - worst is 0 or under min_margin. The first best and the last worst win ties among candidates."""
+    scores = np.asarray(scores, dtype=np.float64)
+    best, worst = int(scores.argmax()), len(scores) - 1 - int(scores[::-1].argmin())
+    margin = float(scores[best] - scores[worst])
+    label_0 = 0.5 if margin <= 0 or margin < min_margin else float(best < worst)
+    return min(best, worst), max(best, worst), label_0, margin
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a run builds, from its flags
+
+
+@dataclass
+class Build:
+    spec: str               # the prompt set (eval.prompt_set's names and files; shapes: the toy's training captions)
+    scorer: str             # eval.SCORERS name, or NAME=PATH
+    candidates: int         # K images per pair
+    pairs: int              # pairs per build, i.e. per round (0: one per prompt of the set)
+    min_margin: float
+    seed: int
+
+    def indices(self, r, n_prompts):
+        """The pairs of round r: the next ones after the rounds before it."""
+        n = self.pairs or n_prompts
+        return range(r * n, (r + 1) * n)
+
+
+def prompt_spec(data):
+    """The prompt set of --data prompts:SPEC; "shapes" for the toy world (--data shapes); else None."""
+    if data == "shapes":
+        return "shapes"
+    return data[len("prompts:"):] if data.startswith("prompts:") else None
+
+
+def build_of(cfg):
+    """The Build of a TrainConfig, or None when its pairs are not built from prompts; a bad setting is a one-line
+    UserError, before any work."""
+    spec = prompt_spec(cfg.data)
+    if spec is None:
+        if cfg.rebuild_every or cfg.reference_update != "base":
+            raise UserError(f"--rebuild-every / --reference-update: they rebuild pairs from prompts, and --data "
+                            f"{cfg.data} is not --data prompts:SPEC")
+        return None
+    scorer = cfg.pair_scorer or ("judge" if spec == "shapes" else "pickscore")
+    if scorer.partition("=")[0] not in eval.SCORERS:
+        raise UserError(f"--pair-scorer {scorer}: expected one of {', '.join(eval.SCORERS)} (or NAME=PATH)")
+    if not spec:
+        raise UserError("--data prompts:SPEC: SPEC is empty; expected a prompt set (parti, drawbench, hps, ...) or a "
+                        "prompt file")
+    checks = {"--candidates": (cfg.candidates, 2), "--rebuild-every": (cfg.rebuild_every, 0),
+              "--prompt-pairs": (cfg.prompt_pairs, 0), "--render-batch": (cfg.render_batch, 1)}
+    for flag, (value, low) in checks.items():
+        if value < low:
+            raise UserError(f"{flag} {value}: must be at least {low}")
+    if not cfg.min_margin >= 0:
+        raise UserError(f"--min-margin {cfg.min_margin}: must be >= 0")
+    if cfg.reference_update == "current" and (cfg.lora_rank or cfg.loss in ("sft", "mapo")):
+        raise UserError("--reference-update current: needs a reference UNet of its own (full fine-tuning, --loss dpo "
+                        "or kto; with LoRA the reference is the base model under the adapters)")
+    return Build(spec, scorer, cfg.candidates, cfg.prompt_pairs, cfg.min_margin, cfg.seed)
+
+
+def builds_pairs(cfg):
+    """Whether the run builds its pairs (prompts:SPEC, shapes, shapes-style, style:FOLDER); checks their settings."""
+    return build_of(cfg) is not None or toy.built_pairs_path(cfg, Path(".")) is not None
+
+
+def training_prompts(build):
+    """The build's prompts, each checked before any image is rendered (eval.check_prompts)."""
+    prompts = toy.shape_prompts("train") if build.spec == "shapes" else eval.prompt_set(build.spec)
+    if not prompts:
+        raise UserError(f"--data prompts:{build.spec}: the prompt set is empty")
+    eval.check_prompts(prompts, [build.scorer.partition("=")[0]], f"--data prompts:{build.spec}")
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building a round: candidates in chunks (resumable), then the pairs
+
+
+def round_folder(out, r):
+    return Path(out) / "pairs" / f"round-{r:03d}"
+
+
+@torch.no_grad()
+def build_round(s, out, build, r):
+    """Round r's pairs (rank 0): the missing chunks of candidates rendered by s.policy (as trained so far) and
+    scored, then OUT/pairs/round-RRR/pairs.parquet. Returns its path."""
+    folder, cfg, K = round_folder(out, r), s.cfg, build.candidates
+    path = folder / "pairs.parquet"
+    if path.exists():
+        return path
+    prompts = training_prompts(build)
+    indices = build.indices(r, len(prompts))
+    per_chunk = max(1, cfg.render_batch // K)
+    chunks = [indices[i:i + per_chunk] for i in range(0, len(indices), per_chunk)]
+    todo = [c for c in chunks if not (folder / f"candidates-{c[0]:07d}.parquet").exists()]
+    name, _, model = build.scorer.partition("=")
+    scorer = eval.load_scorer(name, model or None, device=s.sd.device)
+    t0, guidance = time.time(), sampling_defaults(cfg.model)[1]
+    bar = tqdm(total=len(indices) * K, initial=(len(indices) - sum(map(len, todo))) * K, unit="img",
+               desc=f"pairs, round {r}: {K} candidates x {len(indices)} prompts")
+    for chunk in todo:
+        captions = [prompts[i % len(prompts)] for i in chunk for _ in range(K)]
+        seeds = [candidate_seed(build.seed, i, k, K) for i in chunk for k in range(K)]
+        with s.autocast:
+            images = render(s.sd, s.policy, captions, seeds, batch_size=len(captions), steps=cfg.sample_steps,
+                            guidance=guidance, height=s.resolution, width=s.resolution)
+        scores = scorer(images, captions).double().tolist()
+        table = pa.table(dict(pair=[i for i in chunk for _ in range(K)], caption=captions,
+                              k=list(range(K)) * len(chunk), seed=seeds, score=scores,
+                              image=[png_bytes(im) for im in images]))
+        write_atomic(folder / f"candidates-{chunk[0]:07d}.parquet", lambda tmp: pq.write_table(table, str(tmp)))
+        bar.update(len(images))
+    bar.close()
+    n = write_round_pairs(folder, chunks, build)
+    print(f"built {path}: {n} of {len(indices)} pairs over the margin ({time.time() - t0:.0f} s)")
+    return path
+
+
+def write_round_pairs(folder, chunks, build):
+    """The chunks' candidates -> pairs.parquet (see best_and_worst); returns the number of pairs not tied."""
+    columns = dict(caption=[], jpg_0=[], jpg_1=[], label_0=[], scores=[], margin=[], pair=[])
+    K = build.candidates
+    for chunk in chunks:
+        path = folder / f"candidates-{chunk[0]:07d}.parquet"
+        t = pq.read_table(path).to_pydict()
+        if t["seed"] != [candidate_seed(build.seed, i, k, K) for i in chunk for k in range(K)]:
+            raise UserError(f"{path}: drawn with other settings (--candidates, --seed, --prompt-pairs or "
+                            f"--render-batch); use another --out")
+        for j in range(0, len(t["pair"]), K):
+            first, second, label_0, margin = best_and_worst(t["score"][j:j + K], build.min_margin)
+            for key, v in (("caption", t["caption"][j]), ("jpg_0", t["image"][j + first]), ("label_0", label_0),
+                           ("jpg_1", t["image"][j + second]), ("scores", t["score"][j:j + K]), ("margin", margin),
+                           ("pair", t["pair"][j])):
+                columns[key].append(v)
+    extra = {k: columns[k] for k in ("scores", "margin", "pair")}
+    write_pairs(folder / "pairs.parquet", *(columns[k] for k in ("caption", "jpg_0", "jpg_1", "label_0")), extra)
+    return sum(v != 0.5 for v in columns["label_0"])
+
+
+def round_stats(path, r):
+    """metrics.jsonl's words on a round: its number, the mean score of its candidates, the mean best - worst
+    margin, and the pairs over --min-margin."""
+    t = pq.read_table(path, columns=["scores", "margin", "label_0"]).to_pydict()
+    return dict(round=r, round_reward=float(np.mean([x for s in t["scores"] for x in s])),
+                round_margin=float(np.mean(t["margin"])), round_pairs=sum(v != 0.5 for v in t["label_0"]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# In the trainer: which round a step is in, and the pairs of the state's round
+
+
+def next_round(cfg, state):
+    """Whether --rebuild-every starts a new round at this step (then state moves to it, at its stream's start)."""
+    if not cfg.rebuild_every or state["round"] == state["step"] // cfg.rebuild_every:
+        return False
+    state.update(round=state["step"] // cfg.rebuild_every, position=0)
+    return True
+
+
+def round_pairs(s, out, state, rank):
+    """The path of the pairs the state's round trains on, built by rank 0 (the others wait for the file), or None
+    when --data is read, not built. At the start of a round after the first, --reference-update current makes the
+    reference the policy."""
+    build = build_of(s.cfg)
+    if build is None:
+        return toy.build_pairs(s, out) if rank == 0 else wait_for(toy.built_pairs_path(s.cfg, out))
+    r = state["round"]
+    if s.cfg.reference_update == "current" and r > 0 and state["position"] == 0:
+        s.reference.load_state_dict(s.policy.state_dict())
+    return build_round(s, out, build, r) if rank == 0 else wait_for(round_folder(out, r) / "pairs.parquet")
+
+
+def wait_for(path, poll=1.0):
+    """Wait until rank 0 has written `path` (None: nothing to wait for); torchrun ends the job if rank 0 dies."""
+    while path is not None and not path.exists():
+        time.sleep(poll)
+    return path
