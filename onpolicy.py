@@ -67,6 +67,7 @@ def best_and_worst(scores, min_margin=0.0):
 
 @dataclass
 class Build:
+    """What a run's builds draw and how they rank it (build_of reads it from the flags)."""
     spec: str               # the prompt set (eval.prompt_set's names and files; shapes: the toy's training captions)
     scorer: str             # eval.SCORERS name, or NAME=PATH
     candidates: int         # K images per pair
