@@ -322,7 +322,8 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
         if bad_in_a_row >= cfg.max_bad_steps:
             raise runs.diverged(out, bad_in_a_row)
         stopping = stop.requested(device)   # a --save-on-signal signal on any rank: every rank stops after this step
-        due = state["step"] == cfg.max_steps or cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0
+        every = [n for n in (cfg.checkpoint_every, cfg.rebuild_every) if n]   # a round's build starts at a checkpoint
+        due = state["step"] == cfg.max_steps or any(state["step"] % n == 0 for n in every)
         if rank == 0 and (due or stopping):
             save_checkpoint(s, out, opt, dict(state, config=run_cfg), pairs)
         if rank == 0 and due and not stopping:
@@ -419,7 +420,8 @@ class TrainConfig:
     cache_dir: str = flag("", "where --cache keeps them (default ~/.cache/diffdpo)", resume="new")
     flip: bool = flag(True, "random horizontal flips (--no-flip to disable)")
     seed: int = flag(0, "seeds the data order, augmentation, noise and timesteps")
-    checkpoint_every: int = flag(100, "optimizer steps between checkpoints (0: end only)", resume="new")
+    checkpoint_every: int = flag(100, "optimizer steps between checkpoints (0: end only; --rebuild-every adds each "
+                                      "round's start)", resume="new")
     save_on_signal: str = flag("TERM,USR1", f"on these signals (SLURM's, Kubernetes'), finish the optimizer step, "
                                             f"write the checkpoint and exit with status {runs.STOPPED}: re-run to "
                                             f"resume; a second signal stops at once ('' for none)", resume="new")
@@ -678,8 +680,8 @@ def run_config(cfg, s, opt, world):
 def resume(cfg, out, run_cfg, s, opt, rank):
     """Load OUT/checkpoint.pt into the models and optimizer if there is one (refusing a changed "fixed" setting;
     applying the new learning rate, warmup and weight decay), write OUT/config.json and trim OUT/metrics.jsonl to the
-    checkpoint's step. Returns the loop's state: step, position (in the round's stream), skipped (steps), round, and
-    the pairs skipped so far (for training_stream)."""
+    checkpoint's step. Returns the loop's state: step, position (in the data stream), skipped (steps), round (of
+    --rebuild-every), and the pairs skipped so far (for training_stream)."""
     state = dict(step=0, position=0, skipped=0, round=0)
     ckpt = runs.load_checkpoint(out / "checkpoint.pt")
     if ckpt is not None:

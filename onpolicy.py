@@ -25,8 +25,9 @@ Online rounds (--rebuild-every N): round r renders pairs [r P, (r + 1) P) (P = -
 through the set) with the policy as it is at step r N: each round's pairs come from the model being tuned (iterative
 DPO). The reference stays the base model, or with --reference-update current becomes the policy at each round.
 """
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ import eval
 import toy
 from files import UserError, write_atomic
 from sample import render, sampling_defaults
-from shards import png_bytes, write_pairs
+from shards import png_bytes
 
 # ----------------------------------------------------------------------------------------------------------------
 # The rule: candidates' seeds, and best against worst
@@ -53,11 +54,12 @@ def candidate_seed(seed, i, k, candidates):
 def best_and_worst(scores, min_margin=0.0):
     """One pair's candidate scores (K,) -> (first, second, label_0, margin): the best and the worst candidate in
     candidate order, label_0 = 1 if the first is the best, 0 if the second, 0.5 (a tie, skipped by the reader) when
-    margin = best - worst is 0 or under min_margin. The first best and the last worst win ties among candidates."""
+    margin = best - worst is 0, not a number, or under min_margin. The first best and the last worst win ties among
+    candidates."""
     scores = np.asarray(scores, dtype=np.float64)
     best, worst = int(scores.argmax()), len(scores) - 1 - int(scores[::-1].argmin())
     margin = float(scores[best] - scores[worst])
-    label_0 = 0.5 if margin <= 0 or margin < min_margin else float(best < worst)
+    label_0 = 0.5 if not margin > 0 or margin < min_margin else float(best < worst)   # NaN: a tie
     return min(best, worst), max(best, worst), label_0, margin
 
 
@@ -144,6 +146,8 @@ def build_round(s, out, build, r):
     scored, then OUT/pairs/round-RRR/pairs.parquet. Returns its path."""
     folder, cfg, K = round_folder(out, r), s.cfg, build.candidates
     path = folder / "pairs.parquet"
+    check_settings(folder, dict(asdict(build), model=cfg.model, sample_steps=cfg.sample_steps,
+                                resolution=s.resolution, render_batch=cfg.render_batch))
     if path.exists():
         return path
     prompts = training_prompts(build)
@@ -160,7 +164,7 @@ def build_round(s, out, build, r):
         captions = [prompts[i % len(prompts)] for i in chunk for _ in range(K)]
         seeds = [candidate_seed(build.seed, i, k, K) for i in chunk for k in range(K)]
         with s.autocast:
-            images = render(s.sd, s.policy, captions, seeds, batch_size=len(captions), steps=cfg.sample_steps,
+            images = render(s.sd, s.policy, captions, seeds, batch_size=cfg.render_batch, steps=cfg.sample_steps,
                             guidance=guidance, height=s.resolution, width=s.resolution)
         scores = scorer(images, captions).double().tolist()
         table = pa.table(dict(pair=[i for i in chunk for _ in range(K)], caption=captions,
@@ -174,9 +178,29 @@ def build_round(s, out, build, r):
     return path
 
 
-def write_round_pairs(folder, chunks, build):
-    """The chunks' candidates -> pairs.parquet (see best_and_worst); returns the number of pairs not tied."""
-    columns = dict(caption=[], jpg_0=[], jpg_1=[], label_0=[], scores=[], margin=[], pair=[])
+def check_settings(folder, settings):
+    """A round's build settings, written to build.json when it starts; a build or pairs made with others are a
+    one-line error, before anything is rendered or trained on."""
+    path = folder / "build.json"
+    if not path.exists():
+        write_atomic(path, lambda tmp: tmp.write_text(json.dumps(settings, indent=2)))
+        return
+    made = json.loads(path.read_text())
+    changed = [k for k in settings if made.get(k) != settings[k]]
+    if changed:
+        k = changed[0]
+        raise UserError(f"{folder} was built with {k}={made.get(k)!r}, this run has {k}={settings[k]!r}; use another "
+                        f"--out (or the same settings)")
+
+
+PAIRS_SCHEMA = pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
+                          ("label_0", pa.float64()), ("label_1", pa.float64()), ("scores", pa.list_(pa.float64())),
+                          ("margin", pa.float64()), ("pair", pa.int64())])
+ROW_GROUP = 256           # pairs per row group, as shards.write_pairs (the reader shuffles within row groups)
+
+
+def pair_rows(folder, chunks, build):
+    """The pairs of the chunks' candidates, one dict per pair (see best_and_worst), read chunk by chunk."""
     K = build.candidates
     for chunk in chunks:
         path = folder / f"candidates-{chunk[0]:07d}.parquet"
@@ -186,13 +210,30 @@ def write_round_pairs(folder, chunks, build):
                             f"--render-batch); use another --out")
         for j in range(0, len(t["pair"]), K):
             first, second, label_0, margin = best_and_worst(t["score"][j:j + K], build.min_margin)
-            for key, v in (("caption", t["caption"][j]), ("jpg_0", t["image"][j + first]), ("label_0", label_0),
-                           ("jpg_1", t["image"][j + second]), ("scores", t["score"][j:j + K]), ("margin", margin),
-                           ("pair", t["pair"][j])):
-                columns[key].append(v)
-    extra = {k: columns[k] for k in ("scores", "margin", "pair")}
-    write_pairs(folder / "pairs.parquet", *(columns[k] for k in ("caption", "jpg_0", "jpg_1", "label_0")), extra)
-    return sum(v != 0.5 for v in columns["label_0"])
+            yield dict(caption=t["caption"][j], jpg_0=t["image"][j + first], jpg_1=t["image"][j + second],
+                       label_0=label_0, label_1=1 - label_0, scores=t["score"][j:j + K], margin=margin,
+                       pair=t["pair"][j])
+
+
+def write_round_pairs(folder, chunks, build):
+    """pair_rows -> pairs.parquet, written atomically ROW_GROUP pairs at a time (a round's images are never all in
+    memory); returns the number of pairs not tied."""
+    kept = 0
+
+    def write(tmp):
+        nonlocal kept
+        rows = []
+        with pq.ParquetWriter(str(tmp), PAIRS_SCHEMA) as writer:
+            for row in pair_rows(folder, chunks, build):
+                rows.append(row)
+                kept += row["label_0"] != 0.5
+                if len(rows) == ROW_GROUP:
+                    writer.write_table(pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA))
+                    rows = []
+            if rows:
+                writer.write_table(pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA))
+    write_atomic(folder / "pairs.parquet", write)
+    return kept
 
 
 def round_stats(path, r):
@@ -208,24 +249,30 @@ def round_stats(path, r):
 
 
 def next_round(cfg, state):
-    """Whether --rebuild-every starts a new round at this step (then state moves to it, at its stream's start)."""
+    """Whether --rebuild-every starts a new round at this step (then the state moves to it). The stream position goes
+    on counting: a round's pairs get the noise, timesteps and augmentation of stream items no round had before."""
     if not cfg.rebuild_every or state["round"] == state["step"] // cfg.rebuild_every:
         return False
-    state.update(round=state["step"] // cfg.rebuild_every, position=0)
+    state["round"] = state["step"] // cfg.rebuild_every
     return True
 
 
 def round_pairs(s, out, state, rank):
     """The path of the pairs the state's round trains on, built by rank 0 (the others wait for the file), or None
     when --data is read, not built. At the start of a round after the first, --reference-update current makes the
-    reference the policy."""
+    reference the policy. A round's pairs that went missing after it started are an error, not rebuilt by a later
+    policy."""
     build = build_of(s.cfg)
     if build is None:
         return toy.build_pairs(s, out) if rank == 0 else wait_for(toy.built_pairs_path(s.cfg, out))
-    r = state["round"]
-    if s.cfg.reference_update == "current" and r > 0 and state["position"] == 0:
+    r, start = state["round"], state["round"] * s.cfg.rebuild_every       # the step the round starts at
+    path = round_folder(out, r) / "pairs.parquet"
+    if s.cfg.reference_update == "current" and r > 0 and state["step"] == start:
         s.reference.load_state_dict(s.policy.state_dict())
-    return build_round(s, out, build, r) if rank == 0 else wait_for(round_folder(out, r) / "pairs.parquet")
+    if rank == 0 and not path.exists() and state["step"] > start:   # its policy is gone: refuse to build with another
+        raise UserError(f"{path} is missing, and the run is at step {state['step']}, past the step its pairs were "
+                        f"built at ({start}); restore OUT/pairs/ or use another --out")
+    return build_round(s, out, build, r) if rank == 0 else wait_for(path)
 
 
 def wait_for(path, poll=1.0):

@@ -365,12 +365,11 @@ def png_bytes(img):
     return buf.getvalue()
 
 
-def write_pairs(path, captions, images_0, images_1, label_0, extra=None):
+def write_pairs(path, captions, images_0, images_1, label_0):
     """Pairs to one parquet file in the Pick-a-Pic v2 schema (images as PNG/JPEG bytes; label_0 1, 0, or 0.5 for a
-    tie, which the reader skips), and `extra` columns ({name: values}, which the reader ignores), written atomically."""
+    tie, which the reader skips), written atomically."""
     table = pa.table(dict(caption=list(captions), jpg_0=list(images_0), jpg_1=list(images_1),
-                          label_0=[float(v) for v in label_0], label_1=[1.0 - float(v) for v in label_0],
-                          **(extra or {})))
+                          label_0=[float(v) for v in label_0], label_1=[1.0 - float(v) for v in label_0]))
     return write_atomic(path, lambda tmp: pq.write_table(table, str(tmp), row_group_size=256))
 
 

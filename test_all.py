@@ -1287,7 +1287,7 @@ def test_candidate_seeds_and_best_against_worst():
     assert best([0.25, 0.75, 0.125, 0.5]) == (1, 2, 1.0, 0.625)        # the best first: label_0 1
     assert best([0.125, 0.75, 0.25]) == (0, 1, 0.0, 0.625)             # the worst first: label_0 0
     assert best([0.9, 0.1, 0.9, 0.1]) == (0, 3, 1.0, 0.8)              # the first best, the last worst
-    assert best([0.4, 0.4]) == (0, 1, 0.5, 0.0)                        # a tie
+    assert best([0.4, 0.4]) == (0, 1, 0.5, 0.0) and best([0.4, math.nan])[2] == 0.5    # ties
     assert best([0.25, 0.75, 0.5], min_margin=0.5)[2] == 0.0 and best([0.25, 0.75, 0.5], min_margin=0.6)[2] == 0.5
     shapes = dict(diffdpo.TrainConfig().__dict__, data="prompts:shapes", pair_scorer="judge")
     assert onpolicy.build_of(diffdpo.TrainConfig()) == onpolicy.build_of(diffdpo.TrainConfig(**shapes))
@@ -1341,6 +1341,9 @@ def test_prompt_pairs_build_resumes_mid_build(tmp_path, monkeypatch):
     assert len(list(folder.glob("candidates-*.parquet"))) == 2 and not (folder / "pairs.parquet").exists()
     path = onpolicy.build_round(s, tmp_path / "pieces", build, 0)
     seeds = [x for r in rendered for x in r]
+    other = onpolicy.build_of(dataclasses.replace(cfg, candidates=4))            # refused before anything renders
+    with pytest.raises(UserError, match=r"round-000 was built with candidates=3, this run has candidates=4"):
+        onpolicy.build_round(s, tmp_path / "pieces", other, 0)
     assert sorted(seeds) == [onpolicy.candidate_seed(0, i, k, 3) for i in range(8) for k in range(3)]
     a, b = pq.read_table(whole), pq.read_table(path)
     assert a.equals(b) and set(shards.COLUMNS) | {"scores", "margin", "pair"} == set(a.column_names)
@@ -1384,10 +1387,11 @@ def test_online_rounds_resume_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(onpolicy, "build_round", None)
     s = diffdpo.setup(diffdpo.TrainConfig(out=str(one), **common), unet.load_sd("tiny"), None)
     s.policy.load_state_dict(unet.load_component(one / "unet", "unet").state_dict())
-    path = onpolicy.round_pairs(s, one, dict(step=2, round=1, position=0), rank=1)
+    path = onpolicy.round_pairs(s, one, dict(step=2, round=1, position=32), rank=1)
     assert path == onpolicy.round_folder(one, 1) / "pairs.parquet"
     assert all(torch.equal(a, b) for a, b in zip(s.reference.state_dict().values(), s.policy.state_dict().values()))
-
+    with pytest.raises(UserError, match=r"round-001/pairs.parquet is missing, and the run is at step 3"):
+        onpolicy.round_pairs(s, tmp_path / "gone", dict(step=3, round=1, position=48), rank=0)  # not rebuilt
 
 def test_prompt_pairs_on_an_sd15_layout_model_with_pickscore(hub, clip_folder, tmp_path):
     """`--model SD15-LAYOUT --data prompts:FILE --pair-scorer pickscore=FOLDER` end to end on random weights: the
