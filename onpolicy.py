@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import eval
 import toy
-from files import UserError, write_atomic
+from files import UserError, read_json, write_atomic
 from sample import render, sampling_defaults
 from shards import png_bytes
 
@@ -185,7 +185,7 @@ def check_settings(folder, settings):
     if not path.exists():
         write_atomic(path, lambda tmp: tmp.write_text(json.dumps(settings, indent=2)))
         return
-    made = json.loads(path.read_text())
+    made = read_json(path)
     changed = [k for k in settings if made.get(k) != settings[k]]
     if changed:
         k = changed[0]
