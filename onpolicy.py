@@ -25,6 +25,7 @@ Online rounds (--rebuild-every N): round r renders pairs [r P, (r + 1) P) (P = -
 through the set) with the policy as it is at step r N: each round's pairs come from the model being tuned (iterative
 DPO). The reference stays the base model, or with --reference-update current becomes the policy at each round.
 """
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -222,16 +223,11 @@ def write_round_pairs(folder, chunks, build):
 
     def write(tmp):
         nonlocal kept
-        rows = []
+        rows = pair_rows(folder, chunks, build)
         with pq.ParquetWriter(str(tmp), PAIRS_SCHEMA) as writer:
-            for row in pair_rows(folder, chunks, build):
-                rows.append(row)
-                kept += row["label_0"] != 0.5
-                if len(rows) == ROW_GROUP:
-                    writer.write_table(pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA))
-                    rows = []
-            if rows:
-                writer.write_table(pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA))
+            while group := list(itertools.islice(rows, ROW_GROUP)):
+                kept += sum(row["label_0"] != 0.5 for row in group)
+                writer.write_table(pa.Table.from_pylist(group, schema=PAIRS_SCHEMA))
     write_atomic(folder / "pairs.parquet", write)
     return kept
 
