@@ -19,7 +19,7 @@ MFU against the GPU's dense bf16 peak, and each side's peak GPU memory. Ours run
 compiled with the --cache (no VAE or text encoders in the step). Then 50-step DDIM sampling, 4 images, ours vs the
 diffusers pipeline. Ends with one JSON line.
 
-    python bench.py --memory                  # peak memory of a DPO step: full fine-tuning vs LoRA (~20 GiB RAM)
+    python bench.py --memory                  # peak memory of a DPO step: full, LoRA, --fsdp on 2 ranks (~20 GiB)
     python bench.py --losses                  # each --loss's step on the toy model vs DPO's, in one process (CPU)
 """
 import argparse
@@ -46,6 +46,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import diffdpo
+import fsdp
 import sample
 import toy
 import unet
@@ -153,7 +154,9 @@ def bench_data(resolution, pairs=64, batch_size=4):
 def memory_step(mode, latent=16):
     """One DPO optimizer step (a pair, batch [winner; loser]) on a random-weight SD1.5 UNet in THIS process, full
     fine-tuning (policy + a frozen copy as reference, AdamW) or LoRA rank 8 (adapters only; the reference is the same
-    UNet with the adapters off). Returns the process's peak RSS in GiB and the trainable parameter count."""
+    UNet with the adapters off); "fsdp": full fine-tuning as one of the gloo ranks torchrun started, both UNets
+    sharded as `diffdpo.py --fsdp` shards them (whole weights loaded first on every rank, as the trainer does).
+    Returns the process's peak RSS in GiB (with fsdp: the largest over the ranks) and the trainable parameter count."""
     torch.manual_seed(0)
     policy = unet.UNet(unet.UNetConfig.sd15())
     if mode == "lora":
@@ -161,6 +164,9 @@ def memory_step(mode, latent=16):
         reference = policy
     else:
         reference = copy.deepcopy(policy).requires_grad_(False)
+    if mode == "fsdp":
+        torch.distributed.init_process_group("gloo")
+        policy, reference = fsdp.shard(policy, torch.float32), fsdp.shard(reference, torch.float32)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     abar = sample.alphas_cumprod(dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
@@ -168,20 +174,28 @@ def memory_step(mode, latent=16):
     eps, t = torch.randn(1, 4, latent, latent), torch.tensor([500])
     errors = diffdpo.dpo_errors(policy, reference, x, cond, eps, t, abar, "epsilon")
     diffdpo.dpo_loss(*errors, 5000.0)[0].backward()
+    fsdp.clip_grad_norm(params, 1.0)
     opt.step()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, sum(p.numel() for p in params)
+    peak = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+    if mode == "fsdp":
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    return peak.item(), sum(p.numel() for p in params)
 
 
 def memory_table():
-    """Peak CPU RSS of one SD1.5 DPO step, full vs LoRA, each in a fresh process; SDXL as parameter arithmetic."""
+    """Peak CPU RSS of one SD1.5 DPO step, full vs LoRA, each in a fresh process, and full with --fsdp on 2 gloo
+    ranks (per rank); SDXL as parameter arithmetic."""
     rows = {}
-    for mode in ("full", "lora"):
-        out = subprocess.run([sys.executable, __file__, "--memory-step", mode], capture_output=True, text=True)
+    for mode in ("full", "lora", "fsdp"):
+        ranks = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if mode == "fsdp" else []
+        out = subprocess.run([sys.executable, *ranks, __file__, "--memory-step", mode], capture_output=True, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
         if out.returncode != 0:
             raise SystemExit(f"memory step {mode} failed: {out.stderr[-500:]}")
         rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"SD1.5 DPO step, {mode:4}: peak RSS {rows[mode]['peak_rss_gib']:.2f} GiB, "
-              f"{rows[mode]['trainable']:,} trainable parameters")
+        print(f"SD1.5 DPO step, {mode:4}: peak RSS {rows[mode]['peak_rss_gib']:.2f} GiB"
+              f"{' per rank (2 ranks)' if mode == 'fsdp' else ''}, {rows[mode]['trainable']:,} trainable parameters")
+    print(f"--fsdp on 2 ranks / 1 process: {rows['fsdp']['peak_rss_gib'] / rows['full']['peak_rss_gib']:.2f}x")
     for name, cfg in (("sd15", unet.UNetConfig.sd15()), ("sdxl", unet.UNetConfig.sdxl())):
         with torch.device("meta"):
             model = unet.UNet(cfg)
@@ -465,8 +479,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="CPU: 32x32 latents (256 px) and 5 repeats, else 64x64 and 7")
-    p.add_argument("--memory", action="store_true", help="peak memory of a DPO step, full vs LoRA (needs ~20 GiB)")
-    p.add_argument("--memory-step", choices=["full", "lora"], help=argparse.SUPPRESS)
+    p.add_argument("--memory", action="store_true", help="peak memory of a DPO step, full vs LoRA vs 2 "
+                   "--fsdp ranks (needs ~20 GiB)")
+    p.add_argument("--memory-step", choices=["full", "lora", "fsdp"], help=argparse.SUPPRESS)
     p.add_argument("--losses", action="store_true", help="each --loss's step on the toy model, time and memory vs DPO")
     p.add_argument("--dpo-step", action="store_true", help="the DPO-step and sampling benchmarks (on by default "
                                                            "with --device cuda)")
@@ -480,7 +495,8 @@ def main():
     args = p.parse_args()
     if args.memory_step:
         rss, n = memory_step(args.memory_step)
-        print(json.dumps(dict(peak_rss_gib=rss, trainable=n)))
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(json.dumps(dict(peak_rss_gib=rss, trainable=n)))
         return
     if args.memory:
         print(json.dumps(memory_table()))

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import eval
+import fsdp
 import onpolicy
 import runs
 import toy
@@ -274,11 +275,14 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
     rank, world, device = setup_distributed(cfg)
     out = Path(cfg.out)
     runs.validate(cfg, device, built=onpolicy.builds_pairs(cfg))
+    fsdp.check(cfg, amp_precision(cfg, device))
     lock = runs.lock(out) if rank == 0 else None                  # one run per --out, held until this one ends
     stop = runs.StopSignals(cfg.save_on_signal, rank)             # --save-on-signal; until the loop: stop at once
     torch.manual_seed(cfg.seed)
     s = setup(cfg, load_sd(cfg.model, device=device, dtype=torch.float32), pair_loss)
-    model = DDP(s.policy, gradient_as_bucket_view=True) if world > 1 else s.policy
+    if cfg.fsdp:                  # the networks in pieces over the processes (fsdp.py), else DDP's whole copies
+        s.policy, s.reference = fsdp.shard_networks(s, amp_precision(cfg, device), cfg.fsdp_reference)
+    model = DDP(s.policy, gradient_as_bucket_view=True) if world > 1 and not cfg.fsdp else s.policy
     fwd_policy = torch.compile(model) if cfg.compile else model
     fwd_reference = torch.compile(s.reference) if cfg.compile and s.reference is not None else s.reference
     opt = make_optimizer(cfg, s.policy, world, device)
@@ -286,10 +290,10 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
     state = resume(cfg, out, run_cfg, s, opt, rank)
     if state["step"] >= cfg.max_steps:                                       # past the last checkpoint
         save_final_weights(s, out, state["step"], rank)
-        return finish(world, out, lock, stop)
+        return runs.finish(world, out, lock, stop)
 
-    print0(banner(s, run_cfg, world, device), rank=rank)
-    if rank == 0:
+    print0(runs.banner(s, run_cfg, world, device), rank=rank)
+    if rank == 0 or cfg.fsdp:     # sharded networks run on every rank together (each writes the same files)
         runs.base_samples(s, out, state["step"])           # the grids' base row, before the policy moves
     pairs, val, batches = training_stream(s, out, state, image_embedder, rank, world)
     log = runs.Log(out, run_cfg, cfg.report_to, cfg.max_steps, state["step"]) if rank == 0 else None
@@ -303,7 +307,7 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             last = micro == cfg.grad_accum - 1
-            with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
+            with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
                 loss, acc, errors = micro_step(s, batch, fwd_policy, fwd_reference, world)
                 opt.scaler.scale(loss / cfg.grad_accum).backward()
             state["position"] = batch["position"]
@@ -324,12 +328,10 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
         stopping = stop.requested(device)   # a --save-on-signal signal on any rank: every rank stops after this step
         every = [n for n in (cfg.checkpoint_every, cfg.rebuild_every) if n]   # a round's build starts at a checkpoint
         due = state["step"] == cfg.max_steps or any(state["step"] % n == 0 for n in every)
-        if rank == 0 and (due or stopping):
-            save_checkpoint(s, out, opt, dict(state, config=run_cfg), pairs)
-        if rank == 0 and due and not stopping:
-            if val is not None:
-                log.row(dict(step=state["step"], **validation(s, val)))
-            log.grid(runs.samples(s, out, state["step"]), state["step"])
+        if (rank == 0 or cfg.fsdp) and (due or stopping):
+            save_checkpoint(s, out, opt, dict(state, config=run_cfg), pairs, rank)
+        if (rank == 0 or cfg.fsdp) and due and not stopping:       # sharded: every rank runs them, rank 0 logs
+            validate_and_draw(s, out, val, log, state["step"], rank)
         if stopping:
             break
     batches.close()
@@ -338,10 +340,10 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
         if cfg.lora_rank and cfg.merge_lora and not stopping:   # after the last validation and grid, from the file
             save_merged_unet(cfg, out)
         if not stopping:
-            print(done_line(s, state, row, out))
+            print(runs.done_line(s, state, row, out))
     if stopping:
-        stop.exit(state["step"], finish(world, out, lock, stop))
-    return finish(world, out, lock, stop)
+        stop.exit(state["step"], runs.finish(world, out, lock, stop))
+    return runs.finish(world, out, lock, stop)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -375,8 +377,10 @@ class TrainConfig:
     desirable_weight: float = flag(1.0, "KTO's lambda_D, the weight of desirable images")
     undesirable_weight: float = flag(1.0, "KTO's lambda_U, the weight of undesirable images")
     max_steps: int = flag(200, "optimizer steps", resume="new")
-    batch_size: int = flag(16, "pairs per device per micro-step")
-    grad_accum: int = flag(1, "micro-steps per optimizer step")
+    batch_size: int = flag(16, "pairs per device per micro-step", resume="new")
+    grad_accum: int = flag(1, "micro-steps per optimizer step (a resume may change it, the processes and --batch-size "
+                              "if the pairs per step stay: then it is exact, except KTO's and RPO's in-batch terms)",
+                           resume="new")
     resolution: int = flag(32, "image side in pixels; 0 = the model's (512 SD1.5, 1024 SDXL)")
     lr: float = flag(3e-5, "learning rate actually used (official: 1e-8 x 2048 pairs)", resume="new")
     scale_lr: bool = flag(False, "multiply --lr by the effective batch (pairs per step)", resume="new")
@@ -390,6 +394,11 @@ class TrainConfig:
     channels_last: bool = flag(False, "the UNets in channels-last (NHWC) memory format: faster convolutions with "
                                       "oneDNN / cuDNN", resume="new")
     compile: bool = flag(False, "torch.compile the UNets", resume="new")
+    fsdp: bool = flag(False, "with torchrun: shard the weights, gradients and optimizer state over the processes "
+                             "(FSDP2); checkpoints sharded too", resume="new")
+    fsdp_reference: str = flag("shard", "--fsdp: the frozen reference sharded | replicate (whole on each process, in "
+                                        "the compute precision: no gathers)", resume="new",
+                               choices=("shard", "replicate"))
     lora_rank: int = flag(0, "train rank-R LoRA adapters, not the whole UNet (0: off)")
     lora_alpha: float = flag(0.0, "LoRA scale alpha / rank; 0 = rank (scale 1)")
     lora_targets: str = flag(LORA_TARGETS, "layers that get adapters (peft's suffix rule); add "
@@ -685,14 +694,18 @@ def resume(cfg, out, run_cfg, s, opt, rank):
     state = dict(step=0, position=0, skipped=0, round=0)
     ckpt = runs.load_checkpoint(out / "checkpoint.pt")
     if ckpt is not None:
-        for k in run_cfg["fixed"] + ["world_size"]:
+        for k in run_cfg["fixed"] + ["pairs_per_step"]:   # processes, --batch-size, --grad-accum may change
             if k in ckpt["config"] and ckpt["config"][k] != run_cfg[k]:
                 raise UserError(f"{out / 'checkpoint.pt'} was made with {k}={ckpt['config'][k]!r}, this command has "
                                 f"{k}={run_cfg[k]!r}; use another --out or the same settings to resume")
-        s.policy.load_state_dict(ckpt["unet"], strict=not cfg.lora_rank)  # with LoRA: the adapters only
-        if ckpt.get("reference") is not None:                             # --reference-update current
-            s.reference.load_state_dict(ckpt["reference"])
-        opt.optimizer.load_state_dict(ckpt["optimizer"])
+        reference = s.reference if cfg.reference_update == "current" else None
+        if ckpt.get("sharded") or fsdp.sharded(s.policy):                 # written or read in pieces: fsdp.py
+            fsdp.load_checkpoint(ckpt, out, s.policy, opt.optimizer, reference, cfg.lora_rank)
+        else:
+            s.policy.load_state_dict(ckpt["unet"], strict=not cfg.lora_rank)  # with LoRA: the adapters only
+            if reference is not None:                                         # --reference-update current
+                reference.load_state_dict(ckpt["reference"])
+            opt.optimizer.load_state_dict(ckpt["optimizer"])
         opt.scheduler.load_state_dict(ckpt["scheduler"])
         if opt.scaler.is_enabled() and ckpt["scaler"]:                    # fp16's loss scale (none for fp32, bf16)
             opt.scaler.load_state_dict(ckpt["scaler"])
@@ -710,20 +723,6 @@ def resume(cfg, out, run_cfg, s, opt, rank):
     return state
 
 
-LAYOUTS = {"sd15": "SD1.5's layout", "sdxl": "SDXL's layout"}
-
-
-def banner(s, run_cfg, world, device):
-    what = f"{LAYOUTS[s.sd.kind]}, UNet {sum(p.numel() for p in s.policy.parameters()) / 1e6:.1f}M params"
-    precision = DTYPE_NAMES[DTYPES[run_cfg["mixed_precision"]]]
-    return (f"{s.cfg.method} on {model_name(s.cfg.model)} ({what}), {run_cfg['pairs_per_step']} pairs/step on "
-            f"{world} x {device.type}, lr {run_cfg['lr_used']:.3g}, {precision} precision")
-
-
-def model_name(model):
-    return "tiny, the toy model" if model == "tiny" else model
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # One optimizer step, its metrics row, and the stop after too many non-finite steps
 
@@ -732,7 +731,7 @@ def optimizer_step(policy, opt, grad_clip):
     """Clip the gradient's norm and step, unless it is not finite (then the step is skipped: the caller counts it).
     Returns the gradient norm before clipping and the learning rate the step used."""
     opt.scaler.unscale_(opt.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+    grad_norm = fsdp.clip_grad_norm(policy.parameters(), grad_clip)     # torch's clip_grad_norm_, shards summed
     if torch.isfinite(grad_norm):
         opt.scaler.step(opt.optimizer)
     opt.scaler.update()
@@ -742,57 +741,76 @@ def optimizer_step(policy, opt, grad_clip):
     return grad_norm, lr
 
 
-SKIP_COUNTS = ("corrupt", "too_large", "ties", "bad_labels", "empty_captions", "long_captions")
-
-
 def metrics_row(state, logs, numbers, pairs, world, gathered):
     """metrics.jsonl's row of one optimizer step: the loss terms averaged over micro-steps and ranks (on the device:
     one copy to the host per step), the optimizer's `numbers`, and the counts of steps and pairs left out so far."""
     m = runs.all_mean(torch.stack(logs).mean(0), world).tolist()
     return dict(step=state["step"], loss=m[0], implicit_acc=m[1], **numbers, mse_w=m[2], mse_l=m[3],
                 ref_mse_w=m[4], ref_mse_l=m[5], skipped=state["skipped"], **pairs.round_stats,
-                **runs.gathered_counts(pairs, world, gathered, SKIP_COUNTS))
+                **runs.gathered_counts(pairs, world, gathered, runs.SKIP_COUNTS))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # At each checkpoint (rank 0): the checkpoint, the validation loss, the sample grid
 
 
-def save_checkpoint(s, out, opt, state, pairs):
+def save_checkpoint(s, out, opt, state, pairs, rank=0):
     """OUT/checkpoint.pt to resume from (the trainable weights, the optimizer, scheduler and scaler states, the stream
     position, the RNG and the pairs skipped so far), then the weights for users: in this order the user's weights are
     never ahead of the checkpoint (a full disk stops the run between the two at worst). Unless a weight is not
-    finite: then the last checkpoint, which is, stays."""
-    policy = s.policy
-    if not all(torch.isfinite(p).all() for p in policy.parameters() if p.requires_grad):
-        print0(f"step {state['step']}: non-finite weights, {out / 'checkpoint.pt'} is not overwritten")
+    finite: then the last checkpoint, which is, stays. Sharded networks (--fsdp, every rank calls this) write their
+    pieces to a folder that checkpoint.pt names (fsdp.save)."""
+    policy, current = s.policy, s.cfg.reference_update == "current"
+    if not fsdp.all_finite(p for p in policy.parameters() if p.requires_grad):
+        print0(f"step {state['step']}: non-finite weights, {out / 'checkpoint.pt'} is not overwritten", rank=rank)
         return
-    weights = policy.state_dict()
-    if s.cfg.lora_rank:  # the adapters alone (the base is --model's)
+    if fsdp.sharded(policy):
+        reference = s.reference if current else None
+        state["sharded"] = fsdp.save(out, state["step"], policy, opt.optimizer, reference, s.cfg.lora_rank, rank)
+        weights = optimizer = reference = None
+    else:
+        weights, optimizer = policy.state_dict(), opt.optimizer.state_dict()
+        reference = s.reference.state_dict() if current else None
+    if s.cfg.lora_rank and weights:  # the adapters alone (the base is --model's)
         weights = {k: v for k, v in weights.items() if ".lora_" in k}
-    runs.save_checkpoint(out / "checkpoint.pt", dict(
-        unet=weights, optimizer=opt.optimizer.state_dict(), scheduler=opt.scheduler.state_dict(),
-        scaler=opt.scaler.state_dict(), rng=torch.get_rng_state(),
-        reference=s.reference.state_dict() if s.cfg.reference_update == "current" else None,
-        skipped_pairs={k: sorted(v) for k, v in pairs.skipped.items()}, **state))
-    save_weights(s, out)
+    if rank == 0:
+        runs.save_checkpoint(out / "checkpoint.pt", dict(
+            unet=weights, optimizer=optimizer, scheduler=opt.scheduler.state_dict(), scaler=opt.scaler.state_dict(),
+            rng=torch.get_rng_state(), reference=reference,
+            skipped_pairs={k: sorted(v) for k, v in pairs.skipped.items()}, **state))
+        fsdp.remove_old(out, keep=state.get("sharded"))
+    save_weights(s, out, rank)
 
 
 def save_final_weights(s, out, step, rank):
     """A run already at --max-steps: its checkpoint's weights again (a full disk may have stopped their last write)."""
     print0(f"{out} is already at step {step} >= --max-steps {s.cfg.max_steps}", rank=rank)
-    if rank == 0:
-        save_weights(s, out)
-        if s.cfg.lora_rank and s.cfg.merge_lora:
+    if rank == 0 or fsdp.sharded(s.policy):
+        save_weights(s, out, rank)
+    if rank == 0 and s.cfg.lora_rank and s.cfg.merge_lora:
             save_merged_unet(s.cfg, out)
 
 
-def save_weights(s, out):
-    """OUT/unet/ in the diffusers layout, or with LoRA the adapters alone (as diffusers' load_lora_weights reads)."""
-    if s.cfg.lora_rank:
-        save_lora(s.policy, out / LORA_FILE)
-    else:
-        save_unet(s.policy, out / "unet")
+def save_weights(s, out, rank=0):
+    """OUT/unet/ in the diffusers layout, or with LoRA the adapters alone (as diffusers' load_lora_weights reads);
+    sharded networks are gathered whole on rank 0 first."""
+    policy = s.policy
+    if fsdp.sharded(policy):
+        policy = fsdp.whole(policy, fsdp.whole_state_dict(policy, s.cfg.lora_rank))
+    if rank == 0 and s.cfg.lora_rank:
+        save_lora(policy, out / LORA_FILE)
+    elif rank == 0:
+        save_unet(policy, out / "unet")
+
+
+def validate_and_draw(s, out, val, log, step, rank):
+    """At a checkpoint: the held-out pairs' loss (--val-pairs) and the sample grid, logged by rank 0."""
+    numbers = validation(s, val) if val is not None else {}
+    grid = runs.samples(s, out, step)
+    if rank == 0 and numbers:
+        log.row(dict(step=step, **numbers))
+    if rank == 0:
+        log.grid(grid, step)
 
 
 @torch.no_grad()
@@ -812,28 +830,10 @@ def validation(s, val):
     return dict(val_loss=loss, val_implicit_acc=acc, val_pairs=n)
 
 
-def done_line(s, state, row, out):
-    counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in row.items() if k in SKIP_COUNTS)
-    return (f"done: {state['step']} steps ({state['skipped']} skipped, {row['pairs_per_s']:.2f} pairs/s at the last, "
-            f"peak memory {runs.peak_memory_gib(s.sd.device):.1f} GiB); pairs left out: {counts}; weights in "
-            f"{out / (LORA_FILE if s.cfg.lora_rank else 'unet')}")
-
-
 def save_merged_unet(cfg, out):
     """--merge-lora: OUT/unet/, --model's UNet (fp32, freshly loaded) with OUT's LoRA file merged in, as sample.py
     --lora merges it; the policy itself is left as it trained."""
     save_unet(load_sd(cfg.model, lora=out / LORA_FILE).unet, out / "unet")
-
-
-def finish(world, out, lock, stop=None):
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    if lock is not None:
-        lock.close()
-    if stop is not None:
-        stop.close()
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -845,7 +845,7 @@ def main(cfg, pair_loss=None, image_embedder=None):
     (eval.evaluate_toy: OUT/summary.json, OUT/compare.png); with --push-to-hub, upload the result. A problem the user
     can fix (a bad --model, --data or setting, a busy or unwritable --out, ...) ends with a one-line error, exit 2."""
     t_start, rank = time.time(), int(os.environ.get("RANK", 0))
-    print0(f"diffdpo: {cfg.method} on {model_name(cfg.model)}, --data {cfg.data}, writing {cfg.out}/", rank=rank)
+    print0(f"diffdpo: {cfg.method} on {runs.model_name(cfg.model)}, --data {cfg.data}, writing {cfg.out}/", rank=rank)
     try:
         out = train(cfg, pair_loss, image_embedder)
         if rank == 0 and toy.world_of(cfg.data):

@@ -131,9 +131,9 @@ def lora_state_dict(unet):
     """The adapters as diffusers' `load_lora_weights` reads them (peft names, `unet.` prefix): per layer
     `unet.<name>.lora_A.weight` (r, in) and `unet.<name>.lora_B.weight` (out, r), with alpha / r folded into B, so
     any loader that assumes alpha = r (diffusers, peft, ComfyUI with no alphas in the file) computes the same y."""
-    return {f"unet.{n}.{k}": (w * m.scale if k == "lora_B.weight" else w).detach().contiguous().cpu()
-            for n, m in unet.named_modules() if isinstance(m, LoRALinear)
-            for k, w in (("lora_A.weight", m.lora_A.weight), ("lora_B.weight", m.lora_B.weight))}
+    weights = unet.state_dict()           # (sharded networks: their whole weights, gathered)
+    return {f"unet.{n}.{k}": (weights[f"{n}.{k}"] * (m.scale if k == "lora_B.weight" else 1)).contiguous().cpu()
+            for n, m in unet.named_modules() if isinstance(m, LoRALinear) for k in ("lora_A.weight", "lora_B.weight")}
 
 
 def save_lora(unet, path):

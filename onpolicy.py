@@ -27,6 +27,7 @@ DPO). The reference stays the base model, or with --reference-update current bec
 """
 import itertools
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -159,7 +160,8 @@ def build_round(s, out, build, r):
     name, _, model = build.scorer.partition("=")
     scorer = eval.load_scorer(name, model or None, device=s.sd.device)
     t0, guidance = time.time(), sampling_defaults(cfg.model)[1]
-    bar = tqdm(total=len(indices) * K, initial=(len(indices) - sum(map(len, todo))) * K, unit="img",
+    quiet = int(os.environ.get("RANK", 0)) > 0          # --fsdp: every rank renders, rank 0 reports
+    bar = tqdm(total=len(indices) * K, initial=(len(indices) - sum(map(len, todo))) * K, unit="img", disable=quiet,
                desc=f"pairs, round {r}: {K} candidates x {len(indices)} prompts")
     for chunk in todo:
         captions = [prompts[i % len(prompts)] for i in chunk for _ in range(K)]
@@ -175,7 +177,8 @@ def build_round(s, out, build, r):
         bar.update(len(images))
     bar.close()
     n = write_round_pairs(folder, chunks, build)
-    print(f"built {path}: {n} of {len(indices)} pairs over the margin ({time.time() - t0:.0f} s)")
+    if not quiet:
+        print(f"built {path}: {n} of {len(indices)} pairs over the margin ({time.time() - t0:.0f} s)")
     return path
 
 
@@ -259,8 +262,9 @@ def round_pairs(s, out, state, rank):
     reference the policy. A round's pairs that went missing after it started are an error, not rebuilt by a later
     policy."""
     build = build_of(s.cfg)
+    everyone = s.cfg.fsdp        # sharded networks render on every rank together (each writes the same files)
     if build is None:
-        return toy.build_pairs(s, out) if rank == 0 else wait_for(toy.built_pairs_path(s.cfg, out))
+        return toy.build_pairs(s, out) if rank == 0 or everyone else wait_for(toy.built_pairs_path(s.cfg, out))
     r, start = state["round"], state["round"] * s.cfg.rebuild_every       # the step the round starts at
     path = round_folder(out, r) / "pairs.parquet"
     if s.cfg.reference_update == "current" and r > 0 and state["step"] == start:
@@ -268,7 +272,7 @@ def round_pairs(s, out, state, rank):
     if rank == 0 and not path.exists() and state["step"] > start:   # its policy is gone: refuse to build with another
         raise UserError(f"{path} is missing, and the run is at step {state['step']}, past the step its pairs were "
                         f"built at ({start}); restore OUT/pairs/ or use another --out")
-    return build_round(s, out, build, r) if rank == 0 else wait_for(path)
+    return build_round(s, out, build, r) if rank == 0 or everyone else wait_for(path)
 
 
 def wait_for(path, poll=1.0):

@@ -25,9 +25,9 @@ from PIL import Image
 from tqdm import tqdm
 
 import toy
-from files import (TEMP_NAME, NoSpaceError, UserError, first_line, json_loads, raise_if_no_space, write_atomic,
-                   write_text_atomic)
-from lora import lora_disabled
+from files import (DTYPE_NAMES, DTYPES, TEMP_NAME, NoSpaceError, UserError, first_line, json_loads, raise_if_no_space,
+                   write_atomic, write_text_atomic)
+from lora import LORA_FILE, lora_disabled
 from sample import image_grid, render, sampling_defaults
 from shards import find_shards
 from unet import load_sd
@@ -455,6 +455,44 @@ def samples(s, out, step):
     path = out / "samples" / f"step{step:06d}.png"
     write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a run prints at its start and end, and its end on every rank
+
+LAYOUTS = {"sd15": "SD1.5's layout", "sdxl": "SDXL's layout"}
+
+
+def banner(s, run_cfg, world, device):
+    what = f"{LAYOUTS[s.sd.kind]}, UNet {sum(p.numel() for p in s.policy.parameters()) / 1e6:.1f}M params"
+    precision = DTYPE_NAMES[DTYPES[run_cfg["mixed_precision"]]]
+    return (f"{s.cfg.method} on {model_name(s.cfg.model)} ({what}), {run_cfg['pairs_per_step']} pairs/step on "
+            f"{world} x {device.type}, lr {run_cfg['lr_used']:.3g}, {precision} precision")
+
+
+def model_name(model):
+    return "tiny, the toy model" if model == "tiny" else model
+
+
+def done_line(s, state, row, out):
+    counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in row.items() if k in SKIP_COUNTS)
+    return (f"done: {state['step']} steps ({state['skipped']} skipped, {row['pairs_per_s']:.2f} pairs/s at the last, "
+            f"peak memory {peak_memory_gib(s.sd.device):.1f} GiB); pairs left out: {counts}; weights in "
+            f"{out / (LORA_FILE if s.cfg.lora_rank else 'unet')}")
+
+
+SKIP_COUNTS = ("corrupt", "too_large", "ties", "bad_labels", "empty_captions", "long_captions")
+
+
+def finish(world, out, lock, stop=None):
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if lock is not None:
+        lock.close()
+    if stop is not None:
+        stop.close()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -931,6 +931,59 @@ def test_adafactor_matches_transformers():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Sharded training (fsdp.py): 2 gloo processes with --fsdp equal 1 process; sharded checkpoints resume on any number
+# of processes, and a write killed half-way leaves the previous checkpoint
+
+
+def fsdp_args(hub, shard, out, steps, processes):
+    """train_args at lr 3e-5 (Adam's sign-sized steps on near-zero gradients then stay under the 1e-5 the weights are
+    compared to, while every weight moves by up to 1e-4), 4 pairs per step as 1 x 2 x 2 or 2 x 1 x 2."""
+    args = train_args(hub, shard, out, "--max-steps", str(steps), "--lr", "3e-5", "--no-samples")
+    args[args.index("--batch-size") + 1] = str(2 // processes)
+    return args + (["--fsdp"] if processes == 2 else [])
+
+
+def test_fsdp_equals_one_process_and_resumes_on_any_number_of_processes(tmp_path, hub, shard):
+    """4 steps of `torchrun --nproc_per_node 2 diffdpo.py --fsdp` == 4 steps of one process (weights <= 1e-5, the
+    logged losses and gradient norms); its sharded checkpoint resumed on 1 process, and a 1-process checkpoint resumed
+    sharded on 2, both to step 6 == 6 steps of one process. A half-written checkpoint folder (a kill during the
+    write) and a complete one that checkpoint.pt does not name yet (a kill before checkpoint.pt moved on) change
+    nothing, and go at the next checkpoint."""
+    r = run_here(fsdp_args(hub, shard, tmp_path / "alone", 4, 2))                      # --fsdp without torchrun
+    assert r.returncode == 2 and "torchrun --nproc-per-node" in r.stderr and "Traceback" not in r.stderr
+    one = tmp_path / "one"
+    assert run_here(fsdp_args(hub, shard, one, 4, 1)).returncode == 0
+    w4, rows4 = unet_weights(one), read_metrics(one)
+    at4 = copy_run(one, tmp_path / "one-at-4")
+    assert run_here(fsdp_args(hub, shard, one, 6, 1)).returncode == 0
+    w6, w0 = unet_weights(one), load_file(hub["sd15"] / "unet" / "diffusion_pytorch_model.safetensors")
+
+    sharded = tmp_path / "sharded"
+    r = run_cli(fsdp_args(hub, shard, sharded, 4, 2), torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in sharded.glob("checkpoint*")) == ["checkpoint-000004", "checkpoint.pt"]
+    assert torch.load(sharded / "checkpoint.pt", weights_only=True)["unet"] is None      # the weights are in pieces
+    for a, b in zip(read_metrics(sharded), rows4, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-3 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * b["grad_norm"]
+    moved = max_diff(w4, w0)
+    print(f"--fsdp on 2 vs 1 process, step 4: max |dw| {max_diff(unet_weights(sharded), w4):.1e} (moved {moved:.1e})")
+    assert max_diff(unet_weights(sharded), w4) <= 1e-5 < moved / 5
+
+    shutil.copytree(sharded / "checkpoint-000004", sharded / "checkpoint-000006")       # renamed, not yet named
+    (sharded / "checkpoint-000008.tmp").mkdir()                                        # killed mid-write
+    (sharded / "checkpoint-000008.tmp" / "__0_0.distcp").write_bytes(b"half")
+    r = run_here(fsdp_args(hub, shard, sharded, 6, 1))                                 # 2 processes -> 1
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-3000:]
+    assert not list(sharded.glob("checkpoint-0*"))     # a whole checkpoint.pt now: the folders are gone
+    r = run_cli(fsdp_args(hub, shard, at4, 6, 2), torchrun=2)                          # 1 process -> 2
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-3000:]
+    assert [row["step"] for row in read_metrics(at4)] == [1, 2, 3, 4, 5, 6]
+    print(f"resumed at step 4 on another number of processes, step 6: 2 -> 1 max |dw| "
+          f"{max_diff(unet_weights(sharded), w6):.1e}, 1 -> 2 {max_diff(unet_weights(at4), w6):.1e}")
+    assert max_diff(unet_weights(sharded), w6) <= 1e-5 and max_diff(unet_weights(at4), w6) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The family of preference losses on one trainer (diffdpo.py): cDPO's label smoothing, MaPO, Diffusion-KTO and
 # --label-noise; each loss against its paper's released code written out, KTO's labelled-image data, the steps
 # they run, and exact resumes
@@ -2376,12 +2429,17 @@ def test_train_lora_end_to_end(tmp_path, hub, shard):
     assert r.returncode == 0 and "already at step 4" in r.stdout, r.stderr[-3000:]
     assert max_diff(unet_weights(straight), unet_weights(resumed)) == 0.0
 
-    args = lora_args(hub, shard, tmp_path / "ddp", "--max-steps", "4")  # `torchrun`, 2 x batch 1 == 1 x batch 2
+    sharded = tmp_path / "fsdp"                   # `torchrun` with --fsdp, 2 x batch 1 == 1 x batch 2
+    args = lora_args(hub, shard, sharded, "--max-steps", "4", "--fsdp")
     args[args.index("--batch-size") + 1] = "1"
     r = run_cli(args, torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
-    for a, b in zip(read_metrics(tmp_path / "ddp"), rows, strict=True):
+    for a, b in zip(read_metrics(sharded), rows, strict=True):
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * b["grad_norm"] and abs(a["loss"] - b["loss"]) < 1e-3
+    two = load_file(sharded / lora.LORA_FILE)      # the adapters gathered whole; B, from zero, is all update
+    assert set(two) == set(adapters) and (sharded / "checkpoint-000004").is_dir()
+    up = [k for k in two if "lora_B" in k]
+    assert sum((two[k] - adapters[k]).norm() ** 2 for k in up) < 1e-4 * sum(adapters[k].norm() ** 2 for k in up)
 
     sd = unet.load_sd(str(hub["sd15"]))
     lora.load_lora(sd.unet, straight)

@@ -1,0 +1,192 @@
+"""
+Sharded training (--fsdp): PyTorch's FSDP2 (torch.distributed.fsdp.fully_shard) splits every parameter of the policy,
+its gradient and its optimizer state into world-size pieces, one per rank, and all-gathers a block's weights just
+before the block runs (then frees them again); gradients are reduce-scattered, so each rank steps its own piece. The
+frozen reference is sharded the same way, or (--fsdp-reference replicate) kept whole in the compute precision.
+Checkpoints go through Distributed Checkpoint (torch.distributed.checkpoint): every rank writes its pieces, and any
+number of ranks, sharded or not, reads them back. The method does not change: this is machinery a reader can skip.
+"""
+import copy
+import os
+import shutil
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, \
+    set_model_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from files import DTYPES, UserError
+from unet import ResnetBlock2D, Transformer2DModel
+
+BLOCKS = (ResnetBlock2D, Transformer2DModel)    # the units gathered one at a time; the rest goes with the root
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharding the networks
+
+
+def check(cfg, precision):
+    """One-line errors for what --fsdp does not do, before any work."""
+    if not cfg.fsdp:
+        return
+    if "RANK" not in os.environ:
+        raise UserError("--fsdp shards over processes: start the run with torchrun --nproc-per-node N diffdpo.py ...")
+    if precision == "fp16":
+        raise UserError("--fsdp trains in bf16 or fp32: fp16's loss scaler is not sharded (--mixed-precision bf16)")
+    if cfg.compile or cfg.optimizer != "adamw":
+        raise UserError("--fsdp runs with --optimizer adamw (the sdxl preset's is adafactor) and without --compile")
+    if cfg.fsdp_reference == "replicate" and cfg.reference_update == "current":
+        raise UserError("--reference-update current copies the policy into the reference: use --fsdp-reference shard")
+
+
+def shard_networks(s, precision, reference_how):
+    """diffdpo.Setup's policy and reference, sharded (the reference: or replicated, see replicated_reference)."""
+    amp_dtype = DTYPES[precision]
+    policy = shard(s.policy, amp_dtype)
+    if s.reference is None or s.reference is s.policy:      # SFT / MaPO, or LoRA's adapters switched off
+        return policy, policy if s.reference is not None else None
+    reference = s.reference
+    if reference_how == "replicate":
+        return policy, replicated_reference(reference, amp_dtype)
+    return policy, shard(reference, amp_dtype)
+
+
+def shard(net, amp_dtype):
+    """fully_shard each block, then the root. With bf16 the weights are gathered (and run) in bf16 while the shards
+    stay fp32 master weights; gradients are reduced in fp32. A frozen network stores its shards as they are."""
+    mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if amp_dtype != torch.float32 \
+        else MixedPrecisionPolicy()
+    for m in net.modules():
+        if isinstance(m, BLOCKS):
+            fully_shard(m, mp_policy=mp)
+    fully_shard(net, mp_policy=mp)
+    return net
+
+
+def sharded(net):
+    return isinstance(net, FSDPModule)
+
+
+def replicated_reference(reference, amp_dtype):
+    """--fsdp-reference replicate: the whole frozen copy on every rank, every tensor in the compute precision (as the
+    sharded policy's gathered weights are, so that policy == reference at step 0)."""
+    return reference.to(amp_dtype)
+
+
+def clip_grad_norm(params, max_norm):
+    """clip_grad_norm_ over the global gradient: each rank's piece of the squared norm, summed over the ranks."""
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+def local(p):
+    """This rank's piece of a (sharded) tensor."""
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def all_finite(params):
+    """Every weight finite, on every rank (one all_reduce when sharded)."""
+    params = list(params)
+    ok = torch.tensor(float(all(torch.isfinite(local(p)).all() for p in params)))
+    if params and isinstance(params[0], DTensor):
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Whole weights from the shards: OUT/unet/ (or the LoRA file) for users, written by rank 0
+
+
+def whole_state_dict(net, lora):
+    """{name: whole CPU tensor} on rank 0 ({} on the others), gathered from the shards; all ranks call it."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
+    return get_model_state_dict(net, options=options)
+
+
+def whole(net, weights):
+    """What unet.save_component and lora.lora_state_dict read of a network: its config, its modules (LoRA's scales)
+    and, here, the whole weights in place of its state_dict()."""
+    return SimpleNamespace(cfg=net.cfg, named_modules=net.named_modules, state_dict=lambda: weights)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharded checkpoints: OUT/checkpoint-NNNNNN/ holds the networks' and the optimizer's pieces; OUT/checkpoint.pt (the
+# rest of the state) names it. The folder is written under a temporary name and renamed, and checkpoint.pt moves on
+# to it only after that: a kill at any point leaves the previous pair usable.
+
+
+def states(policy, optimizer, reference, lora):
+    """The trainable networks' and the optimizer's tensors, keyed by parameter name (sharded or whole alike)."""
+    unet, optim = get_state_dict(policy, optimizer, options=StateDictOptions(ignore_frozen_params=lora))
+    state = dict(unet=unet, optimizer=optim)
+    if reference is not None:
+        state["reference"] = get_model_state_dict(reference)
+    return state
+
+
+def save(out, step, policy, optimizer, reference, lora, rank):
+    """Every rank writes its pieces into OUT/checkpoint-NNNNNN.tmp/, then rank 0 renames it. Returns its name."""
+    name = f"checkpoint-{step:06d}"
+    tmp = Path(out) / f"{name}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dcp.save(states(policy, optimizer, reference, lora), checkpoint_id=tmp)
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(Path(out) / name, ignore_errors=True)
+        os.replace(tmp, Path(out) / name)
+    return name
+
+
+def remove_old(out, keep):
+    """After checkpoint.pt names `keep`: the other sharded checkpoint folders (and any a kill left half-written)."""
+    for old in Path(out).glob("checkpoint-*"):
+        if old.is_dir() and old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(ckpt, out, policy, optimizer, reference, lora):
+    """checkpoint.pt's networks and optimizer state: from the sharded folder it names, or (a run that was not sharded,
+    resumed sharded) from its whole tensors."""
+    if ckpt.get("sharded"):
+        return load(Path(out) / ckpt["sharded"], policy, optimizer, reference, lora)
+    load_whole(ckpt, policy, optimizer, lora)
+    if reference is not None:
+        set_model_state_dict(reference, ckpt["reference"], options=StateDictOptions(full_state_dict=True))
+
+
+def load(folder, policy, optimizer, reference, lora):
+    """A sharded checkpoint into the networks and the optimizer, whatever the number of ranks that wrote it and
+    whether they are sharded now (Distributed Checkpoint reshards on load)."""
+    if not (Path(folder) / ".metadata").is_file():
+        raise UserError(f"{folder}: no sharded checkpoint there (checkpoint.pt names it); use another --out")
+    state = states(policy, optimizer, reference, lora)
+    with warnings.catch_warnings():             # "... assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    set_state_dict(policy, optimizer, model_state_dict=state["unet"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=not lora))
+    if reference is not None:
+        set_model_state_dict(reference, state["reference"])
+
+
+def load_whole(ckpt, policy, optimizer, lora):
+    """checkpoint.pt's whole tensors (a run that was not sharded) into sharded networks and optimizer: the optimizer
+    state's parameter numbers become names, as Distributed Checkpoint keys them."""
+    names = [n for n, p in policy.named_parameters() if p.requires_grad]
+    optim = copy.copy(ckpt["optimizer"])
+    optim["state"] = {names[i]: v for i, v in optim["state"].items()}
+    optim["param_groups"] = [dict(g, params=[names[i] for i in g["params"]]) for g in optim["param_groups"]]
+    set_state_dict(policy, optimizer, model_state_dict=ckpt["unet"], optim_state_dict=optim,
+                   options=StateDictOptions(full_state_dict=True, strict=not lora))
