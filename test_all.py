@@ -3662,6 +3662,25 @@ def test_mmdit_position_table_crops_and_gradients():
     assert worst < 1e-4, worst
 
 
+def random_t5(config, seed=0):
+    """transformers' T5EncoderModel at `config` with random weights drawn once, on the meta device then filled: each
+    matrix N(0, 1/fan_in), the embeddings and bias table N(0, 1), the norms' weights 1 + N(0, 0.1^2). At T5-XXL's
+    widths this takes half the time of the constructor, which draws every weight twice."""
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    model = model.to_empty(device="cpu").eval()
+    model.encoder.embed_tokens = model.shared  # to_empty unties the two
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                embedding = isinstance(model.get_submodule(name.rsplit(".", 1)[0]), nn.Embedding)
+                p.normal_(0, 1.0 if embedding else p.shape[1] ** -0.5, generator=g)
+    return model
+
+
 def test_t5_relative_buckets_match_transformers():
     """T5's bidirectional position buckets (32 buckets, max distance 128) over offsets -400..400: exact."""
     relative = torch.arange(-400, 401)[:, None] + torch.tensor([0, 7])[None]
@@ -3676,8 +3695,7 @@ def test_t5_encoder_matches_transformers():
     0.5 GB); 160 tokens, so offsets beyond 128 reach the far buckets."""
     hf = HFT5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64, feed_forward_proj="gated-gelu",
                     vocab_size=512, relative_attention_num_buckets=32, relative_attention_max_distance=128)
-    torch.manual_seed(0)
-    ref = T5EncoderModel(hf).eval()
+    ref = random_t5(hf)
     with torch.device("meta"):
         ours = mmdit.T5Encoder(mmdit.T5Config.from_dict(hf.to_dict()))
     mmdit.load_weights(ours, mmdit.tied_embedding(ref.state_dict()))
@@ -3686,6 +3704,23 @@ def test_t5_encoder_matches_transformers():
         out, expected = ours(ids), ref(ids).last_hidden_state
     assert out.shape == expected.shape == (1, 160, 4096)
     assert max_abs_err(out, expected) <= 1e-4, max_abs_err(out, expected)
+
+
+def test_t5_fp16_overflow_is_clamped_as_transformers():
+    """In fp16, a block output beyond the fp16 range is clamped to it (as transformers does), not passed on as inf (then
+    NaN after the next norm): one MLP output matrix scaled up makes the first block overflow."""
+    torch.manual_seed(0)
+    ref = T5EncoderModel(HFT5Config(**mmdit.T5Config.tiny().raw)).eval()
+    with torch.no_grad():
+        ref.encoder.block[0].layer[1].DenseReluDense.wo.weight.mul_(1e5)
+    ref = ref.half()
+    ours = mmdit.load_weights(mmdit.T5Encoder(mmdit.T5Config.tiny()).half(), mmdit.tied_embedding(ref.state_dict()))
+    ids = torch.randint(0, 100, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = ref.encoder.block[0].layer[0](ref.shared(ids))[0]
+        assert torch.isinf(ref.encoder.block[0].layer[1](h)).any()  # the overflow happens
+        out, expected = ours(ids), ref(ids).last_hidden_state
+    assert torch.isfinite(out).all() and rel_err(out, expected) < 1e-2, rel_err(out, expected)
 
 
 def test_mmdit_and_t5_folders_load(tmp_path):
