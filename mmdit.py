@@ -348,7 +348,9 @@ class T5LayerSelfAttention(nn.Module):
 
 
 class T5DenseGatedActDense(nn.Module):
-    """Gated-GELU MLP: wo(gelu(wi_0 x) * wi_1 x), GELU's tanh approximation (transformers' gelu_new)."""
+    """Gated-GELU MLP: wo(gelu(wi_0 x) * wi_1 x), GELU's tanh approximation (transformers' gelu_new). An fp16 T5 keeps
+    wo in fp32 (load_sd3_component, as transformers' from_pretrained): its outputs overflow fp16, and from the first
+    block on the residual stream is fp32."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -357,7 +359,8 @@ class T5DenseGatedActDense(nn.Module):
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x):
-        return self.wo(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+        h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)
+        return self.wo(h.to(self.wo.weight.dtype))
 
 
 class T5LayerFF(nn.Module):
@@ -445,6 +448,8 @@ class MMDiTConfig:
         """Refuses config values this implementation does not cover, instead of computing something else."""
         if d.get("qk_norm") not in (None, "rms_norm"):
             raise LoadError(f"transformer config: qk_norm={d['qk_norm']!r} is not supported (None or 'rms_norm')")
+        if d.get("pos_embed_max_size", 96) is None:
+            raise LoadError("transformer config: pos_embed_max_size=None (no cropped position table) is not supported")
         cfg = config_from_dict(cls, d)
         if cfg.caption_projection_dim != cfg.num_attention_heads * cfg.attention_head_dim:
             raise LoadError("transformer config: caption_projection_dim must equal heads * attention_head_dim")
@@ -541,7 +546,8 @@ def tied_embedding(weights):
 
 def load_sd3_component(folder, name, *, device="cpu", dtype=torch.float32, variant=None):
     """Load `transformer/` (MMDiT) or `text_encoder_3/` (T5Encoder) of an SD3 pipeline folder: config.json + weights,
-    single-file or sharded (`*.safetensors.index.json`), plain or the fp16 variant (as unet.load_component)."""
+    single-file or sharded (`*.safetensors.index.json`), plain or the fp16 variant (as unet.load_component). In fp16
+    the T5's MLP output matrices stay fp32, as transformers keeps them."""
     stem, cls, cfg_cls = SD3_COMPONENTS[name]
     folder = Path(folder)
     try:
@@ -553,4 +559,8 @@ def load_sd3_component(folder, name, *, device="cpu", dtype=torch.float32, varia
         weights = tied_embedding(weights)
     with torch.device("meta"):  # no memory: the weights are assigned, not copied
         model = cls(cfg)
-    return load_weights(model, weights, str(folder)).to(device=device, dtype=dtype)
+    model = load_weights(model, weights, str(folder)).to(device=device, dtype=dtype)
+    if cls is T5Encoder and dtype == torch.float16:
+        for block in model.encoder.block:
+            block.layer[1].DenseReluDense.wo.float()
+    return model

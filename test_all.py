@@ -3706,13 +3706,16 @@ def test_t5_encoder_matches_transformers():
     assert max_abs_err(out, expected) <= 1e-4, max_abs_err(out, expected)
 
 
-def test_t5_fp16_overflow_is_clamped_as_transformers():
-    """In fp16, a block output beyond the fp16 range is clamped to it (as transformers does), not passed on as inf (then
-    NaN after the next norm): one MLP output matrix scaled up makes the first block overflow."""
+def test_t5_fp16_as_transformers(tmp_path):
+    """fp16 as transformers runs T5 (one MLP output matrix scaled up, so that the first block overflows fp16): all in
+    half precision, a block output beyond the fp16 range is clamped to it, not passed on as inf (then NaN after the
+    next norm); loaded in fp16 from a folder, the MLP output matrices stay fp32 (transformers' from_pretrained) and
+    so does the residual stream."""
     torch.manual_seed(0)
     ref = T5EncoderModel(HFT5Config(**mmdit.T5Config.tiny().raw)).eval()
     with torch.no_grad():
         ref.encoder.block[0].layer[1].DenseReluDense.wo.weight.mul_(1e5)
+    ref.save_pretrained(tmp_path / "text_encoder_3", safe_serialization=True)
     ref = ref.half()
     ours = mmdit.load_weights(mmdit.T5Encoder(mmdit.T5Config.tiny()).half(), mmdit.tied_embedding(ref.state_dict()))
     ids = torch.randint(0, 100, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -3721,6 +3724,13 @@ def test_t5_fp16_overflow_is_clamped_as_transformers():
         assert torch.isinf(ref.encoder.block[0].layer[1](h)).any()  # the overflow happens
         out, expected = ours(ids), ref(ids).last_hidden_state
     assert torch.isfinite(out).all() and rel_err(out, expected) < 1e-2, rel_err(out, expected)
+    ref = T5EncoderModel.from_pretrained(tmp_path / "text_encoder_3", dtype=torch.float16).eval()
+    ours = mmdit.load_sd3_component(tmp_path / "text_encoder_3", "text_encoder_3", dtype=torch.float16)
+    wo = lambda m: {b.layer[1].DenseReluDense.wo.weight.dtype for b in m.encoder.block}  # noqa: E731
+    assert wo(ours) == wo(ref) == {torch.float32} and ours.shared.weight.dtype == torch.float16
+    with torch.no_grad():
+        out, expected = ours(ids), ref(ids).last_hidden_state
+    assert out.dtype == expected.dtype == torch.float16 and rel_err(out, expected) < 1e-3, rel_err(out, expected)
 
 
 def test_mmdit_and_t5_folders_load(tmp_path):
@@ -3745,6 +3755,10 @@ def test_mmdit_and_t5_folders_load(tmp_path):
     (tmp_path / "transformer" / "config.json").write_text(json.dumps(dict(config, qk_norm="layer_norm")))
     with pytest.raises(files.LoadError, match="transformer/config.json: .*qk_norm='layer_norm' is not supported"):
         mmdit.load_sd3_component(tmp_path / "transformer", "transformer")
+    with pytest.raises(files.LoadError, match="pos_embed_max_size=None"):
+        mmdit.MMDiTConfig.from_dict(dict(config, pos_embed_max_size=None))
+    with pytest.raises(files.LoadError, match="gated-gelu"):
+        mmdit.T5Config.from_dict(dict(mmdit.T5Config.tiny().raw, feed_forward_proj="relu"))
 
 
 def test_mmdit_and_t5_presets_are_the_reference_architectures():
