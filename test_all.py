@@ -9,7 +9,8 @@ The tests build their own "hub" (parity.py): random-weight models written by dif
 `load_sd` users call.
 
 The sections follow the modules' reading order: the networks (with the tokenizer and single-file checkpoints),
-sampling, the method, the trainer, data, evaluation, LoRA, LCM, Diffusion-RPO, reliability, the toy world, bench.py.
+sampling, the method, the trainer, data, evaluation, LoRA, LCM, Diffusion-RPO, reliability, the toy world, bench.py,
+then the SD3 / SD3.5 networks (mmdit.py).
 Most training runs happen in this process (run_here: the scripts' own code path, without starting Python again);
 every CLI also runs at least once as a user runs it (run_cli), and the 2-process runs go through torchrun.
 """
