@@ -9,7 +9,8 @@ The tests build their own "hub" (parity.py): random-weight models written by dif
 `load_sd` users call.
 
 The sections follow the modules' reading order: the networks (with the tokenizer and single-file checkpoints),
-sampling, the method, the trainer, data, evaluation, LoRA, LCM, Diffusion-RPO, reliability, the toy world, bench.py.
+sampling, the method, the trainer, data, evaluation, LoRA, LCM, Diffusion-RPO, reliability, the toy world, bench.py,
+then the SD3 / SD3.5 networks (mmdit.py).
 Most training runs happen in this process (run_here: the scripts' own code path, without starting Python again);
 every CLI also runs at least once as a user runs it (run_cli), and the 2-process runs go through torchrun.
 """
@@ -51,7 +52,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
+                       LatentConsistencyModelPipeline, LCMScheduler, SD3Transformer2DModel, StableDiffusionPipeline,
+                       UNet2DConditionModel)
 from huggingface_hub import constants
 from huggingface_hub.errors import RepositoryNotFoundError
 from peft import LoraConfig
@@ -66,6 +68,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import (BertConfig, BertModel, BertTokenizer, BlipConfig, BlipForConditionalGeneration,
                           BlipImageProcessorPil, BlipProcessor, CLIPConfig, CLIPImageProcessorPil, CLIPModel)
 from transformers import CLIPTokenizer as HFCLIPTokenizer
+from transformers import T5Config as HFT5Config
+from transformers import T5EncoderModel
+from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 from transformers.optimization import Adafactor as HFAdafactor
 
 import bench
@@ -76,6 +81,7 @@ import diffdpo
 import eval
 import files
 import lora
+import mmdit
 import onpolicy
 import parity
 import rpo
@@ -3641,3 +3647,196 @@ def test_bench_flops_and_real_architecture_models(monkeypatch, tmp_path):
     out = bench.step_table(torch.device("cpu"), ["tiny"], 1, 1, False, 2, str(tmp_path / "t"))["tiny"]
     assert set(out["step"]) == {"reference", "ours"} and out["step"]["ours"]["pairs_per_s"] > 0
     assert out["sampling"]["ours_images_per_s"] > 0 and out["sampling"]["reference_images_per_s"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SD3 / SD3.5 networks (mmdit.py): the MMDiT against diffusers' SD3Transformer2DModel, the T5 encoder against
+# transformers' T5EncoderModel, at the real widths and a few layers; their folders load
+
+
+def diffusers_mmdit(cfg, seed=0):
+    """diffusers' SD3Transformer2DModel at the config dict `cfg`, with its constructor's random init."""
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(**{k: v for k, v in cfg.items() if k != "_class_name"}).eval()
+
+
+def mmdit_inputs(cfg, hw, tokens, seed=0):
+    """Two noisy latents (B=2: each sample its own modulation), timesteps, text states and pooled text."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, cfg["in_channels"], *hw, generator=g)
+    context = torch.randn(2, tokens, cfg["joint_attention_dim"], generator=g)
+    pooled = torch.randn(2, cfg["pooled_projection_dim"], generator=g)
+    return x, torch.tensor([3.5, 871.25]), context, pooled
+
+
+def max_abs_err(a, b):
+    return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+@pytest.mark.parametrize("preset, changes", [
+    ("sd3", dict(num_layers=2, pos_embed_max_size=24)),
+    ("sd35m", dict(num_layers=3, dual_attention_layers=[0, 1], pos_embed_max_size=48)),
+    ("sd35l", dict(num_layers=2, pos_embed_max_size=24))])
+def test_mmdit_matches_diffusers(preset, changes):
+    """Our MMDiT with diffusers' random weights (strict load by key names) gives diffusers' output within 1e-4, fp32,
+    at the presets' real widths (24 or 38 heads x 64) with fewer layers: SD3-medium's plain blocks, SD3.5-medium's
+    MMDiT-X blocks (dual attention, RMS q/k norm) followed by a plain last block, SD3.5-large's q/k norm. The position
+    table is shrunk to a side of 24 / 48 patches (the real 192 / 384 hold 57M / 226M numbers) at the real scale
+    (sample_size 128); the 8 x 12 latents are a 4 x 6 patch grid cropped from its centre."""
+    cfg = dict(getattr(mmdit.MMDiTConfig, preset)().raw, **changes)
+    ref = diffusers_mmdit(cfg)
+    with torch.device("meta"):
+        ours = mmdit.MMDiT(mmdit.MMDiTConfig.from_dict(cfg))
+    mmdit.load_weights(ours, ref.state_dict())
+    x, t, context, pooled = mmdit_inputs(cfg, (8, 12), tokens=10)
+    with torch.no_grad():
+        out, expected = ours(x, t, context, pooled), ref(x, context, pooled, t).sample
+    assert out.shape == expected.shape == (2, 16, 8, 12)
+    assert max_abs_err(out, expected) <= 1e-4, max_abs_err(out, expected)
+
+
+def test_mmdit_position_table_crops_and_gradients():
+    """The tiny preset (q/k norm, one MMDiT-X block, the text-free last block): our own position table equals
+    diffusers'; outputs match at square, non-square and the table's full size (no crop), and a grid larger than the
+    table is refused by both; gradients, with our gradient checkpointing on, match diffusers'."""
+    cfg = mmdit.MMDiTConfig.tiny().raw
+    ref = diffusers_mmdit(cfg)
+    ours = mmdit.MMDiT(mmdit.MMDiTConfig.from_dict(cfg))
+    assert max_abs_err(ours.pos_embed.pos_embed, ref.pos_embed.pos_embed) == 0
+    mmdit.load_weights(ours, {k: v.clone() for k, v in ref.state_dict().items()})  # own tensors: own gradients
+    for hw in [(8, 8), (6, 10), (32, 32)]:
+        x, t, context, pooled = mmdit_inputs(cfg, hw, tokens=5)
+        with torch.no_grad():
+            assert max_abs_err(ours(x, t, context, pooled), ref(x, context, pooled, t).sample) <= 1e-5, hw
+    x, t, context, pooled = mmdit_inputs(cfg, (34, 8), tokens=5)  # 17 patches high, the table has 16
+    with pytest.raises(ValueError, match="17"):
+        ours(x, t, context, pooled)
+    with pytest.raises(ValueError, match="17"):
+        ref(x, context, pooled, t)
+    ours.set_grad_checkpointing(True)
+    x, t, context, pooled = mmdit_inputs(cfg, (6, 10), tokens=5, seed=1)
+    ours(x, t, context, pooled).square().mean().backward()
+    ref(x, context, pooled, t).sample.square().mean().backward()
+    grads = dict(ours.named_parameters())
+    worst = max(rel_err(grads[k].grad, p.grad) for k, p in ref.named_parameters())
+    assert worst < 1e-4, worst
+
+
+def random_t5(config, seed=0):
+    """transformers' T5EncoderModel at `config` with random weights drawn once, on the meta device then filled: each
+    matrix N(0, 1/fan_in), the embeddings and bias table N(0, 1), the norms' weights 1 + N(0, 0.1^2). At T5-XXL's
+    widths this takes half the time of the constructor, which draws every weight twice."""
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    model = model.to_empty(device="cpu").eval()
+    model.encoder.embed_tokens = model.shared  # to_empty unties the two
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                embedding = isinstance(model.get_submodule(name.rsplit(".", 1)[0]), nn.Embedding)
+                p.normal_(0, 1.0 if embedding else p.shape[1] ** -0.5, generator=g)
+    return model
+
+
+def test_t5_relative_buckets_match_transformers():
+    """T5's bidirectional position buckets (32 buckets, max distance 128) over offsets -400..400: exact."""
+    relative = torch.arange(-400, 401)[:, None] + torch.tensor([0, 7])[None]
+    expected = HFT5Attention._relative_position_bucket(relative, bidirectional=True, num_buckets=32, max_distance=128)
+    assert torch.equal(mmdit.relative_position_bucket(relative, 32, 128), expected)
+
+
+def test_t5_encoder_matches_transformers():
+    """T5Encoder with transformers' random weights gives T5EncoderModel's last hidden state within 1e-4, fp32, at
+    T5-v1.1-XXL's widths (d_model 4096, 64 heads x 64, d_ff 10240, 32 buckets, max distance 128, gated-GELU) with 2
+    layers (the bias table in the first, shared by the second) and a 512-token vocabulary (the real 32,128 rows are
+    0.5 GB); 160 tokens, so offsets beyond 128 reach the far buckets."""
+    hf = HFT5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64, feed_forward_proj="gated-gelu",
+                    vocab_size=512, relative_attention_num_buckets=32, relative_attention_max_distance=128)
+    ref = random_t5(hf)
+    with torch.device("meta"):
+        ours = mmdit.T5Encoder(mmdit.T5Config.from_dict(hf.to_dict()))
+    mmdit.load_weights(ours, mmdit.tied_embedding(ref.state_dict()))
+    ids = torch.randint(0, 512, (1, 160), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out, expected = ours(ids), ref(ids).last_hidden_state
+    assert out.shape == expected.shape == (1, 160, 4096)
+    assert max_abs_err(out, expected) <= 1e-4, max_abs_err(out, expected)
+
+
+def test_t5_fp16_as_transformers(tmp_path):
+    """fp16 as transformers runs T5 (one MLP output matrix scaled up, so that the first block overflows fp16): all in
+    half precision, a block output beyond the fp16 range is clamped to it, not passed on as inf (then NaN after the
+    next norm); loaded in fp16 from a folder, the MLP output matrices stay fp32 (transformers' from_pretrained) and
+    so does the residual stream."""
+    torch.manual_seed(0)
+    ref = T5EncoderModel(HFT5Config(**mmdit.T5Config.tiny().raw)).eval()
+    with torch.no_grad():
+        ref.encoder.block[0].layer[1].DenseReluDense.wo.weight.mul_(1e5)
+    ref.save_pretrained(tmp_path / "text_encoder_3", safe_serialization=True)
+    ref = ref.half()
+    ours = mmdit.load_weights(mmdit.T5Encoder(mmdit.T5Config.tiny()).half(), mmdit.tied_embedding(ref.state_dict()))
+    ids = torch.randint(0, 100, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = ref.encoder.block[0].layer[0](ref.shared(ids))[0]
+        assert torch.isinf(ref.encoder.block[0].layer[1](h)).any()  # the overflow happens
+        out, expected = ours(ids), ref(ids).last_hidden_state
+    assert torch.isfinite(out).all() and rel_err(out, expected) < 1e-2, rel_err(out, expected)
+    ref = T5EncoderModel.from_pretrained(tmp_path / "text_encoder_3", dtype=torch.float16).eval()
+    ours = mmdit.load_sd3_component(tmp_path / "text_encoder_3", "text_encoder_3", dtype=torch.float16)
+    wo = lambda m: {b.layer[1].DenseReluDense.wo.weight.dtype for b in m.encoder.block}  # noqa: E731
+    assert wo(ours) == wo(ref) == {torch.float32} and ours.shared.weight.dtype == torch.float16
+    with torch.no_grad():
+        out, expected = ours(ids), ref(ids).last_hidden_state
+    assert out.dtype == expected.dtype == torch.float16 and rel_err(out, expected) < 1e-3, rel_err(out, expected)
+
+
+def test_mmdit_and_t5_folders_load(tmp_path):
+    """A `transformer/` folder written by diffusers' save_pretrained (sharded, with its index) and a `text_encoder_3/`
+    folder written by transformers' load through load_sd3_component and give the reference outputs; a config this
+    implementation does not cover is refused in one line."""
+    ref = diffusers_mmdit(mmdit.MMDiTConfig.tiny().raw)
+    ref.save_pretrained(tmp_path / "transformer", safe_serialization=True, max_shard_size="100KB")
+    assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    ours = mmdit.load_sd3_component(tmp_path / "transformer", "transformer")
+    x, t, context, pooled = mmdit_inputs(mmdit.MMDiTConfig.tiny().raw, (8, 6), tokens=7)
+    with torch.no_grad():
+        assert max_abs_err(ours(x, t, context, pooled), ref(x, context, pooled, t).sample) <= 1e-6
+    torch.manual_seed(1)
+    t5 = T5EncoderModel(HFT5Config(**mmdit.T5Config.tiny().raw)).eval()
+    t5.save_pretrained(tmp_path / "text_encoder_3", safe_serialization=True)
+    ours_t5 = mmdit.load_sd3_component(tmp_path / "text_encoder_3", "text_encoder_3")
+    ids = torch.randint(0, t5.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert max_abs_err(ours_t5(ids), t5(ids).last_hidden_state) <= 1e-6
+    config = json.loads((tmp_path / "transformer" / "config.json").read_text())
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(dict(config, qk_norm="layer_norm")))
+    with pytest.raises(files.LoadError, match="transformer/config.json: .*qk_norm='layer_norm' is not supported"):
+        mmdit.load_sd3_component(tmp_path / "transformer", "transformer")
+    with pytest.raises(files.LoadError, match="pos_embed_max_size=None"):
+        mmdit.MMDiTConfig.from_dict(dict(config, pos_embed_max_size=None))
+    with pytest.raises(files.LoadError, match="gated-gelu"):
+        mmdit.T5Config.from_dict(dict(mmdit.T5Config.tiny().raw, feed_forward_proj="relu"))
+
+
+def test_mmdit_and_t5_presets_are_the_reference_architectures():
+    """Built on the meta device (no memory): each MMDiT preset has the tensor names and shapes of diffusers'
+    SD3Transformer2DModel at the same config, whose fields MMDiTConfig mirrors; the t5xxl preset has
+    T5EncoderModel's and the T5-v1.1-XXL encoder's 4,762,310,656 parameters."""
+    fields = {f.name for f in dataclasses.fields(mmdit.MMDiTConfig)} - {"raw"}
+    shapes = lambda sd: {k: tuple(v.shape) for k, v in sd.items()}  # noqa: E731
+    for preset in ("sd3", "sd35m", "sd35l", "tiny"):
+        cfg = getattr(mmdit.MMDiTConfig, preset)()
+        with torch.device("meta"):
+            ref = SD3Transformer2DModel(**{k: v for k, v in cfg.raw.items() if k != "_class_name"})
+            ours = mmdit.MMDiT(cfg)
+        assert shapes(ours.state_dict()) == shapes(ref.state_dict()), preset
+        assert fields == {k for k in ref.config if not k.startswith("_")}
+    cfg = mmdit.T5Config.t5xxl()
+    with torch.device("meta"):
+        ref = T5EncoderModel(HFT5Config(**cfg.raw))
+        ours = mmdit.T5Encoder(cfg)
+    assert shapes(ours.state_dict()) == shapes(mmdit.tied_embedding(ref.state_dict()))
+    assert sum(p.numel() for p in ours.parameters()) == 4_762_310_656
