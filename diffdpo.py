@@ -16,6 +16,7 @@ import contextlib
 import copy
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -35,10 +36,10 @@ import runs
 import toy
 from data import open_pairs
 from files import DTYPE_NAMES, DTYPES, UserError, read_json, write_text_atomic
-from lora import LORA_FILE, LORA_TARGETS, LoRALinear, add_lora, lora_disabled, save_lora
+from lora import LORA_FILE, LORA_TARGETS, LoRALinear, add_lora, lora_disabled
 from sample import add_noise, alphas_cumprod, default_size, guidance_embedding, vae_factor
 from shards import labelled_images, latent_cache, prefetch
-from unet import ALIASES, load_sd, save_unet
+from unet import ALIASES, load_sd
 
 # ----------------------------------------------------------------------------------------------------------------
 # The method: the ELBO surrogate and the DPO objective
@@ -71,6 +72,24 @@ def prediction_target(x0, noise, t, abar, prediction_type="epsilon"):
         a = abar.to(x0.device, x0.dtype)[t].view(-1, *[1] * (x0.ndim - 1))
         return a.sqrt() * noise - (1 - a).sqrt() * x0
     raise UserError(f"scheduler config: prediction_type={prediction_type!r} is not supported")
+
+
+# Flow matching (SD3; Esser et al. 2024, "Scaling Rectified Flow Transformers", Eq. 1-3, after Lipman et al. 2023
+# and Liu et al. 2023): the forward process is a straight line from data to noise, and the network predicts its
+# velocity v = d x_sigma / d sigma. The flow-matching loss ||v - v_theta(x_sigma, sigma)||^2 is a weighted ELBO too
+# (Kingma & Gao 2023, "Understanding Diffusion Objectives"), so Eq. 14 carries over with velocity errors in place of
+# noise errors: the same denoising_error, dpo_errors and dpo_loss; sigma plays the part of t, drawn once per pair.
+
+
+def flow_noise(x0, eps, sigma):
+    """x_sigma = (1 - sigma) x_0 + sigma eps, sigma in [0, 1] (N,), one per image."""
+    s = sigma.to(x0.device, x0.dtype).view(-1, *[1] * (x0.ndim - 1))
+    return (1 - s) * x0 + s * eps
+
+
+def flow_target(x0, eps):
+    """The velocity of x_sigma along its line, the flow network's target: v = eps - x_0."""
+    return eps - x0
 
 
 def denoising_error(pred, target):
@@ -130,7 +149,13 @@ def sft_loss(err_w):
 
 def denoising_errors(unet, latents, cond, eps, t, abar, prediction_type):
     """The denoising errors (N,) of `unet` at x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (sample.add_noise).
-    cond: the UNet's text conditioning, dict(context=...) (+ text_embeds, time_ids for SDXL)."""
+    cond: the UNet's text conditioning, dict(context=...) (+ text_embeds, time_ids for SDXL). A flow model
+    (prediction_type "flow", an MMDiT: cond = dict(context, pooled)) gets x_sigma and its timestep sigma T, with
+    `abar` holding its scheduler's T training sigmas in place of alphas_cumprod."""
+    if prediction_type == "flow":
+        sigma = abar[t]                                                              # (N,)
+        x_sigma = flow_noise(latents, eps, sigma)
+        return denoising_error(unet(x_sigma, sigma * len(abar), **cond), flow_target(latents, eps))
     x_t = add_noise(latents, eps, t, abar)
     return denoising_error(unet(x_t, t, **cond), prediction_target(latents, eps, t, abar, prediction_type))
 
@@ -168,14 +193,30 @@ def pair_generator(seed, index, stream=0):
     return torch.Generator().manual_seed(seed * 1_000_003 + int(index) + stream * 2 ** 60)
 
 
-def pair_noise(indices, latent_shape, seed, num_timesteps, stream=0):
-    """eps (B, C, h, w) and t (B,) for each pair (KTO: each image, stream 2): t ~ U{0..T-1}, eps ~ N(0, I)."""
+def pair_noise(indices, latent_shape, seed, num_timesteps, stream=0, density="uniform"):
+    """eps (B, C, h, w) and t (B,) for each pair (KTO: each image, stream 2): eps ~ N(0, I), t by draw_timestep."""
     eps, ts = [], []
     for i in indices:
         g = pair_generator(seed, i, stream)
         eps.append(torch.randn(latent_shape, generator=g))
-        ts.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        ts.append(draw_timestep(g, num_timesteps, density))
     return torch.stack(eps), torch.cat(ts)
+
+
+def draw_timestep(g, num_timesteps, density="uniform"):
+    """t ~ U{0..T-1} (DDPM's), or SD3's t = floor(u T) with u in (0, 1) drawn from a density that favours the middle
+    of the flow (diffusers' compute_density_for_timestep_sampling): "logit_normal" u = sigmoid(n), n ~ N(0, 1), or
+    "mode" u = 1 - v - 1.29 (cos^2(pi v / 2) - 1 + v), v ~ U(0, 1). Returns (1,)."""
+    if density == "uniform":
+        return torch.randint(0, num_timesteps, (1,), generator=g)
+    if density == "logit_normal":
+        u = torch.sigmoid(torch.randn(1, generator=g))
+    elif density == "mode":
+        v = torch.rand(1, generator=g)
+        u = 1 - v - 1.29 * (torch.cos(math.pi * v / 2) ** 2 - 1 + v)
+    else:
+        raise UserError(f"timestep density {density!r}: expected uniform, logit_normal or mode")
+    return (u * num_timesteps).long().clamp(max=num_timesteps - 1)
 
 
 def posterior_noise(indices, latent_shape, seed, sides=2):
@@ -289,7 +330,7 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
     run_cfg = run_config(cfg, s, opt, world)
     state = resume(cfg, out, run_cfg, s, opt, rank)
     if state["step"] >= cfg.max_steps:                                       # past the last checkpoint
-        save_final_weights(s, out, state["step"], rank)
+        runs.save_final_weights(s, out, state["step"], rank)
         return runs.finish(world, out, lock, stop)
 
     print0(runs.banner(s, run_cfg, world, device), rank=rank)
@@ -329,7 +370,7 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
         every = [n for n in (cfg.checkpoint_every, cfg.rebuild_every) if n]   # a round's build starts at a checkpoint
         due = state["step"] == cfg.max_steps or any(state["step"] % n == 0 for n in every)
         if (rank == 0 or cfg.fsdp) and (due or stopping):
-            save_checkpoint(s, out, opt, dict(state, config=run_cfg), pairs, rank)
+            runs.write_checkpoint(s, out, opt, dict(state, config=run_cfg), pairs, rank)
         if (rank == 0 or cfg.fsdp) and due and not stopping:       # sharded: every rank runs them, rank 0 logs
             validate_and_draw(s, out, val, log, state["step"], rank)
         if stopping:
@@ -338,7 +379,7 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
     if rank == 0:
         log.close()
         if cfg.lora_rank and cfg.merge_lora and not stopping:   # after the last validation and grid, from the file
-            save_merged_unet(cfg, out)
+            runs.save_merged_unet(cfg, out)
         if not stopping:
             print(runs.done_line(s, state, row, out))
     if stopping:
@@ -751,56 +792,7 @@ def metrics_row(state, logs, numbers, pairs, world, gathered):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# At each checkpoint (rank 0): the checkpoint, the validation loss, the sample grid
-
-
-def save_checkpoint(s, out, opt, state, pairs, rank=0):
-    """OUT/checkpoint.pt to resume from (the trainable weights, the optimizer, scheduler and scaler states, the stream
-    position, the RNG and the pairs skipped so far), then the weights for users: in this order the user's weights are
-    never ahead of the checkpoint (a full disk stops the run between the two at worst). Unless a weight is not
-    finite: then the last checkpoint, which is, stays. Sharded networks (--fsdp, every rank calls this) write their
-    pieces to a folder that checkpoint.pt names (fsdp.save)."""
-    policy, current = s.policy, s.cfg.reference_update == "current"
-    if not fsdp.all_finite(p for p in policy.parameters() if p.requires_grad):
-        print0(f"step {state['step']}: non-finite weights, {out / 'checkpoint.pt'} is not overwritten", rank=rank)
-        return
-    if fsdp.sharded(policy):
-        reference = s.reference if current else None
-        state["sharded"] = fsdp.save(out, state["step"], policy, opt.optimizer, reference, s.cfg.lora_rank, rank)
-        weights = optimizer = reference = None
-    else:
-        weights, optimizer = policy.state_dict(), opt.optimizer.state_dict()
-        reference = s.reference.state_dict() if current else None
-    if s.cfg.lora_rank and weights:  # the adapters alone (the base is --model's)
-        weights = {k: v for k, v in weights.items() if ".lora_" in k}
-    if rank == 0:
-        runs.save_checkpoint(out / "checkpoint.pt", dict(
-            unet=weights, optimizer=optimizer, scheduler=opt.scheduler.state_dict(), scaler=opt.scaler.state_dict(),
-            rng=torch.get_rng_state(), reference=reference,
-            skipped_pairs={k: sorted(v) for k, v in pairs.skipped.items()}, **state))
-        fsdp.remove_old(out, keep=state.get("sharded"))
-    save_weights(s, out, rank)
-
-
-def save_final_weights(s, out, step, rank):
-    """A run already at --max-steps: its checkpoint's weights again (a full disk may have stopped their last write)."""
-    print0(f"{out} is already at step {step} >= --max-steps {s.cfg.max_steps}", rank=rank)
-    if rank == 0 or fsdp.sharded(s.policy):
-        save_weights(s, out, rank)
-    if rank == 0 and s.cfg.lora_rank and s.cfg.merge_lora:
-            save_merged_unet(s.cfg, out)
-
-
-def save_weights(s, out, rank=0):
-    """OUT/unet/ in the diffusers layout, or with LoRA the adapters alone (as diffusers' load_lora_weights reads);
-    sharded networks are gathered whole on rank 0 first."""
-    policy = s.policy
-    if fsdp.sharded(policy):
-        policy = fsdp.whole(policy, fsdp.whole_state_dict(policy, s.cfg.lora_rank))
-    if rank == 0 and s.cfg.lora_rank:
-        save_lora(policy, out / LORA_FILE)
-    elif rank == 0:
-        save_unet(policy, out / "unet")
+# At each checkpoint, after runs.write_checkpoint: the validation loss and the sample grid
 
 
 def validate_and_draw(s, out, val, log, step, rank):
@@ -828,12 +820,6 @@ def validation(s, val):
         totals = totals + torch.stack([loss.float(), acc.float()]) * len(idx)
     loss, acc = (totals / n).tolist()
     return dict(val_loss=loss, val_implicit_acc=acc, val_pairs=n)
-
-
-def save_merged_unet(cfg, out):
-    """--merge-lora: OUT/unet/, --model's UNet (fp32, freshly loaded) with OUT's LoRA file merged in, as sample.py
-    --lora merges it; the policy itself is left as it trained."""
-    save_unet(load_sd(cfg.model, lora=out / LORA_FILE).unet, out / "unet")
 
 
 # ----------------------------------------------------------------------------------------------------------------

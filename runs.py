@@ -24,13 +24,14 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+import fsdp
 import toy
 from files import (DTYPE_NAMES, DTYPES, TEMP_NAME, NoSpaceError, UserError, first_line, json_loads, raise_if_no_space,
                    write_atomic, write_text_atomic)
-from lora import LORA_FILE, lora_disabled
+from lora import LORA_FILE, lora_disabled, save_lora
 from sample import image_grid, render, sampling_defaults
 from shards import find_shards
-from unet import load_sd
+from unet import load_sd, save_unet
 
 # ----------------------------------------------------------------------------------------------------------------
 # Settings
@@ -293,6 +294,68 @@ def load_checkpoint(path):
     if missing:
         raise UserError(f"{path}: not a diffdpo checkpoint (no {', '.join(missing)}); {what}")
     return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A run's files at each checkpoint: checkpoint.pt (and with --fsdp the folder of pieces it names), then the weights
+# for users (OUT/unet/ or the LoRA file)
+
+
+def write_checkpoint(s, out, opt, state, pairs, rank=0):
+    """OUT/checkpoint.pt to resume from (the trainable weights, the optimizer, scheduler and scaler states, the stream
+    position, the RNG and the pairs skipped so far), then the weights for users: in this order the user's weights are
+    never ahead of the checkpoint (a full disk stops the run between the two at worst). Unless a weight is not
+    finite: then the last checkpoint, which is, stays. Sharded networks (--fsdp, every rank calls this) write their
+    pieces to a folder that checkpoint.pt names (fsdp.save)."""
+    policy, current = s.policy, s.cfg.reference_update == "current"
+    if not fsdp.all_finite(p for p in policy.parameters() if p.requires_grad):
+        if rank == 0:
+            print(f"step {state['step']}: non-finite weights, {out / 'checkpoint.pt'} is not overwritten")
+        return
+    if fsdp.sharded(policy):
+        reference = s.reference if current else None
+        state["sharded"] = fsdp.save(out, state["step"], policy, opt.optimizer, reference, s.cfg.lora_rank, rank)
+        weights = optimizer = reference = None
+    else:
+        weights, optimizer = policy.state_dict(), opt.optimizer.state_dict()
+        reference = s.reference.state_dict() if current else None
+    if s.cfg.lora_rank and weights:  # the adapters alone (the base is --model's)
+        weights = {k: v for k, v in weights.items() if ".lora_" in k}
+    if rank == 0:
+        save_checkpoint(out / "checkpoint.pt", dict(
+            unet=weights, optimizer=optimizer, scheduler=opt.scheduler.state_dict(), scaler=opt.scaler.state_dict(),
+            rng=torch.get_rng_state(), reference=reference,
+            skipped_pairs={k: sorted(v) for k, v in pairs.skipped.items()}, **state))
+        fsdp.remove_old(out, keep=state.get("sharded"))
+    save_weights(s, out, rank)
+
+
+def save_final_weights(s, out, step, rank):
+    """A run already at --max-steps: its checkpoint's weights again (a full disk may have stopped their last write)."""
+    if rank == 0:
+        print(f"{out} is already at step {step} >= --max-steps {s.cfg.max_steps}", flush=True)
+    if rank == 0 or fsdp.sharded(s.policy):
+        save_weights(s, out, rank)
+    if rank == 0 and s.cfg.lora_rank and s.cfg.merge_lora:
+        save_merged_unet(s.cfg, out)
+
+
+def save_weights(s, out, rank=0):
+    """OUT/unet/ in the diffusers layout, or with LoRA the adapters alone (as diffusers' load_lora_weights reads);
+    sharded networks are gathered whole on rank 0 first."""
+    policy = s.policy
+    if fsdp.sharded(policy):
+        policy = fsdp.whole(policy, fsdp.whole_state_dict(policy, s.cfg.lora_rank))
+    if rank == 0 and s.cfg.lora_rank:
+        save_lora(policy, out / LORA_FILE)
+    elif rank == 0:
+        save_unet(policy, out / "unet")
+
+
+def save_merged_unet(cfg, out):
+    """--merge-lora: OUT/unet/, --model's UNet (fp32, freshly loaded) with OUT's LoRA file merged in, as sample.py
+    --lora merges it; the policy itself is left as it trained."""
+    save_unet(load_sd(cfg.model, lora=out / LORA_FILE).unet, out / "unet")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -706,6 +706,53 @@ def test_our_dpo_step_equals_the_official_step(hub, kind):
     assert (ours - theirs).norm() <= 1e-2 * theirs.norm() and theirs.norm() > 0
 
 
+def test_flow_matching_forward_process_timesteps_and_dpo_loss():
+    """flow_noise is FlowMatchEulerDiscreteScheduler.scale_noise; SD3's training timesteps (logit-normal and mode
+    densities) are diffusers' compute_density_for_timestep_sampling on the same draws, indexed into the shifted
+    schedule as train_dreambooth_sd3.py indexes it; the DPO step of a tiny MMDiT policy against its reference
+    (prediction_type "flow") is flow_grpo's flow-DPO loss written out: -log sigmoid(-beta/2 ((|v - v_theta(x^w)|^2 -
+    |v - v_ref(x^w)|^2) - (|v - v_theta(x^l)|^2 - |v - v_ref(x^l)|^2))), v = eps - x_0, means over elements, one
+    (sigma, eps) per pair."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sigmas, T = sched.sigmas.float(), sched.config.num_train_timesteps
+    torch.manual_seed(0)
+    x0, eps, idx = torch.randn(3, 16, 8, 8), torch.randn(3, 16, 8, 8), torch.tensor([0, 500, 999])
+    assert torch.allclose(diffdpo.flow_noise(x0, eps, sigmas[idx]), sched.scale_noise(x0, sched.timesteps[idx], eps),
+                          atol=1e-6)
+    assert torch.equal(diffdpo.flow_target(x0, eps), eps - x0) and torch.allclose(sigmas * T, sched.timesteps)
+    for density in ("logit_normal", "mode"):
+        g, theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        ours = torch.cat([diffdpo.draw_timestep(g, T, density) for _ in range(200)])
+        u = torch.cat([compute_density_for_timestep_sampling(density, 1, 0.0, 1.0, 1.29, generator=theirs)
+                       for _ in range(200)])
+        assert torch.equal(ours, (u * T).long()) and ours.float().std() > 100      # spread over the schedule
+
+    cfg = mmdit.MMDiTConfig.tiny()
+    policy, reference = mmdit.MMDiT(cfg), mmdit.MMDiT(cfg)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.normal_(0, 0.3)
+        for p, q in zip(reference.parameters(), policy.parameters()):
+            p.copy_(q + 0.05 * torch.randn_like(q))
+    B, beta = 2, 500.0
+    latents = torch.randn(2 * B, 4, 8, 8)                                       # [winners; losers]
+    cond = dict(context=torch.randn(B, 6, 64).repeat(2, 1, 1), pooled=torch.randn(B, 64).repeat(2, 1))
+    eps, t = diffdpo.pair_noise(range(B), (4, 8, 8), 0, T, density="logit_normal")
+    with torch.no_grad():
+        loss, acc = diffdpo.dpo_loss(*diffdpo.dpo_errors(policy, reference, latents, cond, eps, t, sigmas, "flow"), beta)
+        s = sigmas[t].view(B, 1, 1, 1)
+
+        def err(net, x0, c, p):                                                 # |v - v_net(x_sigma)|^2, mean
+            return ((eps - x0) - net((1 - s) * x0 + s * eps, sigmas[t] * T, c, p)).pow(2).mean((1, 2, 3))
+        w, l_, cw, pw = latents[:B], latents[B:], cond["context"][:B], cond["pooled"][:B]
+        inside = -beta / 2 * ((err(policy, w, cw, pw) - err(reference, w, cw, pw))
+                              - (err(policy, l_, cw, pw) - err(reference, l_, cw, pw)))
+    assert abs(loss.item() - (-F.logsigmoid(inside)).mean().item()) < 1e-6 and abs(loss.item() - math.log(2)) > 1e-3
+    assert acc.item() == (inside > 0).float().mean().item()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The trainer (diffdpo.py): end to end on the small hub and the Pick-a-Pic shard; resume, DDP, channels-last, the
 # latent cache, validation, the optimizers
