@@ -46,15 +46,18 @@ def check(cfg, precision):
 
 
 def shard_networks(s, precision, reference_how):
-    """diffdpo.Setup's policy and reference, sharded (the reference: or replicated, see replicated_reference)."""
+    """diffdpo.Setup's policy and reference, sharded. --fsdp-reference replicate keeps the frozen reference whole on
+    every rank with every tensor in the compute precision, as the sharded policy's gathered weights are (so that
+    policy == reference at step 0)."""
     amp_dtype = DTYPES[precision]
     policy = shard(s.policy, amp_dtype)
-    if s.reference is None or s.reference is s.policy:      # SFT / MaPO, or LoRA's adapters switched off
-        return policy, policy if s.reference is not None else None
-    reference = s.reference
+    if s.reference is None:                               # SFT, MaPO: no reference
+        return policy, None
+    if s.reference is s.policy:                           # LoRA: the policy with its adapters switched off
+        return policy, policy
     if reference_how == "replicate":
-        return policy, replicated_reference(reference, amp_dtype)
-    return policy, shard(reference, amp_dtype)
+        return policy, s.reference.to(amp_dtype)
+    return policy, shard(s.reference, amp_dtype)
 
 
 def shard(net, amp_dtype):
@@ -71,12 +74,6 @@ def shard(net, amp_dtype):
 
 def sharded(net):
     return isinstance(net, FSDPModule)
-
-
-def replicated_reference(reference, amp_dtype):
-    """--fsdp-reference replicate: the whole frozen copy on every rank, every tensor in the compute precision (as the
-    sharded policy's gathered weights are, so that policy == reference at step 0)."""
-    return reference.to(amp_dtype)
 
 
 def clip_grad_norm(params, max_norm):
