@@ -128,12 +128,18 @@ def lora_disabled(unet):
 
 
 def lora_state_dict(unet):
-    """The adapters as diffusers' `load_lora_weights` reads them (peft names, `unet.` prefix): per layer
-    `unet.<name>.lora_A.weight` (r, in) and `unet.<name>.lora_B.weight` (out, r), with alpha / r folded into B, so
-    any loader that assumes alpha = r (diffusers, peft, ComfyUI with no alphas in the file) computes the same y."""
-    weights = unet.state_dict()           # (sharded networks: their whole weights, gathered)
-    return {f"unet.{n}.{k}": (weights[f"{n}.{k}"] * (m.scale if k == "lora_B.weight" else 1)).contiguous().cpu()
+    """The adapters as diffusers' `load_lora_weights` reads them (peft names, `unet.` prefix, an MMDiT's
+    `transformer.`): per layer `unet.<name>.lora_A.weight` (r, in) and `unet.<name>.lora_B.weight` (out, r), with
+    alpha / r folded into B, so any loader that assumes alpha = r (diffusers, peft, ComfyUI with no alphas in the
+    file) computes the same y."""
+    weights, prefix = unet.state_dict(), lora_prefix(unet)   # (sharded networks: their whole weights, gathered)
+    return {f"{prefix}.{n}.{k}": (weights[f"{n}.{k}"] * (m.scale if k == "lora_B.weight" else 1)).contiguous().cpu()
             for n, m in unet.named_modules() if isinstance(m, LoRALinear) for k in ("lora_A.weight", "lora_B.weight")}
+
+
+def lora_prefix(net):
+    """The network's name in diffusers' LoRA files: "transformer" for an SD3 MMDiT, else "unet"."""
+    return "transformer" if hasattr(net.cfg, "joint_attention_dim") else "unet"
 
 
 def save_lora(unet, path):
@@ -176,18 +182,19 @@ def check_lora_tensors(sd, path):
 def peft_adapters(sd, meta, path):
     """The peft format (`unet.<layer>.lora_A.weight` (r, in[, k, k]) / `.lora_B.weight` (out, r[, 1, 1])): scale 1
     (alpha folded into B, as save_lora writes), or lora_alpha / r from the file's diffusers metadata."""
-    if meta.get("unet.rank_pattern") or meta.get("unet.alpha_pattern"):
+    net = "transformer" if all(k.startswith("transformer.") for k in sd) else "unet"    # an MMDiT's, or a UNet's
+    if meta.get(f"{net}.rank_pattern") or meta.get(f"{net}.alpha_pattern"):
         raise LoadError(f"{path}: per-layer ranks or alphas (rank_pattern / alpha_pattern) are not supported")
-    other = [k for k in sd if not k.startswith("unet.")]
+    other = [k for k in sd if not k.startswith(f"{net}.")]
     if other:
         raise LoadError(f"{path}: key {other[0]!r}: only UNet adapters (unet.<layer>.lora_A/B.weight) are supported")
     adapters = {}
-    for n in dict.fromkeys(k[len("unet."):].rpartition(".lora_")[0] for k in sd):
-        a, b = sd.pop(f"unet.{n}.lora_A.weight", None), sd.pop(f"unet.{n}.lora_B.weight", None)
+    for n in dict.fromkeys(k[len(net) + 1:].rpartition(".lora_")[0] for k in sd):
+        a, b = sd.pop(f"{net}.{n}.lora_A.weight", None), sd.pop(f"{net}.{n}.lora_B.weight", None)
         if a is None or b is None or not n:
-            raise LoadError(f"{path}: layer {n!r}: expected exactly the pair unet.<layer>.lora_A.weight / "
-                            f".lora_B.weight (UNet adapters in the peft format)")
-        adapters[n] = a, b, meta.get("unet.lora_alpha", 1) / meta.get("unet.r", 1)
+            raise LoadError(f"{path}: layer {n!r}: expected exactly the pair {net}.<layer>.lora_A.weight / "
+                            f".lora_B.weight (adapters in the peft format)")
+        adapters[n] = a, b, meta.get(f"{net}.lora_alpha", 1) / meta.get(f"{net}.r", 1)
     return adapters
 
 

@@ -2431,6 +2431,36 @@ def test_lora_file_matches_diffusers(tmp_path, hub, kind, targets):
     assert rel_err(merged, ours) < 1e-4
 
 
+SD3_LORA = "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,attn.to_add_out"
+
+
+def test_mmdit_lora_file_matches_diffusers(tmp_path):
+    """An MMDiT's adapters (the attention projections of both streams, diffusers' SD3 LoRA targets; random B, alpha
+    = 2 r) written by save_lora with the `transformer.` prefix: SD3Transformer2DModel.load_lora_adapter (what
+    StableDiffusion3Pipeline.load_lora_weights calls) computes the same output as ours; load_lora reads it back."""
+    cfg = dict(mmdit.TINY_MMDIT, dual_attention_layers=[])
+    ref = diffusers_mmdit(cfg)
+    ours = mmdit.MMDiT(mmdit.MMDiTConfig.from_dict(cfg))
+    ours.load_state_dict(ref.state_dict())
+    names = random_lora(ours, 4, 8, SD3_LORA, std=0.3)
+    lora.save_lora(ours, tmp_path / lora.LORA_FILE)
+    assert all(k.startswith("transformer.transformer_blocks.") for k in load_file(tmp_path / lora.LORA_FILE))
+    x, t, ctx, pooled = mmdit_inputs(cfg, (8, 8), 6)
+    with torch.no_grad():
+        mine = ours(x, t, ctx, pooled)
+        with lora.lora_disabled(ours):
+            base = ours(x, t, ctx, pooled)
+        ref.load_lora_adapter(str(tmp_path / lora.LORA_FILE), prefix="transformer")
+        theirs = ref(x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t).sample
+        again = lora.load_lora(mmdit.MMDiT(mmdit.MMDiTConfig.from_dict(cfg)).requires_grad_(False), tmp_path)
+        again.load_state_dict({k: v for k, v in ours.state_dict().items() if ".lora_" not in k}, strict=False)
+        back = again(x, t, ctx, pooled)
+    print(f"MMDiT LoRA, {len(names)} layers: ours vs diffusers {rel_err(mine, theirs):.1e}, adapter contribution "
+          f"{rel_err(mine - base, theirs - base):.1e}; |lora| / |base| {rel_err(mine, base):.2f}")
+    assert len(names) == 8 * cfg["num_layers"] - 1 and rel_err(mine, base) > 0.05     # the last block: no to_add_out
+    assert rel_err(mine, theirs) < 1e-5 and rel_err(mine - base, theirs - base) < 1e-4 and rel_err(back, mine) < 1e-6
+
+
 def test_lora_targets_and_file_errors(tmp_path, hub):
     model = unet.load_sd(str(hub["sd15"])).unet
     with pytest.raises(unet.LoadError, match="1x1 convolutions"):
