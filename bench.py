@@ -47,12 +47,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import diffdpo
 import fsdp
+import mmdit
 import sample
 import toy
 import unet
 from data import open_pairs
 from files import DTYPE_NAMES
 from lora import add_lora
+
+SD3_LORA_TARGETS = "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj," \
+                   "attn.to_add_out"                  # diffusers' SD3 LoRA script's default targets
 from parity import REAL, folder_models, make_batch, random_models, reference_dpo_step, reference_inputs, \
     tokenizer_cases, write_clip_tokenizer_folder
 from tokenizer import CLIPTokenizer
@@ -312,6 +316,47 @@ def peak_tflops(name):
     return next((v for k, v in PEAK_BF16_TFLOPS if re.search(rf"\b{re.escape(k)}\b", name)), None)
 
 
+def flow_step_flops(preset, resolution, lora_rank=0):
+    """Model FLOPs of one flow-DPO pair of an SD3 / SD3.5 model (`preset`: sd3, sd35m, sd35l) at `resolution`, as
+    (transformers, encoders): the policy MMDiT's forward + backward (with LoRA: only the adapters' weight gradients)
+    and the reference's forward on the pair's 2 images (77 + 256 text tokens); the 16-channel VAE encoder on 2
+    images, CLIP-L, bigG and T5-XXL on the prompt. Counted on the meta device: no weights, no GPU."""
+    meta, cfg = dict(device="meta"), getattr(mmdit.MMDiTConfig, preset)()
+    with torch.device("meta"):
+        model = mmdit.MMDiT(cfg)
+        vae = unet.VAE(unet.VAEConfig.from_dict(dict(latent_channels=16, use_quant_conv=False,
+                                                     use_post_quant_conv=False)))
+        clips, t5 = [unet.CLIPText(unet.CLIPTextConfig.sd15()), unet.CLIPText(unet.CLIPTextConfig.sdxl())], \
+            mmdit.T5Encoder(mmdit.T5Config.t5xxl())
+    if lora_rank:
+        add_lora(model, lora_rank, targets=SD3_LORA_TARGETS)
+    side = resolution // 8
+    x, t = torch.randn(2, cfg.in_channels, side, side, **meta), torch.zeros(2, **meta)
+    ctx, pooled = torch.randn(2, 77 + 256, cfg.joint_attention_dim, **meta), torch.randn(2, 2048, **meta)
+    with FlopCounterMode(display=False) as nets:
+        model(x, t, ctx, pooled).sum().backward()                            # policy: forward + backward
+        with torch.no_grad():
+            model(x, t, ctx, pooled)                                          # reference: forward
+    with FlopCounterMode(display=False) as enc, torch.no_grad():
+        vae.encode(torch.randn(2, 3, resolution, resolution, **meta))
+        for e in clips:
+            e(torch.zeros(1, 77, dtype=torch.long, **meta))
+        t5(torch.zeros(1, 256, dtype=torch.long, **meta))
+    return nets.get_total_flops(), enc.get_total_flops()
+
+
+def flow_flops_table():
+    """flow_step_flops for SD3-medium, SD3.5-medium and -large at 1024 px, full and LoRA rank 16."""
+    rows = {}
+    print(f"{'model, 1024 px':16} {'MMDiTs, full':>13} {'MMDiTs, LoRA':>13} {'encoders':>9}  (TFLOP per pair)")
+    for preset in ("sd3", "sd35m", "sd35l"):
+        full, enc = flow_step_flops(preset, 1024)
+        lora, _ = flow_step_flops(preset, 1024, lora_rank=16)
+        rows[preset] = dict(full_tflop=full / 1e12, lora_tflop=lora / 1e12, encoders_tflop=enc / 1e12)
+        print(f"{preset:16} {full / 1e12:13.1f} {lora / 1e12:13.1f} {enc / 1e12:9.2f}")
+    return rows
+
+
 def step_flops(sd, pairs, resolution):
     """Model FLOPs of one DPO step of `pairs` pairs, as (UNets, encoders): the policy UNet's forward + backward and
     the reference UNet's forward on 2B images; the VAE encoder on 2B images and the text encoders on B prompts (the
@@ -482,6 +527,7 @@ def main():
     p.add_argument("--memory", action="store_true", help="peak memory of a DPO step, full vs LoRA vs 2 "
                    "--fsdp ranks (needs ~20 GiB)")
     p.add_argument("--memory-step", choices=["full", "lora", "fsdp"], help=argparse.SUPPRESS)
+    p.add_argument("--flow-flops", action="store_true", help="FLOPs per flow-DPO pair of SD3 / SD3.5 (meta device)")
     p.add_argument("--losses", action="store_true", help="each --loss's step on the toy model, time and memory vs DPO")
     p.add_argument("--dpo-step", action="store_true", help="the DPO-step and sampling benchmarks (on by default "
                                                            "with --device cuda)")
@@ -500,6 +546,9 @@ def main():
         return
     if args.memory:
         print(json.dumps(memory_table()))
+        return
+    if args.flow_flops:
+        print(json.dumps(flow_flops_table()))
         return
     if args.losses:
         torch.set_num_threads(1)
