@@ -9,22 +9,36 @@ number of ranks, sharded or not, reads them back. The method does not change: th
 import copy
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, \
-    set_model_state_dict, set_state_dict
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from files import DTYPES, UserError
 from unet import ResnetBlock2D, Transformer2DModel
 
 BLOCKS = (ResnetBlock2D, Transformer2DModel)    # the units gathered one at a time; the rest goes with the root
+
+
+def api():
+    """torch.distributed's FSDP2 and Distributed Checkpoint, imported on first use: they take half a second to import
+    (DTensor, sympy), which a run that never shards does not pay. A namespace of the names used here."""
+    from torch.distributed import checkpoint
+    from torch.distributed.checkpoint import state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    return SimpleNamespace(checkpoint=checkpoint, fully_shard=fully_shard, MixedPrecisionPolicy=MixedPrecisionPolicy,
+                           **{k: getattr(state_dict, k) for k in ("StateDictOptions", "get_model_state_dict",
+                                                                  "get_state_dict", "set_model_state_dict",
+                                                                  "set_state_dict")})
+
+
+def is_dtensor(x):
+    """Whether x is a DTensor (a sharded tensor). None exists before torch.distributed.tensor is imported."""
+    tensor = sys.modules.get("torch.distributed.tensor")
+    return tensor is not None and isinstance(x, tensor.DTensor)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -63,24 +77,26 @@ def shard_networks(s, precision, reference_how):
 def shard(net, amp_dtype):
     """fully_shard each block, then the root. With bf16 the weights are gathered (and run) in bf16 while the shards
     stay fp32 master weights; gradients are reduced in fp32. A frozen network stores its shards as they are."""
-    mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if amp_dtype != torch.float32 \
-        else MixedPrecisionPolicy()
+    fsdp = api()
+    mp = fsdp.MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if amp_dtype != torch.float32 \
+        else fsdp.MixedPrecisionPolicy()
     for m in net.modules():
         if isinstance(m, BLOCKS):
-            fully_shard(m, mp_policy=mp)
-    fully_shard(net, mp_policy=mp)
+            fsdp.fully_shard(m, mp_policy=mp)
+    fsdp.fully_shard(net, mp_policy=mp)
     return net
 
 
 def sharded(net):
-    return isinstance(net, FSDPModule)
+    fsdp = sys.modules.get("torch.distributed.fsdp")          # (never, unless this process imported FSDP)
+    return fsdp is not None and isinstance(net, fsdp.FSDPModule)
 
 
 def clip_grad_norm(params, max_norm):
     """clip_grad_norm_ over the global gradient: each rank's piece of the squared norm, summed over the ranks."""
     params = [p for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if isinstance(norm, DTensor):
+    if is_dtensor(norm):
         norm = norm.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
@@ -88,14 +104,14 @@ def clip_grad_norm(params, max_norm):
 
 def local(p):
     """This rank's piece of a (sharded) tensor."""
-    return p.to_local() if isinstance(p, DTensor) else p
+    return p.to_local() if is_dtensor(p) else p
 
 
 def all_finite(params):
     """Every weight finite, on every rank (one all_reduce when sharded)."""
     params = list(params)
     ok = torch.tensor(float(all(torch.isfinite(local(p)).all() for p in params)))
-    if params and isinstance(params[0], DTensor):
+    if params and is_dtensor(params[0]):
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok)
 
@@ -106,8 +122,9 @@ def all_finite(params):
 
 def whole_state_dict(net, lora):
     """{name: whole CPU tensor} on rank 0 ({} on the others), gathered from the shards; all ranks call it."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
-    return get_model_state_dict(net, options=options)
+    fsdp = api()
+    options = fsdp.StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
+    return fsdp.get_model_state_dict(net, options=options)
 
 
 def whole(net, weights):
@@ -124,10 +141,11 @@ def whole(net, weights):
 
 def states(policy, optimizer, reference, lora):
     """The trainable networks' and the optimizer's tensors, keyed by parameter name (sharded or whole alike)."""
-    unet, optim = get_state_dict(policy, optimizer, options=StateDictOptions(ignore_frozen_params=lora))
+    fsdp = api()
+    unet, optim = fsdp.get_state_dict(policy, optimizer, options=fsdp.StateDictOptions(ignore_frozen_params=lora))
     state = dict(unet=unet, optimizer=optim)
     if reference is not None:
-        state["reference"] = get_model_state_dict(reference)
+        state["reference"] = fsdp.get_model_state_dict(reference)
     return state
 
 
@@ -138,7 +156,7 @@ def save(out, step, policy, optimizer, reference, lora, rank):
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    dcp.save(states(policy, optimizer, reference, lora), checkpoint_id=tmp)
+    api().checkpoint.save(states(policy, optimizer, reference, lora), checkpoint_id=tmp)
     dist.barrier()
     if rank == 0:
         shutil.rmtree(Path(out) / name, ignore_errors=True)
@@ -160,7 +178,8 @@ def load_checkpoint(ckpt, out, policy, optimizer, reference, lora):
         return load(Path(out) / ckpt["sharded"], policy, optimizer, reference, lora)
     load_whole(ckpt, policy, optimizer, lora)
     if reference is not None:
-        set_model_state_dict(reference, ckpt["reference"], options=StateDictOptions(full_state_dict=True))
+        fsdp = api()
+        fsdp.set_model_state_dict(reference, ckpt["reference"], options=fsdp.StateDictOptions(full_state_dict=True))
 
 
 def load(folder, policy, optimizer, reference, lora):
@@ -168,14 +187,14 @@ def load(folder, policy, optimizer, reference, lora):
     whether they are sharded now (Distributed Checkpoint reshards on load)."""
     if not (Path(folder) / ".metadata").is_file():
         raise UserError(f"{folder}: no sharded checkpoint there (checkpoint.pt names it); use another --out")
-    state = states(policy, optimizer, reference, lora)
+    fsdp, state = api(), states(policy, optimizer, reference, lora)
     with warnings.catch_warnings():             # "... assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
-    set_state_dict(policy, optimizer, model_state_dict=state["unet"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(strict=not lora))
+        fsdp.checkpoint.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    fsdp.set_state_dict(policy, optimizer, model_state_dict=state["unet"], optim_state_dict=state["optimizer"],
+                        options=fsdp.StateDictOptions(strict=not lora))
     if reference is not None:
-        set_model_state_dict(reference, state["reference"])
+        fsdp.set_model_state_dict(reference, state["reference"])
 
 
 def load_whole(ckpt, policy, optimizer, lora):
@@ -185,5 +204,6 @@ def load_whole(ckpt, policy, optimizer, lora):
     optim = copy.copy(ckpt["optimizer"])
     optim["state"] = {names[i]: v for i, v in optim["state"].items()}
     optim["param_groups"] = [dict(g, params=[names[i] for i in g["params"]]) for g in optim["param_groups"]]
-    set_state_dict(policy, optimizer, model_state_dict=ckpt["unet"], optim_state_dict=optim,
-                   options=StateDictOptions(full_state_dict=True, strict=not lora))
+    fsdp = api()
+    fsdp.set_state_dict(policy, optimizer, model_state_dict=ckpt["unet"], optim_state_dict=optim,
+                        options=fsdp.StateDictOptions(full_state_dict=True, strict=not lora))

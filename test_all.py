@@ -990,9 +990,10 @@ def test_adafactor_matches_transformers():
 
 def fsdp_args(hub, shard, out, steps, processes):
     """train_args at lr 3e-5 (Adam's sign-sized steps on near-zero gradients then stay under the 1e-5 the weights are
-    compared to, while every weight moves by up to 1e-4), 4 pairs per step as 1 x 2 x 2 or 2 x 1 x 2."""
-    args = train_args(hub, shard, out, "--max-steps", str(steps), "--lr", "3e-5", "--no-samples")
-    args[args.index("--batch-size") + 1] = str(2 // processes)
+    compared to, while every weight moves by up to 1e-4), 4 pairs per step as 1 x 4 or 2 x 2 (batch 1 per rank would
+    round differently from batch 4)."""
+    args = train_args(hub, shard, out, "--max-steps", str(steps), "--lr", "3e-5", "--no-samples", "--grad-accum", "1")
+    args[args.index("--batch-size") + 1] = str(4 // processes)
     return args + (["--fsdp"] if processes == 2 else [])
 
 
