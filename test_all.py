@@ -511,6 +511,25 @@ def write_t5_tokenizer_folder(folder, model, layout="sd3"):
     return folder
 
 
+def test_t5_charsmap_matches_tokenizers(t5_model):
+    """Our reading of the precompiled charsmap (its trie, applied per grapheme cluster) == the `tokenizers`
+    Precompiled normalizer on every code point of the Basic Multilingual Plane and on random clusters: characters the
+    table replaces or drops followed by combining marks, joiners, half-width voiced marks, Hangul jamo, emoji."""
+    blob = sentencepiece_model_pb2.ModelProto.FromString(t5_model).normalizer_spec.precompiled_charsmap
+    ours, ref = tokenizer.Charsmap(blob), tk.normalizers.Precompiled(blob)
+    points = [chr(c) for c in range(0x10000) if not 0xD800 <= c < 0xE000]
+    bad = [c for c in points if ours.normalize(c) != ref.normalize_str(c)]
+    assert not bad, f"{len(bad)} code points differ, first {[hex(ord(c)) for c in bad[:5]]}"
+    assert sum(ours.normalize(c) != c for c in points) > 2000    # the table does change thousands of them
+    rng = random.Random(0)
+    bases = list("aA1 \t\r\n\x01\xa0²¹ÅΩＡ１ｶﾞ①ﬁ™‼가ㄱ\u1100\u1161\u11a8😀👍🇯\u0600\u0d4e\u00ad\u200b")
+    marks = list("\u0300\u0301\u0302\u0308\u0323\u0327\u200c\u200d\uff9e\uff9f\u0e33\u102b\u0903\ufe0f\u20e3")
+    marks += ["\U0001f3fd", "\U000e0041"]
+    texts = ["".join(rng.choice(bases + marks * 2) for _ in range(rng.randint(1, 6))) for _ in range(20000)]
+    bad = [t for t in texts if ours.normalize(t) != ref.normalize_str(t)]
+    assert not bad, f"{len(bad)}/{len(texts)} differ, first {ascii(bad[0])}"
+
+
 def t5_cases(n_random=1500, seed=0):
     """CLIP's hard prompts and random strings (tokenizer_cases), the toy world's captions, and T5's own hard cases:
     its special tokens written in the text, white space around them, runs of spaces, combining marks after

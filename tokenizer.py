@@ -188,9 +188,6 @@ class CLIPTokenizer:
 #   4. each word -> the vocabulary pieces whose log probabilities add up highest (Viterbi); a character that no piece
 #      covers is <unk>, and a run of unknown characters is one <unk>;
 #   5. ids + [</s>] (the post-processor's template), truncated to 256 keeping </s> last, padded with <pad>.
-# Step 2's table is applied per grapheme cluster as `tokenizers` does; graphemes() keeps the clustering rules that
-# change its result (combining marks, CR LF), so clusters of Hangul jamo, emoji or flags are split differently from
-# Unicode's, where the table reads them character by character all the same.
 
 T5_MAX_LENGTH = 256   # SD3's max_sequence_length for the T5 prompt (T5's own model_max_length is 512)
 UNK_PENALTY = 10.0    # an unknown character scores 10 below the least likely piece, as SentencePiece does
@@ -220,7 +217,7 @@ def _joins(prev, c):
 
 
 def graphemes(text):
-    """Step 2's clusters: "e\u0301" is one, "\r\n" is one, "ab" is two."""
+    """Step 2's clusters: "e" + a combining accent is one, CR LF is one, "ab" is two."""
     clusters = []
     for c in text:
         if clusters and _joins(clusters[-1][-1], c):
@@ -241,28 +238,21 @@ class Charsmap:
         self.units = struct.unpack(f"<{size // 4}I", blob[4:4 + size])
         self.strings = blob[4 + size:]
         self.strings.decode("utf-8")   # the replacements must be UTF-8 text (raises ValueError if not)
-        self.cache = {}
 
-    def lookup(self, key):
-        """The replacement for the SHORTEST prefix of key that the trie holds (as `tokenizers` does), or None."""
+    def lookup(self, key, default=None):
+        """The replacement for the SHORTEST prefix of key that the trie holds (as `tokenizers` does), or default."""
         offset = lambda u: (u >> 10) << ((u & (1 << 9)) >> 6)  # noqa: E731
         pos = offset(self.units[0])
         for byte in key.encode("utf-8"):
             pos ^= byte
             if byte == 0 or pos >= len(self.units) or self.units[pos] & ((1 << 31) | 0xFF) != byte:
-                return None   # the unit's label is not this byte: no key continues this way
+                return default   # the unit's label is not this byte: no key continues this way
             unit = self.units[pos]
             pos ^= offset(unit)
             if unit >> 8 & 1:   # a key ends here; the unit at the next position holds its value
                 start = self.units[pos] & ((1 << 31) - 1)
                 return self.strings[start:self.strings.index(0, start)].decode("utf-8")
-        return None
-
-    def char(self, c):
-        if c not in self.cache:
-            replacement = self.lookup(c)
-            self.cache[c] = c if replacement is None else replacement
-        return self.cache[c]
+        return default
 
     def normalize(self, text):
         """A cluster of several characters under 6 UTF-8 bytes is looked up whole (its shortest listed prefix
@@ -270,7 +260,7 @@ class Charsmap:
         out = []
         for g in graphemes(text):
             whole = self.lookup(g) if len(g) > 1 and len(g.encode("utf-8")) < 6 else None
-            out.append("".join(map(self.char, g)) if whole is None else whole)
+            out.append("".join(self.lookup(c, c) for c in g) if whole is None else whole)
         return "".join(out)
 
 
