@@ -16,7 +16,7 @@ import torch
 
 from files import LoadError, first_line, read_json
 
-MAX_PROMPT_CHARS = 4000   # prompts / captions are cut to this many characters: 77 tokens never need more
+MAX_PROMPT_CHARS = 4000   # prompts / captions are cut to this many characters: 77 or 256 tokens never need more
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLIP BPE tokenizer
@@ -181,8 +181,8 @@ class CLIPTokenizer:
 # Exactly what the `tokenizers` library does with T5's tokenizer.json, in plain Python:
 #   1. added tokens (</s>, <pad>, <unk>, <extra_id_N>) are cut out of the RAW text first, the longest match first;
 #   2. each remaining segment goes through the file's normalizer: SentencePiece's precompiled table (NFKC plus its
-#      "nmt" rules: control characters dropped, tabs and newlines -> " "), then, where the file lists them, runs of
-#      spaces -> one and trailing white space stripped;
+#      "nmt" rules: control characters dropped, tabs and newlines -> " "), applied per grapheme cluster as
+#      `tokenizers` does, then, where the file lists them, runs of spaces -> one and trailing white space stripped;
 #   3. Metaspace: " " -> "▁", a "▁" prepended, the text split before each "▁" ("a cat" -> "▁a", "▁cat"); some files
 #      split on white space first (WhitespaceSplit), then each word gets its "▁";
 #   4. each word -> the vocabulary pieces whose log probabilities add up highest (Viterbi); a character that no piece
@@ -319,7 +319,8 @@ class T5Tokenizer:
 
     def __init__(self, spec, pad_token="<pad>", max_length=T5_MAX_LENGTH):
         model = spec["model"]
-        if model["type"] != "Unigram" or model.get("byte_fallback") or model["unk_id"] is None:
+        unigram = model["type"] == "Unigram" and model.get("unk_id") in range(len(model["vocab"]))
+        if not unigram or model.get("byte_fallback"):
             raise ValueError(f"model {model['type']!r}: expected a Unigram with an unk_id and no byte_fallback")
         self.pieces = {piece: i for i, (piece, _) in enumerate(model["vocab"])}
         self.scores = [score for _, score in model["vocab"]]
@@ -329,7 +330,7 @@ class T5Tokenizer:
         self.whitespace_split, self.prepend, self.split = read_metaspace(spec["pre_tokenizer"])
         self.before, self.after = read_template(spec["post_processor"])
         added = spec.get("added_tokens") or []
-        if any(t["normalized"] or t["lstrip"] or t["rstrip"] or t["single_word"] for t in added):
+        if any(t.get(k) for t in added for k in ("normalized", "lstrip", "rstrip", "single_word")):
             raise ValueError("added_tokens: expected tokens matched as written (normalized, lstrip, rstrip and "
                              "single_word false)")
         self.added = {t["content"]: t["id"] for t in added}
