@@ -202,6 +202,7 @@ PREPEND = re.compile("[\u0600-\u0605\u06dd\u070f\u0890\u0891\u08e2\u0d4e\U000110
 
 
 def _control(c):
+    """A control character: a cluster ends before and after it."""
     return unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") and not EXTEND.match(c) and not PREPEND.match(c)
 
 
