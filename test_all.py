@@ -474,14 +474,18 @@ def test_tokenizer_matches_transformers(tmp_path, pad, style):
 # The T5 tokenizer (tokenizer.py) against transformers' T5Tokenizer and SentencePiece's own
 
 
+def docs_lines():
+    """The lines of README.md and docs/*.md: English prose, markdown, tables, math symbols."""
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [line for p in docs for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 @pytest.fixture(scope="session")
 def t5_model():
     """A SentencePiece Unigram model in T5's layout (<pad> 0, </s> 1, <unk> 2, no <s>) with the nmt_nfkc normalization
-    T5 was trained with, trained here on the project's docs and hard prompts: its serialized ModelProto."""
-    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-    corpus = [line for p in docs for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    T5 was trained with, trained here on the docs' lines and the hard prompts: its serialized ModelProto."""
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus + tokenizer_cases()), model_writer=buf,
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(docs_lines() + tokenizer_cases()), model_writer=buf,
                                    model_type="unigram", vocab_size=2000, normalization_rule_name="nmt_nfkc",
                                    pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=SUITE_THREADS, minloglevel=2)
     return buf.getvalue()
@@ -580,9 +584,7 @@ def test_t5_tokenizer_matches_sentencepiece(tmp_path, t5_model):
     converted from, plus </s>, or where two splits of a word score the same (SentencePiece breaks Viterbi ties its
     own way), a split of the same score."""
     ours = tokenizer.T5Tokenizer.from_folder(write_t5_tokenizer_folder(tmp_path / "tok", t5_model))
-    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-    prompts = [line for p in docs for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    prompts = [p for p in prompts + toy.shape_prompts("all") + PROMPTS if not ours.added_re.search(p)]
+    prompts = [p for p in docs_lines() + toy.shape_prompts("all") + PROMPTS if not ours.added_re.search(p)]
     sp = spm.SentencePieceProcessor(model_proto=t5_model)
     pairs = [(ours.encode(p), ids + [1]) for p, ids in zip(prompts, sp.encode(prompts))]
     ties = [(a, b) for a, b in pairs if a != b]
