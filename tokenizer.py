@@ -210,8 +210,8 @@ def _joins(prev, c):
     """Whether c stays in the grapheme cluster of the character prev before it: LF after CR; no other control
     character on either side; a mark or another extending character after anything; anything after a prepended
     character. (Hangul syllables, emoji sequences and flags are split differently from Unicode's clusters, but
-    those clusters are 6 bytes or more, which the table reads character by character all the same. Marks assigned
-    after Python's Unicode version, e.g. U+1AD0..U+1ADF in Unicode 16, are not known as marks here.)"""
+    those clusters are 6 bytes or more, which the table reads character by character all the same. Marks newer than
+    Python's Unicode tables (14.0 on Python 3.11), e.g. U+1AD2 or U+1AE3, are not known as marks here.)"""
     if _control(prev) or _control(c):
         return prev == "\r" and c == "\n"
     mark = unicodedata.category(c)[0] == "M" and not LONE_MARKS.match(c)
