@@ -593,6 +593,8 @@ def test_t5_tokenizer_matches_sentencepiece(tmp_path, t5_model):
 
 
 def test_t5_tokenizer_load_errors(tmp_path, t5_model):
+    """Another model's tokenizer.json, a normalizer we do not read, a broken charsmap, a missing entry, a missing
+    folder: each a one-line LoadError naming the file and what was expected."""
     folder = write_t5_tokenizer_folder(tmp_path / "tok", t5_model)
     spec = json.loads((folder / "tokenizer.json").read_text())
     broken = {"bpe": {**spec, "model": {"type": "BPE", "vocab": {}, "merges": []}},
