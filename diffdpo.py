@@ -419,9 +419,9 @@ class TrainConfig:
     undesirable_weight: float = flag(1.0, "KTO's lambda_U, the weight of undesirable images")
     max_steps: int = flag(200, "optimizer steps", resume="new")
     batch_size: int = flag(16, "pairs per device per micro-step", resume="new")
-    grad_accum: int = flag(1, "micro-steps per optimizer step (a resume may change it, the processes and --batch-size "
-                              "if the pairs per step stay: then it is exact, except KTO's and RPO's in-batch terms)",
-                           resume="new")
+    grad_accum: int = flag(1, "micro-steps per optimizer step. A resume may change it, --batch-size and the number of "
+                              "processes if the pairs per step stay: the same run up to fp32 rounding (KTO's baseline "
+                              "and RPO's matrix then span other batches)", resume="new")
     resolution: int = flag(32, "image side in pixels; 0 = the model's (512 SD1.5, 1024 SDXL)")
     lr: float = flag(3e-5, "learning rate actually used (official: 1e-8 x 2048 pairs)", resume="new")
     scale_lr: bool = flag(False, "multiply --lr by the effective batch (pairs per step)", resume="new")
