@@ -2659,8 +2659,8 @@ def test_train_lora_end_to_end(tmp_path, hub, shard):
     assert r.returncode == 0 and "already at step 4" in r.stdout, r.stderr[-3000:]
     assert max_diff(unet_weights(straight), unet_weights(resumed)) == 0.0
 
-    sharded = tmp_path / "fsdp"                   # `torchrun` with --fsdp, 2 x batch 1 == 1 x batch 2
-    args = lora_args(hub, shard, sharded, "--max-steps", "4", "--fsdp")
+    sharded = tmp_path / "fsdp"                   # `torchrun` with --fsdp (and recomputed activations), 2 x 1 == 1 x 2
+    args = lora_args(hub, shard, sharded, "--max-steps", "4", "--fsdp", "--grad-checkpointing")
     args[args.index("--batch-size") + 1] = "1"
     r = run_cli(args, torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
