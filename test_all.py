@@ -43,6 +43,8 @@ from unittest import mock
 import huggingface_hub as hh
 import numpy as np
 import scipy.linalg
+import sentencepiece as spm
+import tokenizers as tk
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -61,6 +63,7 @@ from PIL import Image
 import safetensors.torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from sentencepiece import sentencepiece_model_pb2
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -70,6 +73,7 @@ from transformers import (BertConfig, BertModel, BertTokenizer, BlipConfig, Blip
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 from transformers import T5Config as HFT5Config
 from transformers import T5EncoderModel
+from transformers import T5Tokenizer as HFT5Tokenizer
 from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 from transformers.optimization import Adafactor as HFAdafactor
 
@@ -470,6 +474,148 @@ def test_tokenizer_matches_transformers(tmp_path, pad, style):
     assert not bad, f"{len(bad)}/{len(cases)} differ, first: {bad[0]}"
     assert got[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, ours.pad]
     assert ours.pad == (49407 if pad == "<|endoftext|>" else 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The T5 tokenizer (tokenizer.py) against transformers' T5Tokenizer and SentencePiece's own
+
+
+def docs_lines():
+    """The lines of README.md and docs/*.md: English prose, markdown, tables, math symbols."""
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [line for p in docs for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def t5_model():
+    """A SentencePiece Unigram model in T5's layout (<pad> 0, </s> 1, <unk> 2, no <s>) with the nmt_nfkc normalization
+    T5 was trained with, trained here on the docs' lines and the hard prompts: its serialized ModelProto."""
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(docs_lines() + tokenizer_cases()), model_writer=buf,
+                                   model_type="unigram", vocab_size=2000, normalization_rule_name="nmt_nfkc",
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=SUITE_THREADS, minloglevel=2)
+    return buf.getvalue()
+
+
+def write_t5_tokenizer_folder(folder, model, layout="sd3"):
+    """tokenizer_3/ as transformers' T5 converter writes it from a SentencePiece model: the pieces, then 100
+    <extra_id_N> sentinels (the last one first), the model's precompiled charsmap and runs of spaces -> " ",
+    Metaspace, "$A </s>". Layout "strip": the later converter's normalizer (trailing white space stripped, runs of
+    spaces -> "▁"); "transformers5": the folder as transformers 5 saves it after loading (it rebuilds the pipeline:
+    the charsmap alone, WhitespaceSplit before Metaspace)."""
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model)
+    vocab = [(p.piece, p.score) for p in proto.pieces] + [(f"<extra_id_{i}>", 0.0) for i in range(99, -1, -1)]
+    tok = tk.Tokenizer(tk.models.Unigram(vocab, unk_id=proto.trainer_spec.unk_id, byte_fallback=False))
+    charsmap = tk.normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap)
+    spaces = [tk.normalizers.Replace(tk.Regex(" {2,}"), " ")]
+    if layout == "strip":
+        spaces = [tk.normalizers.Strip(left=False, right=True), tk.normalizers.Replace(tk.Regex(" {2,}"), "▁")]
+    tok.normalizer = tk.normalizers.Sequence([charsmap, *spaces])
+    tok.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = tk.processors.TemplateProcessing(single=["$A", "</s>"], special_tokens=[("</s>", 1)])
+    HFT5Tokenizer(tokenizer_object=tok, extra_ids=100).save_pretrained(folder)
+    if layout == "transformers5":
+        HFT5Tokenizer.from_pretrained(folder).save_pretrained(folder)
+    specials = dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials))
+    return folder
+
+
+def test_t5_charsmap_matches_tokenizers(t5_model):
+    """Our reading of the precompiled charsmap (its trie, applied per grapheme cluster) == the `tokenizers`
+    Precompiled normalizer on every code point of the Basic Multilingual Plane and on random clusters: characters the
+    table replaces or drops followed by combining marks, joiners, half-width voiced marks, Hangul jamo, emoji."""
+    blob = sentencepiece_model_pb2.ModelProto.FromString(t5_model).normalizer_spec.precompiled_charsmap
+    ours, ref = tokenizer.Charsmap(blob), tk.normalizers.Precompiled(blob)
+    points = [chr(c) for c in range(0x10000) if not 0xD800 <= c < 0xE000]
+    bad = [c for c in points if ours.normalize(c) != ref.normalize_str(c)]
+    assert not bad, f"{len(bad)} code points differ, first {[hex(ord(c)) for c in bad[:5]]}"
+    assert sum(ours.normalize(c) != c for c in points) > 2000    # the table does change thousands of them
+    rng = random.Random(0)
+    bases = list("aA1 \t\r\n\x01\xa0²¹ÅΩＡ１ｶﾞ①ﬁ™‼가ㄱ\u1100\u1161\u11a8😀👍🇯\u0600\u0d4e\u00ad\u200b")
+    marks = list("\u0300\u0301\u0302\u0308\u0323\u0327\u200c\u200d\uff9e\uff9f\u0e33\u102b\u0903\ufe0f\u20e3")
+    marks += ["\U0001f3fd", "\U000e0041"]
+    texts = ["".join(rng.choice(bases + marks * 2) for _ in range(rng.randint(1, 6))) for _ in range(20000)]
+    bad = [t for t in texts if ours.normalize(t) != ref.normalize_str(t)]
+    assert not bad, f"{len(bad)}/{len(texts)} differ, first {ascii(bad[0])}"
+
+
+def t5_cases(n_random=1500, seed=0):
+    """CLIP's hard prompts and random strings (tokenizer_cases), the toy world's captions, and T5's own hard cases:
+    its special tokens written in the text, white space around them, runs of spaces, combining marks after
+    characters the charsmap replaces, half-width voiced marks, prompts past 256 tokens; then random strings over
+    an alphabet of those."""
+    fixed = [
+        "</s>", "a</s>b", "a </s> b  ", "<extra_id_3> x<extra_id_99>y", "<pad><unk></s>", "<extra_id_3 >", "<extra_id_",
+        "＜/s＞ ＜extra_id_0＞ full-width", "a  b   c\t\td\n\ne", "   leading", "trailing   ", "\r\n\r\n", "▁ ▁▁x",
+        "Ａ\u0301 ²\u0301 e\u0301\u0302 \u0d4eＡ\u0301 \t\u0301", "ｶﾞｷﾞ ﾊﾟ ²ﾞ", "가\u0301 ᄀ\u1161\u11a8 ㄱㅏ",
+        "①②③ ㈱ ㎏ ½ ™ ‼ ﬁ", "🐱‍👤 👍🏽 🇯🇵 ✋🏿 1\ufe0f\u20e3", "word " * 300, "x" * 3000, "supercalifragilistic" * 20,
+    ]
+    rng = random.Random(seed)
+    alphabet = list("abcdeilnorstu ABC 0123 .,!?'\"-()<>/_ \t\n\r\u3000\xa0") + ["</s>", "<extra_id_7>", "<pad>", "▁"]
+    alphabet += list("éñüßæ\u0301\u0308\u200dＡＢ１ｶﾞ①ﬁ²™中文日本語한국😀🏽")
+    rand = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(n_random)]
+    return fixed + tokenizer_cases() + toy.shape_prompts("all") + rand
+
+
+@pytest.mark.parametrize("layout", ["sd3", "strip", "transformers5"])
+def test_t5_tokenizer_matches_transformers(tmp_path, t5_model, layout):
+    """Our T5Tokenizer.from_folder == transformers' T5Tokenizer (the `tokenizers` library) on a few thousand hard
+    prompts, padded and truncated to SD3's 256; transformers reads the folder it saved itself, and the other
+    layouts' tokenizer.json as `tokenizers` reads it."""
+    folder = write_t5_tokenizer_folder(tmp_path / "tokenizer_3", t5_model, layout)
+    ours = tokenizer.T5Tokenizer.from_folder(folder)
+    if layout == "transformers5":
+        ref = HFT5Tokenizer.from_pretrained(folder)
+    else:
+        ref = HFT5Tokenizer(tokenizer_object=tk.Tokenizer.from_file(str(folder / "tokenizer.json")), extra_ids=100)
+    cases = t5_cases()
+    expected = ref(cases, padding="max_length", max_length=256, truncation=True, return_tensors="pt").input_ids
+    got = ours(cases)
+    bad = [(c, got[i].tolist(), expected[i].tolist()) for i, c in enumerate(cases)
+           if not torch.equal(got[i], expected[i])]
+    assert not bad, f"{len(bad)}/{len(cases)} differ, first: {bad[0]}"
+    assert got.shape == (len(cases), 256) and (ours.pad, ours.after) == (0, [1])
+    steps = {"sd3": 2, "strip": 4, "transformers5": 1}   # charsmap, (strip left, strip right), runs of spaces
+    assert ours.whitespace_split == (layout == "transformers5") and len(ours.normalizers) == steps[layout]
+    assert got[0, :3].tolist() == [1, 1, 0] and got[cases.index(""), :2].tolist() == [1, 0]   # "</s>" and ""
+    assert got[cases.index("word " * 300), -1] == 1   # truncated, </s> kept last
+    assert torch.equal(ours(["x" * 5000]), ours(["x" * MAX_PROMPT_CHARS]))
+    assert (got == ours.unk_id).any()   # characters no piece covers were in the cases
+
+
+def test_t5_tokenizer_matches_sentencepiece(tmp_path, t5_model):
+    """On ordinary prompts (the docs' lines, the toy world's captions; none with T5's special tokens, which
+    SentencePiece does not cut out of the text) our ids are SentencePiece's own encoding of the model the folder was
+    converted from, plus </s>, or where two splits of a word score the same (SentencePiece breaks Viterbi ties its
+    own way), a split of the same score."""
+    ours = tokenizer.T5Tokenizer.from_folder(write_t5_tokenizer_folder(tmp_path / "tok", t5_model))
+    prompts = [p for p in docs_lines() + toy.shape_prompts("all") + PROMPTS if not ours.added_re.search(p)]
+    sp = spm.SentencePieceProcessor(model_proto=t5_model)
+    pairs = [(ours.encode(p), ids + [1]) for p, ids in zip(prompts, sp.encode(prompts))]
+    ties = [(a, b) for a, b in pairs if a != b]
+    score = lambda ids: sum(ours.scores[i] for i in ids)  # noqa: E731
+    assert len(ties) < len(pairs) / 50 and all(math.isclose(score(a), score(b), rel_tol=1e-12) for a, b in ties)
+
+
+def test_t5_tokenizer_load_errors(tmp_path, t5_model):
+    """Another model's tokenizer.json, a normalizer we do not read, a broken charsmap, a missing entry, a missing
+    folder: each a one-line LoadError naming the file and what was expected."""
+    folder = write_t5_tokenizer_folder(tmp_path / "tok", t5_model)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    broken = {"bpe": {**spec, "model": {"type": "BPE", "vocab": {}, "merges": []}},
+              "lowercase": {**spec, "normalizer": {"type": "Lowercase"}},
+              "charsmap": {**spec, "normalizer": {"type": "Precompiled", "precompiled_charsmap": "AAAA////"}},
+              "no model": {k: v for k, v in spec.items() if k != "model"}}
+    messages = {"bpe": "model 'BPE': expected a Unigram", "lowercase": "normalizer 'Lowercase': expected Precompiled",
+                "charsmap": "trie does not fit", "no model": "no 'model' entry"}
+    for name, bad in broken.items():
+        (folder / "tokenizer.json").write_text(json.dumps(bad))
+        with pytest.raises(files.LoadError, match=re.escape(messages[name])) as e:
+            tokenizer.T5Tokenizer.from_folder(folder)
+        assert str(folder / "tokenizer.json") in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(files.LoadError, match="tokenizer.json: file not found"):
+        tokenizer.T5Tokenizer.from_folder(tmp_path / "missing")
 
 
 # ----------------------------------------------------------------------------------------------------------------
