@@ -220,10 +220,10 @@ def lcm(denoise, noise, cfg, steps, step_noise):
 
 
 def flow_schedule(cfg, n):
-    """FlowMatchEulerDiscreteScheduler's sigmas and timesteps (float32 as diffusers). With the timestep shift
-    sigma' = shift s / (1 + (shift - 1) s) (SD3: 3.0, more steps at high noise): n timesteps evenly from the training
-    schedule's first, sigma'(1) T = T, to its last, sigma'(1 / T) T; sigma = shift'(t / T) of those (a second shift,
-    as diffusers), then a final sigma 0; the network's timestep is sigma T."""
+    """FlowMatchEulerDiscreteScheduler's sigmas (n + 1, the last 0) and timesteps sigma T (n), float32 as diffusers.
+    The shift sigma'(s) = shift s / (1 + (shift - 1) s) (SD3: 3.0) spends more steps at high noise. The training
+    schedule is sigma'(k / T), k = T..1; inference lays n timesteps t_i evenly from its first (T) to its last
+    (sigma'(1 / T) T) and shifts them again, sigma_i = sigma'(t_i / T), as diffusers does."""
     T, shift = cfg.get("num_train_timesteps", 1000), cfg.get("shift", 1.0)
     shifted = lambda s: shift * s / (1 + (shift - 1) * s)  # noqa: E731
     first, last = (shifted(torch.tensor([1.0, 1.0 / T])).double() * T).tolist()
