@@ -1,9 +1,10 @@
 """
 The reference side of diffdpo's proofs, for test_all.py and bench.py only: random-weight models written by
-diffusers / transformers in the exact Hub layouts ("the test hub"), CLIP tokenizer folders built from OpenAI's BPE
-file, the same networks built by both libraries at the real architectures, and a DPO step written with diffusers as
-the official train.py writes it. diffusers and transformers are imported here (inside the functions, so that bench.py
---memory runs without them), never by the product modules.
+diffusers / transformers in the exact Hub layouts ("the test hub": SD1.5-like, SDXL-like, SD3-like), CLIP
+tokenizer folders built from OpenAI's BPE file and T5 ones from a SentencePiece model, the same networks built by both
+libraries at the real architectures, and a DPO step written with diffusers as the official train.py writes it.
+diffusers and transformers are imported here (inside the functions, so that bench.py --memory runs without them),
+never by the product modules.
 """
 import copy
 import gzip

@@ -373,7 +373,7 @@ def generate(sd, prompts, *, steps=50, guidance=7.5, latents=None, seed=0, heigh
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
     if (sampler == "flow") != (sd.kind == "sd3"):
-        raise UserError(f"sampler {sampler!r} on an {sd.kind} model: SD3 samples with flow only, flow is SD3's only")
+        raise UserError(f"sampler {sampler!r} does not fit an {sd.kind} model: SD3 samples with flow, flow only SD3")
     cfg, unet, f = scheduler_config(sd.scheduler_config, sampler), unet or sd.unet, vae_factor(sd)
     height, width = height or default_size(sd), width or default_size(sd)
     if height % f or width % f or height <= 0 or width <= 0:

@@ -4034,8 +4034,11 @@ def test_sd3_generate_matches_diffusers(sd3_hub):
     assert ours.shape == expected.shape == (2, 32, 32, 3) and expected.std() > 0.05
     assert np.abs(ours - expected).max() <= 2 / 255, np.abs(ours - expected).max() * 255
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, default))
-    with pytest.raises(UserError, match="SD3 samples with flow only"):
+    with pytest.raises(UserError, match="'euler' does not fit an sd3 model: SD3 samples with flow"):
         sample.generate(sd, prompts, steps=2, latents=latents, sampler="euler")
+    sd.kind = "sd15"
+    with pytest.raises(UserError, match="'flow' does not fit an sd15 model"):
+        sample.generate(sd, prompts, steps=2, latents=latents, sampler="flow")
 
 
 def test_load_sd3_errors(sd3_hub, tmp_path):
