@@ -361,15 +361,16 @@ def check_finite(x, what):
 @torch.no_grad()
 def generate(sd, prompts, *, steps=50, guidance=7.5, latents=None, seed=0, height=None, width=None,
              negative_prompt=None, sampler=None, unet=None, progress=False):
-    """Text-to-image, as StableDiffusion(XL)Pipeline with the matching scheduler. prompts: str or list; latents:
-    (B, 4, H/8, W/8) unit noise; seed: image i's is seed + i, or seed[i] for a list (the noise rules: seeded_noise);
-    sampler: ddim | euler | dpm | lcm | flow (default: flow for SD3, lcm for an LCMScheduler's config, else ddim); unet:
-    a tuned UNet instead of sd.unet; progress: True for a bar, or a tqdm bar to advance per step. Classifier-free
-    guidance when guidance > 1, but an LCM-distilled UNet (time_cond_proj_dim) takes guidance_embedding(guidance - 1)
-    instead, as diffusers' pipelines do. The sampler's arithmetic is fp32 whatever the models' dtype."""
+    """Text-to-image, as StableDiffusion(XL|3)Pipeline with the matching scheduler. prompts: str or list;
+    latents: (B, C, H/8, W/8) unit noise (C = 4, SD3: 16); seed: image i's is seed + i, or seed[i] for a list (the
+    noise rules: seeded_noise); sampler: ddim | euler | dpm | lcm | flow (default: flow for SD3, lcm for an
+    LCMScheduler's config, else ddim); unet: a tuned UNet instead of sd.unet; progress: True for a bar, or a tqdm bar
+    to advance per step. Classifier-free guidance when guidance > 1, but an LCM-distilled UNet (time_cond_proj_dim)
+    takes guidance_embedding(guidance - 1) instead, as diffusers' pipelines do. The sampler's arithmetic is fp32
+    whatever the models' dtype."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    sampler = sampler or {"LCMScheduler": "lcm", "FlowMatchEulerDiscreteScheduler": "flow"}.get(
-        sd.scheduler_config.get("_class_name"), "ddim")
+    lcm_config = sd.scheduler_config.get("_class_name") == "LCMScheduler"
+    sampler = sampler or ("flow" if sd.kind == "sd3" else "lcm" if lcm_config else "ddim")
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
     if (sampler == "flow") != (sd.kind == "sd3"):
