@@ -5,12 +5,13 @@ The networks of Stable Diffusion 3 / 3.5, written by hand in plain PyTorch, and 
     MMDiT         velocity-prediction transformer      (diffusers SD3Transformer2DModel)
     T5Encoder     T5-v1.1 encoder, SD3's third text encoder   (transformers T5EncoderModel)
     load_sd3_component   a `transformer/` or `text_encoder_3/` folder  ->  MMDiT / T5Encoder
+    load_sd3      a StableDiffusion3Pipeline folder  ->  SD3 (networks, tokenizers, scheduler config, encode_prompt)
 
 As in unet.py, every module is named after the reference libraries' state-dict keys, so a checkpoint loads with a
 plain strict `load_state_dict`. Shapes are tagged in comments: B batch, C channels, H/W latent size, N image tokens,
 L text tokens, D width. SD3's two CLIP text encoders are unet.py's CLIPText (with projection). Read top to bottom:
-the MMDiT's building blocks, the MMDiT, the T5 encoder, then the configs (sd3 / sd35m / sd35l / tiny presets) and
-the loader.
+the MMDiT's building blocks, the MMDiT, the T5 encoder, then the configs (sd3 / sd35m / sd35l / tiny presets), the
+loader, and the whole pipeline (SD3, load_sd3).
 """
 import math
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from files import LoadError, config_from_dict, read_json, read_safetensors, weight_files
-from unet import TINY_VOCAB, TimestepEmbedding, attention, load_weights, timestep_embedding
+from tokenizer import CLIPTokenizer, T5Tokenizer
+from unet import TINY_VOCAB, TimestepEmbedding, attention, load_component, load_weights, timestep_embedding
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -564,3 +566,100 @@ def load_sd3_component(folder, name, *, device="cpu", dtype=torch.float32, varia
         for block in model.encoder.block:
             block.layer[1].DenseReluDense.wo.float()
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole model: SD3's networks, tokenizers and scheduler config, its prompt encoding, and the loader
+
+T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length: T5's ids are padded or cut to it
+
+
+class SD3:
+    """A loaded Stable Diffusion 3 / 3.5: `transformer` (MMDiT), `vae` (16 latent channels; latents are
+    (z - shift_factor) * scaling_factor), `text_encoders` [CLIP-L, OpenCLIP bigG (both with projection), T5 or None]
+    with their `tokenizers` [CLIP, CLIP padding with "!", T5 or None], the FlowMatchEulerDiscreteScheduler's config
+    dict (its `shift`), and `kind` "sd3"."""
+
+    kind = "sd3"
+
+    def __init__(self, transformer, vae, text_encoders, tokenizers, scheduler_config, source=""):
+        self.transformer, self.vae, self.text_encoders, self.tokenizers = transformer, vae, text_encoders, tokenizers
+        self.scheduler_config, self.source = scheduler_config, source
+
+    @property
+    def unet(self):
+        """The denoiser under the name sample.generate reads for every pipeline: here the MMDiT."""
+        return self.transformer
+
+    @property
+    def modules(self):
+        return [self.transformer, self.vae, *[e for e in self.text_encoders if e is not None]]
+
+    def to(self, device=None, dtype=None):
+        for m in self.modules:
+            m.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self):
+        return next(self.transformer.parameters()).device
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts, max_sequence_length=T5_TOKENS):
+        """Text conditioning exactly as diffusers' StableDiffusion3Pipeline.encode_prompt (clip_skip None, the
+        pipeline's default and what it always uses for the negative prompt):
+          clip    = concat(penultimate states of CLIP-L, of bigG)                      (B, 77, 768 + 1280)
+                    zero-padded on the feature axis to T5's width                       (B, 77, 4096)
+          t5      = T5's last hidden state on the ids padded / cut to 256 tokens        (B, 256, 4096)
+                    (zeros of the transformer's joint_attention_dim without a T5)
+          context = concat(clip, t5) on the token axis                                 (B, 77 + 256, 4096)
+          pooled  = concat(CLIP-L's projection, bigG's projection)                     (B, 768 + 1280)"""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        states, pooled = [], []
+        for tok, enc in zip(self.tokenizers[:2], self.text_encoders[:2]):
+            _, penultimate, projected = enc(tok(prompts).to(self.device))
+            states.append(penultimate)
+            pooled.append(projected)
+        clip = torch.cat(states, dim=-1)                                        # (B, 77, 768 + 1280)
+        t5 = self.t5_states(prompts, max_sequence_length).to(clip.dtype)        # (B, 256, 4096)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))                  # (B, 77, 4096)
+        return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+
+    def t5_states(self, prompts, max_sequence_length):
+        """T5's last hidden state (B, L, d_model), or zeros (B, L, joint_attention_dim) for a pipeline loaded
+        without its T5 (as diffusers' pipeline with text_encoder_3=None)."""
+        tok, enc = self.tokenizers[2], self.text_encoders[2]
+        if enc is None:
+            width = self.transformer.cfg.joint_attention_dim
+            return torch.zeros(len(prompts), max_sequence_length, width, device=self.device)
+        return enc(tok(prompts, max_length=max_sequence_length).to(self.device))
+
+
+def listed(index, name):
+    """Whether model_index.json names a component (a pipeline saved without it lists [null, null])."""
+    return isinstance(index.get(name), list) and bool(index[name][0])
+
+
+def load_sd3(folder, *, device="cpu", dtype=torch.float32, variant=None) -> SD3:
+    """Load a StableDiffusion3Pipeline folder in the diffusers layout: model_index.json, transformer/, vae/,
+    text_encoder/ (CLIP-L), text_encoder_2/ (bigG), text_encoder_3/ (T5; may be left out, then its states are
+    zeros), tokenizer/, tokenizer_2/, tokenizer_3/, scheduler/. variant: "fp16" for the *.fp16.safetensors files.
+    A missing or foreign piece is a one-line LoadError."""
+    folder = Path(folder)
+    index = read_json(folder / "model_index.json")
+    if index.get("_class_name") != "StableDiffusion3Pipeline":
+        raise LoadError(f"{folder}: model_index.json names {index.get('_class_name')!r}, not StableDiffusion3Pipeline")
+    t5 = listed(index, "text_encoder_3")
+    parts = ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"]
+    for name in parts + (["text_encoder_3", "tokenizer_3"] if t5 else []):
+        if not (folder / name).is_dir():
+            raise LoadError(f"{folder}: no {name}/ folder (a StableDiffusion3Pipeline folder has {', '.join(parts)}"
+                            f", text_encoder_3, tokenizer_3)")
+    load = dict(device=device, dtype=dtype, variant=variant)
+    encoders = [load_component(folder / n, n, **load) for n in ("text_encoder", "text_encoder_2")]
+    tokenizers = [CLIPTokenizer.from_folder(folder / n) for n in ("tokenizer", "tokenizer_2")]
+    encoders.append(load_sd3_component(folder / "text_encoder_3", "text_encoder_3", **load) if t5 else None)
+    tokenizers.append(T5Tokenizer.from_folder(folder / "tokenizer_3") if t5 else None)
+    return SD3(transformer=load_sd3_component(folder / "transformer", "transformer", **load),
+               vae=load_component(folder / "vae", "vae", **load), text_encoders=encoders, tokenizers=tokenizers,
+               scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"), source=str(folder))

@@ -1,9 +1,10 @@
 """
 The reference side of diffdpo's proofs, for test_all.py and bench.py only: random-weight models written by
-diffusers / transformers in the exact Hub layouts ("the test hub"), CLIP tokenizer folders built from OpenAI's BPE
-file, the same networks built by both libraries at the real architectures, and a DPO step written with diffusers as
-the official train.py writes it. diffusers and transformers are imported here (inside the functions, so that bench.py
---memory runs without them), never by the product modules.
+diffusers / transformers in the exact Hub layouts ("the test hub": SD1.5-like, SDXL-like, SD3-like), CLIP
+tokenizer folders built from OpenAI's BPE file and T5 ones from a SentencePiece model, the same networks built by both
+libraries at the real architectures, and a DPO step written with diffusers as the official train.py writes it.
+diffusers and transformers are imported here (inside the functions, so that bench.py --memory runs without them),
+never by the product modules.
 """
 import copy
 import gzip
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import mmdit
 import unet
 from diffdpo import pair_noise
 from tokenizer import bytes_to_unicode
@@ -147,6 +149,85 @@ def reference_pipe(folder, kind):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     cls = StableDiffusionPipeline if kind == "sd15" else StableDiffusionXLPipeline
     return cls.from_pretrained(folder, safety_checker=None) if kind == "sd15" else cls.from_pretrained(folder)
+
+
+def write_t5_tokenizer_folder(folder, model, layout="sd3"):
+    """tokenizer_3/ as transformers' T5 converter writes it from a SentencePiece model: the pieces, then 100
+    <extra_id_N> sentinels (the last one first), the model's precompiled charsmap and runs of spaces -> " ",
+    Metaspace, "$A </s>". Layout "strip": the later converter's normalizer (trailing white space stripped, runs of
+    spaces -> "▁"); "transformers5": the folder as transformers 5 saves it after loading (it rebuilds the pipeline:
+    the charsmap alone, WhitespaceSplit before Metaspace)."""
+    import tokenizers as tk
+    from sentencepiece import sentencepiece_model_pb2
+    from transformers import T5Tokenizer
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model)
+    vocab = [(p.piece, p.score) for p in proto.pieces] + [(f"<extra_id_{i}>", 0.0) for i in range(99, -1, -1)]
+    tok = tk.Tokenizer(tk.models.Unigram(vocab, unk_id=proto.trainer_spec.unk_id, byte_fallback=False))
+    charsmap = tk.normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap)
+    spaces = [tk.normalizers.Replace(tk.Regex(" {2,}"), " ")]
+    if layout == "strip":
+        spaces = [tk.normalizers.Strip(left=False, right=True), tk.normalizers.Replace(tk.Regex(" {2,}"), "▁")]
+    tok.normalizer = tk.normalizers.Sequence([charsmap, *spaces])
+    tok.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = tk.processors.TemplateProcessing(single=["$A", "</s>"], special_tokens=[("</s>", 1)])
+    T5Tokenizer(tokenizer_object=tok, extra_ids=100).save_pretrained(folder)
+    if layout == "transformers5":
+        T5Tokenizer.from_pretrained(folder).save_pretrained(folder)
+    specials = dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials))
+    return folder
+
+
+# A small StableDiffusion3Pipeline: widths chosen so that every concatenation and the zero padding are seen (CLIP-L 32
+# + bigG 48 = 80 padded to T5's 96; pooled 32 + 48 = 80), the tiny MMDiT at 16 latent channels, SD3's VAE scaling.
+SD3_TEST = dict(
+    transformer=dict(mmdit.TINY_MMDIT, in_channels=16, out_channels=16, joint_attention_dim=96,
+                     pooled_projection_dim=80),
+    vae=dict(SD15_TEST["vae"], latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+             scaling_factor=1.5305, shift_factor=0.0609),
+    text=dict(SDXL_TEST["text"], projection_dim=32),
+    text2=dict(SDXL_TEST["text2"], hidden_size=48, projection_dim=48),
+    t5=dict(mmdit.TINY_T5, vocab_size=2112, d_model=96))
+
+
+def randomize_vectors(*modules):
+    """Random non-trivial norms and biases (norm weights ~ 1 + N(0, 0.1^2), the rest N(0, 0.1^2)), so that every
+    parameter matters."""
+    for m in modules:
+        for n, p in m.named_parameters():
+            if p.ndim == 1:
+                p.data.normal_(1.0 if "norm" in n and n.endswith("weight") else 0.0, 0.1)
+
+
+def make_sd3_hub(folder, t5_model, seed=0):
+    """A random-weight StableDiffusion3Pipeline at SD3_TEST's sizes saved by diffusers in the Hub's layout, its CLIP
+    tokenizers built from OpenAI's BPE file (tokenizer_2 pads with "!") and tokenizer_3 from the SentencePiece model
+    `t5_model` (serialized ModelProto, at most 2,012 pieces), FlowMatchEulerDiscreteScheduler with SD3's shift 3."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import T5Tokenizer
+    folder, cfg = Path(folder), SD3_TEST
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**{k: v for k, v in cfg["transformer"].items() if k != "_class_name"})
+    vae = AutoencoderKL(**cfg["vae"])
+    texts = [CLIPTextModelWithProjection(CLIPTextConfig(**cfg[n])) for n in ("text", "text2")]
+    t5 = T5EncoderModel(T5Config(**cfg["t5"]))
+    randomize_vectors(transformer, vae, *texts, t5)
+    toks = [CLIPTokenizer.from_pretrained(write_clip_tokenizer_folder(folder.parent / f"_{n}_{folder.name}", pad, s))
+            for n, pad, s in [("tok", "<|endoftext|>", "sd15"), ("tok2", "!", "decoder")]]
+    tok3 = T5Tokenizer.from_pretrained(write_t5_tokenizer_folder(folder.parent / f"_tok3_{folder.name}", t5_model))
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=texts[0], tokenizer=toks[0], text_encoder_2=texts[1],
+                                    tokenizer_2=toks[1], text_encoder_3=t5, tokenizer_3=tok3)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # the Hub's tokenizer folders, as make_hub writes them
+    for name, pad, style in [("tokenizer", "<|endoftext|>", "sd15"), ("tokenizer_2", "!", "decoder")]:
+        shutil.rmtree(folder / name)
+        write_clip_tokenizer_folder(folder / name, pad_token=pad, style=style)
+    shutil.rmtree(folder / "tokenizer_3")
+    write_t5_tokenizer_folder(folder / "tokenizer_3", t5_model)
+    return folder
 
 
 def tokenizer_cases(n_random=300, seed=0):

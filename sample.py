@@ -1,13 +1,13 @@
 """
-The diffusion process and text-to-image sampling for SD1.5 / SDXL, equal to the diffusers pipelines given the same
-initial latents.
+The diffusion process and text-to-image sampling for SD1.5 / SDXL / SD3, equal to the diffusers pipelines given the
+same initial latents.
 
     python sample.py --model tiny --prompt "a red circle on a blue background" --out samples.png
     python sample.py --model sd15 --unet runs/dpo-sd15/unet --prompts prompts.txt --compare --out compare.png
 
 Read top to bottom: the noise schedule (the forward process the trainer noises with), the inference timesteps, the
-samplers (DDIM, Euler, DPM-Solver++(2M), latent consistency), classifier-free guidance and `generate` (SDXL's
-conditioning, decoding), the comparison grid and the CLI.
+samplers (DDIM, Euler, DPM-Solver++(2M), latent consistency, SD3's flow matching), classifier-free guidance and
+`generate` (SDXL's and SD3's conditioning, decoding), the comparison grid and the CLI.
 """
 import argparse
 import copy
@@ -60,10 +60,10 @@ def add_noise(x0, noise, t, abar):
 # The scheduler config, and which of the T training steps a sampler visits (noisiest first, as set_timesteps)
 
 UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "rescale_betas_zero_snr",
-               "thresholding")
+               "thresholding", "use_dynamic_shifting", "invert_sigmas", "shift_terminal", "stochastic_sampling")
 DEFAULTS = {"ddim": dict(timestep_spacing="leading", set_alpha_to_one=True, clip_sample=True),
             "euler": dict(timestep_spacing="linspace"), "dpm": dict(timestep_spacing="linspace"),
-            "lcm": dict(original_inference_steps=50, timestep_scaling=10.0, clip_sample=False)}
+            "lcm": dict(original_inference_steps=50, timestep_scaling=10.0, clip_sample=False), "flow": dict(shift=1.0)}
 
 
 def scheduler_config(cfg, sampler):
@@ -219,7 +219,32 @@ def lcm(denoise, noise, cfg, steps, step_noise):
         x = a.sqrt() * z + (1 - a).sqrt() * step_noise().to(x.device)
 
 
-SAMPLERS = {"ddim": ddim, "euler": euler, "dpm": dpm_solver_2m, "lcm": lcm}
+def flow_schedule(cfg, n):
+    """FlowMatchEulerDiscreteScheduler's sigmas (n + 1, the last 0) and timesteps sigma T (n), float32 as diffusers.
+    The shift sigma'(s) = shift s / (1 + (shift - 1) s) (SD3: 3.0) spends more steps at high noise. The training
+    schedule is sigma'(k / T), k = T..1; inference lays n timesteps t_i evenly from its first (T) to its last
+    (sigma'(1 / T) T) and shifts them again, sigma_i = sigma'(t_i / T), as diffusers does."""
+    T, shift = cfg.get("num_train_timesteps", 1000), cfg.get("shift", 1.0)
+    shifted = lambda s: shift * s / (1 + (shift - 1) * s)  # noqa: E731
+    first, last = (shifted(torch.tensor([1.0, 1.0 / T])).double() * T).tolist()
+    s = torch.from_numpy(shifted(np.linspace(first, last, n) / T)).float()
+    return torch.cat([s, torch.zeros(1)]), s * T
+
+
+def flow_euler(denoise, noise, cfg, steps):
+    """Euler on the rectified-flow ODE dx/dsigma = v (SD3, Esser et al. 2024). The forward process is the straight
+    line x_sigma = (1 - sigma) x0 + sigma eps, sigma in [0, 1], whose velocity v = dx/dsigma = eps - x0 the network
+    predicts; from sigma_0 = 1 (pure noise) to sigma_n = 0:
+        x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v(x_i, sigma_i T)
+    Starts at the noise itself."""
+    sigmas, ts = flow_schedule(cfg, steps)
+    x = noise
+    for i, t in enumerate(ts):
+        x = x + (sigmas[i + 1] - sigmas[i]) * denoise(x, t)
+    return x
+
+
+SAMPLERS = {"ddim": ddim, "euler": euler, "dpm": dpm_solver_2m, "lcm": lcm, "flow": flow_euler}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Generation: classifier-free guidance, SDXL micro-conditioning, decoding
@@ -285,7 +310,8 @@ def zeros_for_empty_negative(sd):
 
 def conditioning(sd, prompts, negative_prompt, guided, height, width, dtype):
     """UNet keyword arguments for the batch [uncond; cond] (or cond only without guidance): context (2B, 77, D),
-    and for SDXL the pooled text (2B, 1280) and time_ids (original = target = (height, width), crop (0, 0))."""
+    and for SDXL the pooled text (2B, 1280) and time_ids (original = target = (height, width), crop (0, 0)); for SD3
+    the pooled text (2B, 2048) and an uncond that is "" through all three encoders (no zeros)."""
     B = len(prompts)
     context, pooled = sd.encode_prompt(prompts)
     if guided:
@@ -302,13 +328,15 @@ def conditioning(sd, prompts, negative_prompt, guided, height, width, dtype):
     if sd.kind == "sdxl":
         kw.update(text_embeds=pooled.to(dtype),
                   time_ids=sd.time_ids(len(context), height, width, device=context.device, dtype=dtype))
+    if sd.kind == "sd3":
+        kw.update(pooled=pooled.to(dtype))
     return kw
 
 
 def decode(sd, latents):
-    """Latents -> PIL images as diffusers: vae.decode(latents / scaling_factor) (in fp32 when an fp16 VAE asks
-    for `force_upcast`, SDXL's), then (x / 2 + 0.5).clamp(0, 1) * 255, rounded to uint8. NaN or Inf in the latents
-    or the decoded pixels is an error, not a black picture."""
+    """Latents -> PIL images as diffusers: vae.decode(latents / scaling_factor + shift_factor) (SD3's shift, else 0;
+    in fp32 when an fp16 VAE asks for `force_upcast`, SDXL's), then (x / 2 + 0.5).clamp(0, 1) * 255, rounded to
+    uint8. NaN or Inf in the latents or the decoded pixels is an error, not a black picture."""
     check_finite(latents, "the sampled latents")
     vae = sd.vae
     dtype = next(vae.parameters()).dtype
@@ -316,7 +344,7 @@ def decode(sd, latents):
     if upcast:
         vae.float()
     try:
-        x = vae.decode((latents / vae.scaling_factor).to(next(vae.parameters()).dtype))
+        x = vae.decode((latents / vae.scaling_factor + vae.cfg.shift_factor).to(next(vae.parameters()).dtype))
     finally:
         vae.to(dtype)
     check_finite(x, "the VAE's decoded images")
@@ -333,21 +361,25 @@ def check_finite(x, what):
 @torch.no_grad()
 def generate(sd, prompts, *, steps=50, guidance=7.5, latents=None, seed=0, height=None, width=None,
              negative_prompt=None, sampler=None, unet=None, progress=False):
-    """Text-to-image, as StableDiffusion(XL)Pipeline with the matching scheduler. prompts: str or list; latents:
-    (B, 4, H/8, W/8) unit noise; seed: image i's is seed + i, or seed[i] for a list (the noise rules: seeded_noise);
-    sampler: ddim | euler | dpm | lcm (default: lcm if the scheduler config is an LCMScheduler's, else ddim); unet:
-    a tuned UNet instead of sd.unet; progress: True for a bar, or a tqdm bar to advance per step. Classifier-free
-    guidance when guidance > 1, but an LCM-distilled UNet (time_cond_proj_dim) takes guidance_embedding(guidance - 1)
-    instead, as diffusers' pipelines do. The sampler's arithmetic is fp32 whatever the models' dtype."""
+    """Text-to-image, as StableDiffusion(XL|3)Pipeline with the matching scheduler. prompts: str or list;
+    latents: (B, C, H/8, W/8) unit noise (C = 4, SD3: 16); seed: image i's is seed + i, or seed[i] for a list (the
+    noise rules: seeded_noise); sampler: ddim | euler | dpm | lcm | flow (default: flow for SD3, lcm for an
+    LCMScheduler's config, else ddim); unet: a tuned UNet instead of sd.unet; progress: True for a bar, or a tqdm bar
+    to advance per step. Classifier-free guidance when guidance > 1, but an LCM-distilled UNet (time_cond_proj_dim)
+    takes guidance_embedding(guidance - 1) instead, as diffusers' pipelines do. The sampler's arithmetic is fp32
+    whatever the models' dtype."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    sampler = sampler or ("lcm" if sd.scheduler_config.get("_class_name") == "LCMScheduler" else "ddim")
+    lcm_config = sd.scheduler_config.get("_class_name") == "LCMScheduler"
+    sampler = sampler or ("flow" if sd.kind == "sd3" else "lcm" if lcm_config else "ddim")
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    if (sampler == "flow") != (sd.kind == "sd3"):
+        raise UserError(f"sampler {sampler!r} does not fit an {sd.kind} model: SD3 samples with flow, flow only SD3")
     cfg, unet, f = scheduler_config(sd.scheduler_config, sampler), unet or sd.unet, vae_factor(sd)
     height, width = height or default_size(sd), width or default_size(sd)
     if height % f or width % f or height <= 0 or width <= 0:
         raise UserError(f"height and width must be positive multiples of {f}, got {height} x {width}")
-    dtype, device, lcm_dim = next(unet.parameters()).dtype, sd.device, unet.cfg.time_cond_proj_dim
+    dtype, device, lcm_dim = next(unet.parameters()).dtype, sd.device, getattr(unet.cfg, "time_cond_proj_dim", None)
     guided = guidance > 1 and not lcm_dim
     kw = conditioning(sd, prompts, negative_prompt, guided, height, width, dtype)
     if lcm_dim:  # an LCM-distilled UNet: the guidance scale is an input, not CFG

@@ -10,7 +10,7 @@ The tests build their own "hub" (parity.py): random-weight models written by dif
 
 The sections follow the modules' reading order: the networks (with the tokenizer and single-file checkpoints),
 sampling, the method, the trainer, data, evaluation, LoRA, LCM, Diffusion-RPO, reliability, the toy world, bench.py,
-then the SD3 / SD3.5 networks (mmdit.py).
+then the SD3 / SD3.5 networks (mmdit.py) and pipeline (prompt encoding, flow-matching sampling).
 Most training runs happen in this process (run_here: the scripts' own code path, without starting Python again);
 every CLI also runs at least once as a user runs it (run_cli), and the 2-process runs go through torchrun.
 """
@@ -54,8 +54,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       LatentConsistencyModelPipeline, LCMScheduler, SD3Transformer2DModel, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+                       FlowMatchEulerDiscreteScheduler, LatentConsistencyModelPipeline, LCMScheduler,
+                       SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel)
 from huggingface_hub import constants
 from huggingface_hub.errors import RepositoryNotFoundError
 from peft import LoraConfig
@@ -98,7 +98,7 @@ import unet
 from files import DataError, UserError
 from tokenizer import MAX_PROMPT_CHARS
 from parity import (SCHEDULER, SD15_TEST, SDXL_TEST, clip_vocab_source, make_hub, reference_pipe, tokenizer_cases,
-                    write_clip_tokenizer_folder)
+                    write_clip_tokenizer_folder, write_t5_tokenizer_folder)
 
 warnings.filterwarnings("ignore")
 SUITE_THREADS = min(4, os.cpu_count() or 1)
@@ -495,30 +495,6 @@ def t5_model():
                                    model_type="unigram", vocab_size=2000, normalization_rule_name="nmt_nfkc",
                                    pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=SUITE_THREADS, minloglevel=2)
     return buf.getvalue()
-
-
-def write_t5_tokenizer_folder(folder, model, layout="sd3"):
-    """tokenizer_3/ as transformers' T5 converter writes it from a SentencePiece model: the pieces, then 100
-    <extra_id_N> sentinels (the last one first), the model's precompiled charsmap and runs of spaces -> " ",
-    Metaspace, "$A </s>". Layout "strip": the later converter's normalizer (trailing white space stripped, runs of
-    spaces -> "▁"); "transformers5": the folder as transformers 5 saves it after loading (it rebuilds the pipeline:
-    the charsmap alone, WhitespaceSplit before Metaspace)."""
-    proto = sentencepiece_model_pb2.ModelProto.FromString(model)
-    vocab = [(p.piece, p.score) for p in proto.pieces] + [(f"<extra_id_{i}>", 0.0) for i in range(99, -1, -1)]
-    tok = tk.Tokenizer(tk.models.Unigram(vocab, unk_id=proto.trainer_spec.unk_id, byte_fallback=False))
-    charsmap = tk.normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap)
-    spaces = [tk.normalizers.Replace(tk.Regex(" {2,}"), " ")]
-    if layout == "strip":
-        spaces = [tk.normalizers.Strip(left=False, right=True), tk.normalizers.Replace(tk.Regex(" {2,}"), "▁")]
-    tok.normalizer = tk.normalizers.Sequence([charsmap, *spaces])
-    tok.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.post_processor = tk.processors.TemplateProcessing(single=["$A", "</s>"], special_tokens=[("</s>", 1)])
-    HFT5Tokenizer(tokenizer_object=tok, extra_ids=100).save_pretrained(folder)
-    if layout == "transformers5":
-        HFT5Tokenizer.from_pretrained(folder).save_pretrained(folder)
-    specials = dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    (folder / "special_tokens_map.json").write_text(json.dumps(specials))
-    return folder
 
 
 def test_t5_charsmap_matches_tokenizers(t5_model):
@@ -4064,3 +4040,94 @@ def test_mmdit_and_t5_presets_are_the_reference_architectures():
         ours = mmdit.T5Encoder(cfg)
     assert shapes(ours.state_dict()) == shapes(mmdit.tied_embedding(ref.state_dict()))
     assert sum(p.numel() for p in ours.parameters()) == 4_762_310_656
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SD3 / SD3.5 pipeline (mmdit.SD3, load_sd3, sample.flow_euler): prompt encoding and flow-matching generation against
+# diffusers' StableDiffusion3Pipeline on a small random-weight pipeline folder
+
+
+@pytest.fixture(scope="module")
+def sd3_hub(tmp_path_factory, t5_model):
+    return parity.make_sd3_hub(tmp_path_factory.mktemp("sd3") / "sd3", t5_model)
+
+
+SD3_PROMPTS = ["a photo of a cat", " ".join(["word"] * 300), "café crème brûlée 😀, oil painting"]
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_schedule_matches_diffusers(shift):
+    """flow_schedule's sigmas (with the final 0) and timesteps equal FlowMatchEulerDiscreteScheduler.set_timesteps'
+    within 1e-6 (timesteps relative) for 1, 4 and 28 steps; options the sampler does not implement are refused."""
+    for n in (1, 4, 28):
+        ref = FlowMatchEulerDiscreteScheduler(shift=shift)
+        ref.set_timesteps(n)
+        sigmas, timesteps = sample.flow_schedule(sample.scheduler_config(dict(ref.config), "flow"), n)
+        assert sigmas.shape == (n + 1,) and timesteps.shape == (n,)
+        assert max_abs_err(sigmas, ref.sigmas) <= 1e-6, (n, max_abs_err(sigmas, ref.sigmas))
+        assert max_abs_err(timesteps / 1000, ref.timesteps / 1000) <= 1e-6, n
+    with pytest.raises(UserError, match="use_dynamic_shifting is not supported"):
+        sample.scheduler_config(dict(ref.config, use_dynamic_shifting=True), "flow")
+
+
+def test_sd3_encode_prompt_matches_diffusers(sd3_hub, tmp_path):
+    """encode_prompt equals StableDiffusion3Pipeline.encode_prompt within 1e-5 (context (B, 77 + 256, 96): the two
+    CLIP penultimate states zero-padded to T5's width, then T5's states; pooled (B, 32 + 48)), with prompts cut at 77
+    CLIP and 256 T5 tokens; and for a pipeline saved without its T5 (T5's part all zeros)."""
+    sd = mmdit.load_sd3(sd3_hub)
+    ref = StableDiffusion3Pipeline.from_pretrained(sd3_hub)
+    context, pooled = sd.encode_prompt(SD3_PROMPTS)
+    with torch.no_grad():
+        expected, _, expected_pooled, _ = ref.encode_prompt(SD3_PROMPTS, None, None, do_classifier_free_guidance=False)
+    assert context.shape == expected.shape == (3, 77 + 256, 96) and pooled.shape == expected_pooled.shape == (3, 80)
+    assert max_abs_err(context, expected) <= 1e-5 and max_abs_err(pooled, expected_pooled) <= 1e-5
+    assert context[:, :77, 80:].abs().max() == 0 and context[:, 77:].abs().min(-1).values.max() > 0
+    folder = shutil.copytree(sd3_hub, tmp_path / "no_t5", ignore=shutil.ignore_patterns("*_3"))
+    index = json.loads((folder / "model_index.json").read_text())  # as diffusers saves a pipeline without them:
+    (folder / "model_index.json").write_text(json.dumps(dict(index, text_encoder_3=[None, None],
+                                                             tokenizer_3=[None, None])))
+    sd = mmdit.load_sd3(folder)
+    ref = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    assert sd.text_encoders[2] is None and ref.text_encoder_3 is None
+    context, pooled = sd.encode_prompt(SD3_PROMPTS[:2])
+    with torch.no_grad():
+        expected, _, expected_pooled, _ = ref.encode_prompt(SD3_PROMPTS[:2], None, None,
+                                                            do_classifier_free_guidance=False)
+    assert max_abs_err(context, expected) <= 1e-5 and max_abs_err(pooled, expected_pooled) <= 1e-5
+    assert context[:, 77:].abs().max() == 0 and context.shape == (2, 77 + 256, 96)
+
+
+def test_sd3_generate_matches_diffusers(sd3_hub):
+    """generate (flow sampler: the default for an SD3 pipeline) with classifier-free guidance on "" through all three
+    encoders, decoding z / 1.5305 + 0.0609 with the 16-channel VAE, gives StableDiffusion3Pipeline's images from the
+    same latents within 2/255 per pixel; another sampler on SD3, or flow on an SD1.5 model, is refused."""
+    sd = mmdit.load_sd3(sd3_hub)
+    ref = StableDiffusion3Pipeline.from_pretrained(sd3_hub)
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = SD3_PROMPTS[::2]
+    images = sample.generate(sd, prompts, steps=4, guidance=5, latents=latents, sampler="flow")
+    default = sample.generate(sd, prompts, steps=4, guidance=5, latents=latents)
+    expected = ref(prompts, num_inference_steps=4, guidance_scale=5, latents=latents, output_type="np").images
+    ours = np.stack([np.asarray(im, dtype=np.float64) / 255 for im in images])
+    assert ours.shape == expected.shape == (2, 32, 32, 3) and expected.std() > 0.05
+    assert np.abs(ours - expected).max() <= 2 / 255, np.abs(ours - expected).max() * 255
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, default))
+    with pytest.raises(UserError, match="'euler' does not fit an sd3 model: SD3 samples with flow"):
+        sample.generate(sd, prompts, steps=2, latents=latents, sampler="euler")
+    sd.kind = "sd15"
+    with pytest.raises(UserError, match="'flow' does not fit an sd15 model"):
+        sample.generate(sd, prompts, steps=2, latents=latents, sampler="flow")
+
+
+def test_load_sd3_errors(sd3_hub, tmp_path):
+    """A folder without one of its pieces, or of another pipeline, is a one-line LoadError naming it."""
+    folder = shutil.copytree(sd3_hub, tmp_path / "sd3", ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.rmtree(folder / "vae")
+    with pytest.raises(files.LoadError, match=r"sd3: no vae/ folder \(a StableDiffusion3Pipeline folder has"):
+        mmdit.load_sd3(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(dict(index, _class_name="StableDiffusionXLPipeline")))
+    with pytest.raises(files.LoadError, match="names 'StableDiffusionXLPipeline', not StableDiffusion3Pipeline"):
+        mmdit.load_sd3(folder)
+    with pytest.raises(files.LoadError, match="model_index.json: file not found"):
+        mmdit.load_sd3(tmp_path)

@@ -648,7 +648,8 @@ class VAEConfig:
     block_out_channels: tuple = (128, 256, 512, 512)
     layers_per_block: int = 2
     norm_num_groups: int = 32
-    scaling_factor: float = 0.18215             # 0.13025 for SDXL
+    scaling_factor: float = 0.18215             # 0.13025 for SDXL, 1.5305 for SD3
+    shift_factor: float = 0.0                   # SD3: 0.0609; latents = (z - shift_factor) * scaling_factor
     force_upcast: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
@@ -657,9 +658,9 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d):
-        if d.get("shift_factor") not in (None, 0, 0.0) or d.get("act_fn", "silu") != "silu":
-            raise LoadError("vae config: shift_factor / act_fn other than silu are not supported")
-        return config_from_dict(cls, d)
+        if d.get("act_fn", "silu") != "silu":
+            raise LoadError("vae config: act_fn other than silu is not supported")
+        return config_from_dict(cls, {k: v for k, v in d.items() if v is not None})  # "shift_factor": null means 0
 
     @classmethod
     def sd15(cls):
