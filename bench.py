@@ -53,10 +53,7 @@ import toy
 import unet
 from data import open_pairs
 from files import DTYPE_NAMES
-from lora import add_lora
-
-SD3_LORA_TARGETS = "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj," \
-                   "attn.to_add_out"                  # diffusers' SD3 LoRA script's default targets
+from lora import SD3_LORA_TARGETS, add_lora
 from parity import REAL, folder_models, make_batch, random_models, reference_dpo_step, reference_inputs, \
     tokenizer_cases, write_clip_tokenizer_folder
 from tokenizer import CLIPTokenizer

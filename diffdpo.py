@@ -36,10 +36,11 @@ import runs
 import toy
 from data import open_pairs
 from files import DTYPE_NAMES, DTYPES, UserError, read_json, write_text_atomic
-from lora import LORA_FILE, LORA_TARGETS, LoRALinear, add_lora, lora_disabled
+from lora import LORA_FILE, LORA_TARGETS, SD3_LORA_TARGETS, LoRALinear, add_lora, lora_disabled
 from sample import add_noise, alphas_cumprod, default_size, guidance_embedding, vae_factor
-from shards import labelled_images, latent_cache, prefetch
-from unet import ALIASES, load_sd
+from shards import labelled_images, latent_cache, prefetch, scaled_posterior
+from mmdit import load_pipeline
+from unet import ALIASES
 
 # ----------------------------------------------------------------------------------------------------------------
 # The method: the ELBO surrogate and the DPO objective
@@ -92,6 +93,14 @@ def flow_target(x0, eps):
     return eps - x0
 
 
+def flow_sigmas(scheduler_config):
+    """The T training sigmas of SD3's FlowMatchEulerDiscreteScheduler, noisiest first, indexed by t as alphas_cumprod
+    is: sigma_t = shift s / (1 + (shift - 1) s) at s = (T - t) / T (shift 3.0 for SD3: more steps at high noise)."""
+    T, shift = scheduler_config.get("num_train_timesteps", 1000), scheduler_config.get("shift", 1.0)
+    s = torch.arange(T, 0, -1, dtype=torch.float32) / T
+    return shift * s / (1 + (shift - 1) * s)
+
+
 def denoising_error(pred, target):
     """The per-image denoising error ||target - pred||^2 / (C H W): one number per image, (N,), computed in fp32.
     -denoising_error is, up to the constants above, the ELBO estimate of log p(x_0) for each image."""
@@ -105,7 +114,9 @@ def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta, label_smoothing=0.0):
         loss   = -(1 - eps) log sigmoid(inside) - eps log sigmoid(-inside), averaged over pairs
     inside > 0 means the policy improved on the winner relative to the loser more than the reference did; with
     policy == reference inside = 0 and the loss is exactly ln 2 = 0.6931. eps = label_smoothing > 0 is the
-    conservative DPO (cDPO, Mitchell 2023) for labels that are wrong with probability eps; eps = 0 is Eq. 14."""
+    conservative DPO (cDPO, Mitchell 2023) for labels that are wrong with probability eps; eps = 0 is Eq. 14. On
+    velocity errors (flow models) flow_grpo's DPO is this form with beta 100; SimpleTuner sums the errors over the
+    latent's elements, so its beta is ours / (C h w) (ours / 65,536 for SD3's 16 x 64 x 64 latents)."""
     inside = -0.5 * beta * ((err_w - err_l) - (ref_err_w - ref_err_l))            # (B,)
     loss = -(1 - label_smoothing) * F.logsigmoid(inside) - label_smoothing * F.logsigmoid(-inside)
     return loss.mean(), (inside > 0).float().mean()
@@ -242,14 +253,16 @@ def unet_inputs(sd, batch, resolution, z=None, lcm_guidance=8.5):
         context, pooled = batch["context"].to(device, non_blocking=True), batch.get("pooled")
     else:
         images = torch.cat([batch[k] for k in sides]).to(device, sd.vae.dtype, non_blocking=True)
-        mean, std = (x.float() * sd.vae.scaling_factor for x in sd.vae.posterior(images))
+        mean, std = scaled_posterior(sd.vae, images)
         context, pooled = sd.encode_prompt(batch["prompts"])
     latents = mean if z is None else mean + std * z.to(device, non_blocking=True)
     cond = dict(context=context.float().repeat(len(sides), 1, 1))
     if sd.kind == "sdxl":
         cond.update(text_embeds=pooled.to(device).float().repeat(len(sides), 1),
                     time_ids=sd.time_ids(len(latents), resolution, resolution, device=device))
-    if sd.unet.cfg.time_cond_proj_dim:
+    if sd.kind == "sd3":                                                  # an MMDiT: the pooled text (2B, 2048)
+        cond.update(pooled=pooled.to(device).float().repeat(len(sides), 1))
+    if getattr(sd.unet.cfg, "time_cond_proj_dim", None):
         w = torch.full((len(latents),), lcm_guidance - 1.0, device=device)
         cond.update(timestep_cond=guidance_embedding(w, sd.unet.cfg.time_cond_proj_dim))
     return latents, cond
@@ -296,7 +309,8 @@ def image_step(s, batch, policy, reference, world=1):
     index, labels = batch["index"], batch["labels"].to(s.sd.device)
     z = posterior_noise(index, s.latent_shape, s.cfg.seed, sides=1) if s.cfg.vae_latents == "sample" else None
     latents, cond = unet_inputs(s.sd, batch, s.resolution, z, s.cfg.lcm_guidance)
-    eps, t = (x.to(latents.device) for x in pair_noise(index, s.latent_shape, s.cfg.seed, len(s.abar), stream=2))
+    eps, t = (x.to(latents.device) for x in pair_noise(index, s.latent_shape, s.cfg.seed, len(s.abar), stream=2,
+                                                       density=s.cfg.timestep_density))
     with s.autocast:
         err, ref_err = image_errors(policy, reference, latents, cond, eps, t, s.abar, s.prediction_type)
         loss, acc = s.pair_loss(err, ref_err, labels, world)
@@ -320,7 +334,7 @@ def train(cfg: "TrainConfig", pair_loss=None, image_embedder=None):
     lock = runs.lock(out) if rank == 0 else None                  # one run per --out, held until this one ends
     stop = runs.StopSignals(cfg.save_on_signal, rank)             # --save-on-signal; until the loop: stop at once
     torch.manual_seed(cfg.seed)
-    s = setup(cfg, load_sd(cfg.model, device=device, dtype=torch.float32), pair_loss)
+    s = setup(cfg, load_pipeline(cfg.model, device=device, dtype=torch.float32), pair_loss)
     if cfg.fsdp:                  # the networks in pieces over the processes (fsdp.py), else DDP's whole copies
         s.policy, s.reference = fsdp.shard_networks(s, amp_precision(cfg, device), cfg.fsdp_reference)
     model = DDP(s.policy, gradient_as_bucket_view=True) if world > 1 and not cfg.fsdp else s.policy
@@ -423,6 +437,9 @@ class TrainConfig:
                               "processes if the pairs per step stay: the same run up to fp32 rounding (KTO's baseline "
                               "and RPO's matrix then span other batches)", resume="new")
     resolution: int = flag(32, "image side in pixels; 0 = the model's (512 SD1.5, 1024 SDXL)")
+    timestep_density: str = flag("auto", "training timesteps: uniform | logit_normal | mode (SD3's densities); auto: "
+                                         "logit_normal for flow models, else uniform",
+                                 choices=("auto", "uniform", "logit_normal", "mode"))
     lr: float = flag(3e-5, "learning rate actually used (official: 1e-8 x 2048 pairs)", resume="new")
     scale_lr: bool = flag(False, "multiply --lr by the effective batch (pairs per step)", resume="new")
     warmup_steps: int = flag(10, "linear warmup, then constant", resume="new")
@@ -500,7 +517,7 @@ class TrainConfig:
 
     def draw_noise(self, batch, latent_shape, num_timesteps):
         """eps (B, C, h, w) and t (B,) for the batch's pairs: pair_noise of each pair's stream index."""
-        return pair_noise(batch["index"], latent_shape, self.seed, num_timesteps)
+        return pair_noise(batch["index"], latent_shape, self.seed, num_timesteps, density=self.timestep_density)
 
     @classmethod
     def from_preset(cls, name, **overrides):
@@ -526,20 +543,25 @@ PRESETS = {
     "sd15": PAPER,
     # and SDXL's: Adafactor, warmup 200, gradient checkpointing
     "sdxl": dict(PAPER, optimizer="adafactor", warmup_steps=200, grad_checkpointing=True),
+    # SD3 / SD3.5 (flow): flow_grpo's train_sd3_dpo.py's beta 100 (mean velocity errors), both streams' attention for
+    # LoRA (diffusers' SD3 targets), gradient checkpointing; the rest is the SD1.5 recipe, not tuned for SD3 here
+    "sd3": dict(PAPER, beta=100.0, grad_checkpointing=True, lora_targets=SD3_LORA_TARGETS),
 }
 # each loss's beta: the papers' for sd15 / sdxl (MaPO 0.1, Diffusion-KTO 1000), measured sweeps for the toy (LOSSES.md)
 PAPERS_BETAS = dict(mapo=dict(beta=0.1), kto=dict(beta=1000.0))
-LOSS_PRESETS = {"toy": dict(mapo=dict(beta=0.01), kto=dict(beta=250.0)), "sd15": PAPERS_BETAS, "sdxl": PAPERS_BETAS}
+LOSS_PRESETS = {"toy": dict(mapo=dict(beta=0.01), kto=dict(beta=250.0)), "sd15": PAPERS_BETAS, "sdxl": PAPERS_BETAS,
+                "sd3": PAPERS_BETAS}
 
 
 def auto_preset(model):
-    """--preset auto: toy for the tiny model; sdxl for SDXL (the alias, a folder with a second text encoder, or a
-    Hub id with "xl" in its name); sd15 otherwise."""
+    """--preset auto: toy for the tiny model; sd3 for an SD3 folder; sdxl for SDXL (the alias, a folder with a second
+    text encoder, or a Hub id with "xl" in its name); sd15 otherwise."""
     if model == "tiny":
         return "toy"
     folder = Path(model)
     if (folder / "model_index.json").is_file():
-        return "sdxl" if "text_encoder_2" in read_json(folder / "model_index.json") else "sd15"
+        index = read_json(folder / "model_index.json")
+        return "sd3" if "text_encoder_3" in index else "sdxl" if "text_encoder_2" in index else "sd15"
     return "sdxl" if "xl" in model.lower() else "sd15"
 
 
@@ -593,14 +615,17 @@ def setup(cfg, sd, pair_loss=None):
     amp_dtype = DTYPES[amp_precision(cfg, device)]
     for m in sd.modules:
         m.requires_grad_(False).eval()
-    for m in sd.text_encoders:
+    for m in filter(None, sd.text_encoders):         # (SD3 may be loaded without its T5)
         m.to(amp_dtype)
     sd.vae.to(torch.float32 if amp_dtype == torch.float16 and sd.kind == "sdxl" else amp_dtype)  # SDXL's overflows
     policy, reference = policy_and_reference(cfg, sd.unet, amp_dtype)
     resolution = cfg.resolution or default_size(sd)
     side = resolution // vae_factor(sd)
-    abar = alphas_cumprod(sd.scheduler_config).to(device)
-    prediction_type = sd.scheduler_config.get("prediction_type", "epsilon")
+    flow = sd.kind == "sd3"                          # rectified flow: `abar` holds its sigmas; velocity targets
+    abar = (flow_sigmas(sd.scheduler_config) if flow else alphas_cumprod(sd.scheduler_config)).to(device)
+    prediction_type = "flow" if flow else sd.scheduler_config.get("prediction_type", "epsilon")
+    if cfg.timestep_density == "auto":               # SD3's logit-normal for flow models, DDPM's uniform t otherwise
+        cfg.timestep_density = "logit_normal" if flow else "uniform"
     autocast = torch.autocast(device.type, amp_dtype) if amp_dtype != torch.float32 else contextlib.nullcontext()
     return Setup(cfg, sd, policy, reference, abar, prediction_type, resolution, (sd.unet.cfg.in_channels, side, side),
                  autocast, method_loss(cfg, pair_loss))

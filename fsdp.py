@@ -18,9 +18,11 @@ import torch
 import torch.distributed as dist
 
 from files import DTYPES, UserError
+from mmdit import JointTransformerBlock
 from unet import ResnetBlock2D, Transformer2DModel
 
-BLOCKS = (ResnetBlock2D, Transformer2DModel)    # the units gathered one at a time; the rest goes with the root
+# the units gathered one at a time (UNets: resnets, transformers; an MMDiT: its blocks); the rest goes with the root
+BLOCKS = (ResnetBlock2D, Transformer2DModel, JointTransformerBlock)
 
 
 def api():

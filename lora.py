@@ -25,6 +25,8 @@ from files import LoadError, first_line, json_loads, read_safetensors, save_safe
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' `pipeline.load_lora_weights(folder)` reads
 LORA_TARGETS = "to_q,to_k,to_v,to_out.0"        # the attention projections of every transformer block
+SD3_LORA_TARGETS = "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj," \
+                   "attn.to_add_out"              # an MMDiT's, both streams' (diffusers' SD3 LoRA script's default)
 
 
 class LoRALinear(nn.Module):

@@ -24,7 +24,8 @@ from torch.utils.checkpoint import checkpoint
 
 from files import LoadError, config_from_dict, read_json, read_safetensors, weight_files
 from tokenizer import CLIPTokenizer, T5Tokenizer
-from unet import TINY_VOCAB, TimestepEmbedding, attention, load_component, load_weights, timestep_embedding
+from lora import merge_lora_files
+from unet import TINY_VOCAB, TimestepEmbedding, attention, load_component, load_sd, load_weights, timestep_embedding
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -663,3 +664,20 @@ def load_sd3(folder, *, device="cpu", dtype=torch.float32, variant=None) -> SD3:
     return SD3(transformer=load_sd3_component(folder / "transformer", "transformer", **load),
                vae=load_component(folder / "vae", "vae", **load), text_encoders=encoders, tokenizers=tokenizers,
                scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"), source=str(folder))
+
+
+def is_sd3_folder(model):
+    """Whether `model` is a local folder whose model_index.json names StableDiffusion3Pipeline."""
+    index = Path(str(model)) / "model_index.json"
+    return index.is_file() and read_json(index).get("_class_name") == "StableDiffusion3Pipeline"
+
+
+def load_pipeline(model, *, device="cpu", dtype=torch.float32, variant=None, lora=None):
+    """What the trainer and the samplers load: an SD3 folder through load_sd3, anything else (aliases, Hub ids,
+    SD1.5 / SDXL folders, single files) through unet.load_sd. (SD3 from the Hub: download the folder first.)"""
+    if not is_sd3_folder(model):
+        return load_sd(model, device=device, dtype=dtype, variant=variant, lora=lora)
+    sd = load_sd3(model, device=device, dtype=dtype, variant=variant)
+    if lora is not None:
+        merge_lora_files(sd.transformer, lora)
+    return sd

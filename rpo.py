@@ -166,7 +166,8 @@ class RPOConfig(diffdpo.TrainConfig):
         repeated for its B pairs, so every rank draws the same and 2 processes equal 1; else one draw per pair."""
         if not self.rpo_shared_noise:
             return super().draw_noise(batch, latent_shape, num_timesteps)
-        eps, t = diffdpo.pair_noise([batch["position"]], latent_shape, self.seed, num_timesteps)  # (1, C, h, w), (1,)
+        eps, t = diffdpo.pair_noise([batch["position"]], latent_shape, self.seed, num_timesteps,
+                                    density=self.timestep_density)  # (1, C, h, w), (1,)
         return eps.repeat(len(batch["index"]), 1, 1, 1), t.repeat(len(batch["index"]))
 
 

@@ -349,7 +349,12 @@ def save_weights(s, out, rank=0):
     if rank == 0 and s.cfg.lora_rank:
         save_lora(policy, out / LORA_FILE)
     elif rank == 0:
-        save_unet(policy, out / "unet")
+        save_unet(policy, out / weights_folder(s.sd))
+
+
+def weights_folder(sd):
+    """The tuned network's folder in OUT, named as in the pipeline's own layout: unet/, or an SD3's transformer/."""
+    return "transformer" if sd.kind == "sd3" else "unet"
 
 
 def save_merged_unet(cfg, out):
@@ -523,11 +528,11 @@ def samples(s, out, step):
 # ----------------------------------------------------------------------------------------------------------------
 # What a run prints at its start and end, and its end on every rank
 
-LAYOUTS = {"sd15": "SD1.5's layout", "sdxl": "SDXL's layout"}
+LAYOUTS = {"sd15": "SD1.5's layout, UNet", "sdxl": "SDXL's layout, UNet", "sd3": "SD3's layout, MMDiT"}
 
 
 def banner(s, run_cfg, world, device):
-    what = f"{LAYOUTS[s.sd.kind]}, UNet {sum(p.numel() for p in s.policy.parameters()) / 1e6:.1f}M params"
+    what = f"{LAYOUTS[s.sd.kind]} {sum(p.numel() for p in s.policy.parameters()) / 1e6:.1f}M params"
     precision = DTYPE_NAMES[DTYPES[run_cfg["mixed_precision"]]]
     return (f"{s.cfg.method} on {model_name(s.cfg.model)} ({what}), {run_cfg['pairs_per_step']} pairs/step on "
             f"{world} x {device.type}, lr {run_cfg['lr_used']:.3g}, {precision} precision")
@@ -541,7 +546,7 @@ def done_line(s, state, row, out):
     counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in row.items() if k in SKIP_COUNTS)
     return (f"done: {state['step']} steps ({state['skipped']} skipped, {row['pairs_per_s']:.2f} pairs/s at the last, "
             f"peak memory {peak_memory_gib(s.sd.device):.1f} GiB); pairs left out: {counts}; weights in "
-            f"{out / (LORA_FILE if s.cfg.lora_rank else 'unet')}")
+            f"{out / (LORA_FILE if s.cfg.lora_rank else weights_folder(s.sd))}")
 
 
 SKIP_COUNTS = ("corrupt", "too_large", "ties", "bad_labels", "empty_captions", "long_captions")

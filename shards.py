@@ -438,6 +438,13 @@ def read_prompts(path):
 # --cache: VAE latents and text embeddings computed once, kept on disk, reused across epochs and runs
 
 
+def scaled_posterior(vae, images):
+    """The VAE posterior's mean and std in the space the denoiser sees: ((mean - shift_factor) * scaling_factor,
+    std * scaling_factor), in fp32 (SD3's VAE shifts; SD1.5's and SDXL's shift is 0)."""
+    mean, std = vae.posterior(images)
+    return (mean.float() - vae.cfg.shift_factor) * vae.scaling_factor, std.float() * vae.scaling_factor
+
+
 def latent_cache(sd, key, cache_dir=""):
     """The --cache store of the pipeline `sd`, whose frozen VAE and text encoders fill it (per image the posterior's
     mean and std, scaled), in cache_dir (default ~/.cache/diffdpo), in a folder named by a hash of `key`: all that
@@ -446,8 +453,7 @@ def latent_cache(sd, key, cache_dir=""):
 
     @torch.no_grad()
     def encode_images(xs):
-        images = torch.stack(xs).to(sd.device, sd.vae.dtype)
-        return (x.float() * sd.vae.scaling_factor for x in sd.vae.posterior(images))
+        return scaled_posterior(sd.vae, torch.stack(xs).to(sd.device, sd.vae.dtype))
 
     @torch.no_grad()
     def encode_text(prompt):

@@ -2554,9 +2554,6 @@ def test_lora_file_matches_diffusers(tmp_path, hub, kind, targets):
     assert rel_err(merged, ours) < 1e-4
 
 
-SD3_LORA = "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,attn.to_add_out"
-
-
 def test_mmdit_lora_file_matches_diffusers(tmp_path):
     """An MMDiT's adapters (the attention projections of both streams, diffusers' SD3 LoRA targets; random B, alpha
     = 2 r) written by save_lora with the `transformer.` prefix: SD3Transformer2DModel.load_lora_adapter (what
@@ -2565,7 +2562,7 @@ def test_mmdit_lora_file_matches_diffusers(tmp_path):
     ref = diffusers_mmdit(cfg)
     ours = mmdit.MMDiT(mmdit.MMDiTConfig.from_dict(cfg))
     ours.load_state_dict(ref.state_dict())
-    names = random_lora(ours, 4, 8, SD3_LORA, std=0.3)
+    names = random_lora(ours, 4, 8, lora.SD3_LORA_TARGETS, std=0.3)
     lora.save_lora(ours, tmp_path / lora.LORA_FILE)
     assert all(k.startswith("transformer.transformer_blocks.") for k in load_file(tmp_path / lora.LORA_FILE))
     x, t, ctx, pooled = mmdit_inputs(cfg, (8, 8), 6)
@@ -4131,3 +4128,49 @@ def test_load_sd3_errors(sd3_hub, tmp_path):
         mmdit.load_sd3(folder)
     with pytest.raises(files.LoadError, match="model_index.json: file not found"):
         mmdit.load_sd3(tmp_path)
+
+
+def sd3_train_args(hub, shard, out, *extra):
+    return ["diffdpo.py", "--model", str(hub), "--data", str(shard), "--out", str(out), "--resolution", "32",
+            "--batch-size", "2", "--lr", "1e-4", "--warmup-steps", "2", "--device", "cpu", "--checkpoint-every", "2",
+            "--threads", str(SUITE_THREADS), *extra]
+
+
+def test_flow_dpo_trains_an_sd3_layout_model(tmp_path, sd3_hub, shard):
+    """diffdpo.py on an SD3-layout pipeline (random weights, the test hub) and a Pick-a-Pic shard: the folder picks
+    the sd3 preset (beta 100, logit-normal timesteps), the first loss is ln 2, the grid is drawn with the flow
+    sampler, OUT/transformer/ loads in diffusers and moved; 2 steps + resume to 4 == 4 straight, bit for bit. With
+    --lora-rank (both streams' attention) StableDiffusion3Pipeline.load_lora_weights reads OUT's file and its
+    transformer computes what ours does with the adapters."""
+    straight, resumed, adapters = tmp_path / "straight", tmp_path / "resumed", tmp_path / "lora"
+    r = run_here(sd3_train_args(sd3_hub, shard, straight, "--max-steps", "4", "--sample-steps", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg, rows = json.loads((straight / "config.json").read_text()), read_metrics(straight)
+    assert (cfg["preset"], cfg["beta"], cfg["timestep_density"]) == ("sd3", 100.0, "logit_normal")
+    assert "SD3's layout, MMDiT" in r.stdout and abs(rows[0]["loss"] - math.log(2)) < 1e-6
+    assert (straight / "samples" / "step000004.png").is_file()
+    tuned = SD3Transformer2DModel.from_pretrained(straight / "transformer").state_dict()
+    base = SD3Transformer2DModel.from_pretrained(sd3_hub / "transformer").state_dict()
+    assert max((v - base[k]).abs().max().item() for k, v in tuned.items()) > 1e-5
+    assert run_here(sd3_train_args(sd3_hub, shard, resumed, "--max-steps", "2", "--no-samples")).returncode == 0
+    r = run_here(sd3_train_args(sd3_hub, shard, resumed, "--max-steps", "4", "--no-samples"))
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-3000:]
+    w = lambda run: load_file(run / "transformer" / "diffusion_pytorch_model.safetensors")  # noqa: E731
+    assert max_diff(w(resumed), w(straight)) == 0.0
+
+    r = run_here(sd3_train_args(sd3_hub, shard, adapters, "--max-steps", "2", "--no-samples", "--lora-rank", "4",
+                                "--lr", "1e-2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    sd = mmdit.load_sd3(sd3_hub)
+    lora.load_lora(sd.transformer, adapters)
+    x, t, ctx, pooled = mmdit_inputs(parity.SD3_TEST["transformer"], (16, 16), 5)
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_hub)
+    pipe.load_lora_weights(adapters)
+    with torch.no_grad():
+        ours = sd.transformer(x, t, ctx, pooled)
+        with lora.lora_disabled(sd.transformer):
+            before = sd.transformer(x, t, ctx, pooled)
+        theirs = pipe.transformer(x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t).sample
+    print(f"SD3 LoRA after 2 steps: |lora - base| / |base| {rel_err(ours, before):.1e}, ours vs diffusers "
+          f"{rel_err(ours, theirs):.1e}")
+    assert rel_err(ours, before) > 1e-4 and rel_err(ours, theirs) < 1e-5
