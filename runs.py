@@ -31,7 +31,8 @@ from files import (DTYPE_NAMES, DTYPES, TEMP_NAME, NoSpaceError, UserError, firs
 from lora import LORA_FILE, lora_disabled, save_lora
 from sample import image_grid, render, sampling_defaults
 from shards import find_shards
-from unet import load_sd, save_unet
+from mmdit import load_pipeline
+from unet import save_unet
 
 # ----------------------------------------------------------------------------------------------------------------
 # Settings
@@ -360,7 +361,8 @@ def weights_folder(sd):
 def save_merged_unet(cfg, out):
     """--merge-lora: OUT/unet/, --model's UNet (fp32, freshly loaded) with OUT's LoRA file merged in, as sample.py
     --lora merges it; the policy itself is left as it trained."""
-    save_unet(load_sd(cfg.model, lora=out / LORA_FILE).unet, out / "unet")
+    merged = load_pipeline(cfg.model, lora=out / LORA_FILE)
+    save_unet(merged.unet, out / weights_folder(merged))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -499,7 +501,7 @@ def base_samples(s, out, step):
         return paths
     base = s.reference if s.reference is not None else s.policy
     if base is s.policy and step > 0 and not s.cfg.lora_rank:   # SFT resumed with no base row: the base again
-        base = load_sd(s.cfg.model).unet.to(s.sd.device)
+        base = load_pipeline(s.cfg.model).unet.to(s.sd.device)
     with lora_disabled(base), s.autocast:
         for path, image in zip(paths, render(s.sd, base, prompts, seeds, **kw)):
             write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))

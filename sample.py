@@ -23,7 +23,8 @@ from tqdm import tqdm
 from files import DTYPES, UserError, first_line
 from lora import merge_lora_files
 from tokenizer import split_words
-from unet import load_component, load_sd
+from mmdit import load_pipeline
+from unet import load_component
 
 # ----------------------------------------------------------------------------------------------------------------
 # The noise schedule: q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)            (DDPM, Ho et al. 2020, Eq. 4)
@@ -573,7 +574,7 @@ def main(argv=None):
         fail("--compare needs --unet (the tuned UNet folder) or --lora (the adapters)")
     dtype = DTYPES[a.dtype]
     try:
-        sd = load_sd(a.model, device=a.device, dtype=dtype)
+        sd = load_pipeline(a.model, device=a.device, dtype=dtype)
         tuned = load_component(a.unet, "unet", device=a.device, dtype=dtype) if a.unet else None
         if a.lora:  # merged into the base UNet, or into a copy of it for --compare
             tuned = merge_lora_files(copy.deepcopy(sd.unet) if a.compare else sd.unet, a.lora)

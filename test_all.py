@@ -3015,7 +3015,7 @@ def test_rpo_shared_noise_is_one_draw_per_global_batch(shard):
     shape, source = (4, 4, 4), data.open_pairs(shard, resolution=32)
     draws = {}
     for shared in (True, False):
-        cfg = rpo.RPOConfig(seed=3, rpo_shared_noise=shared)
+        cfg = rpo.RPOConfig(seed=3, rpo_shared_noise=shared, timestep_density="uniform")  # (setup resolves "auto")
         streams = [source.batches(4)] + [source.batches(2, rank=r, world_size=2) for r in range(2)]
         draws[shared] = [[cfg.draw_noise(next(s), shape, 1000) for s in streams] for _ in range(3)]  # (step, stream)
     for step in draws[True]:
