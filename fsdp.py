@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from files import DTYPES, UserError
+from files import DTYPES, NoSpaceError, UserError, out_of_space
 from mmdit import JointTransformerBlock
 from unet import ResnetBlock2D, Transformer2DModel
 
@@ -158,7 +158,12 @@ def save(out, step, policy, optimizer, reference, lora, rank):
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    api().checkpoint.save(states(policy, optimizer, reference, lora), checkpoint_id=tmp)
+    try:
+        api().checkpoint.save(states(policy, optimizer, reference, lora), checkpoint_id=tmp)
+    except Exception as e:  # noqa: BLE001 (a full disk surfaces as whatever the writer raised)
+        if out_of_space(e, Path(out)):
+            raise NoSpaceError(tmp, e, "the previous checkpoint", "re-run the same command to resume") from None
+        raise
     dist.barrier()
     if rank == 0:
         shutil.rmtree(Path(out) / name, ignore_errors=True)
