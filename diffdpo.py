@@ -240,7 +240,7 @@ def posterior_noise(indices, latent_shape, seed, sides=2):
 @torch.no_grad()
 def unet_inputs(sd, batch, resolution, z=None, lcm_guidance=8.5):
     """Images and prompts to the UNet's inputs, for the batch [winners; losers] (2B) (KTO's: its N "images"):
-    latents (2B, 4, R/8, R/8) = (mean + std * z) * scaling_factor from the VAE's posterior (its mean when z is None),
+    latents (2B, C, R/8, R/8) = (mean + std * z) * scaling_factor from the VAE's posterior (its mean when z is None),
     and cond = dict(context (2B, 77, D)) plus for SDXL text_embeds (2B, 1280) and time_ids (2B, 6) with original =
     target = (R, R), crop (0, 0); for an LCM UNet timestep_cond (2B, time_cond_proj_dim), its guidance input held at
     lcm_guidance (the loss is unchanged). With --cache the batch already holds the posteriors and text embeddings.
@@ -276,7 +276,7 @@ class Setup:
     sd: object                  # unet.SD: the frozen VAE, text encoders and tokenizers; sd.unet is the policy
     policy: nn.Module           # trainable (fp32 master weights)
     reference: nn.Module        # a frozen copy, the policy itself with LoRA (adapters off), or None (SFT, MaPO)
-    abar: torch.Tensor          # alphas_cumprod (T,) on the device
+    abar: torch.Tensor          # alphas_cumprod (T,) on the device; a flow model's sigmas (T,)
     prediction_type: str        # "epsilon" | "v_prediction"
     resolution: int             # image side in pixels
     latent_shape: tuple         # (C, R/8, R/8)
@@ -461,7 +461,7 @@ class TrainConfig:
     lora_alpha: float = flag(0.0, "LoRA scale alpha / rank; 0 = rank (scale 1)")
     lora_targets: str = flag(LORA_TARGETS, "layers that get adapters (peft's suffix rule); add "
                                            "ff.net.0.proj,ff.net.2 for the feed-forwards")
-    merge_lora: bool = flag(False, "at the last step, also write the merged OUT/unet/", resume="new")
+    merge_lora: bool = flag(False, "at the last step, also write the merged OUT/unet/ (or transformer/)", resume="new")
     choice_model: str = flag("", "AI feedback: relabel every pair with a reward model, "
                                  "pickscore|hps|aesthetic|clip[=PATH] (ties dropped)")
     pair_scorer: str = flag("", "prompts:SPEC: the reward model that ranks candidates, any of eval.py's (NAME or "
@@ -722,7 +722,7 @@ def warmup_constant(warmup_steps):
 def training_stream(s, out, state, image_embedder, rank, world):
     """(training pairs, validation pairs or None, batches from the state's stream position): data.open_pairs for
     --data, with the pairs of the state's round built first (onpolicy.round_pairs: rank 0 builds them, the others wait
-    for the file, in no collective that could time out), the --cache store, image embeddings, --choice-model
+    for the file; with --fsdp all ranks build together), the --cache store, image embeddings, --choice-model
     relabelling and --val-pairs held out, as configured."""
     cfg, device = s.cfg, s.sd.device
     spec = onpolicy.round_pairs(s, out, state, rank)
@@ -865,7 +865,7 @@ def main(cfg, pair_loss=None, image_embedder=None):
             eval.evaluate_toy(cfg.model, toy.world_of(cfg.data), out, run, t_start)
         if rank == 0 and cfg.push_to_hub:
             config = dict(read_json(out / "config.json"), method=getattr(pair_loss, "name", cfg.method))
-            weights = LORA_FILE if cfg.lora_rank and not cfg.merge_lora else "unet"
+            weights = LORA_FILE if cfg.lora_rank and not cfg.merge_lora else runs.weights_folder_of(cfg.model)
             card = runs.model_card(config, ALIASES.get(cfg.model, cfg.model), cfg.push_to_hub, out, weights)
             runs.push_to_hub(cfg.push_to_hub, out, card)
     except UserError as e:

@@ -119,7 +119,7 @@ def all_finite(params):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Whole weights from the shards: OUT/unet/ (or the LoRA file) for users, written by rank 0
+# Whole weights from the shards: OUT/unet/ or transformer/ (or the LoRA file) for users, written by rank 0
 
 
 def whole_state_dict(net, lora):

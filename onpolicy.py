@@ -144,8 +144,8 @@ def round_folder(out, r):
 
 @torch.no_grad()
 def build_round(s, out, build, r):
-    """Round r's pairs (rank 0): the missing chunks of candidates rendered by s.policy (as trained so far) and
-    scored, then OUT/pairs/round-RRR/pairs.parquet. Returns its path."""
+    """Round r's pairs (rank 0; every rank with --fsdp): the missing chunks of candidates rendered by s.policy (as
+    trained so far) and scored, then OUT/pairs/round-RRR/pairs.parquet. Returns its path."""
     folder, cfg, K = round_folder(out, r), s.cfg, build.candidates
     path = folder / "pairs.parquet"
     check_settings(folder, dict(asdict(build), model=cfg.model, sample_steps=cfg.sample_steps,
@@ -257,7 +257,8 @@ def next_round(cfg, state):
 
 
 def round_pairs(s, out, state, rank):
-    """The path of the pairs the state's round trains on, built by rank 0 (the others wait for the file), or None
+    """The path of the pairs the state's round trains on, built by rank 0 (the others wait for the file; with --fsdp
+    every rank renders together), or None
     when --data is read, not built. At the start of a round after the first, --reference-update current makes the
     reference the policy. A round's pairs that went missing after it started are an error, not rebuilt by a later
     policy."""
@@ -269,7 +270,7 @@ def round_pairs(s, out, state, rank):
     path = round_folder(out, r) / "pairs.parquet"
     if s.cfg.reference_update == "current" and r > 0 and state["step"] == start:
         s.reference.load_state_dict(s.policy.state_dict())
-    if rank == 0 and not path.exists() and state["step"] > start:   # its policy is gone: refuse to build with another
+    if not path.exists() and state["step"] > start:   # its policy is gone: every rank refuses to build with another
         raise UserError(f"{path} is missing, and the run is at step {state['step']}, past the step its pairs were "
                         f"built at ({start}); restore OUT/pairs/ or use another --out")
     return build_round(s, out, build, r) if rank == 0 or everyone else wait_for(path)

@@ -31,7 +31,7 @@ from files import (DTYPE_NAMES, DTYPES, TEMP_NAME, NoSpaceError, UserError, firs
 from lora import LORA_FILE, lora_disabled, save_lora
 from sample import image_grid, render, sampling_defaults
 from shards import find_shards
-from mmdit import load_pipeline
+from mmdit import is_sd3_folder, load_pipeline
 from unet import save_unet
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -58,8 +58,9 @@ def validate(cfg, device, built):
         if not 0 <= getattr(cfg, k) < (0.5 if k == "label_smoothing" else 1):
             raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: must be a probability in [0, "
                             f"{'0.5' if k == 'label_smoothing' else '1'})")
-    if cfg.resolution < 0 or cfg.resolution % 8:
-        raise UserError(f"--resolution {cfg.resolution}: must be a multiple of 8 (0: the model's own)")
+    step = 16 if is_sd3_folder(cfg.model) else 8          # an MMDiT cuts its 8x-smaller latents into 2 x 2 patches
+    if cfg.resolution < 0 or cfg.resolution % step:
+        raise UserError(f"--resolution {cfg.resolution}: must be a multiple of {step} (0: the model's own)")
     if not 0 <= cfg.caption_dropout <= 1:
         raise UserError(f"--caption-dropout {cfg.caption_dropout}: must be a probability in [0, 1]")
     if cfg.cache and cfg.random_crop:
@@ -358,9 +359,14 @@ def weights_folder(sd):
     return "transformer" if sd.kind == "sd3" else "unet"
 
 
+def weights_folder_of(model):
+    """weights_folder for --model, without loading it."""
+    return "transformer" if is_sd3_folder(model) else "unet"
+
+
 def save_merged_unet(cfg, out):
-    """--merge-lora: OUT/unet/, --model's UNet (fp32, freshly loaded) with OUT's LoRA file merged in, as sample.py
-    --lora merges it; the policy itself is left as it trained."""
+    """--merge-lora: OUT/unet/ (SD3: transformer/), --model's network (fp32, freshly loaded) with OUT's LoRA file
+    merged in, as sample.py --lora merges it; the policy itself is left as it trained."""
     merged = load_pipeline(cfg.model, lora=out / LORA_FILE)
     save_unet(merged.unet, out / weights_folder(merged))
 
@@ -477,7 +483,7 @@ class Log:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The sample grids at each checkpoint (rank 0): fixed prompts and seeds, the base model's row and the policy's
+# The sample grids at each checkpoint (rank 0; --fsdp: every rank): fixed prompts and seeds, the base row, the policy's
 
 
 SAMPLE_PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a red cube on top of a blue sphere",
@@ -623,8 +629,8 @@ def push_to_hub(repo, out, card):
     metrics, sample grids and results to the Hub model repo `repo` (created if needed; `hf auth login` first)."""
     import huggingface_hub as hh
     write_text_atomic(Path(out) / "README.md", card)
-    patterns = ["README.md", "unet/*", "pytorch_lora_weights.safetensors", "config.json", "metrics.jsonl",
-                "summary.json", "compare.png", "samples/step*.png", "eval/report.*"]
+    patterns = ["README.md", "unet/*", "transformer/*", "pytorch_lora_weights.safetensors", "config.json",
+                "metrics.jsonl", "summary.json", "compare.png", "samples/step*.png", "eval/report.*"]
     try:
         api = hh.HfApi()
         api.create_repo(repo, exist_ok=True)
