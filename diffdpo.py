@@ -37,9 +37,9 @@ import toy
 from data import open_pairs
 from files import DTYPE_NAMES, DTYPES, UserError, read_json, write_text_atomic
 from lora import LORA_FILE, LORA_TARGETS, SD3_LORA_TARGETS, LoRALinear, add_lora, lora_disabled
-from sample import add_noise, alphas_cumprod, default_size, guidance_embedding, vae_factor
+from sample import add_noise, alphas_cumprod, default_size, flow_sigmas, guidance_embedding, vae_factor
 from shards import labelled_images, latent_cache, prefetch, scaled_posterior
-from mmdit import load_pipeline
+from mmdit import is_sd3_folder, load_pipeline
 from unet import ALIASES
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,14 +91,6 @@ def flow_noise(x0, eps, sigma):
 def flow_target(x0, eps):
     """The velocity of x_sigma along its line, the flow network's target: v = eps - x_0."""
     return eps - x0
-
-
-def flow_sigmas(scheduler_config):
-    """The T training sigmas of SD3's FlowMatchEulerDiscreteScheduler, noisiest first, indexed by t as alphas_cumprod
-    is: sigma_t = shift s / (1 + (shift - 1) s) at s = (T - t) / T (shift 3.0 for SD3: more steps at high noise)."""
-    T, shift = scheduler_config.get("num_train_timesteps", 1000), scheduler_config.get("shift", 1.0)
-    s = torch.arange(T, 0, -1, dtype=torch.float32) / T
-    return shift * s / (1 + (shift - 1) * s)
 
 
 def denoising_error(pred, target):
@@ -559,9 +551,10 @@ def auto_preset(model):
     if model == "tiny":
         return "toy"
     folder = Path(model)
+    if is_sd3_folder(model):
+        return "sd3"
     if (folder / "model_index.json").is_file():
-        index = read_json(folder / "model_index.json")
-        return "sd3" if "text_encoder_3" in index else "sdxl" if "text_encoder_2" in index else "sd15"
+        return "sdxl" if "text_encoder_2" in read_json(folder / "model_index.json") else "sd15"
     return "sdxl" if "xl" in model.lower() else "sd15"
 
 
@@ -865,7 +858,7 @@ def main(cfg, pair_loss=None, image_embedder=None):
             eval.evaluate_toy(cfg.model, toy.world_of(cfg.data), out, run, t_start)
         if rank == 0 and cfg.push_to_hub:
             config = dict(read_json(out / "config.json"), method=getattr(pair_loss, "name", cfg.method))
-            weights = LORA_FILE if cfg.lora_rank and not cfg.merge_lora else runs.weights_folder_of(cfg.model)
+            weights = LORA_FILE if cfg.lora_rank and not cfg.merge_lora else runs.weights_folder(cfg.model)
             card = runs.model_card(config, ALIASES.get(cfg.model, cfg.model), cfg.push_to_hub, out, weights)
             runs.push_to_hub(cfg.push_to_hub, out, card)
     except UserError as e:

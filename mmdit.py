@@ -22,10 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from files import LoadError, config_from_dict, read_json, read_safetensors, weight_files
+from files import LoadError, config_from_dict, read_json
 from tokenizer import CLIPTokenizer, T5Tokenizer
 from lora import merge_lora_files
-from unet import TINY_VOCAB, TimestepEmbedding, attention, load_component, load_sd, load_weights, timestep_embedding
+from unet import TINY_VOCAB, TimestepEmbedding, attention, load_component, load_sd, timestep_embedding
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -551,19 +551,10 @@ def load_sd3_component(folder, name, *, device="cpu", dtype=torch.float32, varia
     """Load `transformer/` (MMDiT) or `text_encoder_3/` (T5Encoder) of an SD3 pipeline folder: config.json + weights,
     single-file or sharded (`*.safetensors.index.json`), plain or the fp16 variant (as unet.load_component). In fp16
     the T5's MLP output matrices stay fp32, as transformers keeps them."""
-    stem, cls, cfg_cls = SD3_COMPONENTS[name]
-    folder = Path(folder)
-    try:
-        cfg = cfg_cls.from_dict(read_json(folder / "config.json"))
-    except LoadError as e:
-        raise LoadError(f"{folder / 'config.json'}: {e}") if not str(e).startswith(str(folder)) else e from None
-    weights = read_safetensors(weight_files(folder, stem, variant), dtype)
-    if cls is T5Encoder:
-        weights = tied_embedding(weights)
-    with torch.device("meta"):  # no memory: the weights are assigned, not copied
-        model = cls(cfg)
-    model = load_weights(model, weights, str(folder)).to(device=device, dtype=dtype)
-    if cls is T5Encoder and dtype == torch.float16:
+    t5 = name == "text_encoder_3"
+    model = load_component(folder, name, device=device, dtype=dtype, variant=variant, spec=SD3_COMPONENTS[name],
+                           prepare=tied_embedding if t5 else None)
+    if t5 and dtype == torch.float16:
         for block in model.encoder.block:
             block.layer[1].DenseReluDense.wo.float()
     return model

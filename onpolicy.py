@@ -258,10 +258,9 @@ def next_round(cfg, state):
 
 def round_pairs(s, out, state, rank):
     """The path of the pairs the state's round trains on, built by rank 0 (the others wait for the file; with --fsdp
-    every rank renders together), or None
-    when --data is read, not built. At the start of a round after the first, --reference-update current makes the
-    reference the policy. A round's pairs that went missing after it started are an error, not rebuilt by a later
-    policy."""
+    every rank renders together), or None when --data is read, not built. At the start of a round after the first,
+    --reference-update current makes the reference the policy. A round's pairs that went missing after it started
+    are an error, not rebuilt by a later policy."""
     build = build_of(s.cfg)
     everyone = s.cfg.fsdp        # sharded networks render on every rank together (each writes the same files)
     if build is None:

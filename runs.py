@@ -32,7 +32,7 @@ from lora import LORA_FILE, lora_disabled, save_lora
 from sample import image_grid, render, sampling_defaults
 from shards import find_shards
 from mmdit import is_sd3_folder, load_pipeline
-from unet import save_unet
+from unet import save_component
 
 # ----------------------------------------------------------------------------------------------------------------
 # Settings
@@ -351,16 +351,11 @@ def save_weights(s, out, rank=0):
     if rank == 0 and s.cfg.lora_rank:
         save_lora(policy, out / LORA_FILE)
     elif rank == 0:
-        save_unet(policy, out / weights_folder(s.sd))
+        save_component(policy, out / weights_folder(s.cfg.model))
 
 
-def weights_folder(sd):
-    """The tuned network's folder in OUT, named as in the pipeline's own layout: unet/, or an SD3's transformer/."""
-    return "transformer" if sd.kind == "sd3" else "unet"
-
-
-def weights_folder_of(model):
-    """weights_folder for --model, without loading it."""
+def weights_folder(model):
+    """The tuned network's folder in OUT, named as in --model's own layout: unet/, or an SD3's transformer/."""
     return "transformer" if is_sd3_folder(model) else "unet"
 
 
@@ -368,7 +363,7 @@ def save_merged_unet(cfg, out):
     """--merge-lora: OUT/unet/ (SD3: transformer/), --model's network (fp32, freshly loaded) with OUT's LoRA file
     merged in, as sample.py --lora merges it; the policy itself is left as it trained."""
     merged = load_pipeline(cfg.model, lora=out / LORA_FILE)
-    save_unet(merged.unet, out / weights_folder(merged))
+    save_component(merged.unet, out / weights_folder(cfg.model))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -554,7 +549,7 @@ def done_line(s, state, row, out):
     counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in row.items() if k in SKIP_COUNTS)
     return (f"done: {state['step']} steps ({state['skipped']} skipped, {row['pairs_per_s']:.2f} pairs/s at the last, "
             f"peak memory {peak_memory_gib(s.sd.device):.1f} GiB); pairs left out: {counts}; weights in "
-            f"{out / (LORA_FILE if s.cfg.lora_rank else weights_folder(s.sd))}")
+            f"{out / (LORA_FILE if s.cfg.lora_rank else weights_folder(s.cfg.model))}")
 
 
 SKIP_COUNTS = ("corrupt", "too_large", "ties", "bad_labels", "empty_captions", "long_captions")

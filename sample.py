@@ -50,6 +50,14 @@ def alphas_cumprod(scheduler_config):
     return torch.cumprod(1.0 - betas(scheduler_config), dim=0)
 
 
+def flow_sigmas(scheduler_config):
+    """The T training sigmas of SD3's FlowMatchEulerDiscreteScheduler, noisiest first, indexed by t as alphas_cumprod
+    is: sigma_t = shift s / (1 + (shift - 1) s) at s = (T - t) / T (shift 3.0 for SD3: more steps at high noise)."""
+    T, shift = scheduler_config.get("num_train_timesteps", 1000), scheduler_config.get("shift", 1.0)
+    s = torch.arange(T, 0, -1, dtype=torch.float32) / T
+    return shift * s / (1 + (shift - 1) * s)
+
+
 def add_noise(x0, noise, t, abar):
     """Sample q(x_t | x_0) by reparameterization: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
     a = abar.to(x0.device, x0.dtype)[t].view(-1, *[1] * (x0.ndim - 1))
@@ -227,7 +235,7 @@ def flow_schedule(cfg, n):
     (sigma'(1 / T) T) and shifts them again, sigma_i = sigma'(t_i / T), as diffusers does."""
     T, shift = cfg.get("num_train_timesteps", 1000), cfg.get("shift", 1.0)
     shifted = lambda s: shift * s / (1 + (shift - 1) * s)  # noqa: E731
-    first, last = (shifted(torch.tensor([1.0, 1.0 / T])).double() * T).tolist()
+    first, last = (flow_sigmas(cfg)[[0, -1]].double() * T).tolist()     # the training schedule's ends
     s = torch.from_numpy(shifted(np.linspace(first, last, n) / T)).float()
     return torch.cat([s, torch.zeros(1)]), s * T
 

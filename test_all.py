@@ -260,7 +260,7 @@ def tuned_unet(tmp_path_factory, hub):
         for p in sd.unet.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     folder = tmp_path_factory.mktemp("tuned") / "unet"
-    unet.save_unet(sd.unet, folder)
+    unet.save_component(sd.unet, folder)
     return folder
 
 
@@ -462,16 +462,22 @@ print(dt, {PEAK_RSS_GIB})
 # The tokenizer (tokenizer.py) against transformers' CLIPTokenizer
 
 
+def same_ids(ours, ref, cases, max_length):
+    """Our ids (B, max_length) for `cases`, asserted equal to the transformers tokenizer `ref`'s, padded and cut alike."""
+    expected = ref(cases, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
+    got = ours(cases)
+    bad = [(c, got[i].tolist(), expected[i].tolist()) for i, c in enumerate(cases)
+           if not torch.equal(got[i], expected[i])]
+    assert not bad, f"{len(bad)}/{len(cases)} differ, first: {bad[0]}"
+    return got
+
+
 @pytest.mark.parametrize("pad,style", [("<|endoftext|>", "sd15"), ("!", "sd15"), ("!", "decoder")])
 def test_tokenizer_matches_transformers(tmp_path, pad, style):
     folder = write_clip_tokenizer_folder(tmp_path / "tok", pad_token=pad, style=style)
     ours, ref = tokenizer.CLIPTokenizer.from_folder(folder), HFCLIPTokenizer.from_pretrained(folder)
     cases = tokenizer_cases()
-    expected = ref(cases, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    got = ours(cases)
-    bad = [(c, got[i].tolist(), expected[i].tolist()) for i, c in enumerate(cases)
-           if not torch.equal(got[i], expected[i])]
-    assert not bad, f"{len(bad)}/{len(cases)} differ, first: {bad[0]}"
+    got = same_ids(ours, ref, cases, 77)
     assert got[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, ours.pad]
     assert ours.pad == (49407 if pad == "<|endoftext|>" else 0)
 
@@ -546,11 +552,7 @@ def test_t5_tokenizer_matches_transformers(tmp_path, t5_model, layout):
     else:
         ref = HFT5Tokenizer(tokenizer_object=tk.Tokenizer.from_file(str(folder / "tokenizer.json")), extra_ids=100)
     cases = t5_cases()
-    expected = ref(cases, padding="max_length", max_length=256, truncation=True, return_tensors="pt").input_ids
-    got = ours(cases)
-    bad = [(c, got[i].tolist(), expected[i].tolist()) for i, c in enumerate(cases)
-           if not torch.equal(got[i], expected[i])]
-    assert not bad, f"{len(bad)}/{len(cases)} differ, first: {bad[0]}"
+    got = same_ids(ours, ref, cases, 256)
     assert got.shape == (len(cases), 256) and (ours.pad, ours.after) == (0, [1])
     steps = {"sd3": 2, "strip": 4, "transformers5": 1}   # charsmap, (strip left, strip right), runs of spaces
     assert ours.whitespace_split == (layout == "transformers5") and len(ours.normalizers) == steps[layout]
@@ -3591,7 +3593,7 @@ def test_non_finite_generation_is_an_error_not_a_black_picture(tmp_path, capsys)
         sd.unet.conv_out.bias.fill_(float("inf"))
     with pytest.raises(UserError, match="the sampled latents hold NaN or Inf values"):
         sample.generate(sd, [CAPTION], steps=2, height=32, width=32)
-    unet.save_unet(sd.unet, tmp_path / "broken")
+    unet.save_component(sd.unet, tmp_path / "broken")
     err = one_line_exit(capsys, lambda: eval.main(["--unet", str(tmp_path / "broken"), "--num", "2", "--steps", "2",
                                                    "--out", str(tmp_path / "eval"), "--device", "cpu"]))
     assert "NaN or Inf" in err and not (tmp_path / "eval" / "images").exists()
@@ -3884,7 +3886,7 @@ def test_mmdit_matches_diffusers(preset, changes):
     ref = diffusers_mmdit(cfg)
     with torch.device("meta"):
         ours = mmdit.MMDiT(mmdit.MMDiTConfig.from_dict(cfg))
-    mmdit.load_weights(ours, ref.state_dict())
+    unet.load_weights(ours, ref.state_dict())
     x, t, context, pooled = mmdit_inputs(cfg, (8, 12), tokens=10)
     with torch.no_grad():
         out, expected = ours(x, t, context, pooled), ref(x, context, pooled, t).sample
@@ -3900,7 +3902,7 @@ def test_mmdit_position_table_crops_and_gradients():
     ref = diffusers_mmdit(cfg)
     ours = mmdit.MMDiT(mmdit.MMDiTConfig.from_dict(cfg))
     assert max_abs_err(ours.pos_embed.pos_embed, ref.pos_embed.pos_embed) == 0
-    mmdit.load_weights(ours, {k: v.clone() for k, v in ref.state_dict().items()})  # own tensors: own gradients
+    unet.load_weights(ours, {k: v.clone() for k, v in ref.state_dict().items()})  # own tensors: own gradients
     for hw in [(8, 8), (6, 10), (32, 32)]:
         x, t, context, pooled = mmdit_inputs(cfg, hw, tokens=5)
         with torch.no_grad():
@@ -3955,7 +3957,7 @@ def test_t5_encoder_matches_transformers():
     ref = random_t5(hf)
     with torch.device("meta"):
         ours = mmdit.T5Encoder(mmdit.T5Config.from_dict(hf.to_dict()))
-    mmdit.load_weights(ours, mmdit.tied_embedding(ref.state_dict()))
+    unet.load_weights(ours, mmdit.tied_embedding(ref.state_dict()))
     ids = torch.randint(0, 512, (1, 160), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out, expected = ours(ids), ref(ids).last_hidden_state
@@ -3974,7 +3976,7 @@ def test_t5_fp16_as_transformers(tmp_path):
         ref.encoder.block[0].layer[1].DenseReluDense.wo.weight.mul_(1e5)
     ref.save_pretrained(tmp_path / "text_encoder_3", safe_serialization=True)
     ref = ref.half()
-    ours = mmdit.load_weights(mmdit.T5Encoder(mmdit.T5Config.tiny()).half(), mmdit.tied_embedding(ref.state_dict()))
+    ours = unet.load_weights(mmdit.T5Encoder(mmdit.T5Config.tiny()).half(), mmdit.tied_embedding(ref.state_dict()))
     ids = torch.randint(0, 100, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         h = ref.encoder.block[0].layer[0](ref.shared(ids))[0]

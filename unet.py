@@ -791,15 +791,18 @@ def load_weights(module, weights, name="model"):
     return module
 
 
-def load_component(folder, name, *, device="cpu", dtype=torch.float32, variant=None):
-    """Load one network folder of the diffusers layout (`unet/`, `vae/`, `text_encoder[_2]/`): config.json + weights."""
-    stem, cls, cfg_cls = COMPONENTS[name]
+def load_component(folder, name, *, device="cpu", dtype=torch.float32, variant=None, spec=None, prepare=None):
+    """Load one network folder of the diffusers layout (`unet/`, `vae/`, `text_encoder[_2]/`): config.json + weights.
+    Another family's component (mmdit.py's) passes its spec, (file stem, network class, config class), and may
+    `prepare` its file's {name: tensor} before they are loaded."""
+    stem, cls, cfg_cls = spec or COMPONENTS[name]
     folder = Path(folder)
     try:
         cfg = cfg_cls.from_dict(read_json(folder / "config.json"))
     except LoadError as e:
         raise LoadError(f"{folder / 'config.json'}: {e}") if not str(e).startswith(str(folder)) else e from None
     weights = read_safetensors(weight_files(folder, stem, variant), dtype)
+    weights = prepare(weights) if prepare else weights
     with torch.device("meta"):  # no memory: the weights are assigned, not copied
         model = cls(cfg)
     return load_weights(model, weights, str(folder)).to(device=device, dtype=dtype)
@@ -811,10 +814,6 @@ def save_component(model, folder, name="unet"):
     `load_component` read it."""
     save_safetensors(model.state_dict(), Path(folder) / f"{COMPONENTS[name][0]}.safetensors")
     write_text_atomic(Path(folder) / "config.json", json.dumps(model.cfg.raw, indent=2))
-
-
-def save_unet(unet, folder):
-    save_component(unet, folder, "unet")
 
 
 def load_sd(model, *, device="cpu", dtype=torch.float32, variant=None, config=None, lora=None) -> SD:
