@@ -5,7 +5,7 @@ from the ELBO surrogate to a multi-GPU training run, in one file.
     python diffdpo.py                                            # the toy world (tiny model, shapes), a laptop CPU
     python diffdpo.py --model sd15 --data pickapic --out runs/dpo-sd15
     torchrun --nproc_per_node 8 diffdpo.py --model sdxl --data hub:OWNER/NAME --out runs/dpo-sdxl
-    python diffdpo.py --pretrain-tiny [DIR]                      # remake the toy model (default: tiny/)
+    python diffdpo.py --model tiny-flow                          # its flow twin (SD3's pipeline at toy size)
 
 Read top to bottom: the method (the ELBO surrogate, the DPO loss of the paper's Eq. 14 and its family: cDPO, MaPO,
 KTO; docs/LOSSES.md), one step (winner and loser share t and eps; training, validation and bench.py run `micro_step`),
@@ -37,9 +37,9 @@ import toy
 from data import open_pairs
 from files import DTYPE_NAMES, DTYPES, UserError, read_json, write_text_atomic
 from lora import LORA_FILE, LORA_TARGETS, SD3_LORA_TARGETS, LoRALinear, add_lora, lora_disabled
-from sample import add_noise, alphas_cumprod, default_size, flow_sigmas, guidance_embedding, vae_factor
+from sample import TOY_MODELS, add_noise, alphas_cumprod, default_size, flow_sigmas, guidance_embedding, vae_factor
 from shards import labelled_images, latent_cache, prefetch, scaled_posterior
-from mmdit import is_sd3_folder, load_pipeline
+from mmdit import is_sd3, load_pipeline, resolve
 from unet import ALIASES
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,13 +407,14 @@ def flag(default, help, resume="fixed", choices=None):
 
 @dataclass
 class TrainConfig:
-    model: str = flag("tiny", "tiny (the toy model, embedded) | alias (sd15, sdxl) | Hub id | diffusers folder | "
-                              ".safetensors")
+    model: str = flag("tiny", "tiny (the toy model, embedded) | tiny-flow (its flow twin) | alias (sd15, sdxl, sd3, "
+                              "sd35m, sd35l) | Hub id | diffusers folder | .safetensors")
     data: str = flag("shapes", "shapes (the toy world) | prompts:SPEC (pairs the run makes from prompts) | pickapic | "
                                "hub:OWNER/NAME | parquet file/folder | pairs.jsonl | style:FOLDER | labelled images "
                                "for --loss kto (images.jsonl, parquet)")
-    preset: str = flag("auto", "the defaults of: toy | sd15 | sdxl | auto (toy for --model tiny, sdxl for SDXL "
-                               "models, else sd15); flags given on the command line win", resume="new")
+    preset: str = flag("auto", "the defaults of: toy | toy-flow | sd15 | sdxl | sd3 | auto (the model's: toy for tiny, "
+                               "toy-flow for tiny-flow, sd3 / sdxl for those, else sd15); flags given on the command "
+                               "line win", resume="new")
     out: str = flag("", "run directory (re-running resumes from its checkpoint); default runs/PRESET[-METHOD]",
                     resume="new")
     loss: str = flag("dpo", "dpo | sft (plain diffusion loss on the preferred image) | mapo (no reference model) | "
@@ -531,6 +532,8 @@ PAPER = dict(beta=5000.0, max_steps=2000, batch_size=1, resolution=0, lr=2.048e-
 PRESETS = {
     # the toy world: the field defaults above (200 steps of batch 16 on the tiny model's own shapes pairs)
     "toy": {f.name: f.default for f in fields(TrainConfig) if f.name not in ("preset", "out")},
+    # its flow twin (--model tiny-flow): the same recipe, DPO on velocity errors (runs/toy-flow)
+    "toy-flow": {f.name: f.default for f in fields(TrainConfig) if f.name not in ("preset", "out")},
     # the paper's SD1.5 recipe (the official code's: AdamW, warmup 500, 2000 steps, beta 5000, lr 1e-8 x 2048 pairs)
     "sd15": PAPER,
     # and SDXL's: Adafactor, warmup 200, gradient checkpointing
@@ -541,17 +544,18 @@ PRESETS = {
 }
 # each loss's beta: the papers' for sd15 / sdxl (MaPO 0.1, Diffusion-KTO 1000), measured sweeps for the toy (LOSSES.md)
 PAPERS_BETAS = dict(mapo=dict(beta=0.1), kto=dict(beta=1000.0))
-LOSS_PRESETS = {"toy": dict(mapo=dict(beta=0.01), kto=dict(beta=250.0)), "sd15": PAPERS_BETAS, "sdxl": PAPERS_BETAS,
+TOY_BETAS = dict(mapo=dict(beta=0.01), kto=dict(beta=250.0))
+LOSS_PRESETS = {"toy": TOY_BETAS, "toy-flow": TOY_BETAS, "sd15": PAPERS_BETAS, "sdxl": PAPERS_BETAS,
                 "sd3": PAPERS_BETAS}
 
 
 def auto_preset(model):
-    """--preset auto: toy for the tiny model; sd3 for an SD3 folder; sdxl for SDXL (the alias, a folder with a second
-    text encoder, or a Hub id with "xl" in its name); sd15 otherwise."""
-    if model == "tiny":
-        return "toy"
+    """--preset auto: toy / toy-flow for the toy models; sd3 for SD3 (mmdit.is_sd3); sdxl for SDXL (the alias, a
+    folder with a second text encoder, or a Hub id with "xl" in its name); sd15 otherwise."""
+    if model in TOY_MODELS:
+        return "toy" if model == "tiny" else "toy-flow"
     folder = Path(model)
-    if is_sd3_folder(model):
+    if is_sd3(model):
         return "sd3"
     if (folder / "model_index.json").is_file():
         return "sdxl" if "text_encoder_2" in read_json(folder / "model_index.json") else "sd15"
@@ -610,7 +614,8 @@ def setup(cfg, sd, pair_loss=None):
         m.requires_grad_(False).eval()
     for m in filter(None, sd.text_encoders):         # (SD3 may be loaded without its T5)
         m.to(amp_dtype)
-    sd.vae.to(torch.float32 if amp_dtype == torch.float16 and sd.kind == "sdxl" else amp_dtype)  # SDXL's overflows
+    sd.vae.to(torch.float32 if amp_dtype == torch.float16 and sd.kind != "sd15" else amp_dtype)  # SDXL's overflows
+
     policy, reference = policy_and_reference(cfg, sd.unet, amp_dtype)
     resolution = cfg.resolution or default_size(sd)
     side = resolution // vae_factor(sd)
@@ -859,7 +864,7 @@ def main(cfg, pair_loss=None, image_embedder=None):
         if rank == 0 and cfg.push_to_hub:
             config = dict(read_json(out / "config.json"), method=getattr(pair_loss, "name", cfg.method))
             weights = LORA_FILE if cfg.lora_rank and not cfg.merge_lora else runs.weights_folder(cfg.model)
-            card = runs.model_card(config, ALIASES.get(cfg.model, cfg.model), cfg.push_to_hub, out, weights)
+            card = runs.model_card(config, resolve(ALIASES.get(cfg.model, cfg.model)), cfg.push_to_hub, out, weights)
             runs.push_to_hub(cfg.push_to_hub, out, card)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -867,7 +872,4 @@ def main(cfg, pair_loss=None, image_embedder=None):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--pretrain-tiny"]:
-        toy.pretrain_tiny(*sys.argv[2:3])
-    else:
-        main(TrainConfig.from_args())
+    main(TrainConfig.from_args())

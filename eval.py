@@ -35,6 +35,7 @@ import sample
 import toy
 import unet
 from convert import openclip_to_ours
+from mmdit import load_pipeline, load_tuned
 from files import DTYPES, DataError, LoadError, UserError, first_line, hub_download, model_folder, read_json, \
     write_text_atomic
 from sample import fail
@@ -296,9 +297,9 @@ def evaluate_toy(model, world, out, run, t_start):
     if (out / "summary.json").is_file() and read_json(out / "summary.json").get("steps") == run["steps"]:
         print(f"{out / 'summary.json'} already evaluates step {run['steps']}")
         return read_json(out / "summary.json")
-    sd = unet.load_sd(model)
-    tuned = (unet.load_component(out / "unet", "unet") if (out / "unet").is_dir() else
-             unet.load_sd(model, lora=out).unet)
+    sd = load_pipeline(model)
+    weights = out / ("transformer" if sd.kind == "sd3" else "unet")
+    tuned = load_tuned(sd, weights) if weights.is_dir() else load_pipeline(model, lora=out).unet
     prompts = [p for p in toy.shape_prompts("test") for _ in range(TOY_SEEDS)]
     seeds = list(range(len(prompts)))
     images = {label: sample.render(sd, net, prompts, seeds, batch_size=256, desc=f"evaluating {label}",
@@ -434,7 +435,7 @@ def main(argv=None):
     p.epilog = ("The tuned model is --unet FOLDER or --lora (its first file: the tuned adapters; further --lora files, "
                 "e.g. LCM-LoRA, are stacked on base and tuned alike).")
     a = p.parse_args(argv)
-    toy_model = a.model == "tiny"
+    toy_model = a.model in sample.TOY_MODELS
     sample.check_generation_args(a)
     a.prompts = a.prompts or ("shapes" if toy_model else "parti")
     a.scorers = a.scorers or ("judge" if toy_model else "pickscore,hps,aesthetic,clip")
@@ -453,9 +454,9 @@ def main(argv=None):
         if len(prompts) < (2 if ref else 1):
             fail(f"--prompts {a.prompts}: {len(prompts)} prompts; expected at least 1 (2 with --style-ref)")
         check_prompts(prompts, scorers, f"--prompts {a.prompts}")
-        sd = unet.load_sd(a.model, device=a.device, dtype=dtype, lora=a.lora[1:] if a.lora else None)
-        tuned = (unet.load_component(a.unet, "unet", device=a.device, dtype=dtype) if a.unet else
-                 unet.load_sd(a.model, device=a.device, dtype=dtype, lora=a.lora).unet)
+        sd = load_pipeline(a.model, device=a.device, dtype=dtype, lora=a.lora[1:] if a.lora else None)
+        tuned = (load_tuned(sd, a.unet, device=a.device, dtype=dtype) if a.unet else
+                 load_pipeline(a.model, device=a.device, dtype=dtype, lora=a.lora).unet)
     except (UserError, OSError) as e:
         fail(e)
     sample.same_family(sd, tuned, a)
@@ -476,7 +477,8 @@ def report(images, prompts, scorers, paths, ref, a):
     report = dict(args=vars(a), n=len(prompts), prompts=prompts, seeds=[a.seed + i for i in range(len(prompts))])
     try:
         report["scorers"] = score(images, prompts, scorers, paths, a)
-        report["style_fd"] = style_fd(ref, images, a.model == "tiny", paths.get("clip"), a.device) if ref else None
+        report["style_fd"] = (style_fd(ref, images, a.model in sample.TOY_MODELS, paths.get("clip"), a.device)
+                              if ref else None)
     except (UserError, OSError) as e:
         fail(e)
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))

@@ -275,7 +275,7 @@ def model_folder(model, patterns):
 
 # the weight file stem of each network folder in a diffusers pipeline
 STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
-         "text_encoder_2": "model"}
+         "text_encoder_2": "model", "transformer": "diffusion_pytorch_model", "text_encoder_3": "model"}
 
 
 def hub_pipeline(repo, variant=None, weights=True):
@@ -285,7 +285,7 @@ def hub_pipeline(repo, variant=None, weights=True):
              "tokenizer*/*.txt"]
     if not weights:
         return hub_download(repo, small)
-    names = ["unet", "vae", "text_encoder", "text_encoder_2"]
+    names = list(STEMS)   # those model_index.json does not list match no file
     for v in variants(variant):
         dot = f".{v}" if v else ""
         folder = hub_download(repo, small + [p for n in names for s in [STEMS[n]] for p in (

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from files import LoadError, config_from_dict, read_json
+from files import LoadError, config_from_dict, hub_pipeline, read_json
 from tokenizer import CLIPTokenizer, T5Tokenizer
 from lora import merge_lora_files
 from unet import TINY_VOCAB, TimestepEmbedding, attention, load_component, load_sd, timestep_embedding
@@ -352,14 +352,21 @@ class T5LayerSelfAttention(nn.Module):
 
 class T5DenseGatedActDense(nn.Module):
     """Gated-GELU MLP: wo(gelu(wi_0 x) * wi_1 x), GELU's tanh approximation (transformers' gelu_new). An fp16 T5 keeps
-    wo in fp32 (load_sd3_component, as transformers' from_pretrained): its outputs overflow fp16, and from the first
-    block on the residual stream is fp32."""
+    wo in fp32 (as transformers' from_pretrained): its outputs overflow fp16, and from the first block on the residual
+    stream is fp32."""
 
     def __init__(self, cfg):
         super().__init__()
         self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def _apply(self, fn, recurse=True):
+        """Every cast of the model (.to, .half, loading) that makes it fp16 leaves wo in fp32."""
+        super()._apply(fn, recurse)
+        if self.wi_0.weight.dtype == torch.float16:
+            self.wo.float()
+        return self
 
     def forward(self, x):
         h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)
@@ -550,14 +557,10 @@ def tied_embedding(weights):
 def load_sd3_component(folder, name, *, device="cpu", dtype=torch.float32, variant=None):
     """Load `transformer/` (MMDiT) or `text_encoder_3/` (T5Encoder) of an SD3 pipeline folder: config.json + weights,
     single-file or sharded (`*.safetensors.index.json`), plain or the fp16 variant (as unet.load_component). In fp16
-    the T5's MLP output matrices stay fp32, as transformers keeps them."""
-    t5 = name == "text_encoder_3"
-    model = load_component(folder, name, device=device, dtype=dtype, variant=variant, spec=SD3_COMPONENTS[name],
-                           prepare=tied_embedding if t5 else None)
-    if t5 and dtype == torch.float16:
-        for block in model.encoder.block:
-            block.layer[1].DenseReluDense.wo.float()
-    return model
+    the T5's MLP output matrices stay fp32, as transformers keeps them (T5DenseGatedActDense)."""
+    prepare = tied_embedding if name == "text_encoder_3" else None
+    return load_component(folder, name, device=device, dtype=dtype, variant=variant, spec=SD3_COMPONENTS[name],
+                          prepare=prepare)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -596,10 +599,11 @@ class SD3:
     def device(self):
         return next(self.transformer.parameters()).device
 
-    @torch.no_grad()
-    def encode_prompt(self, prompts, max_sequence_length=T5_TOKENS):
+    def encode_prompt(self, prompts, max_sequence_length=None):
         """Text conditioning exactly as diffusers' StableDiffusion3Pipeline.encode_prompt (clip_skip None, the
-        pipeline's default and what it always uses for the negative prompt):
+        pipeline's default and what it always uses for the negative prompt), differentiable (callers hold no_grad;
+        the toy's pretraining trains the encoders through it). T5's length: 256, or less where tokenizer_3's
+        model_max_length says so (tiny-flow's 16; pass that as the pipeline's max_sequence_length):
           clip    = concat(penultimate states of CLIP-L, of bigG)                      (B, 77, 768 + 1280)
                     zero-padded on the feature axis to T5's width                       (B, 77, 4096)
           t5      = T5's last hidden state on the ids padded / cut to 256 tokens        (B, 256, 4096)
@@ -623,7 +627,7 @@ class SD3:
         tok, enc = self.tokenizers[2], self.text_encoders[2]
         if enc is None:
             width = self.transformer.cfg.joint_attention_dim
-            return torch.zeros(len(prompts), max_sequence_length, width, device=self.device)
+            return torch.zeros(len(prompts), max_sequence_length or T5_TOKENS, width, device=self.device)
         return enc(tok(prompts, max_length=max_sequence_length).to(self.device))
 
 
@@ -657,18 +661,47 @@ def load_sd3(folder, *, device="cpu", dtype=torch.float32, variant=None) -> SD3:
                scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"), source=str(folder))
 
 
-def is_sd3_folder(model):
-    """Whether `model` is a local folder whose model_index.json names StableDiffusion3Pipeline."""
-    index = Path(str(model)) / "model_index.json"
-    return index.is_file() and read_json(index).get("_class_name") == "StableDiffusion3Pipeline"
+# The SD3 family's Hub repos (gated: accept the license on the Hub and log in first), and the toy world's flow model
+SD3_ALIASES = {"sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
+               "sd35m": "stabilityai/stable-diffusion-3.5-medium", "sd35l": "stabilityai/stable-diffusion-3.5-large"}
+TINY_FLOW_FOLDER = Path(__file__).resolve().parent / "tiny-flow"   # `--model tiny-flow`: see pretrain.py
+
+
+def resolve(model):
+    """tiny-flow and the SD3 aliases -> their folder / Hub id; any other --model unchanged."""
+    return str(TINY_FLOW_FOLDER) if model == "tiny-flow" else SD3_ALIASES.get(model, model)
+
+
+def load_tuned(sd, folder, *, device="cpu", dtype=torch.float32):
+    """A tuned denoiser for the pipeline `sd` (sample.py / eval.py --unet, the toy's evaluation): an SD3's
+    transformer/ (MMDiT), anyone else's unet/."""
+    if sd.kind == "sd3":
+        return load_sd3_component(folder, "transformer", device=device, dtype=dtype)
+    return load_component(folder, "unet", device=device, dtype=dtype)
+
+
+def is_sd3(model):
+    """Whether --model names an SD3 pipeline: tiny-flow, an SD3 alias, a local folder whose model_index.json names
+    StableDiffusion3Pipeline, or a Hub id with "stable-diffusion-3" in its name (what --preset auto reads)."""
+    model = resolve(str(model))
+    index = Path(model) / "model_index.json"
+    if index.is_file():
+        return read_json(index).get("_class_name") == "StableDiffusion3Pipeline"
+    return not Path(model).exists() and "stable-diffusion-3" in model.lower()
 
 
 def load_pipeline(model, *, device="cpu", dtype=torch.float32, variant=None, lora=None):
-    """What the trainer and the samplers load: an SD3 folder through load_sd3, anything else (aliases, Hub ids,
-    SD1.5 / SDXL folders, single files) through unet.load_sd. (SD3 from the Hub: download the folder first.)"""
-    if not is_sd3_folder(model):
+    """What the trainer and the samplers load: SD3 (tiny-flow, an alias, a folder, a Hub id) through load_sd3,
+    anything else (SD1.5 / SDXL aliases, Hub ids and folders, single files) through unet.load_sd."""
+    if not is_sd3(model):
         return load_sd(model, device=device, dtype=dtype, variant=variant, lora=lora)
-    sd = load_sd3(model, device=device, dtype=dtype, variant=variant)
+    folder = resolve(model)
+    if model == "tiny-flow" and not (TINY_FLOW_FOLDER / "model_index.json").is_file():
+        raise LoadError(f"model 'tiny-flow': {TINY_FLOW_FOLDER} is missing; remake it with "
+                        f"python pretrain.py tiny-flow")
+    sd = load_sd3(folder if Path(folder).is_dir() else hub_pipeline(folder, variant), device=device, dtype=dtype,
+                  variant=variant)
+    sd.source = folder
     if lora is not None:
         merge_lora_files(sd.transformer, lora)
     return sd

@@ -29,9 +29,9 @@ import toy
 from files import (DTYPE_NAMES, DTYPES, TEMP_NAME, NoSpaceError, UserError, first_line, json_loads, raise_if_no_space,
                    write_atomic, write_text_atomic)
 from lora import LORA_FILE, lora_disabled, save_lora
-from sample import image_grid, render, sampling_defaults
+from sample import TOY_MODELS, image_grid, render, sampling_defaults
 from shards import find_shards
-from mmdit import is_sd3_folder, load_pipeline
+from mmdit import is_sd3, load_pipeline
 from unet import save_component
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -58,7 +58,7 @@ def validate(cfg, device, built):
         if not 0 <= getattr(cfg, k) < (0.5 if k == "label_smoothing" else 1):
             raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: must be a probability in [0, "
                             f"{'0.5' if k == 'label_smoothing' else '1'})")
-    step = 16 if is_sd3_folder(cfg.model) else 8          # an MMDiT cuts its 8x-smaller latents into 2 x 2 patches
+    step = 16 if is_sd3(cfg.model) else 8          # an MMDiT cuts its 8x-smaller latents into 2 x 2 patches
     if cfg.resolution < 0 or cfg.resolution % step:
         raise UserError(f"--resolution {cfg.resolution}: must be a multiple of {step} (0: the model's own)")
     if not 0 <= cfg.caption_dropout <= 1:
@@ -111,11 +111,11 @@ def presets_help(cls, presets, loss_presets):
     setting."""
     defaults = {f.name: f.default for f in fields(cls)}
     shown = ("beta", "max_steps", "batch_size", "lr", "warmup_steps", "resolution", "threads", "vae_latents")
-    rows = [f"  {name:5} " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items()
-                                       if k not in ("model", "data") and (v != defaults[k] or name == "toy" and
+    rows = [f"  {name:8} " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items()
+                                       if k not in ("model", "data") and (v != defaults[k] or name.startswith("toy") and
                                                                           k in shown))
             for name, values in presets.items()]
-    rows += [f"  {name:5} with " + "; ".join(f"--loss {loss}: " + ", ".join(f"--{k} {v}" for k, v in kw.items())
+    rows += [f"  {name:8} with " + "; ".join(f"--loss {loss}: " + ", ".join(f"--{k} {v}" for k, v in kw.items())
                                           for loss, kw in by_loss.items()) for name, by_loss in loss_presets.items()]
     policy = {r: [f"--{f.name.replace('_', '-')}" for f in fields(cls) if f.metadata["resume"] == r]
               for r in ("fixed", "new")}
@@ -356,7 +356,7 @@ def save_weights(s, out, rank=0):
 
 def weights_folder(model):
     """The tuned network's folder in OUT, named as in --model's own layout: unet/, or an SD3's transformer/."""
-    return "transformer" if is_sd3_folder(model) else "unet"
+    return "transformer" if is_sd3(model) else "unet"
 
 
 def save_merged_unet(cfg, out):
@@ -542,7 +542,7 @@ def banner(s, run_cfg, world, device):
 
 
 def model_name(model):
-    return "tiny, the toy model" if model == "tiny" else model
+    return f"{model}, the toy model" if model in TOY_MODELS else model
 
 
 def done_line(s, state, row, out):
@@ -588,7 +588,6 @@ Diffusion-DPO (Wallace et al., CVPR 2024).
 ## Use
 
 ```python
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 {load}
 image = pipe("a photo of a cat").images[0]
 ```
@@ -610,10 +609,13 @@ def model_card(config, base, repo, out, weights):
             text = (out / name).read_text()
             results += f"\n`{name}`:\n\n" + (f"```json\n{text}\n```\n" if name.endswith(".json") else text)
     if lora:
-        load = f'pipe = StableDiffusionPipeline.from_pretrained("{base}")\npipe.load_lora_weights("{repo}")'
-    else:
-        load = (f'unet = UNet2DConditionModel.from_pretrained("{repo}", subfolder="unet")\n'
-                f'pipe = StableDiffusionPipeline.from_pretrained("{base}", unet=unet)')
+        load = (f'from diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained("{base}")\n'
+                f'pipe.load_lora_weights("{repo}")')
+    else:  # weights: unet or, for SD3, transformer
+        net = "SD3Transformer2DModel" if weights == "transformer" else "UNet2DConditionModel"
+        load = (f'from diffusers import DiffusionPipeline, {net}\n'
+                f'{weights} = {net}.from_pretrained("{repo}", subfolder="{weights}")\n'
+                f'pipe = DiffusionPipeline.from_pretrained("{base}", {weights}={weights})')
     settings = "\n".join(f"| {k} | {config.get(k, '')} |" for k in CARD_SETTINGS)
     return MODEL_CARD.format(meta="\n".join(meta), repo=repo, base=base, method=str(config["method"]).upper(),
                              data=data, settings=settings, results=results or "\nNone yet.\n", load=load)

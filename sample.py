@@ -23,8 +23,7 @@ from tqdm import tqdm
 from files import DTYPES, UserError, first_line
 from lora import merge_lora_files
 from tokenizer import split_words
-from mmdit import load_pipeline
-from unet import load_component
+from mmdit import load_pipeline, load_tuned
 
 # ----------------------------------------------------------------------------------------------------------------
 # The noise schedule: q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)            (DDPM, Ho et al. 2020, Eq. 4)
@@ -475,12 +474,13 @@ def image_grid(rows, row_labels=None, col_labels=None):
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
-TOY_SAMPLING = dict(steps=20, guidance=4.0)     # how the toy model (--model tiny) is sampled: DDIM steps, guidance
+TOY_MODELS = ("tiny", "tiny-flow")              # the toy world's models (toy.py)
+TOY_SAMPLING = dict(steps=20, guidance=4.0)     # how they are sampled: DDIM (flow) steps, guidance
 
 
 def sampling_defaults(model, steps=None, guidance=None):
-    """--steps and --guidance when not given: the toy model's for tiny, else 50 and 7.5 (the pipelines' defaults)."""
-    toy = model == "tiny"
+    """--steps and --guidance when not given: the toy models', else 50 and 7.5 (the pipelines' defaults)."""
+    toy = model in TOY_MODELS
     return steps or (TOY_SAMPLING["steps"] if toy else 50), guidance or (TOY_SAMPLING["guidance"] if toy else 7.5)
 
 
@@ -511,9 +511,9 @@ def fail(msg):
 def add_generation_args(p):
     """The flags sample.py and eval.py share: the base model and the tuned weights, the sampler and its settings,
     the networks' precision and device."""
-    p.add_argument("--model", default="tiny", help="the base: tiny (the toy model), an alias (sd15, sdxl), Hub id, "
-                                                 "folder or .safetensors")
-    p.add_argument("--unet", default=None, help="a tuned UNet folder (OUT/unet of diffdpo.py)")
+    p.add_argument("--model", default="tiny", help="the base: tiny (the toy model), tiny-flow, an alias (sd15, sdxl, "
+                                                 "sd3, sd35m, sd35l), Hub id, folder or .safetensors")
+    p.add_argument("--unet", default=None, help="a tuned UNet folder (OUT/unet of diffdpo.py; SD3: OUT/transformer)")
     p.add_argument("--lora", action="append", default=None, help="or LoRA adapters: a run folder (diffdpo.py "
                    "--lora-rank) or .safetensors file (peft or kohya); repeat to stack (e.g. + LCM-LoRA)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; the toy model's 20)")
@@ -542,7 +542,7 @@ def check_generation_args(a):
 
 
 def same_family(sd, tuned, a):
-    if tuned is not None and any(getattr(tuned.cfg, k) != getattr(sd.unet.cfg, k) for k in FAMILY):
+    if tuned is not None and any(getattr(tuned.cfg, k, None) != getattr(sd.unet.cfg, k, None) for k in FAMILY):
         fail(f"--unet {a.unet}: a UNet of another model family than --model {a.model} ({', '.join(FAMILY)} differ)")
 
 
@@ -583,13 +583,13 @@ def main(argv=None):
     dtype = DTYPES[a.dtype]
     try:
         sd = load_pipeline(a.model, device=a.device, dtype=dtype)
-        tuned = load_component(a.unet, "unet", device=a.device, dtype=dtype) if a.unet else None
+        tuned = load_tuned(sd, a.unet, device=a.device, dtype=dtype) if a.unet else None
         if a.lora:  # merged into the base UNet, or into a copy of it for --compare
             tuned = merge_lora_files(copy.deepcopy(sd.unet) if a.compare else sd.unet, a.lora)
     except (UserError, OSError) as e:
         fail(e)
     same_family(sd, tuned, a)
-    if a.model == "tiny":
+    if a.model in TOY_MODELS:
         warn_unknown_words(sd, prompts)
     rows = [("base", sd.unet), ("tuned", tuned)] if a.compare else [("tuned" if tuned else "base", tuned or sd.unet)]
     images = render_rows(sd, [net for _, net in rows], prompts, a, negative_prompt=a.negative_prompt)

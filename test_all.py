@@ -74,6 +74,7 @@ from transformers import CLIPTokenizer as HFCLIPTokenizer
 from transformers import T5Config as HFT5Config
 from transformers import T5EncoderModel
 from transformers import T5Tokenizer as HFT5Tokenizer
+from transformers import T5TokenizerFast
 from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 from transformers.optimization import Adafactor as HFAdafactor
 
@@ -88,6 +89,7 @@ import lora
 import mmdit
 import onpolicy
 import parity
+import pretrain
 import rpo
 import runs
 import sample
@@ -1078,7 +1080,7 @@ def test_validation_logging_model_card_and_help(tmp_path, hub, shard, monkeypatc
     monkeypatch.setenv("COLUMNS", "80")                      # argparse's width in a fresh process with a pipe
     r = run_here(["diffdpo.py", "--help"])
     assert r.returncode == 0
-    assert "toy   --beta 2000.0, --max-steps 200, --batch-size 16" in r.stdout and "resuming" in r.stdout
+    assert "toy      --beta 2000.0, --max-steps 200, --batch-size 16" in r.stdout and "resuming" in r.stdout
     assert all(f.metadata["help"].strip() for f in dataclasses.fields(rpo.RPOConfig))
     for main in (sample.main, eval.main):                    # every option has help text, the toy model by default
         with pytest.raises(SystemExit):
@@ -3661,23 +3663,48 @@ def test_tiny_model_is_a_diffusers_pipeline():
     assert diff <= 2
 
 
-def test_pretrain_tiny_writes_the_committed_layout(tmp_path):
-    """`python diffdpo.py --pretrain-tiny DIR` (here 3 + 3 steps) writes what load_sd("tiny") reads: the same files,
-    configs and tensor names and shapes as the committed tiny/, a tokenizer with the same vocabulary and merges."""
-    folder = toy.pretrain_tiny(tmp_path / "tiny", vae_steps=3, unet_steps=3, batch_size=4, vae_batch_size=2)
+def test_tiny_flow_model_is_a_diffusers_pipeline():
+    """The committed tiny-flow/ folder is SD3's layout: diffusers and transformers load it, its T5 tokenizer (a
+    hand-written Unigram) gives transformers' ids, every toy word one piece, and our flow sampler gives
+    StableDiffusion3Pipeline's images (20 steps, guidance 4, its 16 T5 tokens as max_sequence_length)."""
+    sd = mmdit.load_pipeline("tiny-flow")
+    prompts = toy.shape_prompts()[:30:7] + ["a red circle", "", "A GREEN Triangle!! on 2 backgrounds"]
+    ref_tok = T5TokenizerFast.from_pretrained(mmdit.TINY_FLOW_FOLDER / "tokenizer_3")
+    ref_ids = ref_tok(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+    assert sd.kind == "sd3" and torch.equal(sd.tokenizers[2](prompts), ref_ids)
+    assert len(sd.tokenizers[2].encode("a purple triangle on an orange background")) == 8   # 7 words + </s>
+    pipe = StableDiffusion3Pipeline.from_pretrained(mmdit.TINY_FLOW_FOLDER)
+    pipe.set_progress_bar_config(disable=True)
+    latents = sample.initial_latents(sd, 4, 32, 32, seed=0)
+    ours = sample.generate(sd, prompts[:4], steps=20, guidance=4.0, latents=latents)
+    ref = pipe(prompts[:4], num_inference_steps=20, guidance_scale=4.0, latents=latents, height=32, width=32,
+               max_sequence_length=16, output_type="np").images
+    diff = np.abs(np.stack([np.asarray(i, dtype=np.float32) for i in ours]) - np.round(ref * 255)).max()
+    print(f"tiny-flow pipeline: max pixel difference {diff}/255")
+    assert diff <= 2
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-flow"])
+def test_pretraining_writes_the_committed_layout(tmp_path, name):
+    """`python pretrain.py tiny|tiny-flow DIR` (here 3 steps each) writes what --model tiny / tiny-flow reads: the
+    same files, configs and tensor names and shapes as the committed folder, tokenizers with the same vocabulary."""
+    if name == "tiny":
+        folder, committed = pretrain.pretrain_tiny(tmp_path / name, vae_steps=3, unet_steps=3, batch_size=4,
+                                                   vae_batch_size=2), unet.TINY_FOLDER
+    else:
+        folder, committed = pretrain.pretrain_tiny_flow(tmp_path / name, steps=3, batch_size=4), mmdit.TINY_FLOW_FOLDER
     def files(root):
         return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    new, old = files(folder), files(unet.TINY_FOLDER)
-    assert new == old
-    for f in old:
+    assert files(folder) == files(committed)
+    for f in files(committed):
         if f.endswith(".safetensors"):
-            with safe_open(str(folder / f), "pt") as a, safe_open(str(unet.TINY_FOLDER / f), "pt") as b:
+            with safe_open(str(folder / f), "pt") as a, safe_open(str(committed / f), "pt") as b:
                 shapes = lambda f: {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: E731
                 assert shapes(a) == shapes(b)
-        elif not f.endswith("vae/config.json"):  # the VAE's scaling_factor is measured
-            assert (folder / f).read_text() == (unet.TINY_FOLDER / f).read_text(), f
-    sd = unet.load_sd(str(folder))
-    assert sd.kind == "sd15" and 0.1 < sd.vae.scaling_factor < 10
+        elif not (name == "tiny" and f.endswith("vae/config.json")):  # tiny's VAE scaling_factor is trained
+            assert (folder / f).read_text() == (committed / f).read_text(), f
+    sd = mmdit.load_pipeline(str(folder))
+    assert sd.kind == ("sd15" if name == "tiny" else "sd3") and 0.1 < sd.vae.scaling_factor < 10
 
 
 def test_toy_run_end_to_end(tmp_path, monkeypatch, capsys):
@@ -3968,8 +3995,8 @@ def test_t5_encoder_matches_transformers():
 def test_t5_fp16_as_transformers(tmp_path):
     """fp16 as transformers runs T5 (one MLP output matrix scaled up, so that the first block overflows fp16): all in
     half precision, a block output beyond the fp16 range is clamped to it, not passed on as inf (then NaN after the
-    next norm); loaded in fp16 from a folder, the MLP output matrices stay fp32 (transformers' from_pretrained) and
-    so does the residual stream."""
+    next norm); loaded in fp16 from a folder or cast to it, the MLP output matrices stay fp32 (transformers'
+    from_pretrained) and so does the residual stream."""
     torch.manual_seed(0)
     ref = T5EncoderModel(HFT5Config(**mmdit.T5Config.tiny().raw)).eval()
     with torch.no_grad():
@@ -3990,6 +4017,7 @@ def test_t5_fp16_as_transformers(tmp_path):
     with torch.no_grad():
         out, expected = ours(ids), ref(ids).last_hidden_state
     assert out.dtype == expected.dtype == torch.float16 and rel_err(out, expected) < 1e-3, rel_err(out, expected)
+    assert wo(ours.float().to(torch.float16)) == {torch.float32}     # so does any later cast (the trainer's)
 
 
 def test_mmdit_and_t5_folders_load(tmp_path):
@@ -4138,12 +4166,13 @@ def sd3_train_args(hub, shard, out, *extra):
             "--threads", str(SUITE_THREADS), *extra]
 
 
-def test_flow_dpo_trains_an_sd3_layout_model(tmp_path, sd3_hub, shard):
+def test_flow_dpo_trains_an_sd3_layout_model(tmp_path, sd3_hub, shard, clip_folder):
     """diffdpo.py on an SD3-layout pipeline (random weights, the test hub) and a Pick-a-Pic shard: the folder picks
     the sd3 preset (beta 100, logit-normal timesteps), the first loss is ln 2, the grid is drawn with the flow
-    sampler, OUT/transformer/ loads in diffusers and moved; 2 steps + resume to 4 == 4 straight, bit for bit. With
-    --lora-rank (both streams' attention) StableDiffusion3Pipeline.load_lora_weights reads OUT's file and its
-    transformer computes what ours does with the adapters."""
+    sampler, OUT/transformer/ loads in diffusers and moved, and sample.py / eval.py take it as --unet; 2 steps +
+    resume to 4 with --cache == 4 straight, bit for bit. With --lora-rank (both streams' attention)
+    StableDiffusion3Pipeline.load_lora_weights reads OUT's file and its transformer computes what ours does with
+    the adapters."""
     straight, resumed, adapters = tmp_path / "straight", tmp_path / "resumed", tmp_path / "lora"
     r = run_here(sd3_train_args(sd3_hub, shard, straight, "--max-steps", "4", "--sample-steps", "2"))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -4154,9 +4183,20 @@ def test_flow_dpo_trains_an_sd3_layout_model(tmp_path, sd3_hub, shard):
     tuned = SD3Transformer2DModel.from_pretrained(straight / "transformer").state_dict()
     base = SD3Transformer2DModel.from_pretrained(sd3_hub / "transformer").state_dict()
     assert max((v - base[k]).abs().max().item() for k, v in tuned.items()) > 1e-5
-    assert run_here(sd3_train_args(sd3_hub, shard, resumed, "--max-steps", "2", "--no-samples")).returncode == 0
-    r = run_here(sd3_train_args(sd3_hub, shard, resumed, "--max-steps", "4", "--no-samples"))
+    # sample.py and eval.py take OUT/transformer as --unet for an SD3 --model
+    gen = ["--model", str(sd3_hub), "--unet", str(straight / "transformer"), "--steps", "2", "--height", "32",
+           "--width", "32", "--device", "cpu"]
+    sample.main([*gen, "--compare", "--prompt", "a red cube", "--out", str(tmp_path / "compare.png")])
+    (tmp_path / "prompts.txt").write_text("a red cube\na blue ball\n")
+    eval.main([*gen, "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "eval"), "--scorers", "clip",
+               "--scorer-model", f"clip={clip_folder}"])
+    clip = json.loads((tmp_path / "eval" / "report.json").read_text())["scorers"]["clip"]
+    assert Image.open(tmp_path / "compare.png").size[1] > 64 and clip["base"] != clip["tuned"]
+    cache = ("--cache", "--cache-dir", str(tmp_path / "cache"))      # exact: the same weights with the cache
+    assert run_here(sd3_train_args(sd3_hub, shard, resumed, "--max-steps", "2", "--no-samples", *cache)).returncode == 0
+    r = run_here(sd3_train_args(sd3_hub, shard, resumed, "--max-steps", "4", "--no-samples", *cache))
     assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-3000:]
+    assert list((tmp_path / "cache").rglob("*.safetensors"))
     w = lambda run: load_file(run / "transformer" / "diffusion_pytorch_model.safetensors")  # noqa: E731
     assert max_diff(w(resumed), w(straight)) == 0.0
 

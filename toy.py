@@ -3,30 +3,25 @@ The toy world: a tiny text-to-image model and a programmatic judge, so the whole
 
     python diffdpo.py --model tiny --data shapes --out runs/toy     on-policy pairs -> DPO -> held-out win rate
     python rpo.py --model tiny --data shapes-style                  style alignment: base images vs their ink prints
-    python diffdpo.py --pretrain-tiny                               remakes tiny/, the committed base model
+    python diffdpo.py --model tiny-flow                             the same with the flow model (SD3's pipeline)
 
 `tiny` is SD1.5's pipeline (the same UNet / VAE / CLIP classes, scheduler and loader) at about a million UNet
-parameters, pretrained here on captioned shapes drawn with Pillow; `shapes` pairs are two samples of that base model
-for one caption, the judge's favorite preferred. Read top to bottom: the world (captions, drawing, the judge), the
-pairs, the style world, the pairs a run builds itself (diffdpo.py calls build_pairs; also style:FOLDER's), the tiny
-model's tokenizer and pretraining.
+parameters, `tiny-flow` SD3's (MMDiT, three text encoders, rectified flow), both pretrained on captioned shapes drawn
+with Pillow (pretrain.py); `shapes` pairs are two samples of the base model for one caption, the judge's favorite
+preferred. Read top to bottom: the world (captions, drawing, the judge), the pairs, the style world, the pairs a run
+builds itself (diffdpo.py calls build_pairs; also style:FOLDER's).
 """
-import json
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from data import style_items
 from files import DataError
-from sample import TOY_SAMPLING, add_noise, alphas_cumprod, render, sampling_defaults
+from sample import TOY_SAMPLING, render, sampling_defaults
 from shards import png_bytes, write_pairs
-from tokenizer import CLIPTokenizer, bytes_to_unicode
-from unet import TINY_FOLDER, TINY_VOCAB, VAE, CLIPText, CLIPTextConfig, UNet, UNetConfig, VAEConfig, save_component
 
 # ----------------------------------------------------------------------------------------------------------------
 # The toy world (`python diffdpo.py --model tiny --data shapes`): captioned shapes drawn with Pillow, and a judge.
@@ -216,110 +211,9 @@ def build_folder_pairs(sd, folder, path, resolution, steps, guidance, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The tiny model: a tokenizer that knows the toy words, and pretraining from scratch
-
-
-def write_tiny_tokenizer(folder):
-    """A CLIP tokenizer folder (vocab.json, merges.txt, special tokens) for the toy captions: the 512 byte symbols
-    of CLIP's byte-level BPE plus just enough merges that every toy word is one token; any other text still
-    tokenizes (into characters). Merges are added greedily, each after those it builds on, until that holds."""
-    chars = list(bytes_to_unicode().values())
-    words = sorted({w for p in shape_prompts() for w in p.split()} | {"an"})
-    merges = []
-    while True:  # tokenize every word with the merges so far; where one is still split, merge its first two symbols
-        specials = ["<|startoftext|>", "<|endoftext|>"]
-        vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + specials
-        tok = CLIPTokenizer({t: i for i, t in enumerate(vocab)}, [" ".join(m) for m in merges])
-        todo = [(vocab[ids[0]], vocab[ids[1]]) for ids in map(tok.bpe, words) if len(ids) > 1]
-        if not todo:
-            break
-        merges += [m for m in dict.fromkeys(todo) if m not in merges]
-    assert len(vocab) <= TINY_VOCAB, (len(vocab), TINY_VOCAB)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
-                   pad_token="<|endoftext|>")
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    (folder / "tokenizer_config.json").write_text(json.dumps(dict(
-        special, tokenizer_class="CLIPTokenizer", model_max_length=16, do_lower_case=True, errors="replace"), indent=2))
+# Images as the VAE reads them
 
 
 def to_tensor(img):
     """PIL RGB -> (3, H, W) in [-1, 1], as the VAE expects."""
     return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
-
-
-def pretrain_tiny(folder=None, vae_steps=1500, unet_steps=4000, batch_size=64, seed=0, vae_batch_size=32):
-    """Pretrain the toy model from scratch on freshly drawn shapes (every step new images) and write it in the
-    diffusers layout: 1. the VAE (reconstruction + a small KL to the unit Gaussian; scaling_factor = 1 / std of the
-    latents, as SD's 0.18215 was chosen); 2. the UNet and text encoder together on frozen-VAE latents with the plain
-    diffusion loss ||eps - eps_theta(x_t, t, c)||^2 (DDPM), 10% empty captions for classifier-free guidance."""
-    folder = Path(folder or TINY_FOLDER)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    prompts = shape_prompts()
-
-    def draw(n):
-        ps = [prompts[i] for i in torch.randint(len(prompts), (n,), generator=gen)]
-        return ps, torch.stack([to_tensor(render_shape(p, gen)) for p in ps])
-
-    t0 = time.time()
-    vae = VAE(VAEConfig.tiny())
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    for step in range(vae_steps):
-        _, x = draw(vae_batch_size)
-        moments = vae.quant_conv(vae.encoder(x))
-        mean, logvar = moments.chunk(2, dim=1)
-        z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
-        rec = F.mse_loss(vae.decode(z), x)
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        loss = rec + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == vae_steps - 1:
-            print(f"vae step {step}: reconstruction mse {rec.item():.5f} kl {kl.item():.3f} ({time.time() - t0:.0f} s)")
-    vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        sf = 1.0 / float(torch.cat([vae.encode(draw(256)[1]) for _ in range(4)]).std())
-    vae.cfg.raw["scaling_factor"] = vae.cfg.scaling_factor = vae.scaling_factor = round(sf, 5)
-
-    write_tiny_tokenizer(folder / "tokenizer")
-    tok = CLIPTokenizer.from_folder(folder / "tokenizer")
-    text, unet = CLIPText(CLIPTextConfig.tiny()), UNet(UNetConfig.tiny())
-    scheduler = dict(_class_name="DDIMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                     num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                     prediction_type="epsilon", timestep_spacing="leading")
-    abar = alphas_cumprod(scheduler)
-    params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * (1 - s / unet_steps) + 0.1)
-    for step in range(unet_steps):
-        ps, x = draw(batch_size)
-        ps = [p if torch.rand((), generator=gen) > 0.1 else "" for p in ps]
-        with torch.no_grad():
-            latents = vae.encode(x) * vae.scaling_factor
-        noise, t = torch.randn_like(latents), torch.randint(0, len(abar), (len(ps),))
-        pred = unet(add_noise(latents, noise, t, abar), t, text(tok(ps))[0])
-        loss = F.mse_loss(pred, noise)                                 # the plain diffusion loss (DDPM)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step % 200 == 0 or step == unet_steps - 1:
-            print(f"unet step {step}: diffusion loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
-
-    for model, name in ((unet, "unet"), (vae, "vae"), (text, "text_encoder")):
-        save_component(model, folder / name, name)
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    (folder / "model_index.json").write_text(json.dumps(dict(
-        _class_name="StableDiffusionPipeline", scheduler=["diffusers", "DDIMScheduler"],
-        text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"],
-        unet=["diffusers", "UNet2DConditionModel"], vae=["diffusers", "AutoencoderKL"], safety_checker=[None, None],
-        feature_extractor=[None, None], image_encoder=[None, None], requires_safety_checker=False), indent=2))
-    print(f"wrote {folder} in {time.time() - t0:.0f} s")
-    return folder
