@@ -39,7 +39,7 @@ from files import DTYPE_NAMES, DTYPES, UserError, read_json, write_text_atomic
 from lora import LORA_FILE, LORA_TARGETS, SD3_LORA_TARGETS, LoRALinear, add_lora, lora_disabled
 from sample import TOY_MODELS, add_noise, alphas_cumprod, default_size, flow_sigmas, guidance_embedding, vae_factor
 from shards import labelled_images, latent_cache, prefetch, scaled_posterior
-from mmdit import is_sd3, load_pipeline, resolve
+from mmdit import is_sd3, load_pipeline, resolve, weights_folder
 from unet import ALIASES
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -412,9 +412,8 @@ class TrainConfig:
     data: str = flag("shapes", "shapes (the toy world) | prompts:SPEC (pairs the run makes from prompts) | pickapic | "
                                "hub:OWNER/NAME | parquet file/folder | pairs.jsonl | style:FOLDER | labelled images "
                                "for --loss kto (images.jsonl, parquet)")
-    preset: str = flag("auto", "the defaults of: toy | toy-flow | sd15 | sdxl | sd3 | auto (the model's: toy for tiny, "
-                               "toy-flow for tiny-flow, sd3 / sdxl for those, else sd15); flags given on the command "
-                               "line win", resume="new")
+    preset: str = flag("auto", "the defaults of: toy | toy-flow | sd15 | sdxl | sd3 | auto (--model's own); flags "
+                               "given on the command line win", resume="new")
     out: str = flag("", "run directory (re-running resumes from its checkpoint); default runs/PRESET[-METHOD]",
                     resume="new")
     loss: str = flag("dpo", "dpo | sft (plain diffusion loss on the preferred image) | mapo (no reference model) | "
@@ -475,7 +474,7 @@ class TrainConfig:
                                     "presets) | mean (the toy's: tiny was pretrained on posterior means)",
                             choices=("sample", "mean"))
     val_pairs: int = flag(0, "hold out the first N pairs; each checkpoint logs val_loss, val_implicit_acc on them")
-    cache: bool = flag(False, "keep VAE latents + text embeddings on disk (exact: both flips are stored), so steps "
+    cache: bool = flag(False, "keep VAE latents + text embeddings on disk (both flips are stored), so steps "
                               "run only the UNets", resume="new")
     cache_dir: str = flag("", "where --cache keeps them (default ~/.cache/diffdpo)", resume="new")
     flip: bool = flag(True, "random horizontal flips (--no-flip to disable)")
@@ -532,8 +531,8 @@ PAPER = dict(beta=5000.0, max_steps=2000, batch_size=1, resolution=0, lr=2.048e-
 PRESETS = {
     # the toy world: the field defaults above (200 steps of batch 16 on the tiny model's own shapes pairs)
     "toy": {f.name: f.default for f in fields(TrainConfig) if f.name not in ("preset", "out")},
-    # its flow twin (--model tiny-flow): the same recipe, DPO on velocity errors (runs/toy-flow)
-    "toy-flow": {f.name: f.default for f in fields(TrainConfig) if f.name not in ("preset", "out")},
+    # its flow twin (--model tiny-flow): DPO on velocity errors at flow_grpo's beta 100 (a sweep: docs/PROOFS.md)
+    "toy-flow": {**{f.name: f.default for f in fields(TrainConfig) if f.name not in ("preset", "out")}, "beta": 100.0},
     # the paper's SD1.5 recipe (the official code's: AdamW, warmup 500, 2000 steps, beta 5000, lr 1e-8 x 2048 pairs)
     "sd15": PAPER,
     # and SDXL's: Adafactor, warmup 200, gradient checkpointing
@@ -543,10 +542,9 @@ PRESETS = {
     "sd3": dict(PAPER, beta=100.0, grad_checkpointing=True, lora_targets=SD3_LORA_TARGETS),
 }
 # each loss's beta: the papers' for sd15 / sdxl (MaPO 0.1, Diffusion-KTO 1000), measured sweeps for the toy (LOSSES.md)
-PAPERS_BETAS = dict(mapo=dict(beta=0.1), kto=dict(beta=1000.0))
+PAPER_BETAS = dict(mapo=dict(beta=0.1), kto=dict(beta=1000.0))
 TOY_BETAS = dict(mapo=dict(beta=0.01), kto=dict(beta=250.0))
-LOSS_PRESETS = {"toy": TOY_BETAS, "toy-flow": TOY_BETAS, "sd15": PAPERS_BETAS, "sdxl": PAPERS_BETAS,
-                "sd3": PAPERS_BETAS}
+LOSS_PRESETS = {"toy": TOY_BETAS, "toy-flow": TOY_BETAS, "sd15": PAPER_BETAS, "sdxl": PAPER_BETAS, "sd3": PAPER_BETAS}
 
 
 def auto_preset(model):
@@ -615,7 +613,6 @@ def setup(cfg, sd, pair_loss=None):
     for m in filter(None, sd.text_encoders):         # (SD3 may be loaded without its T5)
         m.to(amp_dtype)
     sd.vae.to(torch.float32 if amp_dtype == torch.float16 and sd.kind != "sd15" else amp_dtype)  # SDXL's overflows
-
     policy, reference = policy_and_reference(cfg, sd.unet, amp_dtype)
     resolution = cfg.resolution or default_size(sd)
     side = resolution // vae_factor(sd)
@@ -863,7 +860,7 @@ def main(cfg, pair_loss=None, image_embedder=None):
             eval.evaluate_toy(cfg.model, toy.world_of(cfg.data), out, run, t_start)
         if rank == 0 and cfg.push_to_hub:
             config = dict(read_json(out / "config.json"), method=getattr(pair_loss, "name", cfg.method))
-            weights = LORA_FILE if cfg.lora_rank and not cfg.merge_lora else runs.weights_folder(cfg.model)
+            weights = LORA_FILE if cfg.lora_rank and not cfg.merge_lora else weights_folder(cfg.model)
             card = runs.model_card(config, resolve(ALIASES.get(cfg.model, cfg.model)), cfg.push_to_hub, out, weights)
             runs.push_to_hub(cfg.push_to_hub, out, card)
     except UserError as e:

@@ -35,7 +35,7 @@ import sample
 import toy
 import unet
 from convert import openclip_to_ours
-from mmdit import load_pipeline, load_tuned
+from mmdit import load_pipeline, load_tuned, weights_folder
 from files import DTYPES, DataError, LoadError, UserError, first_line, hub_download, model_folder, read_json, \
     write_text_atomic
 from sample import fail
@@ -297,8 +297,7 @@ def evaluate_toy(model, world, out, run, t_start):
     if (out / "summary.json").is_file() and read_json(out / "summary.json").get("steps") == run["steps"]:
         print(f"{out / 'summary.json'} already evaluates step {run['steps']}")
         return read_json(out / "summary.json")
-    sd = load_pipeline(model)
-    weights = out / ("transformer" if sd.kind == "sd3" else "unet")
+    sd, weights = load_pipeline(model), out / weights_folder(model)
     tuned = load_tuned(sd, weights) if weights.is_dir() else load_pipeline(model, lora=out).unet
     prompts = [p for p in toy.shape_prompts("test") for _ in range(TOY_SEEDS)]
     seeds = list(range(len(prompts)))

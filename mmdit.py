@@ -672,6 +672,11 @@ def resolve(model):
     return str(TINY_FLOW_FOLDER) if model == "tiny-flow" else SD3_ALIASES.get(model, model)
 
 
+def weights_folder(model):
+    """The tuned network's folder in a run's OUT, named as in --model's own layout: unet/, or an SD3's transformer/."""
+    return "transformer" if is_sd3(model) else "unet"
+
+
 def load_tuned(sd, folder, *, device="cpu", dtype=torch.float32):
     """A tuned denoiser for the pipeline `sd` (sample.py / eval.py --unet, the toy's evaluation): an SD3's
     transformer/ (MMDiT), anyone else's unet/."""
@@ -682,8 +687,11 @@ def load_tuned(sd, folder, *, device="cpu", dtype=torch.float32):
 
 def is_sd3(model):
     """Whether --model names an SD3 pipeline: tiny-flow, an SD3 alias, a local folder whose model_index.json names
-    StableDiffusion3Pipeline, or a Hub id with "stable-diffusion-3" in its name (what --preset auto reads)."""
-    model = resolve(str(model))
+    StableDiffusion3Pipeline, or a Hub id with "stable-diffusion-3" in its name (another SD3 repo: download it and
+    pass the folder)."""
+    model = str(model)
+    if model in ("tiny-flow", *SD3_ALIASES):
+        return True
     index = Path(model) / "model_index.json"
     if index.is_file():
         return read_json(index).get("_class_name") == "StableDiffusion3Pipeline"

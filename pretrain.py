@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from diffdpo import denoising_errors
 from mmdit import SD3, TINY_FLOW_FOLDER, TINY_MMDIT, TINY_T5, MMDiT, MMDiTConfig, T5Config, T5Encoder
 from sample import alphas_cumprod, flow_sigmas
+from shards import scaled_posterior
 from tokenizer import CLIPTokenizer, T5Tokenizer, bytes_to_unicode
 from toy import render_shape, shape_prompts, to_tensor
 from unet import TINY_FOLDER, TINY_VOCAB, VAE, CLIPText, CLIPTextConfig, UNet, UNetConfig, VAEConfig, load_component, \
@@ -178,7 +179,7 @@ def pretrain_tiny(folder=None, vae_steps=1500, unet_steps=4000, batch_size=64, s
     def loss():
         ps, x = next(batches)
         with torch.no_grad():
-            latents = vae.encode(x) * vae.scaling_factor
+            latents = scaled_posterior(vae, x)[0]
         eps, t = torch.randn_like(latents), torch.randint(0, len(abar), (len(ps),))
         context = text(tok(drop_captions(ps, gen)))[0]
         return denoising_errors(unet, latents, dict(context=context), eps, t, abar, "epsilon").mean()
@@ -217,7 +218,8 @@ SD3_INDEX = dict(
 
 
 def shifted_vae(batches):
-    """tiny's VAE with SD3's latent normalization: shift_factor = the latents' mean, scaling_factor = 1 / their std."""
+    """tiny's VAE with SD3's latent normalization: shift_factor = the latents' mean, scaling_factor = 1 / their std
+    (8 batches)."""
     vae = load_component(TINY_FOLDER / "vae", "vae").eval().requires_grad_(False)
     with torch.no_grad():
         z = torch.cat([vae.encode(next(batches)[1]) for _ in range(8)])
@@ -247,9 +249,10 @@ def pretrain_tiny_flow(folder=None, steps=4000, batch_size=64, seed=0):
     def loss():
         ps, x = next(batches)
         with torch.no_grad():
-            latents = (vae.encode(x) - vae.cfg.shift_factor) * vae.scaling_factor
+            latents = scaled_posterior(vae, x)[0]                      # (mean - shift_factor) * scaling_factor
         eps = torch.randn_like(latents)
-        t = (torch.sigmoid(torch.randn(len(ps))) * len(sigmas)).long().clamp(max=len(sigmas) - 1)  # logit-normal
+        u = torch.sigmoid(torch.randn(len(ps)))                         # logit-normal, as diffdpo.draw_timestep
+        t = (u * len(sigmas)).long().clamp(max=len(sigmas) - 1)
         context, pooled = sd.encode_prompt(drop_captions(ps, gen))
         return denoising_errors(mmdit, latents, dict(context=context, pooled=pooled), eps, t, sigmas, "flow").mean()
 

@@ -31,7 +31,7 @@ from files import (DTYPE_NAMES, DTYPES, TEMP_NAME, NoSpaceError, UserError, firs
 from lora import LORA_FILE, lora_disabled, save_lora
 from sample import TOY_MODELS, image_grid, render, sampling_defaults
 from shards import find_shards
-from mmdit import is_sd3, load_pipeline
+from mmdit import is_sd3, load_pipeline, weights_folder
 from unet import save_component
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -352,11 +352,6 @@ def save_weights(s, out, rank=0):
         save_lora(policy, out / LORA_FILE)
     elif rank == 0:
         save_component(policy, out / weights_folder(s.cfg.model))
-
-
-def weights_folder(model):
-    """The tuned network's folder in OUT, named as in --model's own layout: unet/, or an SD3's transformer/."""
-    return "transformer" if is_sd3(model) else "unet"
 
 
 def save_merged_unet(cfg, out):

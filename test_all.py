@@ -1767,7 +1767,7 @@ def test_from_preset_is_the_command_lines_preset():
     assert (cfg.beta, cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.vae_latents) == want
     assert diffdpo.TrainConfig.from_preset("sdxl").optimizer == "adafactor"
     assert diffdpo.TrainConfig.from_preset("toy") == diffdpo.TrainConfig()
-    with pytest.raises(UserError, match="--preset nope: expected one of toy, sd15, sdxl"):
+    with pytest.raises(UserError, match="--preset nope: expected one of toy, toy-flow, sd15, sdxl, sd3"):
         diffdpo.TrainConfig.from_preset("nope")
 
 
@@ -3701,7 +3701,7 @@ def test_pretraining_writes_the_committed_layout(tmp_path, name):
             with safe_open(str(folder / f), "pt") as a, safe_open(str(committed / f), "pt") as b:
                 shapes = lambda f: {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: E731
                 assert shapes(a) == shapes(b)
-        elif not (name == "tiny" and f.endswith("vae/config.json")):  # tiny's VAE scaling_factor is trained
+        elif not f.endswith("vae/config.json"):  # the VAE's scaling (and shift) factors are measured
             assert (folder / f).read_text() == (committed / f).read_text(), f
     sd = mmdit.load_pipeline(str(folder))
     assert sd.kind == ("sd15" if name == "tiny" else "sd3") and 0.1 < sd.vae.scaling_factor < 10
@@ -4170,7 +4170,7 @@ def test_flow_dpo_trains_an_sd3_layout_model(tmp_path, sd3_hub, shard, clip_fold
     """diffdpo.py on an SD3-layout pipeline (random weights, the test hub) and a Pick-a-Pic shard: the folder picks
     the sd3 preset (beta 100, logit-normal timesteps), the first loss is ln 2, the grid is drawn with the flow
     sampler, OUT/transformer/ loads in diffusers and moved, and sample.py / eval.py take it as --unet; 2 steps +
-    resume to 4 with --cache == 4 straight, bit for bit. With --lora-rank (both streams' attention)
+    resume to 4 with --cache == 4 straight (to 1e-6). With --lora-rank (both streams' attention)
     StableDiffusion3Pipeline.load_lora_weights reads OUT's file and its transformer computes what ours does with
     the adapters."""
     straight, resumed, adapters = tmp_path / "straight", tmp_path / "resumed", tmp_path / "lora"
@@ -4192,13 +4192,14 @@ def test_flow_dpo_trains_an_sd3_layout_model(tmp_path, sd3_hub, shard, clip_fold
                "--scorer-model", f"clip={clip_folder}"])
     clip = json.loads((tmp_path / "eval" / "report.json").read_text())["scorers"]["clip"]
     assert Image.open(tmp_path / "compare.png").size[1] > 64 and clip["base"] != clip["tuned"]
-    cache = ("--cache", "--cache-dir", str(tmp_path / "cache"))      # exact: the same weights with the cache
+    cache = ("--cache", "--cache-dir", str(tmp_path / "cache"))
     assert run_here(sd3_train_args(sd3_hub, shard, resumed, "--max-steps", "2", "--no-samples", *cache)).returncode == 0
     r = run_here(sd3_train_args(sd3_hub, shard, resumed, "--max-steps", "4", "--no-samples", *cache))
     assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-3000:]
     assert list((tmp_path / "cache").rglob("*.safetensors"))
     w = lambda run: load_file(run / "transformer" / "diffusion_pytorch_model.safetensors")  # noqa: E731
-    assert max_diff(w(resumed), w(straight)) == 0.0
+    # the cache projects each prompt's pooled text alone, a batch projects them together: 1e-7 apart, not 0
+    assert max_diff(w(resumed), w(straight)) < 1e-6, max_diff(w(resumed), w(straight))
 
     r = run_here(sd3_train_args(sd3_hub, shard, adapters, "--max-steps", "2", "--no-samples", "--lora-rank", "4",
                                 "--lr", "1e-2"))

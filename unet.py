@@ -809,9 +809,9 @@ def load_component(folder, name, *, device="cpu", dtype=torch.float32, variant=N
 
 
 def save_component(model, folder, name="unet"):
-    """Write `folder/config.json` + the weights (`diffusion_pytorch_model.safetensors` for unet/vae, `model.safetensors`
-    for text encoders) in the diffusers layout, atomically, so diffusers/transformers' `from_pretrained(folder)` and
-    `load_component` read it."""
+    """Write `folder/config.json` + the weights (`diffusion_pytorch_model.safetensors` for unet/vae/transformer,
+    `model.safetensors` for text encoders) in the diffusers layout, atomically, so diffusers/transformers'
+    `from_pretrained(folder)` and `load_component` read it."""
     save_safetensors(model.state_dict(), Path(folder) / f"{STEMS[name]}.safetensors")
     write_text_atomic(Path(folder) / "config.json", json.dumps(model.cfg.raw, indent=2))
 
