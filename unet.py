@@ -632,7 +632,7 @@ SDXL_UNET = dict(_class_name="UNet2DConditionModel", sample_size=128, block_out_
                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
                  projection_class_embeddings_input_dim=2816)
 # The toy world's model (python diffdpo.py --model tiny): the same networks at a few million parameters, 32 px images
-# -> 8 x 8 x 4 latents; its pretrained weights live in tiny/ beside this file (see toy.pretrain_tiny).
+# -> 8 x 8 x 4 latents; its pretrained weights live in tiny/ beside this file (see pretrain.py).
 TINY_UNET = dict(_class_name="UNet2DConditionModel", sample_size=8, block_out_channels=[32, 64],
                  down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
@@ -835,7 +835,7 @@ def load_sd(model, *, device="cpu", dtype=torch.float32, variant=None, config=No
     if model == "tiny":  # the toy world's model, committed beside this file
         model = str(TINY_FOLDER)
         if not (TINY_FOLDER / "model_index.json").is_file():
-            raise LoadError(f"model 'tiny': {TINY_FOLDER} is missing; remake it with python diffdpo.py --pretrain-tiny")
+            raise LoadError(f"model 'tiny': {TINY_FOLDER} is missing; remake it with python pretrain.py tiny")
     model = ALIASES.get(model, model)
     p = Path(model)
     if p.is_file() and p.suffix == ".safetensors":
