@@ -4170,7 +4170,7 @@ def test_flow_dpo_trains_an_sd3_layout_model(tmp_path, sd3_hub, shard, clip_fold
     """diffdpo.py on an SD3-layout pipeline (random weights, the test hub) and a Pick-a-Pic shard: the folder picks
     the sd3 preset (beta 100, logit-normal timesteps), the first loss is ln 2, the grid is drawn with the flow
     sampler, OUT/transformer/ loads in diffusers and moved, and sample.py / eval.py take it as --unet; 2 steps +
-    resume to 4 with --cache == 4 straight (to 1e-6). With --lora-rank (both streams' attention)
+    resume to 4 == 4 straight, bit for bit, and with --cache to 1e-6. With --lora-rank (both streams' attention)
     StableDiffusion3Pipeline.load_lora_weights reads OUT's file and its transformer computes what ours does with
     the adapters."""
     straight, resumed, adapters = tmp_path / "straight", tmp_path / "resumed", tmp_path / "lora"
@@ -4192,14 +4192,17 @@ def test_flow_dpo_trains_an_sd3_layout_model(tmp_path, sd3_hub, shard, clip_fold
                "--scorer-model", f"clip={clip_folder}"])
     clip = json.loads((tmp_path / "eval" / "report.json").read_text())["scorers"]["clip"]
     assert Image.open(tmp_path / "compare.png").size[1] > 64 and clip["base"] != clip["tuned"]
-    cache = ("--cache", "--cache-dir", str(tmp_path / "cache"))
-    assert run_here(sd3_train_args(sd3_hub, shard, resumed, "--max-steps", "2", "--no-samples", *cache)).returncode == 0
-    r = run_here(sd3_train_args(sd3_hub, shard, resumed, "--max-steps", "4", "--no-samples", *cache))
+    assert run_here(sd3_train_args(sd3_hub, shard, resumed, "--max-steps", "2", "--no-samples")).returncode == 0
+    r = run_here(sd3_train_args(sd3_hub, shard, resumed, "--max-steps", "4", "--no-samples"))
     assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-3000:]
-    assert list((tmp_path / "cache").rglob("*.safetensors"))
     w = lambda run: load_file(run / "transformer" / "diffusion_pytorch_model.safetensors")  # noqa: E731
+    assert max_diff(w(resumed), w(straight)) == 0.0
+    cached = tmp_path / "cached"
+    r = run_here(sd3_train_args(sd3_hub, shard, cached, "--max-steps", "4", "--no-samples", "--cache", "--cache-dir",
+                                str(tmp_path / "cache")))
+    assert r.returncode == 0 and list((tmp_path / "cache").rglob("*.safetensors")), r.stderr[-3000:]
     # the cache projects each prompt's pooled text alone, a batch projects them together: 1e-7 apart, not 0
-    assert max_diff(w(resumed), w(straight)) < 1e-6, max_diff(w(resumed), w(straight))
+    assert max_diff(w(cached), w(straight)) < 1e-6, max_diff(w(cached), w(straight))
 
     r = run_here(sd3_train_args(sd3_hub, shard, adapters, "--max-steps", "2", "--no-samples", "--lora-rank", "4",
                                 "--lr", "1e-2"))
