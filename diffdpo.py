@@ -525,14 +525,14 @@ class TrainConfig:
         when auto) replaces the defaults, and the flags given on the command line replace those (runs.parse_config)."""
         return runs.parse_config(cls, argv, description, PRESETS, auto_preset, LOSS_PRESETS)
 
+TOY = {f.name: f.default for f in fields(TrainConfig) if f.name not in ("preset", "out")}   # the field defaults
 PAPER = dict(beta=5000.0, max_steps=2000, batch_size=1, resolution=0, lr=2.048e-5, warmup_steps=500,
              checkpoint_every=500, sample_steps=25, threads=0, vae_latents="sample", candidates=4, prompt_pairs=0,
              render_batch=8)
 PRESETS = {
-    # the toy world: the field defaults above (200 steps of batch 16 on the tiny model's own shapes pairs)
-    "toy": {f.name: f.default for f in fields(TrainConfig) if f.name not in ("preset", "out")},
-    # its flow twin (--model tiny-flow): DPO on velocity errors at flow_grpo's beta 100 (a sweep: docs/PROOFS.md)
-    "toy-flow": {**{f.name: f.default for f in fields(TrainConfig) if f.name not in ("preset", "out")}, "beta": 100.0},
+    # the toy world: the field defaults (200 steps of batch 16 on the tiny model's own shapes pairs); its flow twin
+    # (--model tiny-flow): DPO on velocity errors at flow_grpo's beta 100 (a sweep: docs/PROOFS.md)
+    "toy": TOY, "toy-flow": dict(TOY, beta=100.0),
     # the paper's SD1.5 recipe (the official code's: AdamW, warmup 500, 2000 steps, beta 5000, lr 1e-8 x 2048 pairs)
     "sd15": PAPER,
     # and SDXL's: Adafactor, warmup 200, gradient checkpointing
